@@ -1,0 +1,99 @@
+"""Runs the host's blocks over a TokenState and calls the method at its layers."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokensieve import ops
+from tokensieve.hosts import Host
+from tokensieve.methods import AttentionView, Method, RunContext
+from tokensieve.tokens import LayerRecord, Trace, TokenState, repeat_by_size
+
+
+class Runner:
+    """Stands in for each block's forward. Block i hands its TokenState to block i+1 through a
+    per-thread relay keyed on the tensor it returned, so the host's own loop over blocks (and
+    whatever entry point started it) drives the pruned forward; the state dies with the call.
+    """
+
+    def __init__(self, host: Host, method: Method, parts: nn.Module | None, eager: bool) -> None:
+        self.host, self.method, self.parts, self.eager = host, method, parts, eager
+        self.last_layer = len(host.blocks) - 1
+        self.collectors: list[list[Trace]] = []  # open `tokensieve.trace` scopes
+        self._relay = threading.local()
+
+    def run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        _reject_masks(args, kwargs)
+        relay = self._relay
+        state = getattr(relay, "state", None) if layer > 0 and getattr(relay, "out", None) is x else None
+        relay.state = relay.out = None
+        if state is None:
+            self._follow_input(x)
+            state = TokenState.start(x, self.host.spec.prefix)
+        state = self._run_block(layer, state)
+        if layer == self.last_layer:
+            return self._finish(state)
+        relay.state, relay.out = state, state.x
+        return state.x
+
+    def _run_block(self, layer: int, state: TokenState) -> TokenState:
+        view = self.host.views[layer]
+        ctx = RunContext(self.host.spec, self.parts, self.host.blocks[layer].training)
+        record = LayerRecord(layer, 0, 0, state.index, state.valid)
+        if state.trace is not None:
+            state.trace.layers.append(record)
+        state = self.method.before_block(layer, state, ctx)
+        block_input = state.x
+        record.attention_tokens = state.token_counts()
+        q, k, v = view.qkv(block_input)
+        bias = _attention_bias(state, q.dtype)
+        if state.keep is not None:
+            heads_out = ops.policy_attention(q, k, v, state.keep, view.scale)
+        else:
+            heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
+        batch, heads, tokens, dim = heads_out.shape
+        x = block_input + view.attention_branch(heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim))
+        state = state.replace(x=x)
+        state = self.method.after_attention(layer, state, AttentionView(q, k, bias, view.scale, state), ctx)
+        record.mlp_tokens = state.token_counts()
+        x = state.x + view.mlp_branch(state.x)
+        if state.keep is not None:  # mask mode: pruned tokens pass through the block unchanged
+            keep = state.keep[..., None]
+            x = keep * x + (1.0 - keep) * block_input
+        record.index, record.valid = state.index, state.valid
+        return state.replace(x=x)
+
+    def _finish(self, state: TokenState) -> Tensor:
+        for traces in self.collectors:
+            traces.append(state.trace)
+        if self.host.mean_pooled and state.size is not None:
+            return repeat_by_size(state)
+        return state.x
+
+    def _follow_input(self, x: Tensor) -> None:
+        """Keep the method's own parameters on the device and dtype of the activations."""
+        if self.parts is None:
+            return
+        param = next(self.parts.parameters(), None)
+        if param is not None and (param.device != x.device or param.dtype != x.dtype):
+            self.parts.to(device=x.device, dtype=x.dtype)
+
+
+def _attention_bias(state: TokenState, dtype: torch.dtype) -> Tensor | None:
+    """Key mask or additive bias [B, 1, 1, N]: padding excluded, merged tokens weighted by size."""
+    if state.size is None:
+        return None if state.valid is None else state.valid[:, None, None, :]
+    bias = state.size.to(dtype).log()
+    if state.valid is not None:
+        bias = bias.masked_fill(~state.valid, -torch.inf)
+    return bias[:, None, None, :]
+
+
+def _reject_masks(args: tuple, kwargs: dict) -> None:
+    masks = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    if masks or kwargs.get("is_causal"):
+        raise ValueError("a patched block takes no attention mask; unpatch the model to run masked attention")

@@ -1,0 +1,77 @@
+"""timm VisionTransformer (ViT, DeiT, DeiT-III, register models): reading its blocks."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from tokensieve.hosts.base import Host, linear_macs
+from tokensieve.spec import ModelSpec
+
+FAMILY = "timm VisionTransformer (vit_*, deit_*, deit3_*, *_reg*)"
+
+
+def matches(model: nn.Module) -> bool:
+    cls = type(model)
+    return cls.__name__ == "VisionTransformer" and cls.__module__.startswith("timm.")
+
+
+class TimmBlockView:
+    def __init__(self, block: nn.Module) -> None:
+        attn = block.attn
+        if type(block).__name__ != "Block" or type(attn).__name__ != "Attention":
+            raise TypeError(f"tokensieve supports timm's pre-norm Block with Attention, not "
+                            f"{type(block).__name__}/{type(attn).__name__}")
+        if getattr(attn, "gate", None) is not None:
+            raise TypeError("tokensieve does not support timm's gated attention")
+        self.block, self.attn = block, attn
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.attention_linear_macs = linear_macs(attn)
+        self.mlp_macs = linear_macs(block.mlp)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        batch, tokens, _ = x.shape
+        qkv = self.attn.qkv(self.block.norm1(x))
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.attn.q_norm(q), self.attn.k_norm(k), v
+
+    def attention_branch(self, heads_out: Tensor) -> Tensor:
+        attn, block = self.attn, self.block
+        return block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(heads_out)))))
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        block = self.block
+        return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def attention_dropout(self) -> float:
+        return self.attn.attn_drop.p if self.attn.training else 0.0
+
+
+def resolve(model: nn.Module) -> Host:
+    if getattr(model, "attn_pool", None) is not None:
+        raise TypeError("tokensieve does not support timm models with attention pooling heads (attn_pool)")
+    blocks = list(model.blocks)
+    views = [TimmBlockView(block) for block in blocks]
+    first = views[0]
+    dim = model.embed_dim
+    prefix = model.num_prefix_tokens
+    patches = model.patch_embed.num_patches
+    pool = model.global_pool
+    spec = ModelSpec(
+        family=FAMILY, depth=len(blocks), dim=dim, num_heads=first.num_heads, head_dim=first.head_dim,
+        prefix=prefix, has_class_token=model.cls_token is not None, input_tokens=patches + prefix,
+    )
+    conv = model.patch_embed.proj
+    return Host(
+        spec=spec, blocks=blocks, views=views,
+        mean_pooled=pool in ("avg", "avgmax", "max"),
+        embed_macs_per_patch=conv.weight.numel(),
+        head_macs=_head_macs(model),
+    )
+
+
+def _head_macs(model: nn.Module) -> int:
+    head = model.head
+    return linear_macs(head) if isinstance(head, nn.Module) else 0
+
+
+__all__ = ["FAMILY", "TimmBlockView", "matches", "resolve"]

@@ -1,0 +1,9 @@
+"""One file per method: its config, its learnable parts, and score -> select -> reduce."""
+
+from tokensieve.methods.base import AttentionView, Method, RunContext
+from tokensieve.methods.dynamicvit import DynamicViT
+from tokensieve.methods.evit import EViT
+from tokensieve.methods.tome import ToMe
+from tokensieve.methods.topk import TopK
+
+__all__ = ["AttentionView", "DynamicViT", "EViT", "Method", "RunContext", "ToMe", "TopK"]

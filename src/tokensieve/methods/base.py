@@ -1,0 +1,84 @@
+"""What every method is: a frozen config that scores, selects and reduces tokens at its layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from tokensieve import ops
+from tokensieve.spec import ModelSpec
+from tokensieve.tokens import TokenState
+
+
+@dataclass
+class AttentionView:
+    """The attention inputs of the block being run, for methods that score tokens from them."""
+
+    q: Tensor  # [B, H, N, d]
+    k: Tensor  # [B, H, N, d]
+    bias: Tensor | None  # mask or additive bias on keys, [B, 1, 1, N]
+    scale: float
+    state: TokenState
+
+    def class_attention(self) -> Tensor:
+        """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix]."""
+        state = self.state
+        if state.trace is not None:
+            heads, tokens, dim = self.k.shape[1], self.k.shape[2], self.k.shape[3]
+            state.trace.add_overhead("class_attention", _per_sample_tokens(state) * heads * dim
+                                     if state.valid is not None else tokens * heads * dim)
+        return ops.class_attention(self.q, self.k, self.bias, self.scale)[:, state.prefix :]
+
+    def key_metric(self) -> Tensor:
+        """Keys averaged over heads: [B, N, d], the similarity metric of token merging."""
+        return self.k.mean(dim=1)
+
+
+def _per_sample_tokens(state: TokenState) -> Tensor:
+    return state.valid.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    spec: ModelSpec
+    parts: nn.Module | None  # the method's learnable modules, if any
+    training: bool  # mask mode: differentiable decisions, dense compute
+
+
+class Method:
+    """Base of all methods. Subclasses are frozen dataclasses holding only configuration."""
+
+    def bind(self, spec: ModelSpec) -> nn.Module | None:
+        """Check the config against the model and build the method's learnable parts."""
+        return None
+
+    def before_block(self, layer: int, state: TokenState, ctx: RunContext) -> TokenState:
+        return state
+
+    def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
+                        ctx: RunContext) -> TokenState:
+        return state
+
+
+def check_keep(keep: float, name: str) -> None:
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"{name}(keep={keep}): keep is the fraction of tokens kept; use a value in (0, 1]")
+
+
+def check_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int, ...]:
+    layers = tuple(sorted(set(int(i) for i in layers)))
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise ValueError(
+            f"{name}(layers={layers}): layer {bad[0]} is past this model's {depth} blocks; "
+            f"use indices 0..{depth - 1}"
+        )
+    return layers
+
+
+def needs_class_token(spec: ModelSpec, name: str) -> None:
+    if not spec.has_class_token:
+        raise ValueError(f"{name} scores tokens by class-token attention, and this model has no class "
+                         "token; use ToMe or DynamicViT instead")

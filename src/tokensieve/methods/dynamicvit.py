@@ -1,0 +1,112 @@
+"""DynamicViT: a small predictor decides which tokens go on, before each pruning block."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokensieve import ops
+from tokensieve.methods.base import Method, RunContext, check_keep, check_layers
+from tokensieve.spec import ModelSpec
+from tokensieve.tokens import TokenState
+
+
+@dataclass(frozen=True)
+class DynamicViT(Method):
+    """Before block `layers[s]`, keep keep**(s+1) of the input tokens, chosen by a learned predictor.
+
+    Training (model.train()) runs in mask mode: hard Gumbel-softmax decisions with straight-through
+    gradients, pruned tokens masked out as keys. Inference gathers the top-scoring tokens; with
+    `dynamic`, each image keeps the tokens its predictor rates above one half (a ragged batch).
+    """
+
+    keep: float = 0.7
+    layers: tuple[int, ...] = (3, 6, 9)
+    dynamic: bool = False
+
+    def bind(self, spec: ModelSpec) -> nn.Module:
+        check_keep(self.keep, "DynamicViT")
+        layers = check_layers(self.layers, spec.depth, "DynamicViT")
+        return nn.ModuleDict({str(layer): KeepPredictor(spec.dim) for layer in layers})
+
+    def stage_keep(self, layer: int) -> float:
+        return self.keep ** (sorted(self.layers).index(layer) + 1)
+
+    def before_block(self, layer: int, state: TokenState, ctx: RunContext) -> TokenState:
+        if layer not in self.layers:
+            return state
+        predictor = ctx.parts[str(layer)]
+        patches = state.x[:, state.prefix :]
+        weights = _patch_weights(state)
+        logits = predictor(patches, weights)  # [B, Np, 2]: (drop, keep)
+        if state.trace is not None:
+            state.trace.add_overhead("predictor", predictor.macs_per_token() * state.patch_counts())
+        if ctx.training:
+            return _mask_mode_step(state, logits)
+        input_patches = state.trace.input_tokens - state.prefix if state.trace else patches.shape[1]
+        keep_scores = logits[..., 1] - logits[..., 0]
+        if self.dynamic:
+            counts = (keep_scores > 0).masked_fill(weights == 0, False).sum(dim=1)
+            counts = counts.clamp(ops.MIN_KEPT_TOKENS, patches.shape[1])
+            valid = None if state.valid is None else state.valid[:, state.prefix :]
+            return state.gather(*ops.select_by_count(keep_scores, counts, valid))
+        k = max(ops.MIN_KEPT_TOKENS, min(patches.shape[1], int(input_patches * self.stage_keep(layer))))
+        if state.valid is not None:
+            raise ValueError("DynamicViT with a fixed keep rate cannot follow a ragged selection")
+        if k == patches.shape[1]:
+            return state
+        return state.gather(ops.top_positions(keep_scores, k))
+
+
+def _patch_weights(state: TokenState) -> Tensor:
+    """[B, Np] weight of each non-prefix token in the predictor's global feature."""
+    patches = state.x.shape[1] - state.prefix
+    weights = state.x.new_ones(state.x.shape[0], patches)
+    if state.keep is not None:
+        weights = state.keep[:, state.prefix :]
+    if state.valid is not None:
+        weights = weights * state.valid[:, state.prefix :]
+    return weights
+
+
+def _mask_mode_step(state: TokenState, logits: Tensor) -> TokenState:
+    decision = F.gumbel_softmax(logits, tau=1.0, hard=True)[..., 1]  # [B, Np], straight-through
+    previous = state.keep[:, state.prefix :] if state.keep is not None else 1.0
+    patch_keep = decision * previous
+    prefix_keep = patch_keep.new_ones(patch_keep.shape[0], state.prefix)
+    keep = torch.cat([prefix_keep, patch_keep], dim=1)
+    if state.trace is not None:
+        state.trace.keep_decisions.append(patch_keep)
+    return state.replace(keep=keep)
+
+
+class KeepPredictor(nn.Module):
+    """Scores each token from its own (local) features and the image's (global) mean feature."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.head = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(),
+            nn.Linear(dim // 2, dim // 4), nn.GELU(),
+            nn.Linear(dim // 4, 2),
+        )
+
+    def forward(self, tokens: Tensor, weights: Tensor) -> Tensor:
+        """tokens [B, N, C], weights [B, N] -> logits [B, N, 2] for (drop, keep)."""
+        features = self.embed(tokens)
+        half = features.shape[-1] // 2
+        local, global_ = features[..., :half], features[..., half:]
+        pooled = torch.einsum("bn,bnc->bc", weights, global_)
+        pooled = pooled / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        joined = torch.cat([local, pooled[:, None].expand(-1, local.shape[1], -1)], dim=-1)
+        return self.head(joined)
+
+    def macs_per_token(self) -> int:
+        """Linear-layer MACs per token, plus the weighted pooling of the global half."""
+        linear = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        return linear + math.ceil(self.embed[1].out_features / 2)

@@ -1,0 +1,115 @@
+"""ToMe: merge the r most similar tokens in every block, between attention and MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokensieve import ops
+from tokensieve.methods.base import AttentionView, Method, RunContext, check_layers
+from tokensieve.ops.matching import matching_macs
+from tokensieve.spec import ModelSpec
+from tokensieve.tokens import TokenState
+
+Schedule = int | tuple[int, float] | Sequence[int]
+
+
+def merge_schedule(r: Schedule, depth: int) -> list[int]:
+    """Tokens merged per block. `r` is a constant, a per-block list (padded with zeros), or
+    (r, inflect): a straight line averaging r, from int(r * (1 - inflect)) at the first block
+    to 2r minus that at the last (negative inflect merges more early, as in ToMe)."""
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base, inflect = r
+        first = int(base * (1.0 - inflect))
+        last = 2 * base - first
+        step = (last - first) / max(depth - 1, 1)
+        return [int(first + step * i) for i in range(depth)]
+    if isinstance(r, int):
+        return [r] * depth
+    schedule = [int(v) for v in r]
+    if len(schedule) > depth:
+        raise ValueError(f"ToMe(r=...) lists {len(schedule)} values for a model of {depth} blocks; "
+                         f"give at most {depth}")
+    return schedule + [0] * (depth - len(schedule))
+
+
+def max_merge(tokens: int) -> int:
+    """Most tokens one block can merge away from `tokens` non-prefix tokens (keeps at least one)."""
+    return min((tokens + 1) // 2, tokens - ops.MIN_KEPT_TOKENS)
+
+
+@dataclass(frozen=True)
+class ToMe(Method):
+    """Bipartite soft matching on the keys (mean over heads) in each of `layers` (default: all).
+
+    Merged tokens are size-weighted averages; attention adds log(size) to the keys
+    (proportional attention), and heads that average the patch tokens weight them by size.
+    """
+
+    r: Schedule = 8
+    layers: tuple[int, ...] | None = None
+
+    def schedule(self, depth: int) -> list[int]:
+        per_layer = merge_schedule(self.r, depth)
+        if self.layers is not None:
+            chosen = set(check_layers(self.layers, depth, "ToMe"))
+            per_layer = [v if i in chosen else 0 for i, v in enumerate(per_layer)]
+        if any(v < 0 for v in per_layer):
+            raise ValueError(f"ToMe(r={self.r}) gives a negative merge count; use r >= 0")
+        return per_layer
+
+    def bind(self, spec: ModelSpec) -> nn.Module | None:
+        self._check_fits(self.schedule(spec.depth), spec.input_tokens - spec.prefix)
+        return None
+
+    def _check_fits(self, per_layer: list[int], tokens: int) -> None:
+        for layer, r in enumerate(per_layer):
+            if r > max_merge(tokens):
+                raise ValueError(
+                    f"ToMe(r={self.r}) asks block {layer} to merge {r} of its {tokens} tokens, more than "
+                    f"half; lower r (a constant r of at most {_largest_constant_r(tokens, len(per_layer))} "
+                    "fits this model)"
+                )
+            tokens -= r
+
+    def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
+                        ctx: RunContext) -> TokenState:
+        per_layer = self.schedule(ctx.spec.depth)
+        r = per_layer[layer]
+        if r == 0:
+            return state
+        if state.valid is not None:
+            raise ValueError("ToMe merges equal token counts; it cannot follow a ragged selection")
+        tokens = state.tokens - state.prefix
+        if r > max_merge(tokens):
+            self._check_fits(per_layer[layer:], tokens)
+        metric = attn.key_metric()[:, state.prefix :]
+        if state.trace is not None:
+            state.trace.add_overhead("matching", matching_macs(tokens, metric.shape[-1]))
+        merge, survivors = ops.bipartite_merge(metric, r)
+        size = state.size if state.size is not None else state.x.new_ones(state.x.shape[:2])
+        patch_size = size[:, state.prefix :]
+        merged_size = merge(patch_size)
+        merged_x = merge(state.x[:, state.prefix :] * patch_size[..., None]) / merged_size[..., None]
+        merged_index = state.index[:, state.prefix :].gather(1, survivors)
+        head = slice(0, state.prefix)
+        return state.replace(
+            x=torch.cat([state.x[:, head], merged_x], dim=1),
+            size=torch.cat([size[:, head], merged_size], dim=1),
+            index=torch.cat([state.index[:, head], merged_index], dim=1),
+        )
+
+
+def _largest_constant_r(tokens: int, depth: int) -> int:
+    """Largest constant r whose schedule leaves every block something to merge from."""
+    r = 0
+    while True:
+        candidate, left = r + 1, tokens
+        for _ in range(depth):
+            if candidate > max_merge(left):
+                return r
+            left -= candidate
+        r = candidate

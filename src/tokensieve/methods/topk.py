@@ -1,0 +1,69 @@
+"""Top-K: keep the tokens the class token attends to most, drop the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokensieve import ops
+from tokensieve.methods.base import AttentionView, Method, RunContext, check_keep, check_layers, \
+    needs_class_token
+from tokensieve.spec import ModelSpec
+from tokensieve.tokens import TokenState
+
+
+@dataclass(frozen=True)
+class TopK(Method):
+    """Keep the `keep` fraction of tokens with the highest class attention at each of `layers`.
+
+    With `mass` set, each image keeps instead the fewest tokens that together hold that share of
+    the class attention, so counts differ per image (a ragged batch).
+    """
+
+    keep: float = 0.7
+    layers: tuple[int, ...] = (3, 6, 9)
+    mass: float | None = None
+
+    def bind(self, spec: ModelSpec) -> nn.Module | None:
+        check_keep(self.keep, type(self).__name__)
+        if self.mass is not None and not 0.0 < self.mass <= 1.0:
+            raise ValueError(f"TopK(mass={self.mass}): mass is a share of attention; use a value in (0, 1]")
+        check_layers(self.layers, spec.depth, type(self).__name__)
+        needs_class_token(spec, type(self).__name__)
+        return None
+
+    def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
+                        ctx: RunContext) -> TokenState:
+        if layer not in self.layers:
+            return state
+        if self.mass is not None:
+            return _keep_attention_mass(state, attn, self.mass)
+        counts = state.patch_counts()
+        if isinstance(counts, int):
+            k = ops.keep_count(counts, self.keep)
+            if k == counts:
+                return state
+            return state.gather(ops.top_positions(attn.class_attention(), k))
+        kept_counts = torch.ceil(counts * self.keep - 1e-9).long().clamp_min(ops.MIN_KEPT_TOKENS)
+        return state.gather(*ops.select_by_count(attn.class_attention(), kept_counts,
+                                                 state.valid[:, state.prefix :]))
+
+
+def _keep_attention_mass(state: TokenState, attn: AttentionView, mass: float) -> TokenState:
+    scores = attn.class_attention()  # [B, Np]
+    if state.valid is not None:
+        scores = scores * state.valid[:, state.prefix :]
+    shares = scores / scores.sum(dim=1, keepdim=True)
+    ranked = shares.sort(dim=1, descending=True).values
+    # Tokens needed: 1 + how many best-first prefixes still fall short of the mass.
+    counts = (ranked.cumsum(dim=1) < mass - 1e-6).sum(dim=1) + 1
+    counts = counts.clamp(ops.MIN_KEPT_TOKENS, scores.shape[1])
+    valid = None if state.valid is None else state.valid[:, state.prefix :]
+    if state.valid is None and bool((counts == scores.shape[1]).all()):
+        return state
+    return state.gather(*ops.select_by_count(scores, counts, valid))
+
+
+__all__ = ["TopK"]

@@ -1,0 +1,16 @@
+"""Pure tensor functions: no module state, no knowledge of hosts or methods."""
+
+from tokensieve.ops.attention import attention, class_attention, policy_attention
+from tokensieve.ops.matching import bipartite_merge
+from tokensieve.ops.select import MIN_KEPT_TOKENS, keep_count, select_by_count, top_positions
+
+__all__ = [
+    "MIN_KEPT_TOKENS",
+    "attention",
+    "bipartite_merge",
+    "class_attention",
+    "keep_count",
+    "policy_attention",
+    "select_by_count",
+    "top_positions",
+]

@@ -1,0 +1,50 @@
+"""Attention over a token set that may be padded, merged or soft-masked."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+              dropout: float = 0.0, eager: bool = False) -> Tensor:
+    """Softmax attention [B, H, N, d] -> [B, H, N, d].
+
+    `bias` is None, a bool mask [B, 1, 1, N] (True = may be attended), or an additive float
+    bias [B, 1, 1, N]. `eager` spells the matmuls out (for FLOP counters and debugging).
+    """
+    if not eager:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits.masked_fill(~bias, -torch.inf) if bias.dtype == torch.bool else logits + bias
+    weights = F.dropout(logits.softmax(dim=-1), p=dropout, training=dropout > 0)
+    return weights @ v
+
+
+def class_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Attention of the first (class) token to every token, averaged over heads: [B, N].
+
+    Costs one row of the attention map, so the fused kernel can still compute the rest.
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+    if bias is not None:
+        logits = logits.masked_fill(~bias, -torch.inf) if bias.dtype == torch.bool else logits + bias
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> Tensor:
+    """Attention in which key j takes part with weight keep[b, j] (0/1 with gradient).
+
+    Every token still attends to itself, so a pruned token's row stays well defined. Used in
+    mask-mode training, where the decisions must stay differentiable.
+    """
+    logits = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+    tokens = logits.shape[-1]
+    eye = torch.eye(tokens, dtype=logits.dtype, device=logits.device)
+    policy = keep[:, None, None, :] + (1.0 - keep[:, None, None, :]) * eye  # [B, 1, N, N]
+    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
+    weights = logits.exp() * policy
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights @ v

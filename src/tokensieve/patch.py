@@ -1,0 +1,90 @@
+"""patch / unpatch: attach a method to a model in place, and take it off again."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Literal
+
+from torch import nn
+
+from tokensieve.executor import Runner
+from tokensieve.hosts import resolve_host
+from tokensieve.methods import Method
+from tokensieve.tokens import Trace
+
+_ATTRIBUTE = "_tokensieve"
+
+
+class Sieve(nn.Module):
+    """The handle of a patched model: the method, and its learnable parts as this module's
+    parameters (kept off the host's state dict, so checkpoints of either stay separate)."""
+
+    def __init__(self, method: Method, runner: Runner) -> None:
+        super().__init__()
+        self.method = method
+        self.parts = runner.parts
+        self.runner = runner
+
+    @property
+    def spec(self):
+        return self.runner.host.spec
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, host={self.spec.family!r}"
+
+
+def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] = "sdpa") -> Sieve:
+    """Run `model`'s blocks through tokensieve with `method`; weights and state-dict keys stay.
+
+    Patching a patched model replaces its method. `attention="eager"` spells attention out as
+    matmuls (for FLOP counters); the default uses PyTorch's fused kernel.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"expected a tokensieve method such as EViT(keep=0.7), got {type(method).__name__}")
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"attention={attention!r}: use 'sdpa' or 'eager'")
+    host = resolve_host(model)
+    parts = method.bind(host.spec)
+    unpatch(model)
+    runner = Runner(host, method, parts, eager=attention == "eager")
+    for layer, block in enumerate(host.blocks):
+        block.forward = functools.partial(runner.run, layer)
+    sieve = Sieve(method, runner)
+    object.__setattr__(model, _ATTRIBUTE, sieve)  # not a submodule: the state dict stays the host's
+    return sieve
+
+
+def unpatch(model: nn.Module) -> None:
+    """Restore the model's own block forwards. A no-op on a model that is not patched."""
+    sieve = model.__dict__.pop(_ATTRIBUTE, None)
+    if sieve is None:
+        return
+    for block in sieve.runner.host.blocks:
+        block.__dict__.pop("forward", None)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return _ATTRIBUTE in model.__dict__
+
+
+def sieve_of(model: nn.Module) -> Sieve:
+    """The Sieve attached to `model`, or a ValueError if it is not patched."""
+    sieve = model.__dict__.get(_ATTRIBUTE)
+    if sieve is None:
+        raise ValueError("this model is not patched; call tokensieve.patch(model, method) first")
+    return sieve
+
+
+@contextlib.contextmanager
+def trace(model: nn.Module) -> Iterator[list[Trace]]:
+    """Collect the Trace of every forward of `model` inside the block: kept tokens per layer
+    per sample, the positions kept, and each method's extra MACs."""
+    collector: list[Trace] = []
+    runner = sieve_of(model).runner
+    runner.collectors.append(collector)
+    try:
+        yield collector
+    finally:
+        runner.collectors.remove(collector)

@@ -1,0 +1,17 @@
+"""What a method may know about the model it is attached to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # e.g. "timm VisionTransformer", "transformers ViTModel"
+    depth: int
+    dim: int
+    num_heads: int
+    head_dim: int
+    prefix: int  # protected tokens at the front: CLS, distillation, registers
+    has_class_token: bool
+    input_tokens: int  # tokens entering the first block at the model's default image size

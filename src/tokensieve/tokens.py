@@ -1,0 +1,157 @@
+"""TokenState, the one object that flows through a pruned model, and the primitives on it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+FUSED_TOKEN_INDEX = -1  # `index` of a token that stands for several fused input tokens
+
+
+@dataclass
+class LayerRecord:
+    """What one block ran: token counts per sample and the method's own extra work."""
+
+    layer: int
+    attention_tokens: int | Tensor  # tokens that entered attention, int or [B]
+    mlp_tokens: int | Tensor  # tokens that entered the MLP, int or [B]
+    index: Tensor  # [B, N'] input position of each token after the block (-1: fused)
+    valid: Tensor | None  # [B, N'] ragged padding mask after the block
+    overhead: dict[str, int | Tensor] = field(default_factory=dict)  # name -> MACs per sample
+
+
+@dataclass
+class Trace:
+    """Per-call record of a pruned forward: kept tokens per layer per sample, and overhead."""
+
+    batch: int
+    input_tokens: int  # tokens entering the first block, prefix included
+    prefix: int
+    layers: list[LayerRecord] = field(default_factory=list)
+    keep_decisions: list[Tensor] = field(default_factory=list)  # mask mode: [B, N] per pruning stage
+
+    def add_overhead(self, name: str, macs: int | Tensor) -> None:
+        """Count `macs` (per sample) of method work against the block being run."""
+        record = self.layers[-1].overhead
+        record[name] = record.get(name, 0) + macs
+
+    def kept_tokens(self) -> Tensor:
+        """[L, B] tokens each sample carries out of each block (prefix included)."""
+        return torch.stack([_per_sample(r.mlp_tokens, self.batch) for r in self.layers])
+
+    def attention_tokens(self) -> Tensor:
+        """[L, B] tokens each sample carries into each block's attention (prefix included)."""
+        return torch.stack([_per_sample(r.attention_tokens, self.batch) for r in self.layers])
+
+
+def _per_sample(count: int | Tensor, batch: int) -> Tensor:
+    if isinstance(count, Tensor):
+        return count.detach().to("cpu", torch.long)
+    return torch.full((batch,), count, dtype=torch.long)
+
+
+@dataclass
+class TokenState:
+    """Active tokens of a batch and where they came from.
+
+    Prefix tokens (CLS, distillation, registers) sit at the front and are never pruned.
+    """
+
+    x: Tensor  # [B, N, C]
+    index: Tensor  # [B, N] position in the input sequence; FUSED_TOKEN_INDEX for fused tokens
+    prefix: int
+    size: Tensor | None = None  # [B, N] input tokens each token stands for (merging only)
+    valid: Tensor | None = None  # [B, N] bool, False on the padding of a ragged batch
+    keep: Tensor | None = None  # [B, N] 0/1 keep decisions carrying gradient (mask mode only)
+    trace: Trace | None = None
+
+    @classmethod
+    def start(cls, x: Tensor, prefix: int) -> TokenState:
+        batch, tokens, _ = x.shape
+        index = torch.arange(tokens, device=x.device).expand(batch, tokens)
+        return cls(x=x, index=index, prefix=prefix, trace=Trace(batch, tokens, prefix))
+
+    @property
+    def tokens(self) -> int:
+        return self.x.shape[1]
+
+    def patch_counts(self) -> int | Tensor:
+        """Non-prefix tokens per sample: an int, or [B] for a ragged batch."""
+        if self.valid is None:
+            return self.tokens - self.prefix
+        return self.valid[:, self.prefix :].sum(dim=1)
+
+    def token_counts(self) -> int | Tensor:
+        """Tokens per sample, prefix included: an int, or [B] for a ragged batch."""
+        counts = self.patch_counts()
+        return counts + self.prefix
+
+    def replace(self, **changes) -> TokenState:
+        return dataclasses.replace(self, **changes)
+
+    def gather(self, kept: Tensor, kept_valid: Tensor | None = None) -> TokenState:
+        """Keep the prefix and the non-prefix tokens at `kept` ([B, K], positions after the prefix)."""
+        batch = kept.shape[0]
+        prefix_positions = torch.arange(self.prefix, device=kept.device).expand(batch, self.prefix)
+        positions = torch.cat([prefix_positions, kept + self.prefix], dim=1)
+        valid = None
+        if kept_valid is not None:
+            prefix_valid = torch.ones(batch, self.prefix, dtype=torch.bool, device=kept.device)
+            valid = torch.cat([prefix_valid, kept_valid], dim=1)
+        return self.replace(
+            x=gather_tokens(self.x, positions),
+            index=self.index.gather(1, positions),
+            size=None if self.size is None else self.size.gather(1, positions),
+            valid=valid,
+            keep=None if self.keep is None else self.keep.gather(1, positions),
+        )
+
+    def fuse_rest(self, kept: Tensor, weights: Tensor) -> TokenState:
+        """Keep the tokens at `kept` and fuse all other non-prefix tokens into one appended token.
+
+        The fused token is the `weights`-weighted average of the tokens it replaces.
+        """
+        if self.valid is not None:
+            raise ValueError("fusing tokens needs an equal token count per sample, not a ragged batch")
+        patches = self.x[:, self.prefix :]  # [B, Np, C]
+        rest = torch.ones_like(weights, dtype=torch.bool).scatter_(1, kept, False)
+        rest_weights = weights * rest
+        fused = torch.einsum("bn,bnc->bc", rest_weights, patches)
+        fused = fused / rest_weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(fused.dtype).tiny)
+        state = self.gather(kept)
+        batch = kept.shape[0]
+        fused_index = torch.full((batch, 1), FUSED_TOKEN_INDEX, dtype=state.index.dtype, device=kept.device)
+        size = None
+        if self.size is not None:
+            rest_size = (self.size[:, self.prefix :] * rest).sum(dim=1, keepdim=True)
+            size = torch.cat([state.size, rest_size], dim=1)
+        return state.replace(
+            x=torch.cat([state.x, fused[:, None]], dim=1),
+            index=torch.cat([state.index, fused_index], dim=1),
+            size=size,
+        )
+
+
+def gather_tokens(x: Tensor, positions: Tensor) -> Tensor:
+    """x[b, positions[b]] for every sample: [B, N, C] x [B, K] -> [B, K, C]."""
+    return x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(grid: Tensor, positions: Tensor, tokens: Tensor) -> Tensor:
+    """A copy of `grid` [B, N, C] with `tokens` [B, K, C] written at `positions` [B, K]."""
+    return grid.scatter(1, positions.unsqueeze(-1).expand(-1, -1, grid.shape[-1]), tokens)
+
+
+def repeat_by_size(state: TokenState) -> Tensor:
+    """Each token repeated `size` times: [B, N, C] -> [B, T, C], T the input token count.
+
+    Means and maxima over the result equal size-weighted means and maxima over the merged
+    tokens, so a host head that pools over tokens pools correctly without knowing of merging.
+    """
+    batch, tokens, channels = state.x.shape
+    counts = state.size.round().long().flatten()
+    source = torch.repeat_interleave(torch.arange(batch * tokens, device=state.x.device), counts)
+    return state.x.reshape(batch * tokens, channels)[source].view(batch, -1, channels)
