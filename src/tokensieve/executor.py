@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,7 +13,7 @@ from torch import Tensor, nn
 from tokensieve import ops
 from tokensieve.hosts import Host
 from tokensieve.methods import AttentionView, Method, RunContext
-from tokensieve.tokens import LayerRecord, Trace, TokenState, repeat_by_size
+from tokensieve.tokens import LayerRecord, TokenState, Trace, repeat_by_size
 
 
 class Runner:
@@ -24,6 +26,7 @@ class Runner:
         self.host, self.method, self.parts, self.eager = host, method, parts, eager
         self.last_layer = len(host.blocks) - 1
         self.collectors: list[list[Trace]] = []  # open `tokensieve.trace` scopes
+        self.method_seconds: float | None = None  # set to 0.0 to time the method's own steps
         self._relay = threading.local()
 
     def run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -46,7 +49,7 @@ class Runner:
         record = LayerRecord(layer, 0, 0, state.index, state.valid)
         if state.trace is not None:
             state.trace.layers.append(record)
-        state = self.method.before_block(layer, state, ctx)
+        state = self._call_method(self.method.before_block, layer, state, ctx)
         block_input = state.x
         record.attention_tokens = state.token_counts()
         q, k, v = view.qkv(block_input)
@@ -58,7 +61,8 @@ class Runner:
         batch, heads, tokens, dim = heads_out.shape
         x = block_input + view.attention_branch(heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim))
         state = state.replace(x=x)
-        state = self.method.after_attention(layer, state, AttentionView(q, k, bias, view.scale, state), ctx)
+        attn = AttentionView(q, k, bias, view.scale, state)
+        state = self._call_method(self.method.after_attention, layer, state, attn, ctx)
         record.mlp_tokens = state.token_counts()
         x = state.x + view.mlp_branch(state.x)
         if state.keep is not None:  # mask mode: pruned tokens pass through the block unchanged
@@ -66,6 +70,14 @@ class Runner:
             x = keep * x + (1.0 - keep) * block_input
         record.index, record.valid = state.index, state.valid
         return state.replace(x=x)
+
+    def _call_method(self, step: Callable[..., TokenState], *args: Any) -> TokenState:
+        if self.method_seconds is None:
+            return step(*args)
+        start = time.perf_counter()
+        state = step(*args)
+        self.method_seconds += time.perf_counter() - start
+        return state
 
     def _finish(self, state: TokenState) -> Tensor:
         for traces in self.collectors:

@@ -15,3 +15,4 @@ class ModelSpec:
     prefix: int  # protected tokens at the front: CLS, distillation, registers
     has_class_token: bool
     input_tokens: int  # tokens entering the first block at the model's default image size
+    image_size: int  # the model's default input side, in pixels

@@ -114,7 +114,7 @@ def resolve(model: nn.Module) -> Host:
     spec = ModelSpec(
         family=f"transformers {type(model).__name__}", depth=len(views), dim=config.hidden_size,
         num_heads=first.num_heads, head_dim=first.head_dim, prefix=prefix, has_class_token=True,
-        input_tokens=patches + prefix,
+        input_tokens=patches + prefix, image_size=image,
     )
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     return Host(

@@ -31,7 +31,8 @@ class TimmBlockView:
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, tokens, _ = x.shape
         qkv = self.attn.qkv(self.block.norm1(x))
-        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         return self.attn.q_norm(q), self.attn.k_norm(k), v
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
@@ -59,6 +60,7 @@ def resolve(model: nn.Module) -> Host:
     spec = ModelSpec(
         family=FAMILY, depth=len(blocks), dim=dim, num_heads=first.num_heads, head_dim=first.head_dim,
         prefix=prefix, has_class_token=model.cls_token is not None, input_tokens=patches + prefix,
+        image_size=model.patch_embed.img_size[0],
     )
     conv = model.patch_embed.proj
     return Host(

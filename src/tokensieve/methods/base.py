@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,14 @@ class RunContext:
 
 class Method:
     """Base of all methods. Subclasses are frozen dataclasses holding only configuration."""
+
+    def __str__(self) -> str:
+        """Short form naming only the settings that differ from the defaults."""
+        if not dataclasses.is_dataclass(self):
+            return type(self).__name__
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     def bind(self, spec: ModelSpec) -> nn.Module | None:
         """Check the config against the model and build the method's learnable parts."""

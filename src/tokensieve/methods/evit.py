@@ -7,8 +7,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from tokensieve import ops
-from tokensieve.methods.base import AttentionView, Method, RunContext, check_keep, check_layers, \
-    needs_class_token
+from tokensieve.methods.base import (
+    AttentionView,
+    Method,
+    RunContext,
+    check_keep,
+    check_layers,
+    needs_class_token,
+)
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 

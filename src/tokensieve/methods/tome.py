@@ -37,8 +37,8 @@ def merge_schedule(r: Schedule, depth: int) -> list[int]:
 
 
 def max_merge(tokens: int) -> int:
-    """Most tokens one block can merge away from `tokens` non-prefix tokens (keeps at least one)."""
-    return min((tokens + 1) // 2, tokens - ops.MIN_KEPT_TOKENS)
+    """Most tokens one block merges away from `tokens` non-prefix tokens: half of them."""
+    return tokens // 2
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class ToMe(Method):
 
     Merged tokens are size-weighted averages; attention adds log(size) to the keys
     (proportional attention), and heads that average the patch tokens weight them by size.
+    As in ToMe, a block merges at most half of its tokens, so late blocks of a large constant
+    r merge fewer.
     """
 
     r: Schedule = 8
@@ -62,18 +64,13 @@ class ToMe(Method):
         return per_layer
 
     def bind(self, spec: ModelSpec) -> nn.Module | None:
-        self._check_fits(self.schedule(spec.depth), spec.input_tokens - spec.prefix)
+        self._check_fits(max(self.schedule(spec.depth)), spec.input_tokens - spec.prefix)
         return None
 
-    def _check_fits(self, per_layer: list[int], tokens: int) -> None:
-        for layer, r in enumerate(per_layer):
-            if r > max_merge(tokens):
-                raise ValueError(
-                    f"ToMe(r={self.r}) asks block {layer} to merge {r} of its {tokens} tokens, more than "
-                    f"half; lower r (a constant r of at most {_largest_constant_r(tokens, len(per_layer))} "
-                    "fits this model)"
-                )
-            tokens -= r
+    def _check_fits(self, r: int, tokens: int) -> None:
+        if r > max_merge(tokens):
+            raise ValueError(f"ToMe(r={self.r}) merges {r} tokens in one block, more than half of the "
+                             f"{tokens} input tokens; lower r to at most {max_merge(tokens)}")
 
     def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
                         ctx: RunContext) -> TokenState:
@@ -84,8 +81,11 @@ class ToMe(Method):
         if state.valid is not None:
             raise ValueError("ToMe merges equal token counts; it cannot follow a ragged selection")
         tokens = state.tokens - state.prefix
-        if r > max_merge(tokens):
-            self._check_fits(per_layer[layer:], tokens)
+        if state.size is None:  # the first merge of this call: the input size decides what fits
+            self._check_fits(r, tokens)
+        r = min(r, max_merge(tokens))
+        if r == 0:
+            return state
         metric = attn.key_metric()[:, state.prefix :]
         if state.trace is not None:
             state.trace.add_overhead("matching", matching_macs(tokens, metric.shape[-1]))
@@ -101,15 +101,3 @@ class ToMe(Method):
             size=torch.cat([size[:, head], merged_size], dim=1),
             index=torch.cat([state.index[:, head], merged_index], dim=1),
         )
-
-
-def _largest_constant_r(tokens: int, depth: int) -> int:
-    """Largest constant r whose schedule leaves every block something to merge from."""
-    r = 0
-    while True:
-        candidate, left = r + 1, tokens
-        for _ in range(depth):
-            if candidate > max_merge(left):
-                return r
-            left -= candidate
-        r = candidate

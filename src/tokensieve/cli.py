@@ -1,0 +1,130 @@
+"""The `tokensieve` command line: `flops` and `bench` on a timm model name or a transformers directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from tokensieve.loading import load_model, parse_method
+
+DEFAULT_METHODS = ("topk:keep=0.7", "evit:keep=0.7", "dynamicvit:keep=0.7", "tome:r=13")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@click.group()
+@click.version_option(package_name="tokensieve")
+def main() -> None:
+    """Token pruning for Vision Transformers: measure what it saves."""
+
+
+@main.command()
+@click.argument("model")
+@click.argument("methods", nargs=-1)
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A timm checkpoint file to load into a timm MODEL.")
+@click.option("--image-size", type=int, default=None, help="Input side in pixels (default: the model's).")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def flops(model: str, methods: tuple[str, ...], checkpoint: str | None, image_size: int | None,
+          batch: int, seed: int, as_json: bool) -> None:
+    """MACs per sample of MODEL, dense and with each method (random input).
+
+    MODEL is a timm model name (built with random weights) or a transformers model directory.
+    METHODS are NAME:key=value,... e.g. evit:keep=0.7,fuse=False  tome:r=13
+    topk:keep=0.5,layers=(3,6,9)  dynamicvit:keep=0.7 (default: all four).
+    """
+    from tokensieve.flops import flops as count
+    from tokensieve.hosts import resolve_host
+    from tokensieve.patch import patch
+
+    net = _load(model, checkpoint)
+    configs = [_parse(m) for m in methods or DEFAULT_METHODS]
+    size = image_size or resolve_host(net).spec.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for config in configs:
+        patch(net, config)
+        report = count(net, pixels)
+        rows.append({"method": str(config), **report.to_dict()})
+    if as_json:
+        payload = {"model": model, "image_size": size, "batch": batch, "results": rows}
+        click.echo(json.dumps(payload, indent=2))
+        return
+    table = Table(title=f"{model} at {size}x{size}: MACs per sample (FLOPs = 2 x MACs)")
+    for column in ("method", "GMACs", "backbone", "overhead", "dense", "reduction"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(row["method"], f"{row['macs'] / 1e9:.3f}", f"{row['backbone_macs'] / 1e9:.3f}",
+                      f"{row['overhead_macs'] / 1e6:.2f} M", f"{row['dense_macs'] / 1e9:.3f}",
+                      f"{row['ratio']:.2f}x")
+    Console().print(table)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("methods", nargs=-1)
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A timm checkpoint file to load into a timm MODEL.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--image-size", type=int, default=None, help="Input side in pixels (default: the model's).")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(model: str, methods: tuple[str, ...], checkpoint: str | None, batch: int,
+          image_size: int | None, threads: int | None, dtype: str, device: str, repeats: int,
+          warmup: int, as_json: bool) -> None:
+    """Speed of MODEL with each method against itself dense, interleaved in this process.
+
+    MODEL is a timm model name (built with random weights) or a transformers model directory.
+    METHODS are NAME:key=value,... as for `tokensieve flops` (default: all four).
+    """
+    from tqdm import tqdm
+
+    from tokensieve.bench import benchmark
+
+    net = _load(model, checkpoint)
+    configs = [_parse(m) for m in methods or DEFAULT_METHODS]
+    results = []
+    for config in tqdm(configs, desc="benchmarking", unit="method", disable=as_json, file=sys.stderr):
+        results.append(benchmark(net, config, batch=batch, image_size=image_size, repeats=repeats,
+                                 warmup=warmup, threads=threads, dtype=_DTYPES[dtype], device=device))
+    if as_json:
+        click.echo(json.dumps({"model": model, "results": [r.to_dict() for r in results]}, indent=2))
+        return
+    first = results[0]
+    table = Table(title=f"{model}: batch {first.batch}, {first.image_size}px, {first.threads} threads, "
+                        f"{first.dtype}, {first.device}; medians of {first.repeats}")
+    for column in ("method", "dense ms", "pruned ms", "speedup", "MACs ratio", "speedup / MACs ratio",
+                   "method overhead"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in results:
+        table.add_row(r.method, f"{r.dense_ms:.1f}", f"{r.pruned_ms:.1f}", f"{r.speedup:.2f}x",
+                      f"{r.flops_ratio:.2f}x", f"{r.speedup / r.flops_ratio:.2f}", f"{r.overhead_share:.1%}")
+    Console().print(table)
+
+
+def _load(model: str, checkpoint: str | None) -> torch.nn.Module:
+    try:
+        return load_model(model, checkpoint).eval()
+    except (ValueError, OSError) as error:
+        raise click.BadParameter(str(error), param_hint="MODEL") from error
+
+
+def _parse(spec: str):
+    try:
+        return parse_method(spec)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="METHODS") from error
+
+
+if __name__ == "__main__":
+    main()
