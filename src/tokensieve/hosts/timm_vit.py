@@ -11,8 +11,9 @@ FAMILY = "timm VisionTransformer (vit_*, deit_*, deit3_*, *_reg*)"
 
 
 def matches(model: nn.Module) -> bool:
-    cls = type(model)
-    return cls.__name__ == "VisionTransformer" and cls.__module__.startswith("timm.")
+    """A timm VisionTransformer or subclass (VisionTransformerDistilled for distilled DeiT)."""
+    return any(cls.__name__ == "VisionTransformer" and cls.__module__.startswith("timm.")
+               for cls in type(model).__mro__)
 
 
 class TimmBlockView:
@@ -72,8 +73,9 @@ def resolve(model: nn.Module) -> Host:
 
 
 def _head_macs(model: nn.Module) -> int:
-    head = model.head
-    return linear_macs(head) if isinstance(head, nn.Module) else 0
+    """Classifier MACs per image: the head, and the distillation head of distilled DeiT."""
+    heads = [getattr(model, name, None) for name in ("head", "head_dist")]
+    return sum(linear_macs(head) for head in heads if isinstance(head, nn.Module))
 
 
 __all__ = ["FAMILY", "TimmBlockView", "matches", "resolve"]

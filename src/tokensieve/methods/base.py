@@ -52,11 +52,11 @@ class Method:
     """Base of all methods. Subclasses are frozen dataclasses holding only configuration."""
 
     def __str__(self) -> str:
-        """Short form naming only the settings that differ from the defaults."""
+        """Short form: the first setting (keep or r), then those that differ from the defaults."""
         if not dataclasses.is_dataclass(self):
             return type(self).__name__
-        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                   if getattr(self, f.name) != f.default]
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for i, f in enumerate(dataclasses.fields(self))
+                   if i == 0 or getattr(self, f.name) != f.default]
         return f"{type(self).__name__}({', '.join(changed)})"
 
     def bind(self, spec: ModelSpec) -> nn.Module | None:

@@ -1,0 +1,104 @@
+"""Speed and MACs of every method on DeiT-S and ViT-B/16 (random weights, fp32, 224px, CPU).
+
+Writes benchmarks/results/speed.md and speed.json. Each row is one `tokensieve.benchmark` call:
+dense and pruned forwards interleaved in this process, after warm-up, medians over repeats.
+
+    python benchmarks/speed.py                # the full table (about 40 minutes on 2 cores)
+    python benchmarks/speed.py --quick        # DeiT-S at batch 1 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import timm
+import torch
+from tqdm import tqdm
+
+import tokensieve as ts
+
+MODELS = {"DeiT-S": "deit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224"}
+METHODS = [
+    ts.TopK(keep=0.7),
+    ts.EViT(keep=0.7),
+    ts.EViT(keep=0.5),
+    ts.DynamicViT(keep=0.7),
+    ts.ToMe(r=8),
+    ts.ToMe(r=13),
+    ts.ToMe(r=16),
+]
+# (method type, keep or r, batch) -> least speedup / MACs-ratio asked of DeiT-S.
+TARGETS = {
+    ("EViT", 0.7, 32): 1.0, ("EViT", 0.7, 1): 0.9,
+    ("TopK", 0.7, 32): 1.0, ("TopK", 0.7, 1): 0.9,
+    ("ToMe", 13, 32): 0.95, ("ToMe", 13, 1): 0.8,
+    ("DynamicViT", 0.7, 1): 0.85,
+}
+REPEATS = {1: 30, 32: 5}
+WARMUP = {1: 5, 32: 1}
+
+
+def _target(model: str, method: ts.Method, batch: int) -> float | None:
+    if model != "DeiT-S":
+        return None
+    setting = getattr(method, "keep", None) if not isinstance(method, ts.ToMe) else method.r
+    return TARGETS.get((type(method).__name__, setting, batch))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="DeiT-S at batch 1 only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    models = {"DeiT-S": MODELS["DeiT-S"]} if args.quick else MODELS
+    batches = (1,) if args.quick else (1, 32)
+    runs = [(m, b, method) for m in models for b in batches for method in METHODS]
+    torch.manual_seed(0)
+    built = {name: timm.create_model(arch, pretrained=False).eval() for name, arch in models.items()}
+    rows = []
+    for name, batch, method in tqdm(runs, desc="speed", unit="run"):
+        result = ts.benchmark(built[name], method, batch=batch, repeats=REPEATS[batch],
+                              warmup=WARMUP[batch], threads=args.threads)
+        rows.append({"model": name, "target": _target(name, method, batch), **result.to_dict()})
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    (args.out / f"speed{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / f"speed{suffix}.md").write_text(_markdown(rows, args.threads))
+    print(_markdown(rows, args.threads))
+
+
+def _markdown(rows: list[dict], threads: int) -> str:
+    lines = [
+        "# Speed: pruned vs dense, same process",
+        "",
+        f"Produced by `python benchmarks/speed.py`. CPU: {platform.processor() or platform.machine()}, "
+        f"{threads} threads, torch {torch.__version__}, timm {timm.__version__}; random weights, fp32, "
+        "224x224. Dense and pruned forwards interleaved after warm-up; medians of "
+        f"{REPEATS[1]} repeats at batch 1 and {REPEATS[32]} at batch 32. MACs per image (FLOPs = 2 x MACs), "
+        "method overhead included. *Efficiency* is speedup / MACs ratio; *target* is the least "
+        "efficiency asked of that setting, *overhead* the share of the pruned forward spent in the "
+        "method's own steps (scoring, selection, merging, predictors).",
+        "",
+        "| model | batch | method | GMACs | MACs ratio | dense ms | pruned ms | speedup | efficiency "
+        "| target | overhead |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        efficiency = r["speedup"] / r["flops_ratio"]
+        target = "" if r["target"] is None else (
+            f"≥ {r['target']:.2f} {'met' if efficiency >= r['target'] else 'MISSED'}")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['method']} | {r['gmacs']:.2f} | {r['flops_ratio']:.2f}x "
+            f"| {r['dense_ms']:.1f} | {r['pruned_ms']:.1f} | {r['speedup']:.2f}x | {efficiency:.2f} "
+            f"| {target} | {r['overhead_share']:.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
