@@ -136,8 +136,13 @@ class TokenState:
 
 
 def gather_tokens(x: Tensor, positions: Tensor) -> Tensor:
-    """x[b, positions[b]] for every sample: [B, N, C] x [B, K] -> [B, K, C]."""
-    return x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x[b, positions[b]] for every sample: [B, N, C] x [B, K] -> [B, K, C].
+
+    Copies whole rows of the flattened batch, much faster than an element-wise gather.
+    """
+    batch, tokens, channels = x.shape
+    rows = positions + torch.arange(batch, device=x.device)[:, None] * tokens
+    return x.reshape(batch * tokens, channels).index_select(0, rows.flatten()).view(batch, -1, channels)
 
 
 def scatter_tokens(grid: Tensor, positions: Tensor, tokens: Tensor) -> Tensor:

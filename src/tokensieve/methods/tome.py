@@ -90,10 +90,16 @@ class ToMe(Method):
         if state.trace is not None:
             state.trace.add_overhead("matching", matching_macs(tokens, metric.shape[-1]))
         merge, survivors = ops.bipartite_merge(metric, r)
-        size = state.size if state.size is not None else state.x.new_ones(state.x.shape[:2])
-        patch_size = size[:, state.prefix :]
-        merged_size = merge(patch_size)
-        merged_x = merge(state.x[:, state.prefix :] * patch_size[..., None]) / merged_size[..., None]
+        patches = state.x[:, state.prefix :]
+        if state.size is None:  # every token stands for itself: no weighting needed
+            size = state.x.new_ones(state.x.shape[:2])
+            weighted = patches
+        else:
+            size = state.size
+            weighted = patches * size[:, state.prefix :, None]
+        merged_size = merge(size[:, state.prefix :, None])  # [B, N - r, 1]
+        merged_x = merge(weighted) / merged_size
+        merged_size = merged_size[..., 0]
         merged_index = state.index[:, state.prefix :].gather(1, survivors)
         head = slice(0, state.prefix)
         return state.replace(

@@ -19,6 +19,7 @@ def bipartite_merge(metric: Tensor, r: int) -> tuple[Callable[[Tensor], Tensor],
     tensor to [B, N - r, ...]: unmerged A tokens first, then the B tokens. Sums, not means:
     callers weight by token size and divide.
     """
+    batch, tokens = metric.shape[:2]
     metric = metric / metric.norm(dim=-1, keepdim=True)
     similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # [B, Na, Nb]
     best_score, best_partner = similarity.max(dim=-1)  # [B, Na]
@@ -26,17 +27,26 @@ def bipartite_merge(metric: Tensor, r: int) -> tuple[Callable[[Tensor], Tensor],
     merged_a, kept_a = order[:, :r], order[:, r:]  # [B, r], [B, Na - r]
     partner = best_partner.gather(1, merged_a)  # [B, r]
 
-    def merge(x: Tensor) -> Tensor:
-        a, b = x[:, ::2], x[:, 1::2]
-        extra = a.shape[2:]
-        kept_idx = kept_a.view(*kept_a.shape, *(1,) * len(extra)).expand(-1, -1, *extra)
-        merged_idx = merged_a.view(*merged_a.shape, *(1,) * len(extra)).expand(-1, -1, *extra)
-        partner_idx = partner.view(*partner.shape, *(1,) * len(extra)).expand(-1, -1, *extra)
-        b = b.scatter_add(1, partner_idx, a.gather(1, merged_idx))
-        return torch.cat([a.gather(1, kept_idx), b], dim=1)
+    # Row numbers in the flattened [B * N] input and [B * (N - r)] output, so that every copy
+    # moves whole token rows (index_select / index_add_) instead of single elements.
+    kept_count, b_count, out_tokens = kept_a.shape[1], tokens // 2, tokens - r
+    row = torch.arange(batch, device=metric.device)[:, None]
+    kept_rows = (row * tokens + 2 * kept_a).flatten()
+    merged_rows = (row * tokens + 2 * merged_a).flatten()
+    partner_rows = (row * out_tokens + kept_count + partner).flatten()
 
-    tokens = metric.shape[1]
-    b_positions = torch.arange(1, tokens, 2, device=metric.device).expand(metric.shape[0], -1)
+    def merge(x: Tensor) -> Tensor:
+        extra = x.shape[2:]
+        width = x[0, 0].numel()
+        flat = x.reshape(batch * tokens, width)
+        out = torch.empty(batch, out_tokens, width, dtype=x.dtype, device=x.device)
+        out[:, :kept_count] = flat.index_select(0, kept_rows).view(batch, kept_count, width)
+        out[:, kept_count:] = x[:, 1::2].reshape(batch, b_count, width)
+        out = out.view(batch * out_tokens, width)
+        out.index_add_(0, partner_rows, flat.index_select(0, merged_rows))
+        return out.view(batch, out_tokens, *extra)
+
+    b_positions = torch.arange(1, tokens, 2, device=metric.device).expand(batch, -1)
     survivors = torch.cat([2 * kept_a, b_positions], dim=1)
     return merge, survivors
 
