@@ -25,13 +25,30 @@ class Runner:
     def __init__(self, host: Host, method: Method, parts: nn.Module | None, eager: bool) -> None:
         self.host, self.method, self.parts, self.eager = host, method, parts, eager
         self.last_layer = len(host.blocks) - 1
-        self.collectors: list[list[Trace]] = []  # open `tokensieve.trace` scopes
         self.method_seconds: float | None = None  # set to 0.0 to time the method's own steps
-        self._relay = threading.local()
+        self.replaced: dict[int, Callable | None] = {}  # layer -> instance forward found at patch time
+        self._local = threading.local()  # relay and trace collectors, one set per thread
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_local"] = None  # per-call data is never copied
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def collectors(self) -> list[list[Trace]]:
+        """The open `tokensieve.trace` scopes of this thread."""
+        local = self._local
+        if not hasattr(local, "collectors"):
+            local.collectors = []
+        return local.collectors
 
     def run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         _reject_masks(args, kwargs)
-        relay = self._relay
+        relay = self._local
         state = getattr(relay, "state", None) if layer > 0 and getattr(relay, "out", None) is x else None
         relay.state = relay.out = None
         if state is None:

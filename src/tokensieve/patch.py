@@ -46,10 +46,14 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention={attention!r}: use 'sdpa' or 'eager'")
     host = resolve_host(model)
+    if method.ragged and host.mean_pooled:
+        raise ValueError(f"{method} keeps a different token count per image, and this model's head "
+                         "averages the tokens, which would average padding in; use a fixed keep rate")
     parts = method.bind(host.spec)
     unpatch(model)
     runner = Runner(host, method, parts, eager=attention == "eager")
     for layer, block in enumerate(host.blocks):
+        runner.replaced[layer] = block.__dict__.get("forward")
         block.forward = functools.partial(runner.run, layer)
     sieve = Sieve(method, runner)
     object.__setattr__(model, _ATTRIBUTE, sieve)  # not a submodule: the state dict stays the host's
@@ -61,8 +65,11 @@ def unpatch(model: nn.Module) -> None:
     sieve = model.__dict__.pop(_ATTRIBUTE, None)
     if sieve is None:
         return
-    for block in sieve.runner.host.blocks:
+    runner = sieve.runner
+    for layer, block in enumerate(runner.host.blocks):
         block.__dict__.pop("forward", None)
+        if runner.replaced.get(layer) is not None:  # an instance forward that was there before us
+            block.forward = runner.replaced[layer]
 
 
 def is_patched(model: nn.Module) -> bool:

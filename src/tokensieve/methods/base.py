@@ -59,6 +59,11 @@ class Method:
                    if i == 0 or getattr(self, f.name) != f.default]
         return f"{type(self).__name__}({', '.join(changed)})"
 
+    @property
+    def ragged(self) -> bool:
+        """Whether images of one batch may keep different token counts."""
+        return False
+
     def bind(self, spec: ModelSpec) -> nn.Module | None:
         """Check the config against the model and build the method's learnable parts."""
         return None

@@ -28,13 +28,18 @@ class DynamicViT(Method):
     layers: tuple[int, ...] = (3, 6, 9)
     dynamic: bool = False
 
+    @property
+    def ragged(self) -> bool:
+        return self.dynamic
+
     def bind(self, spec: ModelSpec) -> nn.Module:
         check_keep(self.keep, "DynamicViT")
         layers = check_layers(self.layers, spec.depth, "DynamicViT")
         return nn.ModuleDict({str(layer): KeepPredictor(spec.dim) for layer in layers})
 
     def stage_keep(self, layer: int) -> float:
-        return self.keep ** (sorted(self.layers).index(layer) + 1)
+        """keep ** s at the s-th pruning layer (s = 1, 2, ...)."""
+        return self.keep ** (sorted(set(self.layers)).index(layer) + 1)
 
     def before_block(self, layer: int, state: TokenState, ctx: RunContext) -> TokenState:
         if layer not in self.layers:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,14 +13,16 @@ from tokensieve.ops.matching import matching_macs
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 
-Schedule = int | tuple[int, float] | Sequence[int]
+Schedule = int | tuple[int, float] | list[int]
 
 
 def merge_schedule(r: Schedule, depth: int) -> list[int]:
     """Tokens merged per block. `r` is a constant, a per-block list (padded with zeros), or
     (r, inflect): a straight line averaging r, from int(r * (1 - inflect)) at the first block
     to 2r minus that at the last (negative inflect merges more early, as in ToMe)."""
-    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"ToMe(r={r}): a tuple is (r, inflect); give a list for per-block values")
         base, inflect = r
         first = int(base * (1.0 - inflect))
         last = 2 * base - first

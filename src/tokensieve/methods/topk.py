@@ -32,6 +32,10 @@ class TopK(Method):
     layers: tuple[int, ...] = (3, 6, 9)
     mass: float | None = None
 
+    @property
+    def ragged(self) -> bool:
+        return self.mass is not None
+
     def bind(self, spec: ModelSpec) -> nn.Module | None:
         check_keep(self.keep, type(self).__name__)
         if self.mass is not None and not 0.0 < self.mass <= 1.0:

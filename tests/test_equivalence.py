@@ -1,0 +1,75 @@
+"""With pruning off, a patched model gives the host's own output (promise 2 of the design)."""
+
+import pytest
+import torch
+from models import HF_CLASSES, forward, host_model, images, max_difference
+
+import tokensieve as ts
+
+TOLERANCE = 1e-5
+
+PRUNING_OFF = {
+    "topk": ts.TopK(keep=1.0, layers=(1, 2)),
+    "evit": ts.EViT(keep=1.0, layers=(1, 2)),
+    "tome": ts.ToMe(r=0),
+    "dynamicvit": ts.DynamicViT(keep=1.0, layers=(1, 2)),
+}
+
+HOSTS = [
+    "timm-vit",
+    "timm-vit-qknorm",
+    "timm-deit-distilled",
+    "timm-deit3",
+    "timm-reg-gap",
+    *HF_CLASSES,
+]
+
+
+@pytest.mark.parametrize("method", PRUNING_OFF.values(), ids=PRUNING_OFF.keys())
+@pytest.mark.parametrize("host", HOSTS)
+def test_patched_with_pruning_off_equals_host(host, method):
+    model = host_model(host)
+    x = images(2)
+    expected = forward(model, x)
+    ts.patch(model, method)
+    assert max_difference(forward(model, x), expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("host", ["Dinov2ForImageClassification", "Dinov2WithRegistersModel"])
+def test_patched_swiglu_dinov2_with_pruning_off_equals_host(host):
+    model = host_model(host, use_swiglu_ffn=True)
+    x = images(2)
+    expected = forward(model, x)
+    ts.patch(model, ts.EViT(keep=1.0, layers=(1, 2)))
+    assert max_difference(forward(model, x), expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "host", ["timm-deit3", "DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersModel"]
+)
+def test_patched_with_eager_attention_and_pruning_off_equals_host(host):
+    model = host_model(host)
+    x = images(2)
+    expected = forward(model, x)
+    ts.patch(model, ts.TopK(keep=1.0, layers=(1,)), attention="eager")
+    assert max_difference(forward(model, x), expected) <= TOLERANCE
+
+
+def test_patched_with_pruning_off_equals_host_under_hf_eager_attention():
+    model = host_model("Dinov2WithRegistersForImageClassification", attn_implementation="eager")
+    x = images(2)
+    expected = forward(model, x)
+    ts.patch(model, ts.ToMe(r=0))
+    assert max_difference(forward(model, x), expected) <= TOLERANCE
+
+
+@pytest.mark.fullsize
+def test_patched_full_size_vit_with_pruning_off_equals_host():
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig()).eval()  # ViT-B/16 at 224x224
+    x = torch.randn(1, 3, 224, 224)
+    expected = forward(model, x)
+    ts.patch(model, ts.EViT(keep=1.0, layers=(3, 6, 9)))
+    assert max_difference(forward(model, x), expected) <= TOLERANCE

@@ -1,0 +1,138 @@
+"""patch / unpatch: in place, reversible, idempotent, never stacked; weights and keys untouched."""
+
+import copy
+
+import pytest
+import torch
+from models import blocks_of, forward, host_model, images
+
+import tokensieve as ts
+
+HOSTS = ["timm-deit3", "DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersForImageClassification"]
+
+
+def _snapshot(model):
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _assert_same_state(model, snapshot):
+    state = model.state_dict()
+    assert list(state) == list(snapshot)
+    for key, value in state.items():
+        assert torch.equal(value, snapshot[key]), key
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_patch_then_unpatch_restores_the_model_exactly(host):
+    model = host_model(host)
+    x = images(2)
+    before, expected = _snapshot(model), forward(model, x)
+    ts.patch(model, ts.DynamicViT(keep=0.5, layers=(1, 2)))
+    assert ts.is_patched(model)
+    _assert_same_state(model, before)  # patching adds no state-dict keys, not even the predictors'
+    assert forward(model, x).keys() == expected.keys()
+    ts.unpatch(model)
+    assert not ts.is_patched(model)
+    _assert_same_state(model, before)
+    assert all("forward" not in vars(block) for block in model.modules())
+    got = forward(model, x)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+def test_patch_leaves_parameters_and_module_tree_alone():
+    model = host_model("timm-vit")
+    names = [name for name, _ in model.named_modules()]
+    parameters = list(model.parameters())
+    sieve = ts.patch(model, ts.DynamicViT(keep=0.5, layers=(1,)))
+    assert [name for name, _ in model.named_modules()] == names
+    assert list(model.parameters()) == parameters
+    assert not set(map(id, sieve.parameters())) & set(map(id, parameters))
+
+
+def test_sieve_of_returns_the_sieve_patch_returned():
+    model = host_model("timm-vit")
+    sieve = ts.patch(model, ts.EViT(keep=0.5, layers=(1,)))
+    assert ts.sieve_of(model) is sieve
+    assert sieve.method == ts.EViT(keep=0.5, layers=(1,))
+
+
+@pytest.mark.parametrize("host", ["timm-vit", "ViTForImageClassification"])
+def test_patching_twice_runs_only_the_second_method(host):
+    second = ts.EViT(keep=0.5, layers=(2,))
+    model = host_model(host)
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1,)))
+    ts.patch(model, second)
+    once = host_model(host)
+    ts.patch(once, second)
+    x = images(2)
+    with ts.trace(model) as traces:
+        got = forward(model, x)
+    with ts.trace(once) as expected_traces:
+        expected = forward(once, x)
+    assert len(traces) == 1
+    assert traces[0].kept_tokens().tolist() == expected_traces[0].kept_tokens().tolist()
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert ts.sieve_of(model).method == second
+    ts.unpatch(model)
+    assert not ts.is_patched(model)
+    assert all("forward" not in vars(block) for block in blocks_of(model))
+
+
+def test_trace_of_the_first_patch_stops_collecting_after_a_repatch():
+    model = host_model("timm-vit")
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1,)))
+    with ts.trace(model) as traces:
+        ts.patch(model, ts.ToMe(r=2))
+        with ts.trace(model) as new_traces:
+            forward(model, images(1))
+    assert len(new_traces) == 1
+    assert traces == []
+
+
+def test_unpatch_of_an_unpatched_model_is_a_no_op():
+    model = host_model("timm-vit")
+    x = images(2)
+    before, expected = _snapshot(model), forward(model, x)
+    ts.unpatch(model)
+    ts.unpatch(model)
+    assert not ts.is_patched(model)
+    _assert_same_state(model, before)
+    assert torch.equal(forward(model, x)["out"], expected["out"])
+    ts.patch(model, ts.ToMe(r=2))
+    ts.unpatch(model)
+    ts.unpatch(model)
+    assert torch.equal(forward(model, x)["out"], expected["out"])
+
+
+def test_sieve_of_an_unpatched_model_is_a_value_error():
+    with pytest.raises(ValueError, match="not patched"):
+        ts.sieve_of(host_model("timm-vit"))
+
+
+def test_unpatch_restores_a_block_forward_that_was_there_before():
+    model = host_model("timm-vit")
+    block = blocks_of(model)[1]
+    calls = []
+
+    def counting_forward(*args, original=block.forward, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = counting_forward
+    ts.patch(model, ts.EViT(keep=0.5, layers=(2,)))
+    ts.unpatch(model)
+    forward(model, images(1))
+    assert vars(block).get("forward") is counting_forward
+    assert calls == [1]
+
+
+def test_a_deep_copy_of_a_patched_model_is_patched_alike_and_independent():
+    model = host_model("timm-vit")
+    ts.patch(model, ts.EViT(keep=0.5, layers=(1,)))
+    x = images(2)
+    clone = copy.deepcopy(model)
+    assert ts.is_patched(clone)
+    assert torch.equal(forward(clone, x)["out"], forward(model, x)["out"])
+    ts.unpatch(clone)
+    assert ts.is_patched(model)
+    assert all("forward" not in vars(block) for block in blocks_of(clone))

@@ -1,0 +1,159 @@
+"""Properties of the token primitives, checked on many random shapes (hypothesis)."""
+
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from models import host_model
+
+import tokensieve as ts
+from tokensieve import ops
+from tokensieve.methods import AttentionView, RunContext
+from tokensieve.tokens import TokenState, scatter_tokens
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _subset(data, tokens: int, k: int) -> list[int]:
+    """k distinct positions of range(tokens), in ascending order."""
+    return sorted(data.draw(st.permutations(range(tokens)))[:k])
+
+
+@given(batch=st.integers(1, 3), prefix=st.integers(0, 3), tokens=st.integers(1, 12),
+       channels=st.integers(1, 4), seed=seeds, data=st.data())
+def test_gather_then_scatter_back_restores_kept_rows_and_leaves_the_rest(batch, prefix, tokens, channels,
+                                                                        seed, data):
+    generator = _generator(seed)
+    x = torch.randn(batch, prefix + tokens, channels, generator=generator)
+    size = torch.randint(1, 5, (batch, prefix + tokens), generator=generator).float()
+    k = data.draw(st.integers(1, tokens))
+    kept = torch.tensor([_subset(data, tokens, k) for _ in range(batch)])  # [B, k]
+    state = TokenState.start(x, prefix).replace(size=size).gather(kept)
+
+    positions = torch.cat([torch.arange(prefix).expand(batch, prefix), kept + prefix], dim=1)
+    assert torch.equal(state.index, positions)
+    assert torch.equal(state.x, torch.stack([x[b, positions[b]] for b in range(batch)]))
+    assert torch.equal(state.size, size.gather(1, positions))
+    assert state.prefix == prefix and state.valid is None
+
+    grid = torch.randn(x.shape, generator=generator)
+    restored = scatter_tokens(grid, state.index, state.x)
+    chosen = torch.zeros(batch, prefix + tokens, dtype=torch.bool)
+    chosen.scatter_(1, positions, True)
+    assert torch.equal(restored[chosen], x[chosen])
+    assert torch.equal(restored[~chosen], grid[~chosen])
+
+
+@given(batch=st.integers(1, 3), prefix=st.integers(0, 2), tokens=st.integers(2, 12), seed=seeds,
+       data=st.data())
+def test_fuse_rest_appends_the_weighted_mean_of_the_dropped_tokens(batch, prefix, tokens, seed, data):
+    generator = _generator(seed)
+    x = torch.randn(batch, prefix + tokens, 3, generator=generator)
+    weights = torch.rand(batch, tokens, generator=generator) + 0.1
+    k = data.draw(st.integers(1, tokens - 1))
+    kept = torch.tensor([_subset(data, tokens, k) for _ in range(batch)])
+    state = TokenState.start(x, prefix).fuse_rest(kept, weights)
+
+    assert state.x.shape == (batch, prefix + k + 1, 3)
+    assert (state.index[:, -1] == -1).all()
+    for b in range(batch):
+        dropped = sorted(set(range(tokens)) - set(kept[b].tolist()))
+        w = weights[b, dropped]
+        expected = (w[:, None] * x[b, [prefix + d for d in dropped]]).sum(0) / w.sum()
+        torch.testing.assert_close(state.x[b, -1], expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(state.x[b, : prefix + k], x[b, state.index[b, :-1]])
+
+
+@given(batch=st.integers(1, 4), tokens=st.integers(1, 12), masked=st.booleans(), seed=seeds, data=st.data())
+def test_select_by_count_keeps_each_rows_top_scores_in_position_order_valid_first(batch, tokens, masked,
+                                                                                  seed, data):
+    generator = _generator(seed)
+    # distinct scores, so "the top counts[b]" is one set
+    scores = torch.stack([torch.randperm(tokens, generator=generator) for _ in range(batch)]).float()
+    valid = torch.ones(batch, tokens, dtype=torch.bool)
+    if masked:
+        for b in range(batch):
+            valid[b] = False
+            valid[b, _subset(data, tokens, data.draw(st.integers(1, tokens)))] = True
+    counts = torch.tensor([data.draw(st.integers(1, int(v.sum()))) for v in valid])
+
+    positions, kept = ops.select_by_count(scores, counts, valid if masked else None)
+    width = int(counts.max())
+    assert positions.shape == kept.shape == (batch, width)
+    for b in range(batch):
+        count = int(counts[b])
+        assert kept[b].tolist() == [True] * count + [False] * (width - count)
+        chosen = positions[b, :count].tolist()
+        assert chosen == sorted(chosen) and len(set(chosen)) == count
+        candidates = [p for p in range(tokens) if valid[b, p]]
+        best = sorted(candidates, key=lambda p: -scores[b, p].item())[:count]
+        assert set(chosen) == set(best)
+        assert ((positions[b] >= 0) & (positions[b] < tokens)).all()
+
+
+@given(batch=st.integers(1, 3), tokens=st.integers(2, 16), dim=st.integers(1, 4), seed=seeds, data=st.data())
+def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, tokens, dim, seed, data):
+    generator = _generator(seed)
+    metric = torch.randn(batch, tokens, dim, generator=generator)
+    x = torch.randn(batch, tokens, 3, generator=generator)
+    size = torch.randint(1, 5, (batch, tokens), generator=generator).float()
+    r = data.draw(st.integers(0, (tokens + 1) // 2))
+
+    merge, survivors = ops.bipartite_merge(metric, r)
+    merged_size = merge(size)
+    assert merged_size.shape == (batch, tokens - r)
+    assert torch.equal(merged_size.sum(dim=1), size.sum(dim=1))
+    merged_sum = merge(x * size[..., None])
+    assert merged_sum.shape == (batch, tokens - r, 3)
+    torch.testing.assert_close(merged_sum.sum(dim=1), (x * size[..., None]).sum(dim=1), atol=1e-5, rtol=1e-5)
+
+    assert survivors.shape == (batch, tokens - r)
+    # every input token lands in exactly one output slot, and slot j holds survivors[:, j]
+    membership = merge(torch.eye(tokens).expand(batch, tokens, tokens))  # [B, N - r, N]
+    assert torch.equal(membership.sum(dim=1), torch.ones(batch, tokens))
+    for b in range(batch):
+        row = survivors[b].tolist()
+        assert len(set(row)) == len(row) and all(0 <= p < tokens for p in row)
+        assert all(membership[b, j, p] == 1 for j, p in enumerate(row))
+        gone = set(range(tokens)) - set(row)
+        assert len(gone) == r and all(p % 2 == 0 for p in gone)  # only set-A (even) tokens merge away
+
+
+@given(tokens=st.integers(1, 300), keep=st.floats(1e-6, 1.0))
+def test_keep_count_is_the_ceiling_of_the_share_and_at_least_one(tokens, keep):
+    count = ops.keep_count(tokens, keep)
+    assert max(ops.MIN_KEPT_TOKENS, min(tokens, math.ceil(keep * tokens - 1e-9))) == count
+    assert 1 <= count <= tokens
+
+
+_TOME_SPEC = ts.patch(host_model("timm-reg-gap"), ts.ToMe(r=0)).spec  # depth 4, prefix 5, 64 patches
+
+
+@given(schedule=st.lists(st.integers(0, 12), min_size=1, max_size=_TOME_SPEC.depth), batch=st.integers(1, 3),
+       seed=seeds)
+def test_tome_sizes_always_sum_to_the_input_patch_count(schedule, batch, seed):
+    spec, prefix = _TOME_SPEC, _TOME_SPEC.prefix
+    patches = spec.input_tokens - prefix
+    method = ts.ToMe(r=schedule)
+    generator = _generator(seed)
+    x = torch.randn(batch, prefix + patches, 8, generator=generator)
+    state = TokenState.start(x, prefix).replace(trace=None)  # called outside a traced forward
+    context = RunContext(spec, None, False)
+    for layer in range(spec.depth):
+        keys = torch.randn(batch, 2, state.tokens, 4, generator=generator)  # [B, H, N, d]
+        state = method.after_attention(layer, state, AttentionView(keys, keys, None, 0.5, state), context)
+        if state.size is None:
+            assert state.tokens == prefix + patches
+            continue
+        assert (state.size[:, :prefix] == 1).all()
+        assert (state.size[:, prefix:].sum(dim=1) == patches).all()
+        torch.testing.assert_close((state.x * state.size[..., None]).sum(dim=1), x.sum(dim=1),
+                                   atol=1e-4, rtol=1e-5)
+        real = state.index[:, prefix:]
+        assert all(len(set(row.tolist())) == row.numel() for row in real)
+    assert state.tokens - prefix >= 1

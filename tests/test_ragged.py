@@ -1,0 +1,79 @@
+"""Ragged batches (per-image token counts): each image's result equals running it alone."""
+
+import pytest
+import torch
+from models import calibrate_predictors, distinct_images, forward, host_model, is_hf, strengthen
+
+import tokensieve as ts
+
+TOLERANCE = 1e-5
+
+RAGGED = {
+    "topk-mass": ts.TopK(mass=0.6, layers=(1, 2)),
+    "dynamicvit-dynamic": ts.DynamicViT(keep=0.7, layers=(1, 2), dynamic=True),
+}
+
+HOSTS = [
+    "timm-vit",
+    "timm-deit-distilled",
+    "ViTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+]
+
+
+def _ragged_model(host: str, method: ts.Method, x: torch.Tensor, attention: str = "sdpa"):
+    model = strengthen(host_model(host))
+    ts.patch(model, method, attention=attention)
+    if isinstance(method, ts.DynamicViT):
+        calibrate_predictors(model, x)
+    return model
+
+
+def _outputs(model, x):
+    """The model's outputs and the class token's final features."""
+    outputs = forward(model, x)
+    with torch.no_grad():
+        features = model.base_model(x).last_hidden_state if is_hf(model) else model.forward_features(x)
+    return {**outputs, "cls": features[:, 0]}
+
+
+def _kept(model, x):
+    with ts.trace(model) as traces:
+        outputs = _outputs(model, x)
+    return outputs, traces[0]
+
+
+def _assert_ragged_batch_equals_each_image_alone(model, x):
+    batch, trace = _kept(model, x)
+    counts = trace.kept_tokens()  # [L, B]
+    if counts[-1].unique().numel() == 1:
+        pytest.fail(f"the images keep equal counts {counts[-1].tolist()}: the test would prove nothing")
+    for layer, record in enumerate(trace.layers):
+        if record.valid is not None:
+            assert record.valid.sum(dim=1).tolist() == counts[layer].tolist()
+    for i in range(len(x)):
+        alone, alone_trace = _kept(model, x[i : i + 1])
+        assert alone_trace.kept_tokens()[:, 0].tolist() == counts[:, i].tolist()
+        for key in batch:
+            torch.testing.assert_close(batch[key][i], alone[key][0], atol=TOLERANCE, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("method", RAGGED.values(), ids=RAGGED.keys())
+@pytest.mark.parametrize("host", HOSTS)
+def test_ragged_batch_equals_each_image_alone(host, method):
+    x = distinct_images()
+    _assert_ragged_batch_equals_each_image_alone(_ragged_model(host, method, x), x)
+
+
+@pytest.mark.parametrize("method", RAGGED.values(), ids=RAGGED.keys())
+def test_ragged_batch_equals_each_image_alone_with_eager_attention(method):
+    x = distinct_images()
+    _assert_ragged_batch_equals_each_image_alone(_ragged_model("timm-vit", method, x, "eager"), x)
+
+
+@pytest.mark.parametrize("method", RAGGED.values(), ids=RAGGED.keys())
+@pytest.mark.parametrize("host", ["timm-reg-gap", "Dinov2WithRegistersForImageClassification"])
+def test_ragged_methods_are_refused_on_mean_pooled_heads(host, method):
+    """A head that averages the tokens would average the padding of a ragged batch in."""
+    with pytest.raises(ValueError, match="fixed keep rate"):
+        ts.patch(host_model(host), method)
