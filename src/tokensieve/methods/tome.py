@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from tokensieve import ops
@@ -87,24 +86,18 @@ class ToMe(Method):
         r = min(r, max_merge(tokens))
         if r == 0:
             return state
-        metric = attn.key_metric()[:, state.prefix :]
         if state.trace is not None:
-            state.trace.add_overhead("matching", matching_macs(tokens, metric.shape[-1]))
-        merge, survivors = ops.bipartite_merge(metric, r)
-        patches = state.x[:, state.prefix :]
+            state.trace.add_overhead("matching", matching_macs(tokens, attn.k.shape[-1]))
+        merge, survivors = ops.bipartite_merge(attn.key_metric(), r, state.prefix)
         if state.size is None:  # every token stands for itself: no weighting needed
-            size = state.x.new_ones(state.x.shape[:2])
-            weighted = patches
+            size = state.x.new_ones(state.x.shape[0], state.tokens, 1)
+            weighted = state.x
         else:
-            size = state.size
-            weighted = patches * size[:, state.prefix :, None]
-        merged_size = merge(size[:, state.prefix :, None])  # [B, N - r, 1]
-        merged_x = merge(weighted) / merged_size
-        merged_size = merged_size[..., 0]
-        merged_index = state.index[:, state.prefix :].gather(1, survivors)
-        head = slice(0, state.prefix)
+            size = state.size[..., None]
+            weighted = state.x * size
+        merged_size = merge(size)  # [B, N - r, 1]
         return state.replace(
-            x=torch.cat([state.x[:, head], merged_x], dim=1),
-            size=torch.cat([size[:, head], merged_size], dim=1),
-            index=torch.cat([state.index[:, head], merged_index], dim=1),
+            x=merge(weighted) / merged_size,
+            size=merged_size[..., 0],
+            index=state.index.gather(1, survivors),
         )
