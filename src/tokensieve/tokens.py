@@ -116,20 +116,18 @@ class TokenState:
         """
         if self.valid is not None:
             raise ValueError("fusing tokens needs an equal token count per sample, not a ragged batch")
-        patches = self.x[:, self.prefix :]  # [B, Np, C]
-        rest = torch.ones_like(weights, dtype=torch.bool).scatter_(1, kept, False)
-        rest_weights = weights * rest
-        fused = torch.einsum("bn,bnc->bc", rest_weights, patches)
-        fused = fused / rest_weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(fused.dtype).tiny)
+        rest_weights = weights.scatter(1, kept, 0.0)  # [B, Np], zero on the kept tokens
+        fused = torch.bmm(rest_weights[:, None], self.x[:, self.prefix :])  # [B, 1, C]
+        fused = fused / rest_weights.sum(dim=1)[:, None, None].clamp_min(torch.finfo(fused.dtype).tiny)
         state = self.gather(kept)
-        batch = kept.shape[0]
-        fused_index = torch.full((batch, 1), FUSED_TOKEN_INDEX, dtype=state.index.dtype, device=kept.device)
+        fused_index = state.index.new_full((kept.shape[0], 1), FUSED_TOKEN_INDEX)
         size = None
         if self.size is not None:
-            rest_size = (self.size[:, self.prefix :] * rest).sum(dim=1, keepdim=True)
+            total = self.size[:, self.prefix :].sum(dim=1, keepdim=True)
+            rest_size = total - state.size[:, self.prefix :].sum(dim=1, keepdim=True)
             size = torch.cat([state.size, rest_size], dim=1)
         return state.replace(
-            x=torch.cat([state.x, fused[:, None]], dim=1),
+            x=torch.cat([state.x, fused], dim=1),
             index=torch.cat([state.index, fused_index], dim=1),
             size=size,
         )
