@@ -26,19 +26,14 @@ class AttentionView:
     def class_attention(self) -> Tensor:
         """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix]."""
         state = self.state
-        if state.trace is not None:
-            heads, tokens, dim = self.k.shape[1], self.k.shape[2], self.k.shape[3]
-            state.trace.add_overhead("class_attention", _per_sample_tokens(state) * heads * dim
-                                     if state.valid is not None else tokens * heads * dim)
+        if state.trace is not None:  # one query row against every key, in every head
+            width = self.k.shape[1] * self.k.shape[3]
+            state.trace.add_overhead("class_attention", state.token_counts() * width)
         return ops.class_attention(self.q, self.k, self.bias, self.scale)[:, state.prefix :]
 
     def key_metric(self) -> Tensor:
         """Keys averaged over heads: [B, N, d], the similarity metric of token merging."""
         return self.k.mean(dim=1)
-
-
-def _per_sample_tokens(state: TokenState) -> Tensor:
-    return state.valid.sum(dim=1)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from tokensieve import ops
@@ -51,14 +50,13 @@ class TopK(Method):
         if self.mass is not None:
             return _keep_attention_mass(state, attn, self.mass)
         counts = state.patch_counts()
-        if isinstance(counts, int):
-            k = ops.keep_count(counts, self.keep)
-            if k == counts:
+        kept = ops.keep_count(counts, self.keep)
+        if isinstance(counts, int):  # equal counts: the gather fast path
+            if kept == counts:
                 return state
-            return state.gather(ops.top_positions(attn.class_attention(), k))
-        kept_counts = torch.ceil(counts * self.keep - 1e-9).long().clamp_min(ops.MIN_KEPT_TOKENS)
-        return state.gather(*ops.select_by_count(attn.class_attention(), kept_counts,
-                                                 state.valid[:, state.prefix :]))
+            return state.gather(ops.top_positions(attn.class_attention(), kept))
+        valid = state.valid[:, state.prefix :]
+        return state.gather(*ops.select_by_count(attn.class_attention(), kept, valid))
 
 
 def _keep_attention_mass(state: TokenState, attn: AttentionView, mass: float) -> TokenState:

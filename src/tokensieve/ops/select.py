@@ -10,8 +10,13 @@ from torch import Tensor
 MIN_KEPT_TOKENS = 1  # at least this many non-prefix tokens survive any setting
 
 
-def keep_count(tokens: int, keep: float) -> int:
-    """How many of `tokens` a keep rate retains: ceil(keep * tokens), at least MIN_KEPT_TOKENS."""
+def keep_count(tokens: int | Tensor, keep: float) -> int | Tensor:
+    """How many of `tokens` a keep rate retains: ceil(keep * tokens), at least MIN_KEPT_TOKENS.
+
+    `tokens` is an int, or a tensor of per-sample counts (ragged batches).
+    """
+    if isinstance(tokens, Tensor):
+        return torch.ceil(tokens * keep - 1e-9).long().clamp(MIN_KEPT_TOKENS).minimum(tokens)
     return max(MIN_KEPT_TOKENS, min(tokens, math.ceil(keep * tokens - 1e-9)))
 
 
