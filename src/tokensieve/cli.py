@@ -58,12 +58,12 @@ def flops(model: str, methods: tuple[str, ...], checkpoint: str | None, image_si
         return
     table = Table(title=f"{model} at {size}x{size}: MACs per sample (FLOPs = 2 x MACs)")
     for column in ("method", "GMACs", "backbone", "overhead", "dense", "reduction"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for row in rows:
         table.add_row(row["method"], f"{row['macs'] / 1e9:.3f}", f"{row['backbone_macs'] / 1e9:.3f}",
                       f"{row['overhead_macs'] / 1e6:.2f} M", f"{row['dense_macs'] / 1e9:.3f}",
                       f"{row['ratio']:.2f}x")
-    Console().print(table)
+    _console().print(table)
 
 
 @main.command()
@@ -103,13 +103,19 @@ def bench(model: str, methods: tuple[str, ...], checkpoint: str | None, batch: i
     first = results[0]
     table = Table(title=f"{model}: batch {first.batch}, {first.image_size}px, {first.threads} threads, "
                         f"{first.dtype}, {first.device}; medians of {first.repeats}")
-    for column in ("method", "dense ms", "pruned ms", "speedup", "MACs ratio", "speedup / MACs ratio",
-                   "method overhead"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    for column in ("method", "dense ms", "pruned ms", "speedup", "MACs ratio", "efficiency", "overhead"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for r in results:
         table.add_row(r.method, f"{r.dense_ms:.1f}", f"{r.pruned_ms:.1f}", f"{r.speedup:.2f}x",
                       f"{r.flops_ratio:.2f}x", f"{r.speedup / r.flops_ratio:.2f}", f"{r.overhead_share:.1%}")
-    Console().print(table)
+    _console().print(table)
+    click.echo("efficiency = speedup / MACs ratio; overhead = share of the pruned forward spent in the "
+               "method's own steps")
+
+
+def _console() -> Console:
+    # Piped output gets room for whole method names instead of a terminal's 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=140)
 
 
 def _load(model: str, checkpoint: str | None) -> torch.nn.Module:
