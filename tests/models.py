@@ -155,8 +155,9 @@ def calibrate_predictors(model: nn.Module, x: Tensor) -> None:
         scores: list[Tensor] = []
 
         def record(module, inputs, logits, scores=scores):
-            weights = inputs[1]
-            scores.append((logits[..., 1] - logits[..., 0])[weights > 0])
+            weights = inputs[1]  # None when every token counts
+            keep_scores = logits[..., 1] - logits[..., 0]
+            scores.append(keep_scores.flatten() if weights is None else keep_scores[weights > 0])
 
         handle = predictor.register_forward_hook(record)
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +48,16 @@ class DynamicViT(Method):
         weights = _patch_weights(state)
         logits = predictor(patches, weights)  # [B, Np, 2]: (drop, keep)
         if state.trace is not None:
-            state.trace.add_overhead("predictor", predictor.macs_per_token() * state.patch_counts())
+            state.trace.add_overhead("predictor", predictor.macs(state.patch_counts()))
         if ctx.training:
             return _mask_mode_step(state, logits)
         input_patches = state.trace.input_tokens - state.prefix if state.trace else patches.shape[1]
         keep_scores = logits[..., 1] - logits[..., 0]
         if self.dynamic:
-            counts = (keep_scores > 0).masked_fill(weights == 0, False).sum(dim=1)
+            keep_votes = keep_scores > 0
+            if weights is not None:
+                keep_votes = keep_votes & (weights > 0)
+            counts = keep_votes.sum(dim=1)
             counts = counts.clamp(ops.MIN_KEPT_TOKENS, patches.shape[1])
             valid = None if state.valid is None else state.valid[:, state.prefix :]
             return state.gather(*ops.select_by_count(keep_scores, counts, valid))
@@ -67,14 +69,12 @@ class DynamicViT(Method):
         return state.gather(ops.top_positions(keep_scores, k))
 
 
-def _patch_weights(state: TokenState) -> Tensor:
-    """[B, Np] weight of each non-prefix token in the predictor's global feature."""
-    patches = state.x.shape[1] - state.prefix
-    weights = state.x.new_ones(state.x.shape[0], patches)
-    if state.keep is not None:
-        weights = state.keep[:, state.prefix :]
+def _patch_weights(state: TokenState) -> Tensor | None:
+    """[B, Np] weight of each non-prefix token in the predictor's global feature; None: all equal."""
+    weights = None if state.keep is None else state.keep[:, state.prefix :]
     if state.valid is not None:
-        weights = weights * state.valid[:, state.prefix :]
+        valid = state.valid[:, state.prefix :].to(state.x.dtype)
+        weights = valid if weights is None else weights * valid
     return weights
 
 
@@ -101,17 +101,28 @@ class KeepPredictor(nn.Module):
             nn.Linear(dim // 4, 2),
         )
 
-    def forward(self, tokens: Tensor, weights: Tensor) -> Tensor:
-        """tokens [B, N, C], weights [B, N] -> logits [B, N, 2] for (drop, keep)."""
+    def forward(self, tokens: Tensor, weights: Tensor | None) -> Tensor:
+        """tokens [B, N, C], weights [B, N] or None (all tokens count) -> logits [B, N, 2] (drop, keep)."""
         features = self.embed(tokens)
         half = features.shape[-1] // 2
         local, global_ = features[..., :half], features[..., half:]
-        pooled = torch.einsum("bn,bnc->bc", weights, global_)
-        pooled = pooled / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        joined = torch.cat([local, pooled[:, None].expand(-1, local.shape[1], -1)], dim=-1)
-        return self.head(joined)
+        if weights is None:
+            pooled = global_.mean(dim=1)
+        else:
+            pooled = torch.bmm(weights[:, None], global_)[:, 0]
+            pooled = pooled / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        # The first head layer sees [local, pooled]; the pooled half is the same for every token
+        # of an image, so its product is taken once per image and broadcast.
+        first = self.head[0]
+        hidden = F.linear(local, first.weight[:, :half], first.bias)
+        hidden = hidden + F.linear(pooled, first.weight[:, half:])[:, None]
+        return self.head[1:](hidden)
 
-    def macs_per_token(self) -> int:
-        """Linear-layer MACs per token, plus the weighted pooling of the global half."""
-        linear = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
-        return linear + math.ceil(self.embed[1].out_features / 2)
+    def macs(self, tokens: int | Tensor) -> int | Tensor:
+        """Matrix-product MACs of scoring `tokens` tokens of one image."""
+        dim = self.embed[1].in_features
+        half = dim // 2
+        per_token = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        per_token -= half * self.head[0].out_features  # the pooled half of the first head layer...
+        per_image = half * self.head[0].out_features  # ...runs once per image
+        return tokens * (per_token + half) + per_image  # + half: the weighted pooling
