@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from models import blocks_of, forward, host_model, images
+from models import blocks_of, forward, host_model, images, max_difference
 
 import tokensieve as ts
 
@@ -136,3 +136,16 @@ def test_a_deep_copy_of_a_patched_model_is_patched_alike_and_independent():
     ts.unpatch(clone)
     assert ts.is_patched(model)
     assert all("forward" not in vars(block) for block in blocks_of(clone))
+
+
+def test_pruning_disabled_gives_the_host_output_and_restores_pruning():
+    model = host_model("timm-deit3")
+    x = images(2)
+    expected = forward(model, x)
+    ts.patch(model, ts.EViT(keep=0.5, layers=(1, 2)))
+    pruned = forward(model, x)
+    with ts.pruning_disabled(model), ts.trace(model) as traces:
+        dense = forward(model, x)
+    assert max_difference(dense, expected) <= 1e-5
+    assert traces[0].kept_tokens()[-1].tolist() == [traces[0].input_tokens] * 2
+    assert torch.equal(forward(model, x)["out"], pruned["out"])

@@ -3,7 +3,7 @@
 from tokensieve.bench import BenchResult, benchmark
 from tokensieve.flops import FlopsReport, flops
 from tokensieve.methods import DynamicViT, EViT, Method, ToMe, TopK
-from tokensieve.patch import Sieve, is_patched, patch, sieve_of, trace, unpatch
+from tokensieve.patch import Sieve, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
 from tokensieve.tokens import TokenState, Trace
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "flops",
     "is_patched",
     "patch",
+    "pruning_disabled",
     "sieve_of",
     "trace",
     "unpatch",

@@ -39,6 +39,15 @@ class Runner:
         self._local = threading.local()
 
     @property
+    def pruning(self) -> bool:
+        """False inside a `tokensieve.pruning_disabled` scope of this thread."""
+        return getattr(self._local, "pruning", True)
+
+    @pruning.setter
+    def pruning(self, enabled: bool) -> None:
+        self._local.pruning = enabled
+
+    @property
     def collectors(self) -> list[list[Trace]]:
         """The open `tokensieve.trace` scopes of this thread."""
         local = self._local
@@ -61,12 +70,13 @@ class Runner:
         return state.x
 
     def _run_block(self, layer: int, state: TokenState) -> TokenState:
+        method = self.method if self.pruning else _DENSE
         view = self.host.views[layer]
         ctx = RunContext(self.host.spec, self.parts, self.host.blocks[layer].training)
         record = LayerRecord(layer, 0, 0, state.index, state.valid)
         if state.trace is not None:
             state.trace.layers.append(record)
-        state = self._call_method(self.method.before_block, layer, state, ctx)
+        state = self._call_method(method.before_block, layer, state, ctx)
         block_input = state.x
         record.attention_tokens = state.token_counts()
         q, k, v = view.qkv(block_input)
@@ -79,7 +89,7 @@ class Runner:
         x = block_input + view.attention_branch(heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim))
         state = state.replace(x=x)
         attn = AttentionView(q, k, bias, view.scale, state)
-        state = self._call_method(self.method.after_attention, layer, state, attn, ctx)
+        state = self._call_method(method.after_attention, layer, state, attn, ctx)
         record.mlp_tokens = state.token_counts()
         x = state.x + view.mlp_branch(state.x)
         if state.keep is not None:  # mask mode: pruned tokens pass through the block unchanged
@@ -110,6 +120,9 @@ class Runner:
         param = next(self.parts.parameters(), None)
         if param is not None and (param.device != x.device or param.dtype != x.dtype):
             self.parts.to(device=x.device, dtype=x.dtype)
+
+
+_DENSE = Method()  # does nothing at any layer
 
 
 def _attention_bias(state: TokenState, dtype: torch.dtype) -> Tensor | None:

@@ -85,6 +85,19 @@ def sieve_of(model: nn.Module) -> Sieve:
 
 
 @contextlib.contextmanager
+def pruning_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the patched `model` dense inside the block (this thread only): the host's output,
+    from the same weights. Used as the teacher in self-distillation."""
+    runner = sieve_of(model).runner
+    before = runner.pruning
+    runner.pruning = False
+    try:
+        yield
+    finally:
+        runner.pruning = before
+
+
+@contextlib.contextmanager
 def trace(model: nn.Module) -> Iterator[list[Trace]]:
     """Collect the Trace of every forward of `model` inside the block: kept tokens per layer
     per sample, the positions kept, and each method's extra MACs."""
