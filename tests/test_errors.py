@@ -193,3 +193,12 @@ def test_a_patched_model_refuses_an_attention_mask_rather_than_ignoring_it():
     padding[:, -3:] = 0
     with pytest.raises(ValueError, match="mask"):
         hf_model(images(2), attention_mask=padding)
+
+
+def test_asking_a_patched_transformers_model_for_attention_maps_is_a_value_error():
+    model = host_model("ViTModel")
+    ts.patch(model, ts.EViT(keep=0.5, layers=(1,)))
+    with pytest.raises(ValueError, match="attention maps"):
+        model(pixel_values=images(1), output_attentions=True)
+    hidden = model(pixel_values=images(1), output_hidden_states=True).hidden_states
+    assert hidden[-1].shape[1] < hidden[0].shape[1]  # hidden states come back, pruned

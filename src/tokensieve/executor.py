@@ -56,7 +56,7 @@ class Runner:
         return local.collectors
 
     def run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        _reject_masks(args, kwargs)
+        _check_block_arguments(args, kwargs)
         relay = self._local
         state = getattr(relay, "state", None) if layer > 0 and getattr(relay, "out", None) is x else None
         relay.state = relay.out = None
@@ -135,7 +135,11 @@ def _attention_bias(state: TokenState, dtype: torch.dtype) -> Tensor | None:
     return bias[:, None, None, :]
 
 
-def _reject_masks(args: tuple, kwargs: dict) -> None:
+def _check_block_arguments(args: tuple, kwargs: dict) -> None:
+    """Refuse what a patched block would otherwise silently ignore."""
     masks = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
     if masks or kwargs.get("is_causal"):
         raise ValueError("a patched block takes no attention mask; unpatch the model to run masked attention")
+    if kwargs.get("output_attentions"):
+        raise ValueError("a patched model does not return attention maps; use tokensieve.trace for the "
+                         "kept tokens, or unpatch the model to get its attentions")
