@@ -36,6 +36,7 @@ _HF_CONFIGS = {
     "Dinov2": (transformers.Dinov2Config, {"mlp_ratio": 2, "layerscale_value": 0.5}),
     "Dinov2WithRegisters": (transformers.Dinov2WithRegistersConfig,
                             {"mlp_ratio": 2, "layerscale_value": 0.5, "num_register_tokens": 4}),
+    "CLIPVision": (transformers.CLIPVisionConfig, {"intermediate_size": 128, "projection_dim": 16}),
 }
 HF_CLASSES = (
     "ViTModel",
@@ -47,6 +48,8 @@ HF_CLASSES = (
     "Dinov2ForImageClassification",
     "Dinov2WithRegistersModel",
     "Dinov2WithRegistersForImageClassification",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
 )
 
 _PREFIX_PARAMETERS = ("cls_token", "reg_token", "dist_token", "distillation_token", "register_tokens")

@@ -9,7 +9,7 @@ import timm
 import torch
 from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTForImageClassification
 
 import tokensieve as ts
 from tokensieve.cli import main
@@ -61,12 +61,18 @@ def _small_hf():
     return ViTForImageClassification(config).eval()
 
 
+def _small_clip():
+    config = CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=6,
+                              num_attention_heads=4, intermediate_size=128, projection_dim=32)
+    return CLIPVisionModelWithProjection(config).eval()
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("method", METHODS, ids=str)
-@pytest.mark.parametrize("family", ["timm", "transformers"])
+@pytest.mark.parametrize("family", ["timm", "transformers", "clip"])
 def test_report_agrees_with_flop_counter_mode(family, method, attention):
     torch.manual_seed(0)
-    model = _small_timm() if family == "timm" else _small_hf()
+    model = {"timm": _small_timm, "transformers": _small_hf, "clip": _small_clip}[family]()
     size = 96 if family == "timm" else 64
     pixels = torch.randn(2, 3, size, size)
     inputs = pixels if family == "timm" else {"pixel_values": pixels}

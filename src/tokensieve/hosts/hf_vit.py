@@ -7,6 +7,7 @@ import math
 from torch import Tensor, nn
 
 from tokensieve.hosts.base import Host, linear_macs
+from tokensieve.hosts.hf_attention import HFAttentionPart
 from tokensieve.spec import ModelSpec
 
 FAMILY = "transformers ViT/DeiT/Dinov2/Dinov2WithRegisters (Model and ForImageClassification)"
@@ -32,28 +33,7 @@ def matches(model: nn.Module) -> bool:
     return cls.__name__ in _MODELS and cls.__module__.startswith("transformers.")
 
 
-class _AttentionPart:
-    """The q/k/v/o projections of an HF attention module, shared by both layer layouts."""
-
-    def __init__(self, attention: nn.Module) -> None:
-        self.attention = attention
-        self.num_heads = attention.num_attention_heads
-        self.head_dim = attention.head_dim
-        self.scale = attention.scaling
-        self.attention_linear_macs = linear_macs(attention)
-
-    def project(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        batch, tokens, _ = h.shape
-        a = self.attention
-        shape = (batch, tokens, self.num_heads, self.head_dim)
-        return (a.q_proj(h).view(shape).transpose(1, 2), a.k_proj(h).view(shape).transpose(1, 2),
-                a.v_proj(h).view(shape).transpose(1, 2))
-
-    def attention_dropout(self) -> float:
-        return self.attention.attention_dropout if self.attention.training else 0.0
-
-
-class ViTLayerView(_AttentionPart):
+class ViTLayerView(HFAttentionPart):
     """ViTLayer / DeiTLayer: layernorm_before, attention, dropout, layernorm_after, mlp."""
 
     def __init__(self, layer: nn.Module) -> None:
@@ -65,13 +45,13 @@ class ViTLayerView(_AttentionPart):
         return self.project(self.layer.layernorm_before(x))
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
-        return self.layer.dropout(self.attention.o_proj(heads_out))
+        return self.layer.dropout(self.output_projection(heads_out))
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         return self.layer.dropout(self.layer.mlp(self.layer.layernorm_after(x)))
 
 
-class Dinov2LayerView(_AttentionPart):
+class Dinov2LayerView(HFAttentionPart):
     """Dinov2Layer: norm1, attention, layer_scale1, drop_path, norm2, mlp, layer_scale2."""
 
     def __init__(self, layer: nn.Module) -> None:
@@ -84,7 +64,7 @@ class Dinov2LayerView(_AttentionPart):
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
         layer = self.layer
-        return layer.drop_path(layer.layer_scale1(self.attention.o_proj(heads_out)))
+        return layer.drop_path(layer.layer_scale1(self.output_projection(heads_out)))
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         layer = self.layer
