@@ -22,8 +22,9 @@ class Runner:
     whatever entry point started it) drives the pruned forward; the state dies with the call.
     """
 
-    def __init__(self, host: Host, method: Method, parts: nn.Module | None, eager: bool) -> None:
-        self.host, self.method, self.parts, self.eager = host, method, parts, eager
+    def __init__(self, host: Host, method: Method, parts: nn.Module | None, eager: bool,
+                 dense: bool = False) -> None:
+        self.host, self.method, self.parts, self.eager, self.dense = host, method, parts, eager, dense
         self.last_layer = len(host.blocks) - 1
         self.method_seconds: float | None = None  # set to 0.0 to time the method's own steps
         self.replaced: dict[int, Callable | None] = {}  # layer -> instance forward found at patch time
@@ -62,7 +63,7 @@ class Runner:
         relay.state = relay.out = None
         if state is None:
             self._follow_input(x)
-            state = TokenState.start(x, self.host.spec.prefix)
+            state = TokenState.start(x, self.host.spec.prefix, dense=self.dense)
         state = self._run_block(layer, state)
         if layer == self.last_layer:
             return self._finish(state)
@@ -109,6 +110,8 @@ class Runner:
     def _finish(self, state: TokenState) -> Tensor:
         for traces in self.collectors:
             traces.append(state.trace)
+        if state.grid is not None:
+            return state.dense_output()
         if self.host.mean_pooled and state.size is not None:
             return repeat_by_size(state)
         return state.x

@@ -35,11 +35,14 @@ class Sieve(nn.Module):
         return f"method={self.method!r}, host={self.spec.family!r}"
 
 
-def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] = "sdpa") -> Sieve:
+def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] = "sdpa",
+          dense: bool = False) -> Sieve:
     """Run `model`'s blocks through tokensieve with `method`; weights and state-dict keys stay.
 
     Patching a patched model replaces its method. `attention="eager"` spells attention out as
-    matmuls (for FLOP counters); the default uses PyTorch's fused kernel.
+    matmuls (for FLOP counters); the default uses PyTorch's fused kernel. With `dense`, the
+    last block returns every input token in input order, pruned ones holding the features they
+    had when pruned, so necks, mask decoders and heads that reshape tokens into a map work.
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokensieve method such as EViT(keep=0.7), got {type(method).__name__}")
@@ -49,9 +52,12 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     if method.ragged and host.mean_pooled:
         raise ValueError(f"{method} keeps a different token count per image, and this model's head "
                          "averages the tokens, which would average padding in; use a fixed keep rate")
+    if dense and not method.keeps_positions:
+        raise ValueError(f"{method} merges tokens, so pruned positions have no features of their own; "
+                         "dense=True needs a method that drops or freezes tokens (TopK, EViT, DynamicViT)")
     parts = method.bind(host.spec)
     unpatch(model)
-    runner = Runner(host, method, parts, eager=attention == "eager")
+    runner = Runner(host, method, parts, eager=attention == "eager", dense=dense)
     for layer, block in enumerate(host.blocks):
         runner.replaced[layer] = block.__dict__.get("forward")
         block.forward = functools.partial(runner.run, layer)

@@ -66,13 +66,17 @@ class TokenState:
     size: Tensor | None = None  # [B, N] input tokens each token stands for (merging only)
     valid: Tensor | None = None  # [B, N] bool, False on the padding of a ragged batch
     keep: Tensor | None = None  # [B, N] 0/1 keep decisions carrying gradient (mask mode only)
+    grid: Tensor | None = None  # [B, N0 + 1, C] dense mode: last features of every input token
     trace: Trace | None = None
 
     @classmethod
-    def start(cls, x: Tensor, prefix: int) -> TokenState:
+    def start(cls, x: Tensor, prefix: int, dense: bool = False) -> TokenState:
         batch, tokens, _ = x.shape
         index = torch.arange(tokens, device=x.device).expand(batch, tokens)
-        return cls(x=x, index=index, prefix=prefix, trace=Trace(batch, tokens, prefix))
+        # The grid's extra last row is a sink for tokens that have no input position of their own
+        # (fused tokens, ragged padding), so every active token can be written back in one scatter.
+        grid = torch.cat([x, x.new_zeros(batch, 1, x.shape[-1])], dim=1) if dense else None
+        return cls(x=x, index=index, prefix=prefix, grid=grid, trace=Trace(batch, tokens, prefix))
 
     @property
     def tokens(self) -> int:
@@ -107,7 +111,22 @@ class TokenState:
             size=None if self.size is None else self.size.gather(1, positions),
             valid=valid,
             keep=None if self.keep is None else self.keep.gather(1, positions),
+            grid=self.stored_grid(),  # dropped tokens keep the features they have now
         )
+
+    def stored_grid(self) -> Tensor | None:
+        """Dense mode: the grid with the active tokens' current features written at their positions."""
+        if self.grid is None:
+            return None
+        has_position = self.index >= 0
+        if self.valid is not None:
+            has_position = has_position & self.valid
+        positions = torch.where(has_position, self.index, self.grid.shape[1] - 1)  # else: the sink row
+        return scatter_tokens(self.grid, positions, self.x)
+
+    def dense_output(self) -> Tensor:
+        """Dense mode: every input token in input order [B, N0, C], pruned ones with their last features."""
+        return self.stored_grid()[:, :-1]
 
     def fuse_rest(self, kept: Tensor, weights: Tensor) -> TokenState:
         """Keep the tokens at `kept` and fuse all other non-prefix tokens into one appended token.

@@ -59,6 +59,11 @@ class Method:
         """Whether images of one batch may keep different token counts."""
         return False
 
+    @property
+    def keeps_positions(self) -> bool:
+        """Whether every active token continues one input position (needed by dense mode)."""
+        return True
+
     def bind(self, spec: ModelSpec) -> nn.Module | None:
         """Check the config against the model and build the method's learnable parts."""
         return None

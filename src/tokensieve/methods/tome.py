@@ -54,6 +54,10 @@ class ToMe(Method):
     r: Schedule = 8
     layers: tuple[int, ...] | None = None
 
+    @property
+    def keeps_positions(self) -> bool:
+        return False  # a merged token stands for several positions
+
     def schedule(self, depth: int) -> list[int]:
         per_layer = merge_schedule(self.r, depth)
         if self.layers is not None:

@@ -30,18 +30,29 @@ def muted_colours(rng: np.random.Generator, count: int, lightness: tuple[float, 
 
 
 def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
-    """Bilinearly spread a [3, cells, cells] grid over [3, size, size] pixels. Done by indexing
-    rather than a matrix product, so no BLAS threads are started inside data-loader workers."""
+    """Bilinearly spread a random [3, cells, cells] grid over [3, size, size] cells, by indexing
+    rather than a matrix product (no BLAS threads inside data-loader workers)."""
     cells = grid.shape[-1]
     position = (np.arange(size) + 0.5) / size * (cells - 1)
     low = np.minimum(position.astype(int), cells - 2)
-    frac = (position - low).astype(np.float32)
-    rows = grid[:, low, :] * (1 - frac)[:, None] + grid[:, low + 1, :] * frac[:, None]  # [3, size, cells]
-    return rows[:, :, low] * (1 - frac) + rows[:, :, low + 1] * frac
+    frac = (position - low).astype(np.float32)[:, None]
+
+    def along_rows(values: np.ndarray) -> np.ndarray:  # gathers whole rows: fast
+        return values[:, low, :] * (1 - frac) + values[:, low + 1, :] * frac
+
+    # Interpolating the transposed intermediate keeps both gathers on whole rows; the result is
+    # the upsampled transpose of `grid`, an equally random grid.
+    return along_rows(along_rows(grid).transpose(0, 2, 1))
 
 
-def _colour_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    return _upsample(muted_colours(rng, cells * cells).T.reshape(3, cells, cells), size)
+def _colour_noise(rng: np.random.Generator, size: int, clutter: float) -> np.ndarray:
+    """Two layers of random muted colours, 2-4 and 6-12 cells across, mixed on the finer grid and
+    then spread over the image in one pass."""
+    coarse_cells, fine_cells = int(rng.integers(2, 5)), int(rng.integers(6, 13))
+    coarse = muted_colours(rng, coarse_cells**2).T.reshape(3, coarse_cells, coarse_cells)
+    fine = muted_colours(rng, fine_cells**2).T.reshape(3, fine_cells, fine_cells)
+    coarse = _upsample(coarse, fine_cells)
+    return _upsample(coarse + rng.uniform(0.15, 0.5) * clutter * (fine - coarse), size)
 
 
 def _pattern(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
@@ -84,9 +95,7 @@ def render_background(seed: int, size: int, clutter: float = 1.0) -> np.ndarray:
     """Background image [3, size, size] float32 in [0, 1], a pure function of (seed, size, clutter).
     `clutter` in [0, 1] scales the texture contrast and the number of specks (0: plain noise)."""
     rng = np.random.default_rng(seed)
-    coarse = _colour_noise(rng, size, int(rng.integers(2, 5)))
-    fine = _colour_noise(rng, size, int(rng.integers(6, 13)))
-    image = coarse + rng.uniform(0.15, 0.5) * clutter * (fine - coarse)
+    image = _colour_noise(rng, size, clutter)
     kind = PATTERNS[int(rng.integers(len(PATTERNS)))]
     if kind != "none" and clutter > 0:
         strength = rng.uniform(0.15, 0.45) * clutter * _pattern(rng, size, kind)

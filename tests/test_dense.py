@@ -1,0 +1,94 @@
+"""Dense mode: every input position comes out, pruned ones with the features they had when pruned."""
+
+import pytest
+import torch
+from models import distinct_images, forward, host_model, images, max_difference, strengthen
+
+import tokensieve as ts
+
+
+@pytest.mark.parametrize("host", ["timm-deit3", "Dinov2WithRegistersModel", "CLIPVisionModel"])
+def test_dense_patched_with_pruning_off_equals_host(host):
+    model = host_model(host)
+    x = images(2)
+    expected = forward(model, x)
+    ts.patch(model, ts.TopK(keep=1.0, layers=(1, 2)), dense=True)
+    assert max_difference(forward(model, x), expected) <= 1e-5
+
+
+def _features(model, x):
+    with torch.no_grad():
+        return model.forward_features(x)
+
+
+@pytest.mark.parametrize("method", [
+    ts.TopK(keep=0.5, layers=(1, 2)), ts.EViT(keep=0.5, layers=(1,)), ts.DynamicViT(keep=0.6, layers=(1, 3)),
+    ts.TopK(mass=0.4, layers=(1,)),
+], ids=["topk", "evit", "dynamicvit", "topk-ragged"])
+def test_dense_output_holds_the_active_tokens_of_the_pruned_run_at_their_positions(method):
+    model = strengthen(host_model("timm-vit"))
+    x = distinct_images()
+    sieve = ts.patch(model, method)
+    with ts.trace(model) as traces:
+        pruned = _features(model, x)
+    ts.patch(model, method, dense=True).load_state_dict(sieve.state_dict())
+    dense = _features(model, x)
+    assert dense.shape[:2] == (3, traces[0].input_tokens)
+    last = traces[0].layers[-1]
+    for i in range(3):
+        rows = last.index[i] >= 0  # not the fused token
+        if last.valid is not None:
+            rows &= last.valid[i]
+        torch.testing.assert_close(dense[i, last.index[i][rows]], pruned[i][rows], atol=1e-5, rtol=0)
+
+
+def test_tokens_dropped_after_attention_keep_their_post_attention_features():
+    model = strengthen(host_model("timm-vit"))
+    x = images(2)
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1,)), dense=True)
+    with ts.trace(model) as traces:
+        dense = _features(model, x)
+    kept = traces[0].layers[1].index  # positions that went on into block 1's MLP
+    ts.unpatch(model)
+    with torch.no_grad():  # the host's own computation up to block 1's attention
+        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        h = model.blocks[0](h)
+        block = model.blocks[1]
+        h = h + block.drop_path1(block.ls1(block.attn(block.norm1(h))))
+        expected = model.norm(h)
+    for i in range(2):
+        dropped = torch.ones(h.shape[1], dtype=torch.bool)
+        dropped[kept[i]] = False
+        assert dropped.sum() > 0
+        torch.testing.assert_close(dense[i, dropped], expected[i, dropped], atol=1e-5, rtol=0)
+
+
+def test_tokens_dropped_before_a_block_keep_the_previous_block_output():
+    model = strengthen(host_model("timm-vit"))
+    x = images(2)
+    ts.patch(model, ts.DynamicViT(keep=0.5, layers=(2,)), dense=True)
+    with ts.trace(model) as traces:
+        dense = _features(model, x)
+    kept = traces[0].layers[2].index
+    ts.unpatch(model)
+    with torch.no_grad():
+        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        expected = model.norm(model.blocks[1](model.blocks[0](h)))
+    for i in range(2):
+        dropped = torch.ones(h.shape[1], dtype=torch.bool)
+        dropped[kept[i]] = False
+        torch.testing.assert_close(dense[i, dropped], expected[i, dropped], atol=1e-5, rtol=0)
+
+
+def test_transformers_model_in_dense_mode_returns_the_full_sequence():
+    model = host_model("ViTModel")
+    x = images(2)
+    ts.patch(model, ts.EViT(keep=0.5, layers=(1, 2)), dense=True)
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    assert out.last_hidden_state.shape[1] == 65
+
+
+def test_dense_mode_refuses_token_merging():
+    with pytest.raises(ValueError, match="dense=True needs a method that drops or freezes"):
+        ts.patch(host_model("timm-vit"), ts.ToMe(r=4), dense=True)
