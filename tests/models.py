@@ -37,6 +37,7 @@ _HF_CONFIGS = {
     "Dinov2WithRegisters": (transformers.Dinov2WithRegistersConfig,
                             {"mlp_ratio": 2, "layerscale_value": 0.5, "num_register_tokens": 4}),
     "CLIPVision": (transformers.CLIPVisionConfig, {"intermediate_size": 128, "projection_dim": 16}),
+    "BlipVision": (transformers.BlipVisionConfig, {"intermediate_size": 128}),
 }
 HF_CLASSES = (
     "ViTModel",
@@ -50,6 +51,7 @@ HF_CLASSES = (
     "Dinov2WithRegistersForImageClassification",
     "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
+    "BlipVisionModel",
 )
 
 _PREFIX_PARAMETERS = ("cls_token", "reg_token", "dist_token", "distillation_token", "register_tokens")

@@ -9,7 +9,14 @@ import timm
 import torch
 from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTForImageClassification
+from transformers import (
+    BlipVisionConfig,
+    BlipVisionModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 import tokensieve as ts
 from tokensieve.cli import main
@@ -67,12 +74,21 @@ def _small_clip():
     return CLIPVisionModelWithProjection(config).eval()
 
 
+def _small_blip():
+    config = BlipVisionConfig(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=6,
+                              num_attention_heads=4, intermediate_size=128)
+    return BlipVisionModel(config).eval()
+
+
+SMALL_MODELS = {"timm": _small_timm, "transformers": _small_hf, "clip": _small_clip, "blip": _small_blip}
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("method", METHODS, ids=str)
-@pytest.mark.parametrize("family", ["timm", "transformers", "clip"])
+@pytest.mark.parametrize("family", SMALL_MODELS)
 def test_report_agrees_with_flop_counter_mode(family, method, attention):
     torch.manual_seed(0)
-    model = {"timm": _small_timm, "transformers": _small_hf, "clip": _small_clip}[family]()
+    model = SMALL_MODELS[family]()
     size = 96 if family == "timm" else 64
     pixels = torch.randn(2, 3, size, size)
     inputs = pixels if family == "timm" else {"pixel_values": pixels}

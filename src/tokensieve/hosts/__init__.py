@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokensieve.hosts import hf_clip, hf_vit, timm_vit
+from tokensieve.hosts import hf_blip, hf_clip, hf_vit, timm_vit
 from tokensieve.hosts.base import BlockView, Host
 
-_FAMILIES = (timm_vit, hf_vit, hf_clip)
+_FAMILIES = (timm_vit, hf_vit, hf_clip, hf_blip)
 
 
 def resolve_host(model: nn.Module) -> Host:
