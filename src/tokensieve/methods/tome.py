@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from tokensieve import ops
@@ -93,15 +94,16 @@ class ToMe(Method):
         if state.trace is not None:
             state.trace.add_overhead("matching", matching_macs(tokens, attn.k.shape[-1]))
         merge, survivors = ops.bipartite_merge(attn.key_metric(), r, state.prefix)
+        # Sizes stay float32: in half precision, counts above 256 would no longer be exact.
         if state.size is None:  # every token stands for itself: no weighting needed
-            size = state.x.new_ones(state.x.shape[0], state.tokens, 1)
+            size = state.x.new_ones(state.x.shape[0], state.tokens, 1, dtype=torch.float32)
             weighted = state.x
         else:
             size = state.size[..., None]
-            weighted = state.x * size
+            weighted = state.x * size.to(state.x.dtype)
         merged_size = merge(size)  # [B, N - r, 1]
         return state.replace(
-            x=merge(weighted) / merged_size,
+            x=merge(weighted) / merged_size.to(state.x.dtype),
             size=merged_size[..., 0],
             index=state.index.gather(1, survivors),
         )
