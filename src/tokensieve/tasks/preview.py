@@ -1,12 +1,13 @@
 """Save example pictures of every task (validation split) for docs/tasks.md, and time generation.
 
     python -m tokensieve.tasks.preview --out docs/images/
-    python -m tokensieve.tasks.preview --timing 200      # milliseconds per sample, one process
+    python -m tokensieve.tasks.preview --timing 200      # milliseconds per sample (median of 3)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import textwrap
 import time
 from pathlib import Path
@@ -104,16 +105,20 @@ def save_previews(out: Path) -> list[Path]:
     return written
 
 
-def time_generation(samples: int, image_size: int = 224) -> dict[str, float]:
-    """Mean milliseconds to generate one training sample of each task, in this process."""
+def time_generation(samples: int, image_size: int = 224, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds to generate one training sample of each task in this process: the median
+    over `repeats` passes of the mean over `samples` samples."""
     result = {}
     for task in TASKS:
         data = make_dataset(task, "train", size=samples, image_size=image_size)
         data[0]  # warm-up: imports and first allocations
-        start = time.perf_counter()
-        for index in range(samples):
-            data[index]
-        result[task] = (time.perf_counter() - start) / samples * 1000
+        passes = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for index in range(samples):
+                data[index]
+            passes.append((time.perf_counter() - start) / samples * 1000)
+        result[task] = statistics.median(passes)
     return result
 
 
