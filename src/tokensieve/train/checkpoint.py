@@ -1,0 +1,243 @@
+"""Checkpoints of a training run: only what was trained, in safetensors, written atomically.
+
+A directory holds `step-00001234.safetensors` files and a `latest` file naming the newest one.
+Each checkpoint is written to a hidden temporary file in the same directory, flushed to disk and
+renamed over its final name, and only then does `latest` move (the same way), so a crash at any
+moment leaves the previous checkpoint whole and `latest` pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+import tokensieve
+from tokensieve.patch import Sieve
+from tokensieve.train.atomic import atomic_write
+from tokensieve.train.config import TrainConfig
+from tokensieve.train.identity import (
+    check_same_host,
+    check_same_method,
+    check_same_trained,
+    host_identity,
+    method_config,
+)
+from tokensieve.train.rng import rng_from_json, rng_to_json
+
+FORMAT = "tokensieve-train/1"
+LATEST = "latest"
+_NAME = re.compile(r"step-(\d+)\.safetensors")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.safetensors"
+
+
+@dataclass
+class RunPosition:
+    """Where a run stands after `step` optimiser steps; `rng` holds one state per rank."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    rng: list[dict[str, Any]]
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save_run(directory: str | os.PathLike, *, model: nn.Module, sieve: Sieve, config: TrainConfig,
+             named_parameters: Sequence[tuple[str, nn.Parameter]], optimizer: Optimizer,
+             position: RunPosition, host_weights: str | None) -> Path:
+    """Write a checkpoint of the run and point `latest` at it; returns its path."""
+    tensors = trained_tensors(model, sieve, config.train)
+    tensors.update(_optimizer_tensors(named_parameters, optimizer))
+    for rank, state in enumerate(position.rng):
+        tensors[f"rng.torch.{rank}"] = state["torch"]
+        for device, cuda_state in enumerate(state.get("cuda", [])):
+            tensors[f"rng.cuda.{rank}.{device}"] = cuda_state
+    metadata = {
+        "format": FORMAT,
+        "tokensieve_version": tokensieve.__version__,
+        "trained": config.train,
+        "method": repr(sieve.method),
+        "method_config": json.dumps(method_config(sieve.method)),
+        "host": json.dumps(host_identity(model, sieve.spec)),
+        "train_config": config.to_json(),
+        "step": str(position.step),
+        "epoch": str(position.epoch),
+        "batch_in_epoch": str(position.batch_in_epoch),
+        "world_size": str(len(position.rng)),
+        "rng": json.dumps([rng_to_json(state) for state in position.rng]),
+    }
+    if host_weights is not None:
+        metadata["host_weights"] = host_weights
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / checkpoint_name(position.step)
+    # Tensors are copied so that tied or shared storage (which safetensors refuses) is written once each.
+    tensors = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(directory / LATEST, lambda tmp: Path(tmp).write_text(path.name + "\n"))
+    _remove_old(directory, keep=config.keep_checkpoints, newest=path.name)
+    return path
+
+
+def trained_tensors(model: nn.Module, sieve: Sieve, trained: str) -> dict[str, Tensor]:
+    """What the run changes: the Sieve's state, plus the host's when the model is trained."""
+    tensors = {f"sieve.{key}": value for key, value in sieve.state_dict().items()}
+    if trained == "model":
+        tensors.update({f"model.{key}": value for key, value in model.state_dict().items()})
+    return tensors
+
+
+def _optimizer_tensors(named_parameters: Sequence[tuple[str, nn.Parameter]],
+                       optimizer: Optimizer) -> dict[str, Tensor]:
+    """Each parameter's optimiser state by the parameter's name (robust to reordering)."""
+    tensors = {}
+    for name, param in named_parameters:
+        for field, value in optimizer.state.get(param, {}).items():
+            value = value if isinstance(value, Tensor) else torch.tensor(value)
+            tensors[f"optimizer.{name}.{field}"] = value
+    return tensors
+
+
+def _remove_old(directory: Path, keep: int, newest: str) -> None:
+    steps = sorted(_checkpoint_steps(directory).items())
+    for _, name in steps[:-keep]:
+        if name != newest:
+            (directory / name).unlink(missing_ok=True)
+
+
+def _checkpoint_steps(directory: Path) -> dict[int, str]:
+    found = {}
+    for entry in directory.iterdir():
+        match = _NAME.fullmatch(entry.name)
+        if match:
+            found[int(match.group(1))] = entry.name
+    return found
+
+
+# ---------------------------------------------------------------- reading
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in `directory`, or None if it holds none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    pointer = directory / LATEST
+    if pointer.is_file():
+        path = directory / pointer.read_text().strip()
+        if path.is_file():
+            return path
+    steps = _checkpoint_steps(directory)  # no pointer (or it was deleted by hand): the highest step
+    return directory / steps[max(steps)] if steps else None
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a checkpoint file, without reading its tensors."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tokensieve training checkpoint "
+                         f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+    return metadata
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata of a checkpoint file."""
+    metadata = read_metadata(path)
+    return load_file(str(path)), metadata
+
+
+def load_run(path: str | os.PathLike, *, model: nn.Module, sieve: Sieve, config: TrainConfig,
+             named_parameters: Sequence[tuple[str, nn.Parameter]], optimizer: Optimizer,
+             host_weights: str | None) -> RunPosition:
+    """Restore the trained tensors and the optimiser state of a run; returns where it stood.
+
+    Refuses (ValueError) a checkpoint of another model, method, or choice of what is trained.
+    """
+    tensors, metadata = read_checkpoint(path)
+    where = f"checkpoint {path}"
+    check_same_trained(metadata["trained"], config.train, where)
+    _check_identity(metadata, model, sieve, where)
+    saved_weights = metadata.get("host_weights")
+    if saved_weights is not None and host_weights is not None and saved_weights != host_weights:
+        raise ValueError(f"{where} trained the method on a host with other weights (fingerprint "
+                         f"{saved_weights}, this host's: {host_weights}); resume with the same host weights")
+    _load_trained(tensors, model, sieve, config.train)
+    _load_optimizer(tensors, named_parameters, optimizer)
+    rng_json = json.loads(metadata["rng"])
+    rng = []
+    for rank, values in enumerate(rng_json):
+        state = {"torch": tensors[f"rng.torch.{rank}"], **rng_from_json(values)}
+        cuda_keys = [key for key in tensors if key.startswith(f"rng.cuda.{rank}.")]
+        cuda = [tensors[key] for key in sorted(cuda_keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
+        if cuda:
+            state["cuda"] = cuda
+        rng.append(state)
+    return RunPosition(int(metadata["step"]), int(metadata["epoch"]), int(metadata["batch_in_epoch"]), rng)
+
+
+def load_trained(model: nn.Module, path: str | os.PathLike, *, sieve: Sieve | None = None) -> dict[str, str]:
+    """Load what a training run trained (the method's parameters, and the host's if the model was
+    trained) into `model`, patched with the same method; returns the checkpoint's metadata.
+
+    `path` is a checkpoint file or a checkpoint directory (its latest checkpoint).
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"{path} holds no checkpoint")
+        path = found
+    sieve = sieve if sieve is not None else tokensieve.sieve_of(model)
+    tensors, metadata = read_checkpoint(path)
+    _check_identity(metadata, model, sieve, f"checkpoint {path}")
+    _load_trained(tensors, model, sieve, metadata["trained"])
+    return metadata
+
+
+def _check_identity(metadata: dict[str, str], model: nn.Module, sieve: Sieve, where: str) -> None:
+    check_same_host(json.loads(metadata["host"]), host_identity(model, sieve.spec), where)
+    check_same_method(json.loads(metadata["method_config"]), method_config(sieve.method), where)
+
+
+def _load_trained(tensors: dict[str, Tensor], model: nn.Module, sieve: Sieve, trained: str) -> None:
+    sieve.load_state_dict(_with_prefix(tensors, "sieve."))
+    if trained == "model":
+        model.load_state_dict(_with_prefix(tensors, "model."))
+
+
+def _load_optimizer(tensors: dict[str, Tensor], named_parameters: Sequence[tuple[str, nn.Parameter]],
+                    optimizer: Optimizer) -> None:
+    saved = _with_prefix(tensors, "optimizer.")
+    per_parameter: dict[str, dict[str, Tensor]] = {}
+    for key, value in saved.items():
+        name, field = key.rsplit(".", 1)
+        per_parameter.setdefault(name, {})[field] = value
+    index_of = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = {}
+    for name, param in named_parameters:
+        if name in per_parameter:
+            state[index_of[id(param)]] = per_parameter.pop(name)
+    if per_parameter:
+        raise ValueError(f"the checkpoint has optimiser state for parameters this run does not train: "
+                         f"{sorted(per_parameter)[:3]}")
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _with_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}

@@ -1,0 +1,76 @@
+"""What a checkpoint belongs to: the host model, the method's config, and what was trained."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokensieve.methods import Method
+from tokensieve.spec import ModelSpec
+
+SHORT_HASH = 16  # hex digits kept of a sha256
+
+
+def host_identity(model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
+    """Class, ModelSpec and a short hash of the parameter names and shapes: equal for two builds of
+    the same architecture, different for another model or another size."""
+    layout = "\n".join(f"{name}:{tuple(param.shape)}" for name, param in model.named_parameters())
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "spec": dataclasses.asdict(spec),
+        "parameters": hashlib.sha256(layout.encode()).hexdigest()[:SHORT_HASH],
+    }
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the host's parameter values: a method trained on a frozen host only fits
+    that host's weights, so a resumed run checks it is the same host."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:SHORT_HASH]
+
+
+def method_config(method: Method) -> dict[str, Any]:
+    """The method's class and fields, as JSON values."""
+    fields = dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {}
+    return {"class": type(method).__name__, **json.loads(json.dumps(fields))}
+
+
+def check_same_host(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    if saved != current:
+        raise ValueError(f"{where} was trained on another model: it holds {_describe_host(saved)}, and "
+                         f"this model is {_describe_host(current)}. Load it into the model it was "
+                         "trained on, or train a new one for this model")
+
+
+def check_same_method(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    if saved != current:
+        raise ValueError(f"{where} was trained for another method: it holds {_describe_method(saved)}, "
+                         f"and this model is patched with {_describe_method(current)}. Patch the model "
+                         "with the checkpoint's method, or train a new one")
+
+
+def check_same_trained(saved: str, current: str, where: str) -> None:
+    if saved != current:
+        raise ValueError(f"{where} holds a run that trained the {saved}'s parameters, and this run trains "
+                         f"the {current}'s; use TrainConfig(train={saved!r}) to resume it, or another "
+                         "checkpoint_dir for a new run")
+
+
+def _describe_host(identity: dict[str, Any]) -> str:
+    spec = identity.get("spec", {})
+    return (f"{identity.get('class')} (depth {spec.get('depth')}, width {spec.get('dim')}, "
+            f"{spec.get('input_tokens')} input tokens, parameter layout {identity.get('parameters')})")
+
+
+def _describe_method(config: dict[str, Any]) -> str:
+    fields = ", ".join(f"{key}={value!r}" for key, value in config.items() if key != "class")
+    return f"{config.get('class')}({fields})"

@@ -1,0 +1,357 @@
+"""fit: train a patched model's method (or the whole model) with pruning on, seeded and resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import tokensieve as ts
+from tokensieve.patch import Sieve
+from tokensieve.tokens import Trace
+from tokensieve.train import distributed as dist
+from tokensieve.train.checkpoint import RunPosition, latest_checkpoint, load_run, read_metadata, save_run
+from tokensieve.train.config import TrainConfig
+from tokensieve.train.data import epoch_batches, steps_per_epoch, to_device
+from tokensieve.train.identity import weights_fingerprint
+from tokensieve.train.log import JsonlLog, StepLog
+from tokensieve.train.losses import distillation_loss, keep_ratio_loss, keep_ratio_stages, logits_of
+from tokensieve.train.rng import capture_rng, derived_seed, restore_rng, seed_everything
+from tokensieve.train.schedule import warmup_cosine
+
+TaskLoss = Callable[[Tensor, Any], Tensor]  # (logits, targets) -> scalar
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass
+class FitResult:
+    step: int  # optimiser steps done by the run so far, resumed ones included
+    history: list[StepLog] = field(default_factory=list)  # the steps of this call
+    checkpoint: Path | None = None  # the last checkpoint written by this call
+    resumed_from: Path | None = None
+
+
+def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *,
+        sieve: Sieve | None = None, evaluate: Evaluate | None = None, until: int | None = None,
+        logits_of: Callable[[Any], Tensor] = logits_of,
+        collate_fn: Callable[[list], Any] | None = None) -> FitResult:
+    """Train `model` (patched with a method) on `data` with pruning on; returns what was done.
+
+    Each step runs the model in training mode (mask mode for learnable methods) and minimises
+    task_weight · task_loss(logits, targets) + keep_ratio_weight · keep-ratio loss (methods with
+    keep decisions) + distill_weight · KL to the same model run dense (pruning off, eval mode,
+    no gradient). `data` is a Dataset of (input, target) samples (fit shuffles it from the seed;
+    exact resume), an iterable of (inputs, targets) batches, or a function epoch -> such an
+    iterable; dict inputs are passed as keyword arguments. With `checkpoint_dir` set the run
+    checkpoints there and, with `resume`, continues from its latest checkpoint. `until` stops
+    after that many steps of the run (the schedule still spans the whole run), to continue later.
+    `sieve` picks the method when several modules of `model` are patched. `evaluate(model)` runs
+    in eval mode without gradient every `eval_every` steps and at the run's end (on every rank).
+    After fit, `.grad` of the trained parameters holds the last step's averaged, clipped gradient.
+    """
+    patched, sieve = _find_patched(model, sieve)
+    parameters = _trained_parameters(model, sieve, config)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sieve.to(device)  # the predictors live with the host from the start, as the optimiser needs
+    epoch_length = steps_per_epoch(data, config.batch_size)
+    total = _total_steps(config, epoch_length)
+    stop = total if until is None else min(until, total)
+    rank, world = dist.rank(), dist.world_size()
+
+    with _training_mode(model, freeze_host=config.train == "method"):
+        optimizer = _optimizer(parameters, config)
+        resumed_from = _resume_point(config)
+        if resumed_from is None:  # every rank starts from rank 0's host and method
+            dist.broadcast_parameters([*model.parameters(), *sieve.parameters()])
+        host_weights = weights_fingerprint(model) if config.train == "method" else None
+        if resumed_from is not None:
+            position = load_run(resumed_from, model=model, sieve=sieve, config=config,
+                                named_parameters=parameters, optimizer=optimizer, host_weights=host_weights)
+            _warn_if_config_changed(resumed_from, config)
+            _restore_rank_rng(position, config.seed, rank, world)
+        else:
+            position = RunPosition(step=0, epoch=0, batch_in_epoch=0, rng=[])
+            seed_everything(derived_seed(config.seed, "rank", rank))
+        scheduler = warmup_cosine(optimizer, total, config.warmup_steps, config.min_lr_ratio, position.step)
+        train_step = _TrainingStep(model, patched, sieve, task_loss, logits_of, config, parameters, optimizer,
+                                   device)
+        result = FitResult(step=position.step, resumed_from=resumed_from)
+
+        log = None
+        if config.log_path is not None and rank == 0:
+            log = JsonlLog(config.log_path, resume_after=position.step if resumed_from is not None else None)
+        bar = tqdm(total=total, initial=position.step, desc="train", dynamic_ncols=True,
+                   disable=not config.progress or rank != 0)
+        try:
+            for batch, start in _batches(data, position, epoch_length, stop, config, rank, world, collate_fn):
+                record = train_step.run(batch, position.epoch, scheduler)
+                scheduler.step()
+                position.step += 1
+                position.batch_in_epoch += 1
+                if epoch_length is not None and position.batch_in_epoch == epoch_length:
+                    position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+                record.step, record.seconds = position.step, time.perf_counter() - start
+                if evaluate is not None and _due(position.step, config.eval_every, total):
+                    record.eval = _evaluate(model, evaluate)
+                result.history.append(record)
+                if log is not None:
+                    log.write(record)
+                bar.set_postfix(loss=f"{record.loss:.4f}", kept=f"{record.kept_rate:.3f}", refresh=False)
+                bar.update(1)
+                if config.checkpoint_dir is not None and (
+                        _due(position.step, config.checkpoint_every, total) or position.step == stop):
+                    result.checkpoint = _save(config, model, sieve, parameters, optimizer, position,
+                                              host_weights)
+            result.step = position.step
+            dist.barrier()  # every rank returns once rank 0's last checkpoint is on disk
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+    return result
+
+
+@contextlib.contextmanager
+def _training_mode(model: nn.Module, freeze_host: bool) -> Iterator[None]:
+    """The model in training mode (mask mode for learnable methods), its parameters frozen when
+    only the method trains; both restored afterwards, even after an error."""
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        if freeze_host:
+            for param in requires_grad:
+                param.requires_grad_(False)
+        model.train()
+        yield
+    finally:
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+class _TrainingStep:
+    """One optimiser step: forward with pruning on (and the dense teacher), losses, backward,
+    gradient averaging over ranks, clipping, update. Returns the step's StepLog (step and
+    seconds filled in by the caller)."""
+
+    def __init__(self, model: nn.Module, patched: nn.Module, sieve: Sieve, task_loss: TaskLoss,
+                 logits_of: Callable[[Any], Tensor], config: TrainConfig,
+                 parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                 device: torch.device) -> None:
+        self.model, self.patched, self.sieve = model, patched, sieve
+        self.task_loss, self.logits_of, self.config = task_loss, logits_of, config
+        self.parameters = [p for _, p in parameters]
+        self.optimizer, self.device = optimizer, device
+
+    def run(self, batch: Any, epoch: int, scheduler: torch.optim.lr_scheduler.LRScheduler) -> StepLog:
+        inputs, targets = to_device(batch, self.device)
+        losses, traces, stages = self._losses(inputs, targets)
+        lr = self.config.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the base lr of this step
+        grad_norm = self._update(losses["loss"])
+        # One reduction of every number logged, so that each is a mean over the global batch.
+        names = [name for name, value in losses.items() if value is not None] + ["kept_rate"]
+        values = [losses[name].detach().float() for name in names[:-1]] + [_kept_rate(traces).to(self.device)]
+        values += [decisions.detach().float().mean() for decisions, _ in stages]
+        reduced = dist.mean_over_ranks(torch.stack(values)).tolist()
+        means = dict(zip(names, reduced[: len(names)], strict=True))
+        stage_shares = reduced[len(names) :] if stages else None
+        return StepLog(step=0, epoch=epoch, lr=lr, loss=means["loss"], loss_task=means["loss_task"],
+                       loss_keep_ratio=means.get("loss_keep_ratio"), loss_distill=means.get("loss_distill"),
+                       kept_rate=means["kept_rate"], keep_per_stage=stage_shares, grad_norm=float(grad_norm),
+                       seconds=0.0)
+
+    def _losses(self, inputs: Any, targets: Any) -> tuple[dict[str, Tensor | None], list[Trace], list]:
+        """The weighted loss and its terms (None: not computed), the traces, the keep stages."""
+        config = self.config
+        teacher = self._teacher_logits(inputs) if config.distill_weight > 0 else None
+        with ts.trace(self.patched) as traces:
+            logits = self.logits_of(_call(self.model, inputs))
+        if not traces:
+            raise ValueError("the model's forward did not run the patched blocks; pass the model whose "
+                             "forward uses them (or sieve=... for the patched part)")
+        stages = keep_ratio_stages(traces, self.sieve.method)
+        task = self.task_loss(logits, targets)
+        keep = keep_ratio_loss(stages) if stages and config.keep_ratio_weight > 0 else None
+        distill = None if teacher is None else distillation_loss(logits, teacher, config.distill_temperature)
+        loss = config.task_weight * task
+        if keep is not None:
+            loss = loss + config.keep_ratio_weight * keep
+        if distill is not None:
+            loss = loss + config.distill_weight * distill
+        terms = {"loss": loss, "loss_task": task, "loss_keep_ratio": keep, "loss_distill": distill}
+        return terms, traces, stages
+
+    def _update(self, loss: Tensor) -> Tensor:
+        """Backward, average over ranks, clip, step; returns the gradient norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.average_gradients(self.parameters)
+        max_norm = self.config.grad_clip_norm if self.config.grad_clip_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
+        self.optimizer.step()
+        return grad_norm
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs: Any) -> Tensor:
+        """The same weights run dense in eval mode: a deterministic target that draws no random numbers."""
+        self.model.eval()
+        try:
+            with ts.pruning_disabled(self.patched):
+                return self.logits_of(_call(self.model, inputs)).detach()
+        finally:
+            self.model.train()
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _kept_rate(traces: list[Trace]) -> Tensor:
+    """Share of the input tokens (prefix included) still active after the last block, mean over
+    samples and traced forwards. In mask mode the active tokens are the last keep decisions'."""
+    rates = []
+    for trace in traces:
+        if trace.keep_decisions:
+            kept = trace.prefix + trace.keep_decisions[-1].detach().float().sum(dim=1).cpu()
+        else:
+            kept = trace.kept_tokens()[-1].float()
+        rates.append(kept.mean() / trace.input_tokens)
+    return torch.stack(rates).mean()
+
+
+def _find_patched(model: nn.Module, sieve: Sieve | None) -> tuple[nn.Module, Sieve]:
+    """The patched module inside `model` (itself, or e.g. the vision encoder of a task model)."""
+    patched = [m for m in model.modules() if ts.is_patched(m)]
+    if sieve is not None:
+        patched = [m for m in patched if ts.sieve_of(m) is sieve]
+        if not patched:
+            raise ValueError("the given sieve is not attached to any module of this model")
+    if not patched:
+        raise ValueError("this model is not patched; call tokensieve.patch(model, method) before training")
+    if len(patched) > 1:
+        raise ValueError(f"{len(patched)} modules of this model are patched; pass sieve=... to say which "
+                         "method to train")
+    return patched[0], ts.sieve_of(patched[0])
+
+
+def _trained_parameters(model: nn.Module, sieve: Sieve,
+                        config: TrainConfig) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of everything the optimiser updates; the names key the checkpoint."""
+    parameters = [(f"sieve.{name}", p) for name, p in sieve.named_parameters()]
+    if config.train == "method" and not parameters:
+        raise ValueError(f"{sieve.method} has no parameters of its own to train; use "
+                         "TrainConfig(train='model') to fine-tune the host with pruning on")
+    if config.train == "model":
+        parameters += [(f"model.{name}", p) for name, p in model.named_parameters() if p.requires_grad]
+    return parameters
+
+
+def _optimizer(parameters: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with four groups: the method's and the host's parameters (the host at
+    lr · model_lr_scale), each split into matrices (decayed) and vectors (biases, norms: not)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in parameters:
+        groups.setdefault((name.startswith("model."), param.ndim <= 1), []).append(param)
+    param_groups = []
+    for (is_host, is_vector), params in sorted(groups.items()):
+        scale = config.model_lr_scale if is_host else 1.0
+        param_groups.append({"params": params, "lr": config.lr * scale,
+                             "weight_decay": 0.0 if is_vector else config.weight_decay})
+    return torch.optim.AdamW(param_groups, lr=config.lr)
+
+
+def _total_steps(config: TrainConfig, epoch_length: int | None) -> int:
+    if config.steps is not None:
+        return config.steps
+    if epoch_length is None:
+        raise ValueError("TrainConfig(epochs=...) needs data of known length (a Dataset, or an iterable "
+                         "with len); give steps=... instead")
+    return config.epochs * epoch_length
+
+
+def _batches(data: Any, position: RunPosition, epoch_length: int | None, stop: int, config: TrainConfig,
+             rank: int, world: int, collate_fn: Callable[[list], Any] | None) -> Iterator[tuple[Any, float]]:
+    """(batch, time its fetch began) for each step until `stop`, from where `position` stands;
+    epochs roll over as the data runs out."""
+    while position.step < stop:
+        skip = position.batch_in_epoch
+        batches = epoch_batches(data, position.epoch, skip, seed=config.seed, batch_size=config.batch_size,
+                                rank=rank, world_size=world, num_workers=config.num_workers,
+                                collate_fn=collate_fn)
+        seen = 0
+        while position.step < stop:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            seen += 1
+            yield batch, start
+        if position.step >= stop:
+            return
+        if seen == 0 and skip == 0:
+            raise ValueError(f"epoch {position.epoch} of the data gave no batch; check the data")
+        if epoch_length is None:  # an iterable of unknown length ended: that was the epoch
+            position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _evaluate(model: nn.Module, evaluate: Evaluate) -> dict[str, float]:
+    model.eval()
+    try:
+        with torch.no_grad():
+            return {key: float(value) for key, value in evaluate(model).items()}
+    finally:
+        model.train()
+
+
+def _resume_point(config: TrainConfig) -> Path | None:
+    if config.checkpoint_dir is None or not config.resume:
+        return None
+    return latest_checkpoint(config.checkpoint_dir)
+
+
+def _warn_if_config_changed(path: Path, config: TrainConfig) -> None:
+    metadata = read_metadata(path)
+    saved = json.loads(metadata["train_config"])
+    current = json.loads(config.to_json())
+    changed = sorted(k for k in current if k not in ("resume", "progress") and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        warnings.warn(f"resuming {path} with a changed config ({details}); the run continues with the new "
+                      "values, so it is no longer the run that was checkpointed", stacklevel=3)
+
+
+def _restore_rank_rng(position: RunPosition, seed: int, rank: int, world: int) -> None:
+    if len(position.rng) == world:
+        restore_rng(position.rng[rank])
+        return
+    warnings.warn(f"the checkpoint was written by {len(position.rng)} processes and this run has {world}; "
+                  "random draws (dropout, Gumbel noise) restart from the seed, so the run is not "
+                  "bit-identical to an uninterrupted one", stacklevel=3)
+    seed_everything(derived_seed(seed, "rank", rank, "step", position.step))
+
+
+def _save(config: TrainConfig, model: nn.Module, sieve: Sieve, parameters: list[tuple[str, nn.Parameter]],
+          optimizer: torch.optim.Optimizer, position: RunPosition, host_weights: str | None) -> Path | None:
+    """Every rank hands its RNG state to rank 0, which writes the checkpoint."""
+    rng = dist.gather_objects(capture_rng())
+    if dist.rank() != 0:
+        return None
+    snapshot = RunPosition(position.step, position.epoch, position.batch_in_epoch, rng)
+    return save_run(config.checkpoint_dir, model=model, sieve=sieve, config=config,
+                    named_parameters=parameters, optimizer=optimizer, position=snapshot,
+                    host_weights=host_weights)
+

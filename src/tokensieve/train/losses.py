@@ -1,0 +1,91 @@
+"""The loss terms of a training step: task, keep ratio, and distillation from the dense model.
+
+Each is a plain function of tensors, so a new method or task reuses them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tokensieve.methods import Method
+from tokensieve.tokens import Trace
+
+IGNORE_INDEX = 255  # segmentation label of pixels that count for nothing
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits of a model's output: a tensor as it is, `.logits` of a transformers output,
+    or the first element of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a {type(output).__name__}; pass fit(..., logits_of=...) "
+                    "to say which tensor of the output the losses compare")
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Classification: logits [B, K], class indices [B]."""
+    return F.cross_entropy(logits, targets)
+
+
+def pixel_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Segmentation: logits [B, K, h, w] upsampled to the labels' size, labels [B, H, W]."""
+    if logits.shape[-2:] != targets.shape[-2:]:
+        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index)
+
+
+def keep_ratio_loss(stages: Sequence[tuple[Tensor, float | Tensor]]) -> Tensor:
+    """Mean over stages of the batch mean of (each sample's kept share − target)², as DynamicViT.
+
+    `stages` pairs each stage's keep decisions [B, N] (0/1 carrying gradient, or soft) with its
+    target share of tokens kept. The share is taken per sample, so every image meets the budget.
+    """
+    if not stages:
+        raise ValueError("keep_ratio_loss needs at least one (decisions, target) stage")
+    per_stage = [(decisions.mean(dim=1) - target).pow(2).mean() for decisions, target in stages]
+    return torch.stack(per_stage).mean()
+
+
+def keep_ratio_stages(traces: Sequence[Trace], method: Method) -> list[tuple[Tensor, float]]:
+    """(decisions, target) of every pruning stage recorded in `traces`.
+
+    A method with keep decisions says its target share per pruning layer through
+    `stage_keep(layer)` (DynamicViT: keep ** s at the s-th layer).
+    """
+    stages: list[tuple[Tensor, float]] = []
+    for trace in traces:
+        if not trace.keep_decisions:
+            continue
+        if not hasattr(method, "stage_keep"):
+            raise TypeError(f"{method} records keep decisions but has no stage_keep(layer) giving their "
+                            "target share; define it on the method")
+        layers = sorted(set(method.layers))
+        if len(layers) != len(trace.keep_decisions):
+            raise ValueError(f"{method} recorded {len(trace.keep_decisions)} keep decisions for "
+                             f"{len(layers)} pruning layers {tuple(layers)}")
+        decisions = trace.keep_decisions
+        stages += [(d, method.stage_keep(layer)) for d, layer in zip(decisions, layers, strict=True)]
+    return stages
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0,
+                      class_dim: int = 1) -> Tensor:
+    """KL(teacher ‖ student) of the softened class distributions, times T² (so the gradient scale
+    does not depend on T), averaged over samples and positions. Classes lie along dim 1, as for
+    F.cross_entropy: [B, K] or [B, K, H, W]."""
+    student = student.float().movedim(class_dim, -1)
+    teacher = teacher.float().movedim(class_dim, -1)
+    student_log = F.log_softmax(student / temperature, dim=-1).flatten(0, -2)
+    teacher_log = F.log_softmax(teacher / temperature, dim=-1).flatten(0, -2)
+    kl = F.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True)
+    return kl * temperature**2

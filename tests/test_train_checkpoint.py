@@ -1,0 +1,182 @@
+"""Checkpoints hold only what was trained, are written atomically, and are refused by another
+model or another method."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train_support import (
+    DYNAMICVIT,
+    EVIT,
+    patched_model,
+    quiet_config,
+    random_dataset,
+    trained_state,
+)
+
+import tokensieve as ts
+import tokensieve.train.atomic
+import tokensieve.train.checkpoint
+from tokensieve.train import cross_entropy, fit, latest_checkpoint, load_trained, read_checkpoint
+
+ADAMW_STATE = {"exp_avg", "exp_avg_sq", "step"}
+
+
+def _train(tmp_path, method=DYNAMICVIT, model=None, until=None, **settings):
+    """A 4-step run checkpointing into tmp_path (resuming what is there), stopped at `until`."""
+    model = model if model is not None else patched_model(method)
+    config = quiet_config(steps=4, checkpoint_dir=str(tmp_path), **settings)
+    return model, fit(model, random_dataset(16), cross_entropy, config, until=until)
+
+
+def _groups(keys):
+    return {key.split(".", 1)[0] for key in keys}
+
+
+def test_a_method_checkpoint_holds_the_sieve_and_its_optimiser_state_only(tmp_path):
+    model, result = _train(tmp_path, until=2)
+    tensors, metadata = read_checkpoint(result.checkpoint)
+    sieve = ts.sieve_of(model)
+    assert _groups(tensors) == {"sieve", "optimizer", "rng"}
+    assert {k.removeprefix("sieve.") for k in tensors if k.startswith("sieve.")} == set(sieve.state_dict())
+    expected_optimizer = {f"optimizer.sieve.{name}.{field}" for name, _ in sieve.named_parameters()
+                          for field in ADAMW_STATE}
+    assert {k for k in tensors if k.startswith("optimizer.")} == expected_optimizer
+    assert {k for k in tensors if k.startswith("rng.")} == {"rng.torch.0"}
+    assert tensors["rng.torch.0"].dtype == torch.uint8
+    assert metadata["trained"] == "method" and metadata["step"] == "2"
+    assert metadata["method"] == repr(DYNAMICVIT)
+    assert json.loads(metadata["method_config"]) == {"class": "DynamicViT", "keep": 0.7, "layers": [1, 2],
+                                                     "dynamic": False}
+    host = json.loads(metadata["host"])
+    assert host["class"] == "timm.models.vision_transformer.VisionTransformer"
+    assert host["spec"]["depth"] == 4 and host["spec"]["dim"] == 32 and len(host["parameters"]) == 16
+    assert metadata["tokensieve_version"] == ts.__version__
+    assert json.loads(metadata["train_config"])["train"] == "method"
+
+
+@pytest.mark.parametrize("method", [DYNAMICVIT, EVIT], ids=["dynamicvit", "evit"])
+def test_a_model_checkpoint_adds_the_host_and_its_optimiser_state(tmp_path, method):
+    model, result = _train(tmp_path, method, train="model", until=1)
+    tensors, _ = read_checkpoint(result.checkpoint)
+    sieve_keys = set(ts.sieve_of(model).state_dict())
+    assert {k.removeprefix("model.") for k in tensors if k.startswith("model.")} == set(model.state_dict())
+    assert {k.removeprefix("sieve.") for k in tensors if k.startswith("sieve.")} == sieve_keys
+    trained = [f"model.{n}" for n, _ in model.named_parameters()] + [f"sieve.{n}" for n in sieve_keys]
+    assert {k for k in tensors if k.startswith("optimizer.")} == {f"optimizer.{n}.{f}" for n in trained
+                                                                  for f in ADAMW_STATE}
+
+
+def test_load_trained_restores_the_trained_parameters_into_a_fresh_model(tmp_path):
+    model, _ = _train(tmp_path, until=2)
+    fresh = patched_model(method_seed=3)
+    load_trained(fresh, tmp_path)
+    for key, value in trained_state(model).items():
+        assert torch.equal(value, trained_state(fresh)[key]), key
+
+
+def test_a_checkpoint_for_another_model_is_refused(tmp_path):
+    _train(tmp_path, until=2)
+    wider = patched_model(embed_dim=48)
+    message = r"trained on another model: .*width 32.* and this model is .*width 48"
+    with pytest.raises(ValueError, match=message):
+        load_trained(wider, tmp_path)
+    with pytest.raises(ValueError, match=message):
+        _train(tmp_path, model=wider)
+
+
+def test_a_checkpoint_for_another_method_config_is_refused(tmp_path):
+    _train(tmp_path, until=2)
+    other = ts.DynamicViT(keep=0.5, layers=(1, 2))
+    message = r"another method: it holds DynamicViT\(keep=0\.7.* patched with DynamicViT\(keep=0\.5"
+    with pytest.raises(ValueError, match=message):
+        load_trained(patched_model(other), tmp_path)
+    with pytest.raises(ValueError, match=message):
+        _train(tmp_path, other)
+
+
+def test_resuming_a_method_run_on_other_host_weights_is_refused(tmp_path):
+    _train(tmp_path, until=2)
+    with pytest.raises(ValueError, match="host with other weights"):
+        _train(tmp_path, model=patched_model(seed=1))
+
+
+def test_resuming_with_another_choice_of_what_is_trained_is_refused(tmp_path):
+    _train(tmp_path, until=2)
+    with pytest.raises(ValueError, match=r"use TrainConfig\(train='method'\)"):
+        _train(tmp_path, train="model")
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model, result = _train(tmp_path, until=2)
+    previous = trained_state(model)
+    real_save_file = tokensieve.train.checkpoint.save_file
+
+    def save_half_then_fail(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as handle:
+            handle.truncate(handle.seek(0, 2) // 2)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(tokensieve.train.checkpoint, "save_file", save_half_then_fail)
+    with pytest.raises(OSError, match="no space"):
+        _train(tmp_path, model=model)
+    monkeypatch.undo()
+
+    assert latest_checkpoint(tmp_path) == result.checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002.safetensors"]
+    fresh = patched_model(method_seed=3)
+    load_trained(fresh, tmp_path)
+    for key, value in previous.items():
+        assert torch.equal(value, trained_state(fresh)[key]), key
+    _, resumed = _train(tmp_path, model=fresh)
+    assert resumed.resumed_from == result.checkpoint and resumed.step == 4
+
+
+@pytest.mark.parametrize("target", ["step-00000003.safetensors", "latest"])
+def test_a_writer_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, target):
+    """A process SIGKILLed while writing (no clean-up at all) leaves only a hidden temporary file."""
+    _, result = _train(tmp_path, until=2)
+    # The writer imports atomic.py alone (it needs only the standard library), then dies mid-write.
+    script = (
+        "import importlib.util, os, signal, sys\n"
+        "spec = importlib.util.spec_from_file_location('atomic', sys.argv[1])\n"
+        "atomic = importlib.util.module_from_spec(spec); spec.loader.exec_module(atomic)\n"
+        "def write(tmp):\n"
+        "    with open(tmp, 'wb') as handle:\n"
+        "        handle.write(b'partial bytes'); handle.flush()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "atomic.atomic_write(atomic.Path(sys.argv[2]), write)\n"
+    )
+    writer = subprocess.run([sys.executable, "-c", script, tokensieve.train.atomic.__file__,
+                             str(tmp_path / target)], timeout=60)
+    assert writer.returncode == -signal.SIGKILL
+
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target}.tmp-")]
+    assert len(leftovers) == 1
+    assert latest_checkpoint(tmp_path) == result.checkpoint
+    assert not (tmp_path / "step-00000003.safetensors").exists()
+    assert (tmp_path / "latest").read_text() == "step-00000002.safetensors\n"
+    load_trained(patched_model(method_seed=3), tmp_path)
+    _, resumed = _train(tmp_path, model=patched_model(method_seed=3))
+    assert resumed.resumed_from == result.checkpoint and resumed.step == 4
+    assert latest_checkpoint(tmp_path).name == "step-00000004.safetensors"
+
+
+def test_old_checkpoints_are_removed_beyond_keep_checkpoints(tmp_path):
+    _train(tmp_path, checkpoint_every=1, keep_checkpoints=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest", "step-00000003.safetensors", "step-00000004.safetensors"]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000004.safetensors"
+
+
+def test_a_file_that_is_not_a_training_checkpoint_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not a tokensieve training checkpoint"):
+        load_trained(patched_model(), path)
