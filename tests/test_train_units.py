@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from test_train_support import DYNAMICVIT, PATCHES, patched_model, random_dataset, tiny_model
+from test_train_support import PATCHES, patched_model, random_dataset, tiny_model
 from torch.utils.data import TensorDataset
 
 import tokensieve as ts
@@ -37,15 +37,13 @@ def test_keep_ratio_stages_pair_each_recorded_decision_with_keep_to_the_stage():
     model = patched_model().train()
     with ts.trace(model) as traces:
         model(random_dataset(3).tensors[0][:3])
-    stages = keep_ratio_stages(traces, DYNAMICVIT)
+    stages = keep_ratio_stages(traces)
     assert [target for _, target in stages] == pytest.approx([0.7, 0.49])
     assert all(decisions.shape == (3, PATCHES) and decisions.requires_grad for decisions, _ in stages)
-    with pytest.raises(TypeError, match="stage_keep"):  # decisions without targets: say what is missing
-        keep_ratio_stages(traces, ts.EViT())
     model.eval()
     with ts.trace(model) as traces:
         model(random_dataset(3).tensors[0][:3])
-    assert keep_ratio_stages(traces, DYNAMICVIT) == []  # inference records no decisions
+    assert keep_ratio_stages(traces) == []  # inference records no decisions
 
 
 def test_distillation_is_zero_for_the_teachers_own_logits_and_scales_with_temperature_squared():

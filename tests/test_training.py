@@ -24,11 +24,12 @@ def test_dynamicvit_training_gives_keep_decisions_and_predictor_gradients(host):
     loss.backward()
 
     trace = traces[0]
-    assert len(trace.keep_decisions) == len(METHOD.layers)
+    assert [d.layer for d in trace.keep_decisions] == list(METHOD.layers)
+    assert [d.target for d in trace.keep_decisions] == pytest.approx([0.5, 0.25])
     for decision in trace.keep_decisions:
-        assert decision.shape == (3, PATCHES)
-        assert ((decision == 0) | (decision == 1)).all()
-    first, second = trace.keep_decisions
+        assert decision.decisions.shape == (3, PATCHES)
+        assert ((decision.decisions == 0) | (decision.decisions == 1)).all()
+    first, second = (d.decisions for d in trace.keep_decisions)
     assert (second <= first).all()  # a token dropped at one stage stays dropped
     assert (trace.kept_tokens() == trace.input_tokens).all()  # mask mode: dense token count
 

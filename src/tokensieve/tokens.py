@@ -24,6 +24,15 @@ class LayerRecord:
 
 
 @dataclass
+class KeepDecision:
+    """A differentiable keep decision of mask-mode training, with the share it aims for."""
+
+    layer: int
+    decisions: Tensor  # [B, N - prefix] 0/1 per non-prefix token, carrying gradient
+    target: float  # share of the input tokens the method means to keep here
+
+
+@dataclass
 class Trace:
     """Per-call record of a pruned forward: kept tokens per layer per sample, and overhead."""
 
@@ -31,12 +40,16 @@ class Trace:
     input_tokens: int  # tokens entering the first block, prefix included
     prefix: int
     layers: list[LayerRecord] = field(default_factory=list)
-    keep_decisions: list[Tensor] = field(default_factory=list)  # mask mode: [B, N] per pruning stage
+    keep_decisions: list[KeepDecision] = field(default_factory=list)  # mask mode, one per pruning stage
 
     def add_overhead(self, name: str, macs: int | Tensor) -> None:
         """Count `macs` (per sample) of method work against the block being run."""
         record = self.layers[-1].overhead
         record[name] = record.get(name, 0) + macs
+
+    def add_keep_decision(self, decisions: Tensor, target: float) -> None:
+        """Record a mask-mode decision of the block being run, for the keep-ratio loss."""
+        self.keep_decisions.append(KeepDecision(self.layers[-1].layer, decisions, target))
 
     def kept_tokens(self) -> Tensor:
         """[L, B] tokens each sample carries out of each block (prefix included)."""

@@ -50,7 +50,7 @@ class DynamicViT(Method):
         if state.trace is not None:
             state.trace.add_overhead("predictor", predictor.macs(state.patch_counts()))
         if ctx.training:
-            return _mask_mode_step(state, logits)
+            return _mask_mode_step(state, logits, self.stage_keep(layer))
         input_patches = state.trace.input_tokens - state.prefix if state.trace else patches.shape[1]
         keep_scores = logits[..., 1] - logits[..., 0]
         if self.dynamic:
@@ -78,14 +78,14 @@ def _patch_weights(state: TokenState) -> Tensor | None:
     return weights
 
 
-def _mask_mode_step(state: TokenState, logits: Tensor) -> TokenState:
+def _mask_mode_step(state: TokenState, logits: Tensor, target: float) -> TokenState:
     decision = F.gumbel_softmax(logits, tau=1.0, hard=True)[..., 1]  # [B, Np], straight-through
     previous = state.keep[:, state.prefix :] if state.keep is not None else 1.0
     patch_keep = decision * previous
     prefix_keep = patch_keep.new_ones(patch_keep.shape[0], state.prefix)
     keep = torch.cat([prefix_keep, patch_keep], dim=1)
     if state.trace is not None:
-        state.trace.keep_decisions.append(patch_keep)
+        state.trace.add_keep_decision(patch_keep, target)
     return state.replace(keep=keep)
 
 

@@ -179,7 +179,7 @@ class _TrainingStep:
         if not traces:
             raise ValueError("the model's forward did not run the patched blocks; pass the model whose "
                              "forward uses them (or sieve=... for the patched part)")
-        stages = keep_ratio_stages(traces, self.sieve.method)
+        stages = keep_ratio_stages(traces)
         task = self.task_loss(logits, targets)
         keep = keep_ratio_loss(stages) if stages and config.keep_ratio_weight > 0 else None
         distill = None if teacher is None else distillation_loss(logits, teacher, config.distill_temperature)
@@ -222,7 +222,7 @@ def _kept_rate(traces: list[Trace]) -> Tensor:
     rates = []
     for trace in traces:
         if trace.keep_decisions:
-            kept = trace.prefix + trace.keep_decisions[-1].detach().float().sum(dim=1).cpu()
+            kept = trace.prefix + trace.keep_decisions[-1].decisions.detach().float().sum(dim=1).cpu()
         else:
             kept = trace.kept_tokens()[-1].float()
         rates.append(kept.mean() / trace.input_tokens)

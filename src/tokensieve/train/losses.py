@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokensieve.methods import Method
 from tokensieve.tokens import Trace
 
 IGNORE_INDEX = 255  # segmentation label of pixels that count for nothing
@@ -56,26 +55,9 @@ def keep_ratio_loss(stages: Sequence[tuple[Tensor, float | Tensor]]) -> Tensor:
     return torch.stack(per_stage).mean()
 
 
-def keep_ratio_stages(traces: Sequence[Trace], method: Method) -> list[tuple[Tensor, float]]:
-    """(decisions, target) of every pruning stage recorded in `traces`.
-
-    A method with keep decisions says its target share per pruning layer through
-    `stage_keep(layer)` (DynamicViT: keep ** s at the s-th layer).
-    """
-    stages: list[tuple[Tensor, float]] = []
-    for trace in traces:
-        if not trace.keep_decisions:
-            continue
-        if not hasattr(method, "stage_keep"):
-            raise TypeError(f"{method} records keep decisions but has no stage_keep(layer) giving their "
-                            "target share; define it on the method")
-        layers = sorted(set(method.layers))
-        if len(layers) != len(trace.keep_decisions):
-            raise ValueError(f"{method} recorded {len(trace.keep_decisions)} keep decisions for "
-                             f"{len(layers)} pruning layers {tuple(layers)}")
-        decisions = trace.keep_decisions
-        stages += [(d, method.stage_keep(layer)) for d, layer in zip(decisions, layers, strict=True)]
-    return stages
+def keep_ratio_stages(traces: Sequence[Trace]) -> list[tuple[Tensor, float]]:
+    """(decisions, target) of every keep decision recorded in `traces` (mask-mode forwards)."""
+    return [(d.decisions, d.target) for trace in traces for d in trace.keep_decisions]
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0,
