@@ -20,6 +20,7 @@ from tokensieve.hosts import Host
 from tokensieve.methods import Method
 from tokensieve.patch import is_patched, patch, sieve_of, trace, unpatch
 from tokensieve.tokens import Trace
+from tokensieve.tokens import per_sample as per_sample_counts
 
 
 @dataclass
@@ -104,7 +105,7 @@ def report_from_trace(host: Host, record: Trace) -> FlopsReport:
         backbone += block
         layer_overhead = {}
         for name, macs in layer_record.overhead.items():
-            per_sample = _per_sample(macs, batch)
+            per_sample = per_sample_counts(macs, batch, torch.float64)
             overhead_total += per_sample
             layer_overhead[name] = float(per_sample.mean())
             overhead[name] = overhead.get(name, 0.0) + layer_overhead[name]
@@ -123,12 +124,6 @@ def _block_macs(view, attention_tokens: Tensor, mlp_tokens: Tensor) -> Tensor:
     return (view.attention_linear_macs * attention_tokens
             + 2 * attention_tokens**2 * width
             + view.mlp_macs * mlp_tokens)
-
-
-def _per_sample(macs: int | Tensor, batch: int) -> Tensor:
-    if isinstance(macs, Tensor):
-        return macs.detach().to("cpu", torch.float64).expand(batch)
-    return torch.full((batch,), float(macs), dtype=torch.float64)
 
 
 def _call(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:

@@ -12,6 +12,7 @@ from torch import nn
 from tokensieve.executor import Runner
 from tokensieve.hosts import resolve_host
 from tokensieve.methods import Method
+from tokensieve.spec import ModelSpec
 from tokensieve.tokens import Trace
 
 _ATTRIBUTE = "_tokensieve"
@@ -28,7 +29,7 @@ class Sieve(nn.Module):
         self.runner = runner
 
     @property
-    def spec(self):
+    def spec(self) -> ModelSpec:
         return self.runner.host.spec
 
     def extra_repr(self) -> str:

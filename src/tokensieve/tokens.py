@@ -53,17 +53,18 @@ class Trace:
 
     def kept_tokens(self) -> Tensor:
         """[L, B] tokens each sample carries out of each block (prefix included)."""
-        return torch.stack([_per_sample(r.mlp_tokens, self.batch) for r in self.layers])
+        return torch.stack([per_sample(r.mlp_tokens, self.batch) for r in self.layers])
 
     def attention_tokens(self) -> Tensor:
         """[L, B] tokens each sample carries into each block's attention (prefix included)."""
-        return torch.stack([_per_sample(r.attention_tokens, self.batch) for r in self.layers])
+        return torch.stack([per_sample(r.attention_tokens, self.batch) for r in self.layers])
 
 
-def _per_sample(count: int | Tensor, batch: int) -> Tensor:
-    if isinstance(count, Tensor):
-        return count.detach().to("cpu", torch.long)
-    return torch.full((batch,), count, dtype=torch.long)
+def per_sample(value: int | float | Tensor, batch: int, dtype: torch.dtype = torch.long) -> Tensor:
+    """A count recorded as one number for the batch, or one per sample, as a CPU tensor [B]."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", dtype).expand(batch)
+    return torch.full((batch,), value, dtype=dtype)
 
 
 @dataclass
