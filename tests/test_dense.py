@@ -42,25 +42,33 @@ def test_dense_output_holds_the_active_tokens_of_the_pruned_run_at_their_positio
         torch.testing.assert_close(dense[i, last.index[i][rows]], pruned[i][rows], atol=1e-5, rtol=0)
 
 
+def _embedded(model, x):
+    """The timm host's tokens entering block 0."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def _assert_dropped_tokens_equal(dense, expected, kept):
+    """Every position not in `kept` ([B, K]) has the expected features; some positions were dropped."""
+    for i in range(dense.shape[0]):
+        dropped = torch.ones(dense.shape[1], dtype=torch.bool)
+        dropped[kept[i]] = False
+        assert dropped.sum() > 0
+        torch.testing.assert_close(dense[i, dropped], expected[i, dropped], atol=1e-5, rtol=0)
+
+
 def test_tokens_dropped_after_attention_keep_their_post_attention_features():
     model = strengthen(host_model("timm-vit"))
     x = images(2)
     ts.patch(model, ts.TopK(keep=0.5, layers=(1,)), dense=True)
     with ts.trace(model) as traces:
         dense = _features(model, x)
-    kept = traces[0].layers[1].index  # positions that went on into block 1's MLP
     ts.unpatch(model)
     with torch.no_grad():  # the host's own computation up to block 1's attention
-        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-        h = model.blocks[0](h)
+        h = model.blocks[0](_embedded(model, x))
         block = model.blocks[1]
         h = h + block.drop_path1(block.ls1(block.attn(block.norm1(h))))
         expected = model.norm(h)
-    for i in range(2):
-        dropped = torch.ones(h.shape[1], dtype=torch.bool)
-        dropped[kept[i]] = False
-        assert dropped.sum() > 0
-        torch.testing.assert_close(dense[i, dropped], expected[i, dropped], atol=1e-5, rtol=0)
+    _assert_dropped_tokens_equal(dense, expected, traces[0].layers[1].index)  # kept: went on to the MLP
 
 
 def test_tokens_dropped_before_a_block_keep_the_previous_block_output():
@@ -69,15 +77,10 @@ def test_tokens_dropped_before_a_block_keep_the_previous_block_output():
     ts.patch(model, ts.DynamicViT(keep=0.5, layers=(2,)), dense=True)
     with ts.trace(model) as traces:
         dense = _features(model, x)
-    kept = traces[0].layers[2].index
     ts.unpatch(model)
     with torch.no_grad():
-        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-        expected = model.norm(model.blocks[1](model.blocks[0](h)))
-    for i in range(2):
-        dropped = torch.ones(h.shape[1], dtype=torch.bool)
-        dropped[kept[i]] = False
-        torch.testing.assert_close(dense[i, dropped], expected[i, dropped], atol=1e-5, rtol=0)
+        expected = model.norm(model.blocks[1](model.blocks[0](_embedded(model, x))))
+    _assert_dropped_tokens_equal(dense, expected, traces[0].layers[2].index)
 
 
 def test_transformers_model_in_dense_mode_returns_the_full_sequence():

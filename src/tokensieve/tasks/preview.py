@@ -49,10 +49,14 @@ def _sheet(panels: list[Image.Image]) -> Image.Image:
     return sheet
 
 
+def _captioned(task: str, caption, font: ImageFont.ImageFont) -> list[Image.Image]:
+    """The first validation samples of `task`, each under caption(sample)."""
+    data = make_dataset(task, "val")
+    return [_panel(_to_uint8(s["image"].numpy()), caption(s), font) for s in (data[i] for i in range(PANELS))]
+
+
 def _cls(font: ImageFont.ImageFont) -> list[Image.Image]:
-    data = make_dataset("cls", "val")
-    return [_panel(_to_uint8(s["image"].numpy()), f"label: {CLS_CLASSES[int(s['label'])]}", font)
-            for s in (data[i] for i in range(PANELS))]
+    return _captioned("cls", lambda s: f"label: {CLS_CLASSES[int(s['label'])]}", font)
 
 
 def _seg(font: ImageFont.ImageFont) -> list[Image.Image]:
@@ -82,14 +86,11 @@ def _tos(font: ImageFont.ImageFont) -> list[Image.Image]:
 
 
 def _nlvr(font: ImageFont.ImageFont) -> list[Image.Image]:
-    data = make_dataset("nlvr", "val")
-    return [_panel(_to_uint8(s["image"].numpy()), f"{s['text']} -> {bool(s['label'])}", font)
-            for s in (data[i] for i in range(PANELS))]
+    return _captioned("nlvr", lambda s: f"{s['text']} -> {bool(s['label'])}", font)
 
 
 def _retrieval(font: ImageFont.ImageFont) -> list[Image.Image]:
-    data = make_dataset("retrieval", "val")
-    return [_panel(_to_uint8(s["image"].numpy()), s["text"], font) for s in (data[i] for i in range(PANELS))]
+    return _captioned("retrieval", lambda s: s["text"], font)
 
 
 def save_previews(out: Path) -> list[Path]:
