@@ -2,7 +2,7 @@
 
 from tokensieve.bench import BenchResult, benchmark
 from tokensieve.flops import FlopsReport, flops
-from tokensieve.methods import DynamicViT, EViT, Method, ToMe, TopK
+from tokensieve.methods import DynamicViT, EViT, Method, RandomDrop, ToMe, TopK
 from tokensieve.patch import Sieve, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
 from tokensieve.tokens import TokenState, Trace
 
@@ -14,6 +14,7 @@ __all__ = [
     "EViT",
     "FlopsReport",
     "Method",
+    "RandomDrop",
     "Sieve",
     "ToMe",
     "TokenState",

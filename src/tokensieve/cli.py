@@ -1,4 +1,5 @@
-"""The `tokensieve` command line: `flops` and `bench` on a timm model name or a transformers directory."""
+"""The `tokensieve` command line: `flops` and `bench` on a timm model name or a transformers directory;
+`train` and `eval` on the reference task models (cli_tasks.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tokensieve.cli_tasks import evaluate, train
 from tokensieve.loading import load_model, parse_method
 
 DEFAULT_METHODS = ("topk:keep=0.7", "evit:keep=0.7", "dynamicvit:keep=0.7", "tome:r=13")
@@ -131,6 +133,9 @@ def _parse(spec: str):
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="METHODS") from error
 
+
+main.add_command(train)
+main.add_command(evaluate)
 
 if __name__ == "__main__":
     main()

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from torch import nn
 
-from tokensieve.methods import DynamicViT, EViT, Method, ToMe, TopK
+from tokensieve.methods import DynamicViT, EViT, Method, RandomDrop, ToMe, TopK
 
-METHODS: dict[str, type[Method]] = {"topk": TopK, "evit": EViT, "dynamicvit": DynamicViT, "tome": ToMe}
+METHODS: dict[str, type[Method]] = {"topk": TopK, "evit": EViT, "dynamicvit": DynamicViT, "tome": ToMe,
+                                    "random": RandomDrop}
 
 
 def load_model(name: str, checkpoint: str | None = None) -> nn.Module:

@@ -3,7 +3,8 @@
 from tokensieve.methods.base import AttentionView, Method, RunContext
 from tokensieve.methods.dynamicvit import DynamicViT
 from tokensieve.methods.evit import EViT
+from tokensieve.methods.random_drop import RandomDrop
 from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopK
 
-__all__ = ["AttentionView", "DynamicViT", "EViT", "Method", "RunContext", "ToMe", "TopK"]
+__all__ = ["AttentionView", "DynamicViT", "EViT", "Method", "RandomDrop", "RunContext", "ToMe", "TopK"]

@@ -57,7 +57,7 @@ class RunPosition:
 # ---------------------------------------------------------------- writing
 
 
-def save_run(directory: str | os.PathLike, *, model: nn.Module, sieve: Sieve, config: TrainConfig,
+def save_run(directory: str | os.PathLike, *, model: nn.Module, sieve: Sieve | None, config: TrainConfig,
              named_parameters: Sequence[tuple[str, nn.Parameter]], optimizer: Optimizer,
              position: RunPosition, host_weights: str | None) -> Path:
     """Write a checkpoint of the run and point `latest` at it; returns its path."""
@@ -71,9 +71,9 @@ def save_run(directory: str | os.PathLike, *, model: nn.Module, sieve: Sieve, co
         "format": FORMAT,
         "tokensieve_version": tokensieve.__version__,
         "trained": config.train,
-        "method": repr(sieve.method),
-        "method_config": json.dumps(method_config(sieve.method)),
-        "host": json.dumps(host_identity(model, sieve.spec)),
+        "method": repr(sieve.method) if sieve is not None else "none",
+        "method_config": json.dumps(_method_config(sieve)),
+        "host": json.dumps(_host_identity(model, sieve)),
         "train_config": config.to_json(),
         "step": str(position.step),
         "epoch": str(position.epoch),
@@ -94,9 +94,10 @@ def save_run(directory: str | os.PathLike, *, model: nn.Module, sieve: Sieve, co
     return path
 
 
-def trained_tensors(model: nn.Module, sieve: Sieve, trained: str) -> dict[str, Tensor]:
+def trained_tensors(model: nn.Module, sieve: Sieve | None, trained: str) -> dict[str, Tensor]:
     """What the run changes: the Sieve's state, plus the host's when the model is trained."""
-    tensors = {f"sieve.{key}": value for key, value in sieve.state_dict().items()}
+    state = sieve.state_dict() if sieve is not None else {}
+    tensors = {f"sieve.{key}": value for key, value in state.items()}
     if trained == "model":
         tensors.update({f"model.{key}": value for key, value in model.state_dict().items()})
     return tensors
@@ -162,7 +163,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     return load_file(str(path)), metadata
 
 
-def load_run(path: str | os.PathLike, *, model: nn.Module, sieve: Sieve, config: TrainConfig,
+def load_run(path: str | os.PathLike, *, model: nn.Module, sieve: Sieve | None, config: TrainConfig,
              named_parameters: Sequence[tuple[str, nn.Parameter]], optimizer: Optimizer,
              host_weights: str | None) -> RunPosition:
     """Restore the trained tensors and the optimiser state of a run; returns where it stood.
@@ -193,7 +194,8 @@ def load_run(path: str | os.PathLike, *, model: nn.Module, sieve: Sieve, config:
 
 def load_trained(model: nn.Module, path: str | os.PathLike, *, sieve: Sieve | None = None) -> dict[str, str]:
     """Load what a training run trained (the method's parameters, and the host's if the model was
-    trained) into `model`, patched with the same method; returns the checkpoint's metadata.
+    trained) into `model`, patched with the same method (or not patched, for a model trained
+    dense); returns the checkpoint's metadata.
 
     `path` is a checkpoint file or a checkpoint directory (its latest checkpoint).
     """
@@ -203,20 +205,31 @@ def load_trained(model: nn.Module, path: str | os.PathLike, *, sieve: Sieve | No
         if found is None:
             raise ValueError(f"{path} holds no checkpoint")
         path = found
-    sieve = sieve if sieve is not None else tokensieve.sieve_of(model)
+    if sieve is None and tokensieve.is_patched(model):
+        sieve = tokensieve.sieve_of(model)
     tensors, metadata = read_checkpoint(path)
     _check_identity(metadata, model, sieve, f"checkpoint {path}")
     _load_trained(tensors, model, sieve, metadata["trained"])
     return metadata
 
 
-def _check_identity(metadata: dict[str, str], model: nn.Module, sieve: Sieve, where: str) -> None:
-    check_same_host(json.loads(metadata["host"]), host_identity(model, sieve.spec), where)
-    check_same_method(json.loads(metadata["method_config"]), method_config(sieve.method), where)
+def _check_identity(metadata: dict[str, str], model: nn.Module, sieve: Sieve | None, where: str) -> None:
+    check_same_host(json.loads(metadata["host"]), _host_identity(model, sieve), where)
+    check_same_method(json.loads(metadata["method_config"]), _method_config(sieve), where)
 
 
-def _load_trained(tensors: dict[str, Tensor], model: nn.Module, sieve: Sieve, trained: str) -> None:
-    sieve.load_state_dict(_with_prefix(tensors, "sieve."))
+def _host_identity(model: nn.Module, sieve: Sieve | None) -> dict[str, Any]:
+    return host_identity(model, sieve.spec if sieve is not None else None)
+
+
+def _method_config(sieve: Sieve | None) -> dict[str, Any]:
+    """The method's class and fields; {"class": None} for a model trained dense, unpatched."""
+    return method_config(sieve.method) if sieve is not None else {"class": None}
+
+
+def _load_trained(tensors: dict[str, Tensor], model: nn.Module, sieve: Sieve | None, trained: str) -> None:
+    if sieve is not None:
+        sieve.load_state_dict(_with_prefix(tensors, "sieve."))
     if trained == "model":
         model.load_state_dict(_with_prefix(tensors, "model."))
 

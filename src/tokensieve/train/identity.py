@@ -16,13 +16,14 @@ from tokensieve.spec import ModelSpec
 SHORT_HASH = 16  # hex digits kept of a sha256
 
 
-def host_identity(model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
-    """Class, ModelSpec and a short hash of the parameter names and shapes: equal for two builds of
-    the same architecture, different for another model or another size."""
+def host_identity(model: nn.Module, spec: ModelSpec | None) -> dict[str, Any]:
+    """Class, ModelSpec (None for a model trained unpatched) and a short hash of the parameter
+    names and shapes: equal for two builds of the same architecture, different for another model
+    or another size."""
     layout = "\n".join(f"{name}:{tuple(param.shape)}" for name, param in model.named_parameters())
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "spec": dataclasses.asdict(spec),
+        "spec": dataclasses.asdict(spec) if spec is not None else None,
         "parameters": hashlib.sha256(layout.encode()).hexdigest()[:SHORT_HASH],
     }
 
@@ -66,11 +67,15 @@ def check_same_trained(saved: str, current: str, where: str) -> None:
 
 
 def _describe_host(identity: dict[str, Any]) -> str:
-    spec = identity.get("spec", {})
+    spec = identity.get("spec")
+    if spec is None:
+        return f"{identity.get('class')} trained unpatched (parameter layout {identity.get('parameters')})"
     return (f"{identity.get('class')} (depth {spec.get('depth')}, width {spec.get('dim')}, "
             f"{spec.get('input_tokens')} input tokens, parameter layout {identity.get('parameters')})")
 
 
 def _describe_method(config: dict[str, Any]) -> str:
+    if config.get("class") is None:
+        return "no method (a model trained unpatched)"
     fields = ", ".join(f"{key}={value!r}" for key, value in config.items() if key != "class")
     return f"{config.get('class')}({fields})"

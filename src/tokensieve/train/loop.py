@@ -59,10 +59,11 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
     in eval mode without gradient every `eval_every` steps and at the run's end (on every rank).
     After fit, `.grad` of the trained parameters holds the last step's averaged, clipped gradient.
     """
-    patched, sieve = _find_patched(model, sieve)
+    patched, sieve = _find_patched(model, sieve, config)
     parameters = _trained_parameters(model, sieve, config)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    sieve.to(device)  # the predictors live with the host from the start, as the optimiser needs
+    if sieve is not None:
+        sieve.to(device)  # the predictors live with the host from the start, as the optimiser needs
     epoch_length = steps_per_epoch(data, config.batch_size)
     total = _total_steps(config, epoch_length)
     stop = total if until is None else min(until, total)
@@ -72,7 +73,7 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
         optimizer = _optimizer(parameters, config)
         resumed_from = _resume_point(config)
         if resumed_from is None:  # every rank starts from rank 0's host and method
-            dist.broadcast_parameters([*model.parameters(), *sieve.parameters()])
+            dist.broadcast_parameters([*model.parameters(), *(sieve.parameters() if sieve else ())])
         host_weights = weights_fingerprint(model) if config.train == "method" else None
         if resumed_from is not None:
             position = load_run(resumed_from, model=model, sieve=sieve, config=config,
@@ -144,8 +145,8 @@ class _TrainingStep:
     gradient averaging over ranks, clipping, update. Returns the step's StepLog (step and
     seconds filled in by the caller)."""
 
-    def __init__(self, model: nn.Module, patched: nn.Module, sieve: Sieve, task_loss: TaskLoss,
-                 logits_of: Callable[[Any], Tensor], config: TrainConfig,
+    def __init__(self, model: nn.Module, patched: nn.Module | None, sieve: Sieve | None,
+                 task_loss: TaskLoss, logits_of: Callable[[Any], Tensor], config: TrainConfig,
                  parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
                  device: torch.device) -> None:
         self.model, self.patched, self.sieve = model, patched, sieve
@@ -173,6 +174,10 @@ class _TrainingStep:
     def _losses(self, inputs: Any, targets: Any) -> tuple[dict[str, Tensor | None], list[Trace], list]:
         """The weighted loss and its terms (None: not computed), the traces, the keep stages."""
         config = self.config
+        if self.patched is None:  # a dense model: the task loss alone
+            task = self.task_loss(self.logits_of(_call(self.model, inputs)), targets)
+            return {"loss": config.task_weight * task, "loss_task": task, "loss_keep_ratio": None,
+                    "loss_distill": None}, [], []
         teacher = self._teacher_logits(inputs) if config.distill_weight > 0 else None
         with ts.trace(self.patched) as traces:
             logits = self.logits_of(_call(self.model, inputs))
@@ -219,6 +224,8 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 def _kept_rate(traces: list[Trace]) -> Tensor:
     """Share of the input tokens (prefix included) still active after the last block, mean over
     samples and traced forwards. In mask mode the active tokens are the last keep decisions'."""
+    if not traces:  # a dense model keeps every token
+        return torch.tensor(1.0)
     rates = []
     for trace in traces:
         if trace.keep_decisions:
@@ -229,24 +236,31 @@ def _kept_rate(traces: list[Trace]) -> Tensor:
     return torch.stack(rates).mean()
 
 
-def _find_patched(model: nn.Module, sieve: Sieve | None) -> tuple[nn.Module, Sieve]:
-    """The patched module inside `model` (itself, or e.g. the vision encoder of a task model)."""
+def _find_patched(model: nn.Module, sieve: Sieve | None,
+                  config: TrainConfig) -> tuple[nn.Module | None, Sieve | None]:
+    """The patched module inside `model` (itself, or e.g. the vision encoder of a task model), or
+    (None, None) for a model that is not patched, trained whole and dense."""
     patched = [m for m in model.modules() if ts.is_patched(m)]
     if sieve is not None:
         patched = [m for m in patched if ts.sieve_of(m) is sieve]
         if not patched:
             raise ValueError("the given sieve is not attached to any module of this model")
+    if not patched and config.train == "model":
+        return None, None
     if not patched:
-        raise ValueError("this model is not patched; call tokensieve.patch(model, method) before training")
+        raise ValueError("this model is not patched; call tokensieve.patch(model, method) before training "
+                         "its method, or use TrainConfig(train='model') to train the model dense")
     if len(patched) > 1:
         raise ValueError(f"{len(patched)} modules of this model are patched; pass sieve=... to say which "
                          "method to train")
     return patched[0], ts.sieve_of(patched[0])
 
 
-def _trained_parameters(model: nn.Module, sieve: Sieve,
+def _trained_parameters(model: nn.Module, sieve: Sieve | None,
                         config: TrainConfig) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of everything the optimiser updates; the names key the checkpoint."""
+    if sieve is None:
+        return [(f"model.{name}", p) for name, p in model.named_parameters() if p.requires_grad]
     parameters = [(f"sieve.{name}", p) for name, p in sieve.named_parameters()]
     if config.train == "method" and not parameters:
         raise ValueError(f"{sieve.method} has no parameters of its own to train; use "
@@ -344,8 +358,9 @@ def _restore_rank_rng(position: RunPosition, seed: int, rank: int, world: int) -
     seed_everything(derived_seed(seed, "rank", rank, "step", position.step))
 
 
-def _save(config: TrainConfig, model: nn.Module, sieve: Sieve, parameters: list[tuple[str, nn.Parameter]],
-          optimizer: torch.optim.Optimizer, position: RunPosition, host_weights: str | None) -> Path | None:
+def _save(config: TrainConfig, model: nn.Module, sieve: Sieve | None,
+          parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+          position: RunPosition, host_weights: str | None) -> Path | None:
     """Every rank hands its RNG state to rank 0, which writes the checkpoint."""
     rng = dist.gather_objects(capture_rng())
     if dist.rank() != 0:

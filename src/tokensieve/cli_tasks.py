@@ -1,0 +1,96 @@
+"""`tokensieve train` and `tokensieve eval`: the reference task models and methods trained on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from tokensieve.loading import parse_method
+
+TASK = click.Choice(["cls", "seg"])
+
+
+@click.command()
+@click.argument("task", type=TASK)
+@click.option("--method", "method_spec", default=None,
+              help="Fine-tune the shipped reference model with this method, e.g. dynamicvit:keep=0.7 "
+                   "(default: train the reference model itself, dense).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Checkpoints and JSONL logs (default: runs/TASK or runs/TASK-METHOD); rerun to resume.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where the reference weights go (default: the package's shipped weights).")
+@click.option("--steps", type=int, default=300, show_default=True, help="Steps of a method run.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+def train(task: str, method_spec: str | None, run_dir: str | None, out: str | None, steps: int,
+          threads: int | None) -> None:
+    """Train TASK's reference model by its committed recipe, or a method on the shipped one.
+
+    Seeded: the same command gives the same weights (up to thread nondeterminism).
+    """
+    from tokensieve.reference import shipped_weights, train_method, train_reference
+
+    if threads:
+        torch.set_num_threads(threads)
+    if method_spec is None:
+        target = Path(out) if out else shipped_weights(task)
+        train_reference(task, run_dir or f"runs/{task}", target)
+        click.echo(f"reference weights written to {target}")
+        return
+    method = _parse(method_spec)
+    run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}"
+    train_method(task, method, run, steps=steps)
+    click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}")
+
+
+@click.command(name="eval")
+@click.argument("task", type=TASK)
+@click.argument("methods", nargs=-1)
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--samples", type=int, default=None, help="Score only the first N samples of the split.")
+@click.option("--trained", multiple=True, metavar="METHOD=RUN_DIR",
+              help="Load a training run's weights before scoring METHOD (repeatable).")
+@click.option("--weights", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Reference weights directory (default: the shipped ones).")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | None, trained: tuple[str, ...],
+             weights: str | None, threads: int | None, as_json: bool) -> None:
+    """Score TASK's reference model dense and with each of METHODS on a split.
+
+    METHODS are NAME:key=value,... as for `tokensieve flops`, e.g. random:keep=0.5,layers=(6,)
+    evit:keep=0.7,fuse=False  dynamicvit:keep=0.7.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from tokensieve.reference.compare import compare
+
+    if threads:
+        torch.set_num_threads(threads)
+    configs = [_parse(spec) for spec in methods]
+    runs = {}
+    for item in trained:
+        spec, equals, path = item.rpartition("=")
+        if not equals or not spec:
+            raise click.BadParameter(f"{item!r}: use METHOD=RUN_DIR", param_hint="--trained")
+        runs[str(_parse(spec))] = path
+    rows = compare(task, configs, split=split, samples=samples, weights=weights, trained=runs)
+    if as_json:
+        click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
+        return
+    table = Table(title=f"{task} reference model, {split} split")
+    for column in ("method", rows[0].metric, "vs dense", "encoder GMACs"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(row.method, f"{row.score:.4f}", f"{row.relative:+.1%}", f"{row.gmacs:.3f}")
+    Console(width=120).print(table)
+
+
+def _parse(spec: str):
+    try:
+        return parse_method(spec)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error

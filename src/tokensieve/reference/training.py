@@ -1,0 +1,125 @@
+"""Train a reference model from its recipe with `tokensieve.train.fit`, and ship it in fp16."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import tokensieve as ts
+from tokensieve.methods import Method
+from tokensieve.patch import Sieve
+from tokensieve.reference.evaluation import evaluate
+from tokensieve.reference.models import IMAGE_SIZE, SegmentationViT, build_classifier, build_segmenter
+from tokensieve.reference.recipes import RECIPES, Phase, Recipe
+from tokensieve.reference.store import load_reference, save_reference
+from tokensieve.tasks import make_dataset
+from tokensieve.train import (
+    TrainConfig,
+    cross_entropy,
+    fit,
+    latest_checkpoint,
+    load_trained,
+    pixel_cross_entropy,
+)
+
+VALIDATION_SAMPLES = 500  # a validation subset scored at the end of each phase, in the run's log
+
+
+def build_model(task: str) -> nn.Module:
+    if task == "cls":
+        return build_classifier()
+    if task == "seg":
+        return build_segmenter()
+    raise ValueError(f"no reference model for task {task!r}; choose cls or seg")
+
+
+def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                    recipe: Recipe | None = None, progress: bool = True) -> nn.Module:
+    """Train `task`'s reference model from scratch by `recipe` (default: RECIPES[task]), one fit per
+    phase with checkpoints and JSONL logs under `run_dir` (run again to resume), and write the
+    fp16 weights to `out_dir` if given. Returns the trained fp32 model, in eval mode."""
+    recipe = recipe or RECIPES[task]
+    run_dir = Path(run_dir)
+    torch.manual_seed(recipe.seed)
+    model = build_model(task)
+    previous: Path | None = None
+    for number, phase in enumerate(recipe.phases):
+        phase_dir = run_dir / f"phase-{number}-{phase.image_size}px"
+        if previous is not None and latest_checkpoint(phase_dir) is None:
+            load_trained(model, previous)  # a new phase starts from the last one's weights
+        config = _phase_config(recipe, phase, number, phase_dir, progress)
+        data = make_dataset(task, "train", size=phase.steps * recipe.batch_size, image_size=phase.image_size)
+        fit(model, data, _task_loss(task), config, collate_fn=_collate(task, phase.image_size),
+            evaluate=_validation(task, phase.image_size))
+        previous = phase_dir
+    model.eval()
+    if out_dir is not None:
+        save_reference(model, out_dir)
+    return model
+
+
+def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, progress: bool) -> TrainConfig:
+    return TrainConfig(
+        train="model", steps=phase.steps, batch_size=recipe.batch_size, lr=phase.lr,
+        warmup_steps=phase.warmup_steps, weight_decay=recipe.weight_decay, seed=recipe.seed + number,
+        num_workers=1, checkpoint_dir=str(phase_dir), checkpoint_every=100, keep_checkpoints=1,
+        log_path=str(phase_dir / "log.jsonl"), progress=progress,
+    )
+
+
+def _task_loss(task: str) -> Callable[[Tensor, Tensor], Tensor]:
+    return cross_entropy if task == "cls" else pixel_cross_entropy
+
+
+def _collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:
+    target = "label" if task == "cls" else "mask"
+
+    def collate(samples: list[dict]) -> tuple[dict, Tensor]:
+        inputs = {"pixel_values": torch.stack([s["image"] for s in samples])}
+        if task == "cls" and image_size != IMAGE_SIZE:
+            inputs["interpolate_pos_encoding"] = True
+        return inputs, torch.stack([torch.as_tensor(s[target]) for s in samples])
+
+    return collate
+
+
+def _validation(task: str, image_size: int) -> Callable[[nn.Module], dict[str, float]]:
+    def score(model: nn.Module) -> dict[str, float]:
+        data = make_dataset(task, "val", size=VALIDATION_SAMPLES, image_size=image_size)
+        return evaluate(model, task, data, progress=False)
+
+    return score
+
+
+
+
+def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 300,
+                 batch_size: int = 32, lr: float = 1e-3, model_lr_scale: float = 0.1,
+                 progress: bool = True) -> nn.Module:
+    """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
+    parameters at `lr`, the host at lr · model_lr_scale, task + keep-ratio + self-distillation
+    losses, at the native 224×224. Checkpoints and the JSONL log go to `run_dir` (run again to
+    resume). Returns the patched model in eval mode; load the run later with `load_trained`."""
+    model = load_reference(task)
+    patch_reference(model, method)
+    config = TrainConfig(
+        train="model", steps=steps, batch_size=batch_size, lr=lr, model_lr_scale=model_lr_scale,
+        warmup_steps=max(1, steps // 20), num_workers=1, checkpoint_dir=os.fspath(run_dir),
+        checkpoint_every=50, keep_checkpoints=1, log_path=os.fspath(Path(run_dir) / "log.jsonl"),
+        progress=progress,
+    )
+    fit(model, make_dataset(task, "train", size=steps * batch_size), _task_loss(task), config,
+        collate_fn=_collate(task, IMAGE_SIZE), evaluate=_validation(task, IMAGE_SIZE))
+    return model.eval()
+
+
+def patch_reference(model: nn.Module, method: Method) -> Sieve:
+    """Patch a reference model with `method`: the classifier whole, the seg model's backbone in
+    dense mode (pruned tokens stay in place, so the head sees every position)."""
+    if isinstance(model, SegmentationViT):
+        return ts.patch(model.backbone, method, dense=True)
+    return ts.patch(model, method)

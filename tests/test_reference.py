@@ -1,0 +1,73 @@
+"""Reference models: built from their recipe with fit, shipped in fp16, loaded with from_pretrained."""
+
+import json
+
+import pytest
+import torch
+
+import tokensieve as ts
+from tokensieve.reference import (
+    Phase,
+    Recipe,
+    build_model,
+    evaluate,
+    load_reference,
+    save_reference,
+    train_reference,
+)
+from tokensieve.tasks import make_dataset
+
+# Two phases at small sizes, two steps each: the whole pipeline in a few seconds.
+TINY_RECIPE = {task: Recipe(task, (Phase(64, 2, 1e-3, 1), Phase(96, 2, 5e-4, 0)), batch_size=4)
+               for task in ("cls", "seg")}
+
+
+@pytest.mark.parametrize("task", ["cls", "seg"])
+def test_a_reference_model_trains_by_phases_and_ships_in_half_precision(tmp_path, task):
+    recipe = TINY_RECIPE[task]
+    model = train_reference(task, tmp_path / "run", tmp_path / "out", recipe=recipe, progress=False)
+    for phase in ("phase-0-64px", "phase-1-96px"):
+        lines = (tmp_path / "run" / phase / "log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2]
+        assert "eval" in json.loads(lines[-1])  # the validation score closes each phase
+    stored = [p.stat().st_size for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"]
+    parameters = sum(p.numel() for p in model.parameters())
+    assert sum(stored) < 2.1 * parameters  # two bytes per weight, plus headers
+
+    loaded = load_reference(task, tmp_path / "out")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = make_dataset(task, "val", size=2, image_size=64)[0]["image"][None]
+    with torch.no_grad():
+        expected = _logits(model, x)
+        assert torch.allclose(_logits(loaded, x), expected, atol=0.05 * expected.abs().max())
+
+
+def test_training_again_resumes_every_phase_and_changes_nothing(tmp_path):
+    first = train_reference("cls", tmp_path / "run", recipe=TINY_RECIPE["cls"], progress=False)
+    again = train_reference("cls", tmp_path / "run", recipe=TINY_RECIPE["cls"], progress=False)
+    for (name, value), other in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(value, other), name
+
+
+def test_the_seg_model_runs_pruned_in_dense_mode_and_scores_a_split(tmp_path):
+    model = build_model("seg").eval()
+    ts.patch(model.backbone, ts.RandomDrop(keep=0.5, layers=(6,)), dense=True)
+    data = make_dataset("seg", "val", size=4, image_size=64)
+    with ts.trace(model.backbone) as traces:
+        score = evaluate(model, "seg", data, batch_size=2, progress=False)
+    assert 0.0 <= score["mIoU"] <= 1.0
+    assert traces and all(t.kept_tokens()[-1].eq(1 + 8).all() for t in traces)  # 16 patches, half kept
+
+
+def test_missing_weights_and_unknown_tasks_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokensieve train cls"):
+        load_reference("cls", tmp_path)
+    with pytest.raises(ValueError, match="choose one of cls, seg"):
+        load_reference("tos", tmp_path)
+    save_reference(build_model("cls"), tmp_path / "cls")
+    assert (tmp_path / "cls" / "config.json").is_file()
+
+
+def _logits(model, x):
+    output = model(pixel_values=x, interpolate_pos_encoding=True) if hasattr(model, "vit") else model(x)
+    return output if isinstance(output, torch.Tensor) else output.logits
