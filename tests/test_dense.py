@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from models import distinct_images, forward, host_model, images, max_difference, strengthen
+from models import PATCHES, distinct_images, forward, host_model, images, max_difference, strengthen
 
 import tokensieve as ts
 
@@ -92,6 +92,19 @@ def test_transformers_model_in_dense_mode_returns_the_full_sequence():
     assert out.last_hidden_state.shape[1] == 65
 
 
-def test_dense_mode_refuses_token_merging():
-    with pytest.raises(ValueError, match="dense=True needs a method that drops or freezes"):
-        ts.patch(host_model("timm-vit"), ts.ToMe(r=4), dense=True)
+def test_dense_mode_copies_each_merged_token_back_to_every_position_it_stands_for():
+    model = host_model("ViTModel")
+    method = ts.ToMe(r=6)
+    x = images(2)
+    ts.patch(model, method)
+    merged = forward(model, x)["last_hidden_state"]  # [B, N - merged, C]
+    ts.patch(model, method, dense=True)
+    dense = forward(model, x)["last_hidden_state"]
+    assert dense.shape == (2, PATCHES + 1, merged.shape[-1]) and merged.shape[1] < PATCHES + 1
+    for sample in range(2):
+        # every position holds one of the merged tokens, and every merged token is somewhere
+        match = (dense[sample, :, None] - merged[sample, None]).abs().amax(dim=-1).lt(1e-5)  # [N, N - merged]
+        assert match.sum(dim=1).eq(1).all()
+        assert match.sum(dim=0).ge(1).all()
+        assert match[0, 0]  # the class token stays itself
+        assert match.sum(dim=0).gt(1).sum() > 0  # some tokens stand for several positions

@@ -104,7 +104,7 @@ def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, tokens
     size = torch.randint(1, 5, (batch, tokens), generator=generator).float()
     r = data.draw(st.integers(0, (tokens + 1) // 2))
 
-    merge, survivors = ops.bipartite_merge(metric, r)
+    merge, survivors, destinations = ops.bipartite_merge(metric, r)
     merged_size = merge(size)
     assert merged_size.shape == (batch, tokens - r)
     assert torch.equal(merged_size.sum(dim=1), size.sum(dim=1))
@@ -116,6 +116,7 @@ def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, tokens
     # every input token lands in exactly one output slot, and slot j holds survivors[:, j]
     membership = merge(torch.eye(tokens).expand(batch, tokens, tokens))  # [B, N - r, N]
     assert torch.equal(membership.sum(dim=1), torch.ones(batch, tokens))
+    assert torch.equal(membership.argmax(dim=1), destinations())  # the slot each input token went into
     for b in range(batch):
         row = survivors[b].tolist()
         assert len(set(row)) == len(row) and all(0 <= p < tokens for p in row)

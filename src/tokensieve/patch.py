@@ -43,7 +43,8 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     Patching a patched model replaces its method. `attention="eager"` spells attention out as
     matmuls (for FLOP counters); the default uses PyTorch's fused kernel. With `dense`, the
     last block returns every input token in input order, pruned ones holding the features they
-    had when pruned, so necks, mask decoders and heads that reshape tokens into a map work.
+    had when pruned and merged ones (ToMe) the features of the token they were merged into, so
+    necks, mask decoders and heads that reshape tokens into a map work.
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokensieve method such as EViT(keep=0.7), got {type(method).__name__}")
@@ -53,9 +54,6 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     if method.ragged and host.mean_pooled:
         raise ValueError(f"{method} keeps a different token count per image, and this model's head "
                          "averages the tokens, which would average padding in; use a fixed keep rate")
-    if dense and not method.keeps_positions:
-        raise ValueError(f"{method} merges tokens, so pruned positions have no features of their own; "
-                         "dense=True needs a method that drops or freezes tokens (TopK, EViT, DynamicViT)")
     parts = method.bind(host.spec)
     unpatch(model)
     runner = Runner(host, method, parts, eager=attention == "eager", dense=dense)

@@ -81,6 +81,7 @@ class TokenState:
     valid: Tensor | None = None  # [B, N] bool, False on the padding of a ragged batch
     keep: Tensor | None = None  # [B, N] 0/1 keep decisions carrying gradient (mask mode only)
     grid: Tensor | None = None  # [B, N0 + 1, C] dense mode: last features of every input token
+    source: Tensor | None = None  # [B, N0] dense mode with merging: each input token's active slot
     trace: Trace | None = None
 
     @classmethod
@@ -112,6 +113,8 @@ class TokenState:
 
     def gather(self, kept: Tensor, kept_valid: Tensor | None = None) -> TokenState:
         """Keep the prefix and the non-prefix tokens at `kept` ([B, K], positions after the prefix)."""
+        if self.source is not None:
+            raise ValueError("tokens cannot be dropped after they were merged in dense mode")
         batch = kept.shape[0]
         prefix_positions = torch.arange(self.prefix, device=kept.device).expand(batch, self.prefix)
         positions = torch.cat([prefix_positions, kept + self.prefix], dim=1)
@@ -139,8 +142,19 @@ class TokenState:
         return scatter_tokens(self.grid, positions, self.x)
 
     def dense_output(self) -> Tensor:
-        """Dense mode: every input token in input order [B, N0, C], pruned ones with their last features."""
+        """Dense mode: every input token in input order [B, N0, C], pruned ones with their last
+        features, merged ones with the features of the token they were merged into."""
+        if self.source is not None:
+            return gather_tokens(self.x, self.source)
         return self.stored_grid()[:, :-1]
+
+    def sources(self) -> Tensor:
+        """Dense mode: the active slot [B, N0] of every input token (merging keeps no one-to-one map)."""
+        if self.source is not None:
+            return self.source
+        if self.grid is None or self.tokens != self.grid.shape[1] - 1 or self.valid is not None:
+            raise ValueError("merging in dense mode needs every input token still active")
+        return self.index
 
     def fuse_rest(self, kept: Tensor, weights: Tensor) -> TokenState:
         """Keep the tokens at `kept` and fuse all other non-prefix tokens into one appended token.

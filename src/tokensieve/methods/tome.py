@@ -57,7 +57,7 @@ class ToMe(Method):
 
     @property
     def keeps_positions(self) -> bool:
-        return False  # a merged token stands for several positions
+        return False  # a merged token stands for several positions (dense mode copies it back to each)
 
     def schedule(self, depth: int) -> list[int]:
         per_layer = merge_schedule(self.r, depth)
@@ -93,7 +93,7 @@ class ToMe(Method):
             return state
         if state.trace is not None:
             state.trace.add_overhead("matching", matching_macs(tokens, attn.k.shape[-1]))
-        merge, survivors = ops.bipartite_merge(attn.key_metric(), r, state.prefix)
+        merge, survivors, destinations = ops.bipartite_merge(attn.key_metric(), r, state.prefix)
         # Sizes stay float32: in half precision, counts above 256 would no longer be exact.
         if state.size is None:  # every token stands for itself: no weighting needed
             size = state.x.new_ones(state.x.shape[0], state.tokens, 1, dtype=torch.float32)
@@ -102,8 +102,12 @@ class ToMe(Method):
             size = state.size[..., None]
             weighted = state.x * size.to(state.x.dtype)
         merged_size = merge(size)  # [B, N - r, 1]
+        source = None
+        if state.grid is not None:  # dense mode: follow every input position to its merged token
+            source = destinations().gather(1, state.sources())
         return state.replace(
             x=merge(weighted) / merged_size.to(state.x.dtype),
             size=merged_size[..., 0],
             index=state.index.gather(1, survivors),
+            source=source,
         )

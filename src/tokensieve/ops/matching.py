@@ -9,11 +9,13 @@ import torch
 from torch import Tensor
 
 
-def bipartite_merge(metric: Tensor, r: int, prefix: int = 0) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+def bipartite_merge(metric: Tensor, r: int, prefix: int = 0
+                    ) -> tuple[Callable[[Tensor], Tensor], Tensor, Callable[[], Tensor]]:
     """Plan the merge of r tokens of `metric` [B, N, d], whose first `prefix` tokens are protected.
 
-    Returns a function mapping any [B, N, ...] tensor to [B, N - r, ...], and the input
-    position [B, N - r] of the token that each output slot continues. The other tokens
+    Returns a function mapping any [B, N, ...] tensor to [B, N - r, ...], the input position
+    [B, N - r] of the token that each output slot continues, and a function giving the output
+    slot [B, N] that each input token went into (computed only when asked). The other tokens
     alternate between sets A (even) and B (odd); each A token finds its most similar B token
     (cosine), and the r A tokens with the best matches are added to their partners. Output
     order: prefix, unmerged A tokens, B tokens. Sums, not means: callers weight by size.
@@ -48,7 +50,13 @@ def bipartite_merge(metric: Tensor, r: int, prefix: int = 0) -> tuple[Callable[[
         out.index_add_(0, partner_rows, flat.index_select(0, merged_rows))
         return out.view(batch, out_tokens, *x.shape[2:])
 
-    return merge, survivors
+    def destinations() -> Tensor:
+        slots = torch.empty(batch, tokens, dtype=torch.long, device=device)
+        slots.scatter_(1, survivors, torch.arange(out_tokens, device=device).expand(batch, -1))
+        slots.scatter_(1, prefix + 2 * merged_a, prefix + kept_a.shape[1] + partner)
+        return slots
+
+    return merge, survivors, destinations
 
 
 def matching_macs(tokens: int, dim: int) -> int:

@@ -67,7 +67,7 @@ def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, pr
         train="model", steps=phase.steps, batch_size=recipe.batch_size, lr=phase.lr,
         warmup_steps=phase.warmup_steps, weight_decay=recipe.weight_decay, seed=recipe.seed + number,
         num_workers=1, checkpoint_dir=str(phase_dir), checkpoint_every=100, keep_checkpoints=1,
-        log_path=str(phase_dir / "log.jsonl"), progress=progress,
+        eval_every=250, log_path=str(phase_dir / "log.jsonl"), progress=progress,
     )
 
 

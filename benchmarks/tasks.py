@@ -1,0 +1,86 @@
+"""The reference task models on their test split: dense, random pruning, EViT, ToMe, DynamicViT.
+
+Writes benchmarks/results/tasks.md and tasks.json. Each task's model is scored dense, then with
+    - RandomDrop(keep=0.5, layers=(6,)): half the patch tokens, chosen at random, leave at the
+      middle layer (dropped for cls; frozen in place for seg, whose head needs the whole grid);
+    - EViT(keep=0.7) and ToMe(r=8) with their default settings, without training;
+    - DynamicViT(keep=0.7) fine-tuned by `tokensieve train cls --method dynamicvit:keep=0.7`,
+      when that run's directory exists.
+
+    python benchmarks/tasks.py                         # every task with shipped weights
+    python benchmarks/tasks.py --tasks cls --samples 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import tokensieve as ts
+from tokensieve.reference import TASKS, shipped_weights
+from tokensieve.reference.compare import Row, compare
+
+CONTROLS = [ts.RandomDrop(keep=0.5, layers=(6,)), ts.EViT(keep=0.7), ts.ToMe(r=8)]
+TRAINED = {"cls": (ts.DynamicViT(keep=0.7), Path("runs/cls-dynamicvit-keep0.7"))}
+DENSE_BAND = (0.6, 0.95)  # a dense reference model must be good but not saturated
+RANDOM_LOSS = {"seg": 0.10}  # random pruning must cost at least this much (relative)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    parser.add_argument("--samples", type=int, default=None, help="first N test samples (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tasks = args.tasks or [t for t in TASKS if (shipped_weights(t) / "config.json").is_file()]
+    rows: list[Row] = []
+    for task in tasks:
+        methods, trained = list(CONTROLS), {}
+        if task in TRAINED and TRAINED[task][1].is_dir():
+            method, run = TRAINED[task]
+            methods.append(method)
+            trained[str(method)] = str(run)
+        rows += compare(task, methods, split="test", samples=args.samples, trained=trained)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tasks.json").write_text(json.dumps([row.to_dict() for row in rows], indent=2) + "\n")
+    (args.out / "tasks.md").write_text(_markdown(rows, args))
+    print((args.out / "tasks.md").read_text())
+
+
+def _markdown(rows: list[Row], args: argparse.Namespace) -> str:
+    split = "test split" if args.samples is None else f"first {args.samples} test samples"
+    lines = [
+        "# Reference task models: dense and pruned",
+        "",
+        f"Produced by `python benchmarks/tasks.py` ({split}, {args.threads} threads, fp32). Scores: cls "
+        "accuracy, seg mIoU over the six shape classes. `vs dense` is relative. GMACs are the "
+        "encoder's per image (FLOPs = 2 × MACs), mean over 16 test images.",
+        "",
+        "| task | method | score | vs dense | encoder GMACs | check |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row.task} | {row.method} | {row.score:.4f} | {row.relative:+.1%} | {row.gmacs:.3f} "
+                     f"| {_check(row)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check(row: Row) -> str:
+    if row.method == "dense":
+        low, high = DENSE_BAND
+        inside = low <= row.score <= high
+        return f"dense in [{low}, {high}]: {'yes' if inside else 'NO'}"
+    if row.method.startswith("RandomDrop") and row.task in RANDOM_LOSS:
+        needed = RANDOM_LOSS[row.task]
+        return f"loses ≥ {needed:.0%}: {'yes' if -row.relative >= needed else 'NO'}"
+    return ""
+
+
+if __name__ == "__main__":
+    main()
