@@ -37,7 +37,7 @@ _HF_CONFIGS = {
     "Dinov2WithRegisters": (transformers.Dinov2WithRegistersConfig,
                             {"mlp_ratio": 2, "layerscale_value": 0.5, "num_register_tokens": 4}),
     "CLIPVision": (transformers.CLIPVisionConfig, {"intermediate_size": 128, "projection_dim": 16}),
-    "BlipVision": (transformers.BlipVisionConfig, {"intermediate_size": 128}),
+    "BlipVision": (transformers.BlipVisionConfig, {"intermediate_size": 128, "initializer_range": 0.02}),
 }
 HF_CLASSES = (
     "ViTModel",
@@ -196,3 +196,48 @@ def patched_copy(name: str, model: nn.Module, attention: str = "sdpa", **overrid
     fresh.load_state_dict(model.state_dict())
     ts.patch(fresh, sieve.method, attention=attention).load_state_dict(sieve.state_dict())
     return fresh
+
+
+# Text towers: vocabulary of 100, start/end-of-text ids inside it, texts of at most 12 tokens.
+TEXT_VOCAB, TEXT_BOS, TEXT_EOS, TEXT_PAD = 100, 98, 99, 0
+_TEXT_SMALL = dict(vocab_size=TEXT_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                   intermediate_size=64, max_position_embeddings=16)
+_CLIP_TEXT = dict(_TEXT_SMALL, bos_token_id=TEXT_BOS, eos_token_id=TEXT_EOS, pad_token_id=TEXT_PAD,
+                  projection_dim=16)
+# BlipVisionConfig's default initializer_range (1e-10) would leave the vision tower's weights near zero.
+_BLIP_VISION = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, initializer_range=0.02)
+
+
+def clip_text_model(class_name: str = "CLIPTextModel", seed: int = 0, **overrides) -> nn.Module:
+    """A small transformers CLIP text tower (or CLIPModel, with a small vision tower), in eval mode."""
+    torch.manual_seed(seed)
+    text = transformers.CLIPTextConfig(**{**_CLIP_TEXT, **overrides})
+    if class_name == "CLIPModel":
+        vision = transformers.CLIPVisionConfig(**_BLIP_VISION)
+        config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                         projection_dim=16)
+        return getattr(transformers, class_name)(config).eval()
+    return getattr(transformers, class_name)(text).eval()
+
+
+def blip_retrieval(seed: int = 0, **text_overrides) -> nn.Module:
+    """A small BlipForImageTextRetrieval (text encoder cross-attending to a 48-wide vision tower)."""
+    torch.manual_seed(seed)
+    text = dict(_TEXT_SMALL, pad_token_id=TEXT_PAD, bos_token_id=TEXT_BOS, sep_token_id=TEXT_EOS,
+                **text_overrides)
+    config = transformers.BlipConfig(text_config=text, vision_config=_BLIP_VISION)
+    return _finish(transformers.BlipForImageTextRetrieval(config), seed)
+
+
+def texts(lengths: list[int], width: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Right-padded token ids [B, width] (start token, random words, end token, then padding) and
+    their attention mask [B, width] (1 on tokens)."""
+    width = width or max(lengths)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, TEXT_BOS, (len(lengths), width), generator=generator)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, 0], ids[i, length - 1], ids[i, length:] = TEXT_BOS, TEXT_EOS, TEXT_PAD
+        mask[i, :length] = 1
+    return ids, mask

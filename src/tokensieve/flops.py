@@ -1,9 +1,10 @@
 """Exact multiply-accumulate counts of a (pruned) forward, from its trace.
 
 Counted: every matrix product (patch-embedding convolution, linear layers, the two attention
-products, and each method's own products). Not counted: norms, activations, softmax, adds,
-gathers. This is what papers quote as "FLOPs" for ViTs (DeiT-S "4.6 GFLOPs" is 4.6 GMACs) and
-what torch.utils.flop_counter.FlopCounterMode counts (it reports FLOPs = 2 x MACs).
+products, cross-attention to another modality's tokens, and each method's own products). Not
+counted: norms, activations, softmax, adds, gathers, embedding lookups. This is what papers quote
+as "FLOPs" for ViTs (DeiT-S "4.6 GFLOPs" is 4.6 GMACs) and what
+torch.utils.flop_counter.FlopCounterMode counts (it reports FLOPs = 2 x MACs).
 """
 
 from __future__ import annotations
@@ -94,14 +95,15 @@ def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     overhead_total = torch.zeros(batch, dtype=torch.float64)
     overhead: dict[str, float] = {}
     layers = []
-    dense = float(fixed)
+    dense = backbone.clone()
+    input_counts = record.input_counts().double()  # padding of the input (padded text) excluded
     attention_counts = record.attention_tokens().double()
     mlp_counts = record.kept_tokens().double()
     for layer_record, n_attn, n_mlp in zip(record.layers, attention_counts, mlp_counts, strict=True):
         view = host.views[layer_record.layer]
-        block = _block_macs(view, n_attn, n_mlp)
-        dense += float(_block_macs(view, torch.tensor(float(record.input_tokens)),
-                                   torch.tensor(float(record.input_tokens))))
+        n_memory = per_sample_counts(layer_record.memory_tokens, batch, torch.float64)
+        block = _block_macs(view, n_attn, n_mlp, n_memory)
+        dense += _block_macs(view, input_counts, input_counts, n_memory)
         backbone += block
         layer_overhead = {}
         for name, macs in layer_record.overhead.items():
@@ -114,16 +116,22 @@ def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     total = backbone + overhead_total
     return FlopsReport(
         macs=float(total.mean()), backbone_macs=float(backbone.mean()),
-        overhead_macs=float(overhead_total.mean()), dense_macs=dense, overhead=overhead,
+        overhead_macs=float(overhead_total.mean()), dense_macs=float(dense.mean()), overhead=overhead,
         per_sample=total.tolist(), layers=layers,
     )
 
 
-def _block_macs(view, attention_tokens: Tensor, mlp_tokens: Tensor) -> Tensor:
+def _block_macs(view, attention_tokens: Tensor, mlp_tokens: Tensor, memory_tokens: Tensor) -> Tensor:
     width = view.num_heads * view.head_dim
-    return (view.attention_linear_macs * attention_tokens
+    macs = (view.attention_linear_macs * attention_tokens
             + 2 * attention_tokens**2 * width
             + view.mlp_macs * mlp_tokens)
+    cross = getattr(view, "cross_attention", None)
+    if cross is not None:  # runs when the call has a memory; queries: the tokens past the method's step
+        cross_macs = (cross.query_linear_macs * mlp_tokens + cross.memory_linear_macs * memory_tokens
+                      + 2 * mlp_tokens * memory_tokens * cross.num_heads * cross.head_dim)
+        macs = macs + cross_macs * (memory_tokens > 0)
+    return macs
 
 
 def _call(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:

@@ -44,7 +44,8 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     matmuls (for FLOP counters); the default uses PyTorch's fused kernel. With `dense`, the
     last block returns every input token in input order, pruned ones holding the features they
     had when pruned and merged ones (ToMe) the features of the token they were merged into, so
-    necks, mask decoders and heads that reshape tokens into a map work.
+    necks, mask decoders and heads that reshape tokens into a map work. Hosts whose head reads a
+    token by its input position (CLIP's text tower pools each text's end token) always run dense.
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokensieve method such as EViT(keep=0.7), got {type(method).__name__}")
@@ -54,12 +55,18 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     if method.ragged and host.mean_pooled:
         raise ValueError(f"{method} keeps a different token count per image, and this model's head "
                          "averages the tokens, which would average padding in; use a fixed keep rate")
+    if host.full_sequence and not method.keeps_positions:
+        raise ValueError(f"{method} merges tokens, and this model's head reads tokens by their position, "
+                         "which needs a method that drops or freezes tokens (TopK, EViT, DynamicViT)")
     parts = method.bind(host.spec)
     unpatch(model)
-    runner = Runner(host, method, parts, eager=attention == "eager", dense=dense)
+    runner = Runner(host, method, parts, eager=attention == "eager", dense=dense or host.full_sequence)
     for layer, block in enumerate(host.blocks):
         runner.replaced[layer] = block.__dict__.get("forward")
         block.forward = functools.partial(runner.run, layer)
+    if host.entry is not None:
+        runner.replaced_entry = host.entry.__dict__.get("forward")
+        host.entry.forward = functools.partial(runner.enter, host.entry.forward)
     sieve = Sieve(method, runner)
     object.__setattr__(model, _ATTRIBUTE, sieve)  # not a submodule: the state dict stays the host's
     return sieve
@@ -75,6 +82,11 @@ def unpatch(model: nn.Module) -> None:
         block.__dict__.pop("forward", None)
         if runner.replaced.get(layer) is not None:  # an instance forward that was there before us
             block.forward = runner.replaced[layer]
+    entry = runner.host.entry
+    if entry is not None:
+        entry.__dict__.pop("forward", None)
+        if runner.replaced_entry is not None:
+            entry.forward = runner.replaced_entry
 
 
 def is_patched(model: nn.Module) -> bool:

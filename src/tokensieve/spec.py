@@ -14,5 +14,5 @@ class ModelSpec:
     head_dim: int
     prefix: int  # protected tokens at the front: CLS, distillation, registers
     has_class_token: bool
-    input_tokens: int  # tokens entering the first block at the model's default image size
-    image_size: int  # the model's default input side, in pixels
+    input_tokens: int  # tokens entering the first block at the default image size (text: the longest input)
+    image_size: int  # the model's default input side, in pixels (0 for text towers)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-FUSED_TOKEN_INDEX = -1  # `index` of a token that stands for several fused input tokens
+NO_POSITION = -1  # `index` of a row with no input position of its own: ragged padding, a fused token
+FUSED_TOKEN_INDEX = NO_POSITION  # `index` of a token that stands for several fused input tokens
 
 
 @dataclass
@@ -18,9 +19,10 @@ class LayerRecord:
     layer: int
     attention_tokens: int | Tensor  # tokens that entered attention, int or [B]
     mlp_tokens: int | Tensor  # tokens that entered the MLP, int or [B]
-    index: Tensor  # [B, N'] input position of each token after the block (-1: fused)
+    index: Tensor  # [B, N'] input position of each token after the block (-1: fused, or padding)
     valid: Tensor | None  # [B, N'] ragged padding mask after the block
     overhead: dict[str, int | Tensor] = field(default_factory=dict)  # name -> MACs per sample
+    memory_tokens: int | Tensor = 0  # tokens of the other modality cross-attended, int or [B]
 
 
 @dataclass
@@ -41,6 +43,22 @@ class Trace:
     prefix: int
     layers: list[LayerRecord] = field(default_factory=list)
     keep_decisions: list[KeepDecision] = field(default_factory=list)  # mask mode, one per pruning stage
+    input_valid: Tensor | None = None  # [B, N0] False on the input's padding (padded text), None: none
+    output_valid: Tensor | None = None  # [B, N_out] False on the returned rows that are padding
+
+    def input_counts(self) -> Tensor:
+        """[B] tokens of each sample entering the first block, its padding excluded."""
+        if self.input_valid is None:
+            return per_sample(self.input_tokens, self.batch)
+        return self.input_valid.sum(dim=1).cpu()
+
+    def output_mask(self) -> Tensor:
+        """[B, N_out] long: 1 on the rows of the traced forward's output that are tokens, 0 on padding
+        (a ragged batch's, or the input's). transformers' attention-mask convention, so it can be passed
+        as the `encoder_attention_mask` of a text encoder that cross-attends to that output."""
+        if self.output_valid is None:
+            raise ValueError("this trace has no output yet: read it after the traced forward returns")
+        return self.output_valid.long()
 
     def add_overhead(self, name: str, macs: int | Tensor) -> None:
         """Count `macs` (per sample) of method work against the block being run."""
@@ -85,13 +103,25 @@ class TokenState:
     trace: Trace | None = None
 
     @classmethod
-    def start(cls, x: Tensor, prefix: int, dense: bool = False) -> TokenState:
+    def start(cls, x: Tensor, prefix: int, dense: bool = False, valid: Tensor | None = None,
+              order: Tensor | None = None) -> TokenState:
+        """The state entering the first block. `valid` [B, N] marks the input's padding (False), which
+        is never attended as a key; `order` [B, N] lists input positions in the order the state holds
+        them (a host whose pooled token is not first puts it first, so it can score the others)."""
         batch, tokens, _ = x.shape
-        index = torch.arange(tokens, device=x.device).expand(batch, tokens)
         # The grid's extra last row is a sink for tokens that have no input position of their own
         # (fused tokens, ragged padding), so every active token can be written back in one scatter.
         grid = torch.cat([x, x.new_zeros(batch, 1, x.shape[-1])], dim=1) if dense else None
-        return cls(x=x, index=index, prefix=prefix, grid=grid, trace=Trace(batch, tokens, prefix))
+        trace = Trace(batch, tokens, prefix, input_valid=valid)
+        if order is None:
+            index = torch.arange(tokens, device=x.device).expand(batch, tokens)
+        else:
+            index, x = order, gather_tokens(x, order)
+            valid = None if valid is None else valid.gather(1, order)
+        if valid is not None and not bool(valid[:, :prefix].all()):
+            raise ValueError(f"the first {prefix} token(s) are protected from pruning and must not be "
+                             "padding: pad sequences on the right")
+        return cls(x=x, index=index, prefix=prefix, valid=valid, grid=grid, trace=trace)
 
     @property
     def tokens(self) -> int:
@@ -119,12 +149,14 @@ class TokenState:
         prefix_positions = torch.arange(self.prefix, device=kept.device).expand(batch, self.prefix)
         positions = torch.cat([prefix_positions, kept + self.prefix], dim=1)
         valid = None
+        index = self.index.gather(1, positions)
         if kept_valid is not None:
             prefix_valid = torch.ones(batch, self.prefix, dtype=torch.bool, device=kept.device)
             valid = torch.cat([prefix_valid, kept_valid], dim=1)
+            index = index.masked_fill(~valid, NO_POSITION)  # padding rows stand for no position
         return self.replace(
             x=gather_tokens(self.x, positions),
-            index=self.index.gather(1, positions),
+            index=index,
             size=None if self.size is None else self.size.gather(1, positions),
             valid=valid,
             keep=None if self.keep is None else self.keep.gather(1, positions),
@@ -135,9 +167,9 @@ class TokenState:
         """Dense mode: the grid with the active tokens' current features written at their positions."""
         if self.grid is None:
             return None
+        # Padding of the input (padded text) has a position and is written back, as the host computes
+        # it too; padding rows of a ragged selection have none (`gather` marks them) and go to the sink.
         has_position = self.index >= 0
-        if self.valid is not None:
-            has_position = has_position & self.valid
         positions = torch.where(has_position, self.index, self.grid.shape[1] - 1)  # else: the sink row
         return scatter_tokens(self.grid, positions, self.x)
 
@@ -156,18 +188,28 @@ class TokenState:
             raise ValueError("merging in dense mode needs every input token still active")
         return self.index
 
-    def fuse_rest(self, kept: Tensor, weights: Tensor) -> TokenState:
+    def fuse_rest(self, kept: Tensor, weights: Tensor, kept_valid: Tensor | None = None) -> TokenState:
         """Keep the tokens at `kept` and fuse all other non-prefix tokens into one appended token.
 
-        The fused token is the `weights`-weighted average of the tokens it replaces.
+        The fused token is the `weights`-weighted average of the tokens it replaces. In a ragged batch
+        (`kept_valid` from `ops.select_by_count`), padding is never fused, and a sample that keeps all
+        its tokens gets a fused token marked as padding.
         """
-        if self.valid is not None:
-            raise ValueError("fusing tokens needs an equal token count per sample, not a ragged batch")
-        rest_weights = weights.scatter(1, kept, 0.0)  # [B, Np], zero on the kept tokens
+        if (self.valid is None) != (kept_valid is None):
+            raise ValueError("a ragged batch fuses with the validity of its kept tokens, and only it does")
+        rest_weights = weights
+        if kept_valid is None:
+            rest_weights = rest_weights.scatter(1, kept, 0.0)  # [B, Np], zero on the kept tokens
+        else:
+            rest_weights = rest_weights * self.valid[:, self.prefix :]
+            kept_weights = rest_weights.gather(1, kept).masked_fill(kept_valid, 0.0)  # padding rows: not kept
+            rest_weights = rest_weights.scatter(1, kept, kept_weights)
+        total = rest_weights.sum(dim=1)
         fused = torch.bmm(rest_weights[:, None], self.x[:, self.prefix :])  # [B, 1, C]
-        fused = fused / rest_weights.sum(dim=1)[:, None, None].clamp_min(torch.finfo(fused.dtype).tiny)
-        state = self.gather(kept)
+        fused = fused / total[:, None, None].clamp_min(torch.finfo(fused.dtype).tiny)
+        state = self.gather(kept, kept_valid)
         fused_index = state.index.new_full((kept.shape[0], 1), FUSED_TOKEN_INDEX)
+        valid = None if state.valid is None else torch.cat([state.valid, (total > 0)[:, None]], dim=1)
         size = None
         if self.size is not None:
             total = self.size[:, self.prefix :].sum(dim=1, keepdim=True)
@@ -177,6 +219,7 @@ class TokenState:
             x=torch.cat([state.x, fused], dim=1),
             index=torch.cat([state.index, fused_index], dim=1),
             size=size,
+            valid=valid,
         )
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokensieve.hosts import hf_blip, hf_clip, hf_vit, timm_vit
-from tokensieve.hosts.base import BlockView, Host
+from tokensieve.hosts import hf_blip, hf_blip_text, hf_clip, hf_clip_text, hf_vit, timm_vit
+from tokensieve.hosts.base import BlockCall, BlockView, CrossAttentionView, Host
 
-_FAMILIES = (timm_vit, hf_vit, hf_clip, hf_blip)
+_FAMILIES = (timm_vit, hf_vit, hf_clip, hf_blip, hf_clip_text, hf_blip_text)
 
 
 def resolve_host(model: nn.Module) -> Host:
@@ -20,4 +20,4 @@ def resolve_host(model: nn.Module) -> Host:
                     f"Supported: {supported}")
 
 
-__all__ = ["BlockView", "Host", "resolve_host"]
+__all__ = ["BlockCall", "BlockView", "CrossAttentionView", "Host", "resolve_host"]

@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 from torch import Tensor, nn
 
 from tokensieve.spec import ModelSpec
 
 
+class CrossAttentionView(Protocol):
+    """A block's attention from its tokens (queries) to another modality's tokens (the memory)."""
+
+    num_heads: int
+    head_dim: int
+    scale: float
+    query_linear_macs: int  # per query token: query and output projections
+    memory_linear_macs: int  # per memory token: key and value projections
+
+    def query(self, x: Tensor) -> Tensor:
+        """Block state [B, N, C] -> queries [B, H, N, d]."""
+
+    def key_value(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Memory [B, M, Cm] -> keys, values [B, H, M, d]."""
+
+    def branch(self, heads_out: Tensor) -> Tensor:
+        """Attention output [B, N, H*d] -> the residual update."""
+
+    def attention_dropout(self) -> float:
+        """Dropout on attention weights for the current train/eval mode."""
+
+
+Step = Literal["attention", "cross_attention", "mlp"]
+
+
 class BlockView(Protocol):
-    """A pre-norm transformer block seen through the host's own sub-modules."""
+    """A transformer block seen through the host's own sub-modules: pre-norm with one attention,
+    unless it has the optional members below.
+
+    Optional (read with defaults, so pre-norm views need not declare them):
+    - `cross_attention: CrossAttentionView | None`: attention to a memory, run between the
+      self-attention (and the method's step after it) and the MLP when the call carries a memory.
+    - `norm_after(step, x) -> x`: post-norm (BERT-style) blocks, the norm applied to the sum of
+      the residual and `step`'s update; `qkv` and `mlp_branch` then take the block state as is.
+    """
 
     num_heads: int
     head_dim: int
@@ -33,6 +67,29 @@ class BlockView(Protocol):
 
 
 @dataclass
+class BlockCall:
+    """What a host's block call carries besides its tokens, read once per forward at the first block."""
+
+    key_mask: Tensor | None = None  # [B, N] False on the input's padding, which is never a key
+    causal: bool = False  # a token attends only to tokens at earlier or equal input positions
+    order: Tensor | None = None  # [B, N] input positions in the order the state holds them
+    memory: Tensor | None = None  # [B, M, Cm] the other modality's tokens, cross-attended by every block
+    memory_mask: Tensor | None = None  # [B, M] False on the memory's padding
+
+
+def plain_call(x: Tensor, args: tuple, kwargs: dict, entry: Any) -> BlockCall:
+    """A block call of a host that reads no masks: refuse what it would otherwise silently ignore."""
+    masks = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    if masks or kwargs.get("is_causal"):
+        raise ValueError("a patched block of this model takes no attention mask; unpatch the model to run "
+                         "masked attention")
+    return BlockCall()
+
+
+ReadCall = Callable[[Tensor, tuple, dict, Any], BlockCall]
+
+
+@dataclass
 class Host:
     """A supported model, resolved: what the executor runs and what FLOP counts need."""
 
@@ -42,6 +99,13 @@ class Host:
     mean_pooled: bool  # the head averages the patch tokens: merged tokens are weighted by size
     embed_macs_per_patch: int
     head_macs: int  # per sample: layers applied to the pooled features
+    # (tokens [B, N, C], block args, block kwargs, what read_entry returned or None) -> BlockCall
+    read_call: ReadCall = plain_call
+    # A module whose output enters the first block: its forward is wrapped to read from its inputs
+    # what the blocks do not see (CLIP's token ids, for the end-of-text position).
+    entry: nn.Module | None = None
+    read_entry: Callable[[tuple, dict], Any] | None = None
+    full_sequence: bool = False  # the head reads tokens by input position: run dense
 
 
 def linear_macs(module: nn.Module) -> int:

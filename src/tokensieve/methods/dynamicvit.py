@@ -63,7 +63,8 @@ class DynamicViT(Method):
             return state.gather(*ops.select_by_count(keep_scores, counts, valid))
         k = max(ops.MIN_KEPT_TOKENS, min(patches.shape[1], int(input_patches * self.stage_keep(layer))))
         if state.valid is not None:
-            raise ValueError("DynamicViT with a fixed keep rate cannot follow a ragged selection")
+            raise ValueError("DynamicViT with a fixed keep rate cannot run on a padded batch or follow a "
+                             "ragged selection; use dynamic=True")
         if k == patches.shape[1]:
             return state
         return state.gather(ops.top_positions(keep_scores, k))

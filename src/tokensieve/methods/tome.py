@@ -84,7 +84,8 @@ class ToMe(Method):
         if r == 0:
             return state
         if state.valid is not None:
-            raise ValueError("ToMe merges equal token counts; it cannot follow a ragged selection")
+            raise ValueError("ToMe merges equal token counts; it cannot run on a padded batch or follow a "
+                             "ragged selection")
         tokens = state.tokens - state.prefix
         if state.size is None:  # the first merge of this call: the input size decides what fits
             self._check_fits(r, tokens)

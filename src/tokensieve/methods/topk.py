@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from tokensieve import ops
@@ -55,6 +56,8 @@ class TopK(Method):
             if kept == counts:
                 return state
             return state.gather(ops.top_positions(attn.class_attention(), kept))
+        if bool((kept == counts).all()):  # nothing to prune: padding rows stay as they are
+            return state
         valid = state.valid[:, state.prefix :]
         return state.gather(*ops.select_by_count(attn.class_attention(), kept, valid))
 
@@ -69,7 +72,9 @@ def _keep_attention_mass(state: TokenState, attn: AttentionView, mass: float) ->
     counts = (ranked.cumsum(dim=1) < mass - 1e-6).sum(dim=1) + 1
     counts = counts.clamp(ops.MIN_KEPT_TOKENS, scores.shape[1])
     valid = None if state.valid is None else state.valid[:, state.prefix :]
-    if state.valid is None and bool((counts == scores.shape[1]).all()):
+    if valid is not None:  # rounding must not count padding in
+        counts = torch.minimum(counts, valid.sum(dim=1))
+    if bool((counts == state.patch_counts()).all()):  # nothing to prune
         return state
     return state.gather(*ops.select_by_count(scores, counts, valid))
 

@@ -11,8 +11,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
               dropout: float = 0.0, eager: bool = False) -> Tensor:
     """Softmax attention [B, H, N, d] -> [B, H, N, d].
 
-    `bias` is None, a bool mask [B, 1, 1, N] (True = may be attended), or an additive float
-    bias [B, 1, 1, N]. `eager` spells the matmuls out (for FLOP counters and debugging).
+    `bias` is None, a bool mask (True = may be attended), or an additive float bias, of shape
+    [B, 1, 1, N] (per key) or [B, 1, Nq, N] (per query and key, e.g. causal). `eager` spells the
+    matmuls out (for FLOP counters and debugging).
     """
     if not eager:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
@@ -30,21 +31,26 @@ def class_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> 
     """
     logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
     if bias is not None:
+        bias = bias[:, :, :1]  # the class token's row of a per-query mask
         logits = logits.masked_fill(~bias, -torch.inf) if bias.dtype == torch.bool else logits + bias
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
-def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> Tensor:
+def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float,
+                     mask: Tensor | None = None) -> Tensor:
     """Attention in which key j takes part with weight keep[b, j] (0/1 with gradient).
 
-    Every token still attends to itself, so a pruned token's row stays well defined. Used in
+    Every token still attends to itself, so a pruned token's row stays well defined. `mask` (bool,
+    [B, 1, 1 or N, N], True = may be attended) removes padding keys and keeps causal order. Used in
     mask-mode training, where the decisions must stay differentiable.
     """
     logits = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
     tokens = logits.shape[-1]
     eye = torch.eye(tokens, dtype=logits.dtype, device=logits.device)
     policy = keep[:, None, None, :] + (1.0 - keep[:, None, None, :]) * eye  # [B, 1, N, N]
+    if mask is not None:
+        policy = policy * mask
     logits = logits - logits.amax(dim=-1, keepdim=True).detach()
     weights = logits.exp() * policy
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     return weights @ v
