@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokensieve.hosts import Host
+from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.methods import Method
 from tokensieve.patch import is_patched, patch, sieve_of, trace, unpatch
 from tokensieve.tokens import Trace
@@ -99,9 +99,8 @@ def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     mlp_counts = record.kept_tokens().double()
     for layer_record, n_attn, n_mlp in zip(record.layers, attention_counts, mlp_counts, strict=True):
         view = host.views[layer_record.layer]
-        block = _block_macs(view, n_attn, n_mlp)
-        dense += float(_block_macs(view, torch.tensor(float(record.input_tokens)),
-                                   torch.tensor(float(record.input_tokens))))
+        block = _block_macs(view, n_attn, n_mlp, layer_record.attention_macs)
+        dense += float(_dense_block_macs(view, record))
         backbone += block
         layer_overhead = {}
         for name, macs in layer_record.overhead.items():
@@ -119,11 +118,25 @@ def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     )
 
 
-def _block_macs(view, attention_tokens: Tensor, mlp_tokens: Tensor) -> Tensor:
-    width = view.num_heads * view.head_dim
+def _block_macs(view, attention_tokens: Tensor, mlp_tokens: Tensor,
+                attention_macs: Tensor | None = None) -> Tensor:
+    """Linear layers on the tokens, plus the attention products: 2 * N^2 * width for global
+    attention, or what a view that runs its own attention (windows, relative positions) recorded."""
+    if attention_macs is None:
+        attention_macs = 2 * attention_tokens**2 * view.num_heads * view.head_dim
     return (view.attention_linear_macs * attention_tokens
-            + 2 * attention_tokens**2 * width
+            + attention_macs.to(torch.float64)
             + view.mlp_macs * mlp_tokens)
+
+
+def _dense_block_macs(view, record: Trace) -> Tensor:
+    """One block's MACs per sample with every input token active."""
+    tokens = torch.tensor(float(record.input_tokens), dtype=torch.float64)
+    attention_macs = None
+    if runs_own_attention(view):
+        index = torch.arange(record.input_tokens)[None]
+        attention_macs = view.attention_macs(index, None, record.map_size)[0]
+    return _block_macs(view, tokens, tokens, attention_macs)
 
 
 def _call(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:

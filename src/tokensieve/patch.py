@@ -44,6 +44,8 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     matmuls (for FLOP counters); the default uses PyTorch's fused kernel. With `dense`, the
     last block returns every input token in input order, pruned ones holding the features they
     had when pruned, so necks, mask decoders and heads that reshape tokens into a map work.
+    Hosts whose encoder output feeds such a neck by construction (SAM's image encoder) always run
+    dense, whatever `dense` says.
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokensieve method such as EViT(keep=0.7), got {type(method).__name__}")
@@ -53,6 +55,10 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     if method.ragged and host.mean_pooled:
         raise ValueError(f"{method} keeps a different token count per image, and this model's head "
                          "averages the tokens, which would average padding in; use a fixed keep rate")
+    if host.spec.dense_only and not method.keeps_positions:
+        raise ValueError(f"{method} merges tokens, and {host.spec.family} feeds a neck that needs the "
+                         "features of every position; use a method that drops or freezes tokens (DynamicViT)")
+    dense = dense or host.spec.dense_only
     if dense and not method.keeps_positions:
         raise ValueError(f"{method} merges tokens, so pruned positions have no features of their own; "
                          "dense=True needs a method that drops or freezes tokens (TopK, EViT, DynamicViT)")

@@ -16,3 +16,4 @@ class ModelSpec:
     has_class_token: bool
     input_tokens: int  # tokens entering the first block at the model's default image size
     image_size: int  # the model's default input side, in pixels
+    dense_only: bool = False  # the output feeds a neck that needs every position (SAM): always dense

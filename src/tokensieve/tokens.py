@@ -21,6 +21,9 @@ class LayerRecord:
     index: Tensor  # [B, N'] input position of each token after the block (-1: fused)
     valid: Tensor | None  # [B, N'] ragged padding mask after the block
     overhead: dict[str, int | Tensor] = field(default_factory=dict)  # name -> MACs per sample
+    # [B] MACs of the attention products when the block's view ran attention itself (windows,
+    # relative positions); None: the plain 2 * N^2 * width of global attention.
+    attention_macs: Tensor | None = None
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Trace:
     prefix: int
     layers: list[LayerRecord] = field(default_factory=list)
     keep_decisions: list[KeepDecision] = field(default_factory=list)  # mask mode, one per pruning stage
+    map_size: tuple[int, int] | None = None  # (rows, cols) when the blocks take [B, rows, cols, C] maps
 
     def add_overhead(self, name: str, macs: int | Tensor) -> None:
         """Count `macs` (per sample) of method work against the block being run."""
@@ -82,15 +86,24 @@ class TokenState:
     keep: Tensor | None = None  # [B, N] 0/1 keep decisions carrying gradient (mask mode only)
     grid: Tensor | None = None  # [B, N0 + 1, C] dense mode: last features of every input token
     trace: Trace | None = None
+    # (rows, cols) when the blocks take channels-last maps [B, rows, cols, C] (SAM): the tokens are
+    # the map's cells in row-major order, so index = row * cols + col.
+    map_size: tuple[int, int] | None = None
 
     @classmethod
     def start(cls, x: Tensor, prefix: int, dense: bool = False) -> TokenState:
+        """The state entering the first block: `x` is [B, N, C] tokens, or a [B, rows, cols, C] map."""
+        map_size = None
+        if x.dim() == 4:
+            map_size = _check_map_input(x, prefix, dense)
+            x = x.flatten(1, 2)
         batch, tokens, _ = x.shape
         index = torch.arange(tokens, device=x.device).expand(batch, tokens)
         # The grid's extra last row is a sink for tokens that have no input position of their own
         # (fused tokens, ragged padding), so every active token can be written back in one scatter.
         grid = torch.cat([x, x.new_zeros(batch, 1, x.shape[-1])], dim=1) if dense else None
-        return cls(x=x, index=index, prefix=prefix, grid=grid, trace=Trace(batch, tokens, prefix))
+        trace = Trace(batch, tokens, prefix, map_size=map_size)
+        return cls(x=x, index=index, prefix=prefix, grid=grid, trace=trace, map_size=map_size)
 
     @property
     def tokens(self) -> int:
@@ -139,8 +152,12 @@ class TokenState:
         return scatter_tokens(self.grid, positions, self.x)
 
     def dense_output(self) -> Tensor:
-        """Dense mode: every input token in input order [B, N0, C], pruned ones with their last features."""
-        return self.stored_grid()[:, :-1]
+        """Dense mode: every input token in input order [B, N0, C], pruned ones with their last features;
+        in the input's own layout [B, rows, cols, C] when the blocks take maps."""
+        tokens = self.stored_grid()[:, :-1]
+        if self.map_size is None:
+            return tokens
+        return tokens.reshape(tokens.shape[0], *self.map_size, tokens.shape[-1])
 
     def fuse_rest(self, kept: Tensor, weights: Tensor) -> TokenState:
         """Keep the tokens at `kept` and fuse all other non-prefix tokens into one appended token.
@@ -164,6 +181,16 @@ class TokenState:
             index=torch.cat([state.index, fused_index], dim=1),
             size=size,
         )
+
+
+def _check_map_input(x: Tensor, prefix: int, dense: bool) -> tuple[int, int]:
+    """(rows, cols) of a [B, rows, cols, C] block input, which only dense runs can hand back whole."""
+    if prefix:
+        raise ValueError("a block input shaped as a [B, rows, cols, C] map cannot carry prefix tokens")
+    if not dense:
+        raise ValueError("blocks that take [B, rows, cols, C] maps must give back the whole map; "
+                         "patch with dense=True")
+    return x.shape[1], x.shape[2]
 
 
 def gather_tokens(x: Tensor, positions: Tensor) -> Tensor:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokensieve.hosts import hf_blip, hf_clip, hf_vit, timm_vit
-from tokensieve.hosts.base import BlockView, Host
+from tokensieve.hosts import hf_blip, hf_clip, hf_sam, hf_vit, timm_vit
+from tokensieve.hosts.base import BlockView, Host, PositionalAttention, runs_own_attention
 
-_FAMILIES = (timm_vit, hf_vit, hf_clip, hf_blip)
+_FAMILIES = (timm_vit, hf_vit, hf_clip, hf_blip, hf_sam)
 
 
 def resolve_host(model: nn.Module) -> Host:
@@ -20,4 +20,4 @@ def resolve_host(model: nn.Module) -> Host:
                     f"Supported: {supported}")
 
 
-__all__ = ["BlockView", "Host", "resolve_host"]
+__all__ = ["BlockView", "Host", "PositionalAttention", "resolve_host", "runs_own_attention"]

@@ -12,7 +12,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
     """Softmax attention [B, H, N, d] -> [B, H, N, d].
 
     `bias` is None, a bool mask [B, 1, 1, N] (True = may be attended), or an additive float
-    bias [B, 1, 1, N]. `eager` spells the matmuls out (for FLOP counters and debugging).
+    bias broadcastable to [B, H, N, N] (per key, or per query-key pair such as a relative-position
+    bias). `eager` spells the matmuls out (for FLOP counters and debugging).
     """
     if not eager:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
@@ -34,13 +35,17 @@ def class_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> 
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
-def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> Tensor:
+def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float,
+                     bias: Tensor | None = None) -> Tensor:
     """Attention in which key j takes part with weight keep[b, j] (0/1 with gradient).
 
     Every token still attends to itself, so a pruned token's row stays well defined. Used in
-    mask-mode training, where the decisions must stay differentiable.
+    mask-mode training, where the decisions must stay differentiable. `bias` is an optional
+    additive float bias broadcastable to [B, H, N, N] (relative positions).
     """
     logits = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+    if bias is not None:
+        logits = logits + bias
     tokens = logits.shape[-1]
     eye = torch.eye(tokens, dtype=logits.dtype, device=logits.device)
     policy = keep[:, None, None, :] + (1.0 - keep[:, None, None, :]) * eye  # [B, 1, N, N]
