@@ -54,6 +54,17 @@ HF_CLASSES = (
     "BlipVisionModel",
 )
 
+# SAM's image encoder: an 8x8 map, windows of 3 (so the map is padded to 9x9), global attention
+# in layers 1 and 3, relative positions, a neck to 16 channels.
+SAM_WINDOW = 3
+SAM_GLOBAL_LAYERS = (1, 3)
+SAM_CHANNELS = 16
+_SAM_SMALL = dict(image_size=IMAGE, patch_size=PATCH, hidden_size=32, num_hidden_layers=DEPTH,
+                  num_attention_heads=2, output_channels=SAM_CHANNELS, window_size=SAM_WINDOW,
+                  global_attn_indexes=SAM_GLOBAL_LAYERS, use_rel_pos=True,
+                  num_pos_feats=SAM_CHANNELS // 2,  # the prompt encoder's point features
+                  initializer_range=0.1)  # SAM's default 1e-10 would make every block the identity
+
 _PREFIX_PARAMETERS = ("cls_token", "reg_token", "dist_token", "distillation_token", "register_tokens")
 
 
@@ -110,6 +121,36 @@ def strengthen(model: nn.Module, factor: float = 4.0) -> nn.Module:
             if "mlp.fc1." in name or "mlp.gate_proj." in name or "mlp.up_proj." in name:
                 param.mul_(factor)
     return model
+
+
+def sam_model(class_name: str = "SamVisionEncoder", seed: int = 0, **overrides) -> nn.Module:
+    """A small SAM: the image encoder (SamVisionEncoder, SamVisionModel) or the whole SamModel, eval mode."""
+    from transformers.models.sam import modeling_sam  # SamVisionEncoder is not exported at the top level
+
+    torch.manual_seed(seed)
+    vision = transformers.SamVisionConfig(**{**_SAM_SMALL, **overrides})
+    if class_name == "SamModel":
+        config = transformers.SamConfig(
+            vision_config=vision.to_dict(),
+            prompt_encoder_config=dict(hidden_size=SAM_CHANNELS, image_size=IMAGE, patch_size=PATCH),
+            mask_decoder_config=dict(hidden_size=SAM_CHANNELS, mlp_dim=32, num_hidden_layers=1,
+                                     num_attention_heads=2, iou_head_hidden_dim=16),
+        )
+    else:
+        config = vision
+    model = getattr(modeling_sam, class_name)(config)
+    _randomize_sam_positions(model, seed)
+    return model.eval()
+
+
+def _randomize_sam_positions(model: nn.Module, seed: int) -> None:
+    # SAM starts its position tables at zero and transformers zeroes linear biases; a wrong
+    # relative position, or a missing padding cell (whose key is the qkv bias), would go unnoticed.
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed", "attn.qkv.bias")):
+                param.copy_(torch.randn(param.shape, generator=generator))
 
 
 def images(batch: int, height: int = IMAGE, width: int = IMAGE, seed: int = 0) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from tokensieve import ops
-from tokensieve.hosts import Host
+from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.hosts.base import BlockCall, BlockView, Step
 from tokensieve.methods import AttentionView, Method, RunContext
 from tokensieve.tokens import LayerRecord, TokenState, Trace, repeat_by_size
@@ -59,6 +59,8 @@ class Runner:
         return local.collectors
 
     def run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Block `layer`'s forward. `x` is [B, N, C] tokens, or a [B, H, W, C] map (SAM) that the
+        first block flattens into tokens and the last block gives back whole (dense mode)."""
         _refuse_attention_maps(kwargs)
         relay = self._local
         continuing = layer > 0 and getattr(relay, "out", None) is x
@@ -100,14 +102,20 @@ class Runner:
         state = self._call_method(method.before_block, layer, state, ctx)
         block_input = state.x
         record.attention_tokens = state.token_counts()
-        q, k, v = view.qkv(block_input)
-        bias = _attention_bias(state, q.dtype, call.causal)
-        if state.keep is not None:
-            heads_out = ops.policy_attention(q, k, v, state.keep, view.scale, bias)
+        if runs_own_attention(view):  # windows or relative positions: the view places the tokens
+            heads_out, q, k = view.attend(block_input, state, self.eager)  # [B, N, H*d]
+            record.attention_macs = view.attention_macs(state.index, state.valid, state.map_size)
+            bias = _attention_bias(state, q.dtype, call.causal)
         else:
-            heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
-        batch, heads, tokens, dim = heads_out.shape
-        x = block_input + view.attention_branch(heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim))
+            q, k, v = view.qkv(block_input)
+            bias = _attention_bias(state, q.dtype, call.causal)
+            if state.keep is not None:
+                heads_out = ops.policy_attention(q, k, v, state.keep, view.scale, bias)
+            else:
+                heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
+            batch, heads, tokens, dim = heads_out.shape
+            heads_out = heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim)
+        x = block_input + view.attention_branch(heads_out)
         state = state.replace(x=_norm_after(view, "attention", x))
         attn = AttentionView(q, k, bias, view.scale, state)
         state = self._call_method(method.after_attention, layer, state, attn, ctx)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tokensieve.hosts import Host
+from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.methods import Method
 from tokensieve.patch import is_patched, patch, sieve_of, trace, unpatch
 from tokensieve.tokens import Trace
@@ -102,8 +102,8 @@ def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     for layer_record, n_attn, n_mlp in zip(record.layers, attention_counts, mlp_counts, strict=True):
         view = host.views[layer_record.layer]
         n_memory = per_sample_counts(layer_record.memory_tokens, batch, torch.float64)
-        block = _block_macs(view, n_attn, n_mlp, n_memory)
-        dense += _block_macs(view, input_counts, input_counts, n_memory)
+        block = _block_macs(view, n_attn, n_mlp, n_memory, layer_record.attention_macs)
+        dense += _dense_block_macs(view, record, input_counts, n_memory)
         backbone += block
         layer_overhead = {}
         for name, macs in layer_record.overhead.items():
@@ -121,10 +121,16 @@ def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     )
 
 
-def _block_macs(view, attention_tokens: Tensor, mlp_tokens: Tensor, memory_tokens: Tensor) -> Tensor:
+def _block_macs(view, attention_tokens: Tensor, mlp_tokens: Tensor, memory_tokens: Tensor,
+                attention_macs: Tensor | None = None) -> Tensor:
+    """Linear layers on the tokens, plus the attention products: 2 * N^2 * width for global
+    attention, or what a view that runs its own attention (windows, relative positions) recorded;
+    plus cross-attention to the call's memory, when there is one."""
     width = view.num_heads * view.head_dim
+    if attention_macs is None:
+        attention_macs = 2 * attention_tokens**2 * width
     macs = (view.attention_linear_macs * attention_tokens
-            + 2 * attention_tokens**2 * width
+            + attention_macs.to(torch.float64)
             + view.mlp_macs * mlp_tokens)
     cross = getattr(view, "cross_attention", None)
     if cross is not None:  # runs when the call has a memory; queries: the tokens past the method's step
@@ -132,6 +138,15 @@ def _block_macs(view, attention_tokens: Tensor, mlp_tokens: Tensor, memory_token
                       + 2 * mlp_tokens * memory_tokens * cross.num_heads * cross.head_dim)
         macs = macs + cross_macs * (memory_tokens > 0)
     return macs
+
+
+def _dense_block_macs(view, record: Trace, input_tokens: Tensor, memory_tokens: Tensor) -> Tensor:
+    """One block's MACs per sample with every input token active."""
+    attention_macs = None
+    if runs_own_attention(view):
+        index = torch.arange(record.input_tokens)[None]
+        attention_macs = view.attention_macs(index, None, record.map_size)[0]
+    return _block_macs(view, input_tokens, input_tokens, memory_tokens, attention_macs)
 
 
 def _call(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:

@@ -44,8 +44,9 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     matmuls (for FLOP counters); the default uses PyTorch's fused kernel. With `dense`, the
     last block returns every input token in input order, pruned ones holding the features they
     had when pruned and merged ones (ToMe) the features of the token they were merged into, so
-    necks, mask decoders and heads that reshape tokens into a map work. Hosts whose head reads a
-    token by its input position (CLIP's text tower pools each text's end token) always run dense.
+    necks, mask decoders and heads that reshape tokens into a map work. Hosts whose output is read
+    by input position (SAM's image encoder feeds its neck; CLIP's text tower pools each text's end
+    token) always run dense, whatever `dense` says.
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokensieve method such as EViT(keep=0.7), got {type(method).__name__}")
@@ -55,12 +56,14 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
     if method.ragged and host.mean_pooled:
         raise ValueError(f"{method} keeps a different token count per image, and this model's head "
                          "averages the tokens, which would average padding in; use a fixed keep rate")
-    if host.full_sequence and not method.keeps_positions:
-        raise ValueError(f"{method} merges tokens, and this model's head reads tokens by their position, "
-                         "which needs a method that drops or freezes tokens (TopK, EViT, DynamicViT)")
+    if host.spec.dense_only and not method.keeps_positions:
+        raise ValueError(f"{method} merges tokens, and {host.spec.family} needs the features of every "
+                         "position (its output is read by position); use a method that drops or freezes "
+                         "tokens (DynamicViT, or TopK and EViT where there is a class token)")
+    dense = dense or host.spec.dense_only
     parts = method.bind(host.spec)
     unpatch(model)
-    runner = Runner(host, method, parts, eager=attention == "eager", dense=dense or host.full_sequence)
+    runner = Runner(host, method, parts, eager=attention == "eager", dense=dense)
     for layer, block in enumerate(host.blocks):
         runner.replaced[layer] = block.__dict__.get("forward")
         block.forward = functools.partial(runner.run, layer)

@@ -16,3 +16,5 @@ class ModelSpec:
     has_class_token: bool
     input_tokens: int  # tokens entering the first block at the default image size (text: the longest input)
     image_size: int  # the model's default input side, in pixels (0 for text towers)
+    # The output is read by input position (SAM's neck, CLIP text's end-token pooling): always dense.
+    dense_only: bool = False

@@ -23,6 +23,9 @@ class LayerRecord:
     valid: Tensor | None  # [B, N'] ragged padding mask after the block
     overhead: dict[str, int | Tensor] = field(default_factory=dict)  # name -> MACs per sample
     memory_tokens: int | Tensor = 0  # tokens of the other modality cross-attended, int or [B]
+    # [B] MACs of the attention products when the block's view ran attention itself (windows,
+    # relative positions); None: the plain 2 * N^2 * width of global attention.
+    attention_macs: Tensor | None = None
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Trace:
     prefix: int
     layers: list[LayerRecord] = field(default_factory=list)
     keep_decisions: list[KeepDecision] = field(default_factory=list)  # mask mode, one per pruning stage
+    map_size: tuple[int, int] | None = None  # (rows, cols) when the blocks take [B, rows, cols, C] maps
     input_valid: Tensor | None = None  # [B, N0] False on the input's padding (padded text), None: none
     output_valid: Tensor | None = None  # [B, N_out] False on the returned rows that are padding
 
@@ -101,18 +105,26 @@ class TokenState:
     grid: Tensor | None = None  # [B, N0 + 1, C] dense mode: last features of every input token
     source: Tensor | None = None  # [B, N0] dense mode with merging: each input token's active slot
     trace: Trace | None = None
+    # (rows, cols) when the blocks take channels-last maps [B, rows, cols, C] (SAM): the tokens are
+    # the map's cells in row-major order, so index = row * cols + col.
+    map_size: tuple[int, int] | None = None
 
     @classmethod
     def start(cls, x: Tensor, prefix: int, dense: bool = False, valid: Tensor | None = None,
               order: Tensor | None = None) -> TokenState:
-        """The state entering the first block. `valid` [B, N] marks the input's padding (False), which
-        is never attended as a key; `order` [B, N] lists input positions in the order the state holds
-        them (a host whose pooled token is not first puts it first, so it can score the others)."""
+        """The state entering the first block: `x` is [B, N, C] tokens, or a [B, rows, cols, C] map.
+        `valid` [B, N] marks the input's padding (False), which is never attended as a key; `order`
+        [B, N] lists input positions in the order the state holds them (a host whose pooled token
+        is not first puts it first, so it can score the others)."""
+        map_size = None
+        if x.dim() == 4:
+            map_size = _check_map_input(x, prefix, dense)
+            x = x.flatten(1, 2)
         batch, tokens, _ = x.shape
         # The grid's extra last row is a sink for tokens that have no input position of their own
         # (fused tokens, ragged padding), so every active token can be written back in one scatter.
         grid = torch.cat([x, x.new_zeros(batch, 1, x.shape[-1])], dim=1) if dense else None
-        trace = Trace(batch, tokens, prefix, input_valid=valid)
+        trace = Trace(batch, tokens, prefix, map_size=map_size, input_valid=valid)
         if order is None:
             index = torch.arange(tokens, device=x.device).expand(batch, tokens)
         else:
@@ -121,7 +133,7 @@ class TokenState:
         if valid is not None and not bool(valid[:, :prefix].all()):
             raise ValueError(f"the first {prefix} token(s) are protected from pruning and must not be "
                              "padding: pad sequences on the right")
-        return cls(x=x, index=index, prefix=prefix, valid=valid, grid=grid, trace=trace)
+        return cls(x=x, index=index, prefix=prefix, valid=valid, grid=grid, trace=trace, map_size=map_size)
 
     @property
     def tokens(self) -> int:
@@ -175,10 +187,13 @@ class TokenState:
 
     def dense_output(self) -> Tensor:
         """Dense mode: every input token in input order [B, N0, C], pruned ones with their last
-        features, merged ones with the features of the token they were merged into."""
-        if self.source is not None:
-            return gather_tokens(self.x, self.source)
-        return self.stored_grid()[:, :-1]
+        features, merged ones with the features of the token they were merged into; in the input's
+        own layout [B, rows, cols, C] when the blocks take maps."""
+        merged = self.source is not None
+        tokens = gather_tokens(self.x, self.source) if merged else self.stored_grid()[:, :-1]
+        if self.map_size is None:
+            return tokens
+        return tokens.reshape(tokens.shape[0], *self.map_size, tokens.shape[-1])
 
     def sources(self) -> Tensor:
         """Dense mode: the active slot [B, N0] of every input token (merging keeps no one-to-one map)."""
@@ -221,6 +236,16 @@ class TokenState:
             size=size,
             valid=valid,
         )
+
+
+def _check_map_input(x: Tensor, prefix: int, dense: bool) -> tuple[int, int]:
+    """(rows, cols) of a [B, rows, cols, C] block input, which only dense runs can hand back whole."""
+    if prefix:
+        raise ValueError("a block input shaped as a [B, rows, cols, C] map cannot carry prefix tokens")
+    if not dense:
+        raise ValueError("blocks that take [B, rows, cols, C] maps must give back the whole map; "
+                         "patch with dense=True")
+    return x.shape[1], x.shape[2]
 
 
 def gather_tokens(x: Tensor, positions: Tensor) -> Tensor:

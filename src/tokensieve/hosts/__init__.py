@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokensieve.hosts import hf_blip, hf_blip_text, hf_clip, hf_clip_text, hf_vit, timm_vit
-from tokensieve.hosts.base import BlockCall, BlockView, CrossAttentionView, Host
+from tokensieve.hosts import hf_blip, hf_blip_text, hf_clip, hf_clip_text, hf_sam, hf_vit, timm_vit
+from tokensieve.hosts.base import (
+    BlockCall,
+    BlockView,
+    CrossAttentionView,
+    Host,
+    PositionalAttention,
+    runs_own_attention,
+)
 
-_FAMILIES = (timm_vit, hf_vit, hf_clip, hf_blip, hf_clip_text, hf_blip_text)
+_FAMILIES = (timm_vit, hf_vit, hf_clip, hf_blip, hf_clip_text, hf_blip_text, hf_sam)
 
 
 def resolve_host(model: nn.Module) -> Host:
@@ -20,4 +27,5 @@ def resolve_host(model: nn.Module) -> Host:
                     f"Supported: {supported}")
 
 
-__all__ = ["BlockCall", "BlockView", "CrossAttentionView", "Host", "resolve_host"]
+__all__ = ["BlockCall", "BlockView", "CrossAttentionView", "Host", "PositionalAttention", "resolve_host",
+           "runs_own_attention"]

@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol
 from torch import Tensor, nn
 
 from tokensieve.spec import ModelSpec
+from tokensieve.tokens import TokenState
 
 
 class CrossAttentionView(Protocol):
@@ -66,6 +67,27 @@ class BlockView(Protocol):
         """Dropout on attention weights for the current train/eval mode."""
 
 
+class PositionalAttention(Protocol):
+    """Optional on a BlockView whose attention depends on where the tokens sit (windows,
+    relative-position bias: SAM). Such a view runs attention itself over the active tokens, at
+    their input positions `state.index`, instead of the executor's attention over all of them.
+    """
+
+    def attend(self, x: Tensor, state: TokenState, eager: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Block input [B, N, C] -> attention output [B, N, H*d] (before the output projection),
+        and the queries and keys [B, H, N, d] of the active tokens, for methods that score from
+        them. Ragged padding (`state.valid`) is no key; `state.keep` weighs keys (mask mode)."""
+
+    def attention_macs(self, index: Tensor, valid: Tensor | None, map_size: tuple[int, int] | None) -> Tensor:
+        """[B] MACs of the attention products (scores, weighted values, positional bias) for the
+        tokens at input positions `index` [B, N] (`valid`: which are real)."""
+
+
+def runs_own_attention(view: BlockView) -> bool:
+    """Whether `view` runs attention itself (PositionalAttention)."""
+    return callable(getattr(view, "attend", None))
+
+
 @dataclass
 class BlockCall:
     """What a host's block call carries besides its tokens, read once per forward at the first block."""
@@ -105,7 +127,6 @@ class Host:
     # what the blocks do not see (CLIP's token ids, for the end-of-text position).
     entry: nn.Module | None = None
     read_entry: Callable[[tuple, dict], Any] | None = None
-    full_sequence: bool = False  # the head reads tokens by input position: run dense
 
 
 def linear_macs(module: nn.Module) -> int:

@@ -94,12 +94,11 @@ def resolve(model: nn.Module) -> Host:
     spec = ModelSpec(
         family=f"transformers {type(model).__name__}", depth=len(views), dim=config.hidden_size,
         num_heads=views[0].num_heads, head_dim=views[0].head_dim, prefix=PROTECTED, has_class_token=True,
-        input_tokens=config.max_position_embeddings, image_size=0,
+        input_tokens=config.max_position_embeddings, image_size=0, dense_only=True,
     )
     projection = getattr(model, "text_projection", None)
     return Host(
         spec=spec, blocks=layers, views=views, mean_pooled=False, embed_macs_per_patch=0,
         head_macs=linear_macs(projection) if projection is not None else 0,
         read_call=_TextCall(tower.eos_token_id), entry=tower.embeddings, read_entry=_token_ids,
-        full_sequence=True,
     )

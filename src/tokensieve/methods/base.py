@@ -94,5 +94,7 @@ def check_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int, ...
 
 def needs_class_token(spec: ModelSpec, name: str) -> None:
     if not spec.has_class_token:
-        raise ValueError(f"{name} scores tokens by class-token attention, and this model has no class "
-                         "token; use ToMe or DynamicViT instead")
+        # Merging cannot serve a model whose output must keep every position.
+        instead = "DynamicViT" if spec.dense_only else "ToMe or DynamicViT"
+        raise ValueError(f"{name} scores tokens by class-token attention, and {spec.family} has no class "
+                         f"token; use {instead} instead")

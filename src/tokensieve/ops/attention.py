@@ -11,9 +11,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
               dropout: float = 0.0, eager: bool = False) -> Tensor:
     """Softmax attention [B, H, N, d] -> [B, H, N, d].
 
-    `bias` is None, a bool mask (True = may be attended), or an additive float bias, of shape
-    [B, 1, 1, N] (per key) or [B, 1, Nq, N] (per query and key, e.g. causal). `eager` spells the
-    matmuls out (for FLOP counters and debugging).
+    `bias` is None, a bool mask (True = may be attended), or an additive float bias, broadcastable
+    to [B, H, N, N]: per key [B, 1, 1, N], or per query and key (causal order, relative
+    positions). `eager` spells the matmuls out (for FLOP counters and debugging).
     """
     if not eager:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
@@ -37,14 +37,17 @@ def class_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> 
 
 
 def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float,
-                     mask: Tensor | None = None) -> Tensor:
+                     mask: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """Attention in which key j takes part with weight keep[b, j] (0/1 with gradient).
 
     Every token still attends to itself, so a pruned token's row stays well defined. `mask` (bool,
-    [B, 1, 1 or N, N], True = may be attended) removes padding keys and keeps causal order. Used in
+    [B, 1, 1 or N, N], True = may be attended) removes padding keys and keeps causal order; `bias`
+    is an additive float bias broadcastable to [B, H, N, N] (relative positions). Used in
     mask-mode training, where the decisions must stay differentiable.
     """
     logits = (q * scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+    if bias is not None:
+        logits = logits + bias
     tokens = logits.shape[-1]
     eye = torch.eye(tokens, dtype=logits.dtype, device=logits.device)
     policy = keep[:, None, None, :] + (1.0 - keep[:, None, None, :]) * eye  # [B, 1, N, N]

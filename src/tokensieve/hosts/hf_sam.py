@@ -1,0 +1,296 @@
+"""transformers SAM image encoder (SamVisionEncoder, SamVisionModel).
+
+SAM's layers take and return channels-last maps [B, H, W, C]. Most attend within
+non-overlapping windows of the map, padded with zeros to whole windows; the layers in
+`global_attn_indexes` attend over the whole map. Both add a decomposed relative-position bias
+(one table per axis). A convolutional neck turns the final map into the image embedding, so a
+patched encoder always runs dense: pruned cells keep their last features and the neck sees a
+full map.
+
+The executor hands this view the active tokens and their input positions (`state.index`, the
+row-major cell of the map); `SamLayerView.attend` puts each token back in its window, lets it
+attend to the active tokens of that window (and the host's zero-padding cells, which the host
+has as keys too), with the bias looked up from each token's (row, col).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tokensieve import ops
+from tokensieve.hosts.base import Host, linear_macs
+from tokensieve.spec import ModelSpec
+from tokensieve.tokens import TokenState
+
+FAMILY = "transformers SamVisionEncoder/SamVisionModel (for SamModel, patch model.vision_encoder)"
+_ENCODERS = ("SamVisionEncoder", "SamVisionModel")
+
+
+def matches(model: nn.Module) -> bool:
+    cls = type(model)
+    return cls.__name__ in (*_ENCODERS, "SamModel") and cls.__module__.startswith("transformers.")
+
+
+class SamLayerView:
+    """SamVisionLayer: layer_norm1, attn (fused qkv, relative positions, proj), layer_norm2, mlp."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn = layer.attn
+        self.layer, self.attn = layer, attn
+        self.num_heads = attn.num_attention_heads
+        self.head_dim = attn.qkv.out_features // (3 * self.num_heads)
+        self.scale = attn.scale
+        self.window = layer.window_size  # 0: global attention over the whole map
+        self.attention_linear_macs = linear_macs(attn)
+        self.mlp_macs = linear_macs(layer.mlp)
+
+    # BlockView
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[B, H, N, d] each, without positions; the executor calls `attend` instead."""
+        q, k, v = self._token_qkv(x)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attention_branch(self, heads_out: Tensor) -> Tensor:
+        return self.attn.proj(heads_out)
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        return self.layer.mlp(self.layer.layer_norm2(x))
+
+    def attention_dropout(self) -> float:
+        return self.attn.dropout if self.attn.training else 0.0
+
+    # PositionalAttention
+
+    def attend(self, x: Tensor, state: TokenState, eager: bool) -> tuple[Tensor, Tensor, Tensor]:
+        map_size = _require_map(state.map_size)
+        q, k, v = self._token_qkv(x)  # [B, N, H, d]
+        if self.window:
+            out = self._window_attention(q, k, v, state, map_size, eager)
+        else:
+            out = self._global_attention(q, k, v, state, map_size, eager)
+        return out.flatten(2), q.transpose(1, 2), k.transpose(1, 2)
+
+    def attention_macs(self, index: Tensor, valid: Tensor | None, map_size: tuple[int, int] | None) -> Tensor:
+        map_size = _require_map(map_size)
+        width = self.num_heads * self.head_dim
+        if self.window:
+            layout = _WindowLayout.of(index, valid, map_size, self.window)
+            members = layout.counts.view(index.shape[0], -1).double()  # [B, windows]
+            pairs, queries = (members**2).sum(dim=1), members.sum(dim=1)
+            bias_span = 2 * self.window  # each query meets one table row per axis
+        else:
+            queries = torch.full((index.shape[0],), float(index.shape[1]), dtype=torch.float64)
+            if valid is not None:
+                queries = valid.sum(dim=1).double()
+            pairs = queries**2
+            bias_span = map_size[0] + map_size[1]
+        macs = 2 * pairs * width  # scores and weighted values
+        if self.attn.use_rel_pos:
+            macs = macs + queries * bias_span * width
+        return macs.cpu()
+
+    # attention over the active tokens
+
+    def _token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Block input [B, N, C] -> queries, keys, values [B, N, H, d] (normalised, as the host)."""
+        batch, tokens, _ = x.shape
+        qkv = self.attn.qkv(self.layer.layer_norm1(x))
+        return qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+
+    def _padding_qkv(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys, values [H, d] of a padding cell: the host pads the normalised map with
+        zeros, so they are the qkv linear's bias."""
+        linear = self.attn.qkv
+        bias = linear.bias if linear.bias is not None else like.new_zeros(linear.out_features)
+        return bias.to(like.dtype).view(3, self.num_heads, self.head_dim).unbind(0)
+
+    def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
+                          map_size: tuple[int, int], eager: bool) -> Tensor:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, d]
+        index = state.index.clamp_min(0)  # ragged padding rows (index -1) are masked out below
+        rows, cols = index // map_size[1], index % map_size[1]
+        bias = self._position_bias(q, rows, cols, map_size)
+        if state.valid is not None:
+            mask = state.valid[:, None, None, :]
+            bias = mask if bias is None else bias.masked_fill(~mask, -torch.inf)
+        out = self._attention(q, k, v, bias, state.keep, eager)
+        return out.transpose(1, 2)  # [B, N, H, d]
+
+    def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
+                          map_size: tuple[int, int], eager: bool) -> Tensor:
+        """The active tokens of each window and its padding cells attend to each other (the
+        padding cells' own outputs are dropped, as the host drops them). Windows with the same
+        member count run as one batch, so no work is spent on padding them to a common size."""
+        batch, tokens = state.index.shape
+        size = self.window
+        layout = _WindowLayout.of(state.index, state.valid, map_size, size)
+        pads = layout.rows.shape[1] - tokens
+        pad_q, pad_k, pad_v = (t.expand(batch, pads, -1, -1) for t in self._padding_qkv(q))
+        keep = state.keep
+        if keep is not None:  # mask mode: padding cells always take part
+            keep = torch.cat([keep, keep.new_ones(batch, pads)], dim=1).flatten()[layout.order]
+        # Members grouped by window, each window's in cell order: [M, H, d]
+        q, k, v = (torch.cat([t, p], dim=1).flatten(0, 1)[layout.order]
+                   for t, p in ((q, pad_q), (k, pad_k), (v, pad_v)))
+        local_rows = (layout.rows % size).flatten()[layout.order]  # cell within the window
+        local_cols = (layout.cols % size).flatten()[layout.order]
+        starts = layout.counts.cumsum(0) - layout.counts
+
+        out = torch.zeros_like(q)
+        for count in layout.counts.unique().tolist():
+            if count == 0:
+                continue
+            chosen = starts[layout.counts == count, None] + torch.arange(count, device=q.device)  # [G, n]
+            group_q, group_k, group_v = (t[chosen].transpose(1, 2) for t in (q, k, v))  # [G, H, n, d]
+            bias = self._position_bias(group_q, local_rows[chosen], local_cols[chosen], (size, size))
+            group_keep = None if keep is None else keep[chosen]
+            group_out = self._attention(group_q, group_k, group_v, bias, group_keep, eager)
+            out[chosen.flatten()] = group_out.transpose(1, 2).flatten(0, 1)
+        in_place = out.new_zeros(batch * (tokens + pads), self.num_heads, self.head_dim)
+        in_place[layout.order] = out  # back to tokens-then-padding order; non-members stay zero
+        return in_place.view(batch, tokens + pads, self.num_heads, self.head_dim)[:, :tokens]
+
+    def _position_bias(self, q: Tensor, rows: Tensor, cols: Tensor, span: tuple[int, int]) -> Tensor | None:
+        """Decomposed relative-position bias [G, H, n, n] between tokens at (rows, cols) [G, n].
+
+        For query i and key j it is q_i . T_h[row_i, row_j] + q_i . T_w[col_i, col_j], with the
+        host's tables T over a span of `span` cells per axis (the window, or the whole map).
+        """
+        attn = self.attn
+        if not attn.use_rel_pos:
+            return None
+        table_h = attn.get_rel_pos(span[0], span[0], attn.rel_pos_h).to(q.dtype)  # [span, span, d]
+        table_w = attn.get_rel_pos(span[1], span[1], attn.rel_pos_w).to(q.dtype)
+        if _fills_span(rows, cols, span):  # nothing pruned here: the host's own layout, no gathers
+            groups, heads, tokens, dim = q.shape
+            cells = q.reshape(groups, heads, span[0], span[1], dim)
+            # contiguous, so that their broadcast sum is laid out as [G, H, n, n]
+            by_row = torch.einsum("ghxyd,xsd->ghxys", cells, table_h).contiguous()
+            by_col = torch.einsum("ghxyd,ysd->ghxys", cells, table_w).contiguous()
+            return (by_row[..., :, None] + by_col[..., None, :]).view(groups, heads, tokens, tokens)
+        return _axis_bias(q, rows, table_h) + _axis_bias(q, cols, table_w)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None,
+                   eager: bool) -> Tensor:
+        if keep is not None:
+            return ops.policy_attention(q, k, v, keep, self.scale, bias=bias)
+        return ops.attention(q, k, v, bias, self.scale, self.attention_dropout(), eager)
+
+
+def _axis_bias(q: Tensor, coords: Tensor, table: Tensor) -> Tensor:
+    """q [G, H, n, d], coords [G, n] along one axis, table [span, span, d] -> [G, H, n, n]."""
+    # Each query against its own table row (every key coordinate), then pick the keys' ones.
+    per_coordinate = torch.einsum("ghnd,gnsd->ghns", q, table[coords])  # [G, H, n, span]
+    heads, tokens = q.shape[1], q.shape[2]
+    return per_coordinate.gather(-1, coords[:, None, None, :].expand(-1, heads, tokens, -1))
+
+
+def _fills_span(rows: Tensor, cols: Tensor, span: tuple[int, int]) -> bool:
+    """Whether every group's tokens are all the cells of the span, in row-major order."""
+    if rows.shape[1] != span[0] * span[1]:
+        return False
+    cells = rows * span[1] + cols
+    return bool((cells == torch.arange(cells.shape[1], device=cells.device)).all())
+
+
+def _require_map(map_size: tuple[int, int] | None) -> tuple[int, int]:
+    if map_size is None:
+        raise ValueError("SAM layers take [B, H, W, C] maps; run the whole encoder, not a layer on tokens")
+    return map_size
+
+
+def _window_grid(map_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """Windows per column and per row of the map padded to whole windows."""
+    return math.ceil(map_size[0] / size), math.ceil(map_size[1] / size)
+
+
+def _padding_cells(map_size: tuple[int, int], size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(rows, cols) [P] of the cells the host adds to pad the map to whole windows."""
+    grid_rows, grid_cols = _window_grid(map_size, size)
+    rows = torch.arange(grid_rows * size, device=device)[:, None].expand(-1, grid_cols * size)
+    cols = torch.arange(grid_cols * size, device=device)[None, :].expand(grid_rows * size, -1)
+    outside = (rows >= map_size[0]) | (cols >= map_size[1])
+    return rows[outside], cols[outside]
+
+
+@dataclass
+class _WindowLayout:
+    """Which window each active token and padding cell of a batch falls in.
+
+    Members of a window are its active tokens and, if it has any, its padding cells (a window
+    with no active token has nothing to compute). Columns are the N tokens, then the P cells.
+    """
+
+    rows: Tensor  # [B, N + P] map row of each token and padding cell
+    cols: Tensor  # [B, N + P]
+    order: Tensor  # [M'] flat positions of [B, N + P] sorted by window, then cell; non-members last
+    counts: Tensor  # [B * windows] members of each window, windows numbered sample-major
+
+    @classmethod
+    def of(cls, index: Tensor, valid: Tensor | None, map_size: tuple[int, int], size: int) -> _WindowLayout:
+        batch, tokens = index.shape
+        index = index.clamp_min(0)  # ragged padding rows (index -1) are left out by `valid`
+        pad_rows, pad_cols = _padding_cells(map_size, size, index.device)
+        rows = torch.cat([index // map_size[1], pad_rows.expand(batch, -1)], dim=1)
+        cols = torch.cat([index % map_size[1], pad_cols.expand(batch, -1)], dim=1)
+        grid_rows, grid_cols = _window_grid(map_size, size)
+        windows = (rows // size) * grid_cols + cols // size
+        windows = windows + torch.arange(batch, device=index.device)[:, None] * (grid_rows * grid_cols)
+        total = batch * grid_rows * grid_cols
+        active = torch.ones(batch, tokens, dtype=torch.bool, device=index.device) if valid is None else valid
+        occupied = torch.bincount(windows[:, :tokens][active], minlength=total) > 0
+        member = torch.cat([active, occupied[windows[:, tokens:]]], dim=1)
+        slot = (rows % size) * size + cols % size
+        sort_key = torch.where(member, windows * size * size + slot, total * size * size)
+        order = sort_key.flatten().argsort()[: int(member.sum())]
+        return cls(rows, cols, order, torch.bincount(windows[member], minlength=total))
+
+
+def _pair(value: int | Iterable[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    first, second = value
+    return int(first), int(second)
+
+
+def _conv_macs(convs: Iterable[nn.Conv2d], rows: int, cols: int) -> int:
+    """MACs of a chain of convolutions applied to a [rows, cols] map, one after the other."""
+    total = 0
+    for conv in convs:
+        if conv.padding != "same":
+            (kernel_h, kernel_w), (stride_h, stride_w) = conv.kernel_size, conv.stride
+            pad_h, pad_w = (0, 0) if conv.padding == "valid" else conv.padding
+            rows = (rows + 2 * pad_h - conv.dilation[0] * (kernel_h - 1) - 1) // stride_h + 1
+            cols = (cols + 2 * pad_w - conv.dilation[1] * (kernel_w - 1) - 1) // stride_w + 1
+        total += rows * cols * conv.weight.numel()
+    return total
+
+
+def resolve(model: nn.Module) -> Host:
+    if type(model).__name__ == "SamModel":
+        raise TypeError("tokensieve patches SAM's image encoder, not the whole SamModel: "
+                        "ts.patch(model.vision_encoder, method); model.get_image_embeddings and "
+                        "model(pixel_values=...) then run the pruned encoder")
+    encoder = getattr(model, "vision_encoder", model)  # SamVisionModel wraps the encoder
+    config = encoder.config
+    image, patch = _pair(config.image_size), _pair(config.patch_size)
+    rows, cols = image[0] // patch[0], image[1] // patch[1]
+    layers = list(encoder.layers)
+    views = [SamLayerView(layer) for layer in layers]
+    spec = ModelSpec(
+        family=f"transformers {type(model).__name__}", depth=len(views), dim=config.hidden_size,
+        num_heads=views[0].num_heads, head_dim=views[0].head_dim, prefix=0, has_class_token=False,
+        input_tokens=rows * cols, image_size=image[0], dense_only=True,
+    )
+    neck_convs = [m for m in encoder.neck.modules() if isinstance(m, nn.Conv2d)]
+    return Host(
+        spec=spec, blocks=layers, views=views, mean_pooled=False,
+        embed_macs_per_patch=encoder.patch_embed.projection.weight.numel(),
+        head_macs=_conv_macs(neck_convs, rows, cols),
+    )
