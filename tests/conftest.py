@@ -22,6 +22,16 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The tests run many tiny operations; on a busy machine, waking a second thread for each can
+    # cost a hundred times the work itself. Speed is measured by benchmarks/, never here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Hypothesis keeps nothing in the checkout (it would write .hypothesis/ into the working directory),
 # has no per-example deadline (the first call into torch is slow), and runs few examples.
 _HYPOTHESIS_HOME = Path(tempfile.gettempdir()) / "tokensieve-hypothesis"

@@ -24,16 +24,6 @@ GRID = IMAGE // PATCH
 PRUNED = ts.DynamicViT(keep=0.5, layers=(1, 2))  # prunes before a global and a windowed layer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The reference below runs thousands of tiny operations; on a busy machine, waking a second
-    # thread for each costs a hundred times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _embeddings(model: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         return model(pixel_values=x).last_hidden_state
