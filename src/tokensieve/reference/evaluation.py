@@ -8,17 +8,27 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tokensieve.reference.models import IMAGE_SIZE, SegmentationViT
-from tokensieve.tasks import SEG_CLASSES, accuracy, collate, confusion_matrix, mean_iou
+from tokensieve.reference.tos import TosModel
+from tokensieve.tasks import (
+    SEG_CLASSES,
+    accuracy,
+    ciou,
+    collate,
+    confusion_matrix,
+    giou,
+    intersection_union,
+    mean_iou,
+)
 
-METRICS = {"cls": "accuracy", "seg": "mIoU"}
+METRICS = {"cls": "accuracy", "seg": "mIoU", "tos": "gIoU"}  # the headline score of each task
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: str, data: Dataset, batch_size: int = 50,
              progress: bool = True) -> dict[str, float]:
-    """{"accuracy": …} for cls or {"mIoU": …} for seg over all of `data`, in eval mode (the model's
-    mode is restored). Scores are accumulated over the whole split, so the batch size never
-    changes them."""
+    """{"accuracy": …} for cls, {"mIoU": …} for seg, or {"gIoU": …, "cIoU": …} for tos over all of
+    `data`, in eval mode (the model's mode is restored). Scores are accumulated over the whole
+    split (tos: each sample's intersection and union), so the batch size never changes them."""
     was_training = model.training
     model.eval()
     try:
@@ -31,7 +41,12 @@ def evaluate(model: nn.Module, task: str, data: Dataset, batch_size: int = 50,
             confusion = sum(confusion_matrix(_segment(model, batch["image"]), batch["mask"], len(SEG_CLASSES))
                             for batch in batches)
             return {"mIoU": mean_iou(confusion)}
-        raise ValueError(f"no reference evaluation for task {task!r}; choose cls or seg")
+        if task == "tos":
+            pairs = [intersection_union(_ground(model, batch["image"], batch["text"]), batch["mask"])
+                     for batch in batches]
+            intersections, unions = torch.cat([i for i, _ in pairs]), torch.cat([u for _, u in pairs])
+            return {"gIoU": giou(intersections, unions), "cIoU": ciou(intersections, unions)}
+        raise ValueError(f"no reference evaluation for task {task!r}; choose cls, seg or tos")
     finally:
         model.train(was_training)
 
@@ -45,3 +60,9 @@ def _segment(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if not isinstance(model, SegmentationViT):
         raise TypeError(f"seg evaluation needs a SegmentationViT, got {type(model).__name__}")
     return model.predict(images)
+
+
+def _ground(model: nn.Module, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    if not isinstance(model, TosModel):
+        raise TypeError(f"tos evaluation needs a TosModel, got {type(model).__name__}")
+    return model.predict(images, text=texts)

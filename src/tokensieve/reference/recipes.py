@@ -5,6 +5,13 @@ EfficientNetV2): most steps run at 112×112 (or 160×160 for seg, whose masks ne
 where a step costs a quarter (a half) of one at 224×224, and a final phase at the native 224×224
 adapts the model to the size it is used at. Each phase is its own
 warm-up + cosine run of `tokensieve.train.fit`, starting from the previous phase's weights.
+
+tos runs 1 600 steps at 128×128 and 150 at its native 256×256. Measured on this 2-core machine
+(one thread, other training running alongside; batch 64): 2.0 CPU-seconds per step at 128 px and
+10.0 at 256 px, plus 0.23 and 0.72 for generating the batch. Spread over two cores at ~1.7×
+(docs/reference.md): ~1.3 s and ~6.3 s per step, so 1 600 × 1.3 + 150 × 6.3 ≈ 3 030 s, ~51 minutes
+with validation. A 256 px step costs 5× one at 128 px (4× the tokens; SAM pads the 16×16 grid to
+18×18 for its windows, the 8×8 one to 12×12).
 """
 
 from __future__ import annotations
@@ -36,4 +43,5 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "cls": Recipe("cls", (Phase(112, 1200, 1e-3, 120), Phase(224, 250, 2.5e-4, 25))),
     "seg": Recipe("seg", (Phase(160, 700, 1e-3, 70), Phase(224, 200, 2.5e-4, 20))),
+    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15))),
 }

@@ -1,9 +1,12 @@
 """Reference weights on disk: a transformers directory (config.json + model.safetensors, fp16) that
-`from_pretrained` reads, plus `head.safetensors` for the seg model's convolutional head."""
+`from_pretrained` reads, plus `head.safetensors` for the seg model's convolutional head, or, for
+tos, `guidance.safetensors` and `guidance.json` for the text encoder and its projection (the
+SamModel is the transformers directory; a pretrained MiniLM text encoder is never stored)."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -13,10 +16,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import SegmentationViT
+from tokensieve.reference.tos import TosModel
 
-TASKS = ("cls", "seg")
+TASKS = ("cls", "seg", "tos")
 HEAD_FILE = "head.safetensors"
+GUIDANCE_FILE = "guidance.safetensors"  # tos: the text encoder (if trained) and its projection
+GUIDANCE_CONFIG = "guidance.json"  # tos: which text encoder, and its settings
 
 
 def shipped_weights(task: str) -> Path:
@@ -29,19 +36,19 @@ def save_reference(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write `model` in fp16 to `directory` (the model itself is not changed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, TosModel):
+        return _save_tos(model, directory)
     backbone = model.backbone if isinstance(model, SegmentationViT) else model
     half = _half_copy(backbone)
     half.save_pretrained(directory)
     if isinstance(model, SegmentationViT):
-        head = {key: value.detach().to(torch.float16).contiguous()
-                for key, value in model.head.state_dict().items()}
-        save_file(head, directory / HEAD_FILE, metadata={"format": "pt"})
+        save_file(_half_state(model.head.state_dict()), directory / HEAD_FILE, metadata={"format": "pt"})
     return directory
 
 
 def load_reference(task: str, directory: str | os.PathLike | None = None) -> nn.Module:
-    """The reference model of `task` ("cls" or "seg") in fp32 and eval mode, from `directory`
-    (default: the weights shipped with tokensieve)."""
+    """The reference model of `task` ("cls", "seg" or "tos") in fp32 and eval mode, from
+    `directory` (default: the weights shipped with tokensieve)."""
     _check_task(task)
     path = Path(directory) if directory is not None else shipped_weights(task)
     if not (path / "config.json").is_file():
@@ -49,11 +56,42 @@ def load_reference(task: str, directory: str | os.PathLike | None = None) -> nn.
                                 f"`tokensieve train {task}`")
     if task == "cls":
         model = transformers.ViTForImageClassification.from_pretrained(path, dtype=torch.float32)
+    elif task == "tos":
+        model = _load_tos(path)
     else:
         backbone = transformers.ViTModel.from_pretrained(path, dtype=torch.float32, add_pooling_layer=False)
         model = SegmentationViT(backbone)
         model.head.load_state_dict({k: v.float() for k, v in load_file(path / HEAD_FILE).items()})
     return model.eval()
+
+
+def _save_tos(model: TosModel, directory: Path) -> Path:
+    _half_copy(model.sam).save_pretrained(directory)
+    rest = {key: value for key, value in model.state_dict().items() if not key.startswith("sam.")}
+    save_file(_half_state(rest), directory / GUIDANCE_FILE, metadata={"format": "pt"})
+    settings = {"text_encoder": model.text.kind, "settings": model.text.settings()}
+    (directory / GUIDANCE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    return directory
+
+
+def _load_tos(path: Path) -> TosModel:
+    if not (path / GUIDANCE_CONFIG).is_file():
+        raise FileNotFoundError(f"{path} holds a SAM model but no {GUIDANCE_CONFIG}; it was not written by "
+                                "save_reference for tos")
+    settings = json.loads((path / GUIDANCE_CONFIG).read_text())
+    sam = transformers.SamModel.from_pretrained(path, dtype=torch.float32)
+    model = TosModel(sam, build_guidance(settings["text_encoder"], **settings["settings"]))
+    rest = {key: value.float() for key, value in load_file(path / GUIDANCE_FILE).items()}
+    own = {key for key in model.state_dict() if not key.startswith("sam.")}
+    if set(rest) != own:
+        raise ValueError(f"{path / GUIDANCE_FILE} does not fit a {settings['text_encoder']!r} text encoder: "
+                         f"missing {sorted(own - set(rest))[:3]}, unexpected {sorted(set(rest) - own)[:3]}")
+    model.load_state_dict(rest, strict=False)
+    return model
+
+
+def _half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to(torch.float16).contiguous() for key, value in state.items()}
 
 
 def _half_copy(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:

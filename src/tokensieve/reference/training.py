@@ -13,9 +13,16 @@ import tokensieve as ts
 from tokensieve.methods import Method
 from tokensieve.patch import Sieve
 from tokensieve.reference.evaluation import evaluate
-from tokensieve.reference.models import IMAGE_SIZE, SegmentationViT, build_classifier, build_segmenter
+from tokensieve.reference.models import (
+    IMAGE_SIZE,
+    IMAGE_SIZES,
+    SegmentationViT,
+    build_classifier,
+    build_segmenter,
+)
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
 from tokensieve.reference.store import load_reference, save_reference
+from tokensieve.reference.tos import TosModel, build_tos
 from tokensieve.tasks import make_dataset
 from tokensieve.train import (
     TrainConfig,
@@ -23,6 +30,7 @@ from tokensieve.train import (
     fit,
     latest_checkpoint,
     load_trained,
+    mask_bce_dice,
     pixel_cross_entropy,
 )
 
@@ -30,22 +38,29 @@ VALIDATION_SAMPLES = 500  # a validation subset scored at the end of each phase,
 
 
 def build_model(task: str) -> nn.Module:
+    """A fresh, untrained reference model of `task` (tos with its default, trained text encoder)."""
     if task == "cls":
         return build_classifier()
     if task == "seg":
         return build_segmenter()
-    raise ValueError(f"no reference model for task {task!r}; choose cls or seg")
+    if task == "tos":
+        return build_tos()
+    raise ValueError(f"no reference model for task {task!r}; choose cls, seg or tos")
 
 
 def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                    recipe: Recipe | None = None, progress: bool = True) -> nn.Module:
+                    recipe: Recipe | None = None, progress: bool = True,
+                    model: nn.Module | None = None) -> nn.Module:
     """Train `task`'s reference model from scratch by `recipe` (default: RECIPES[task]), one fit per
     phase with checkpoints and JSONL logs under `run_dir` (run again to resume), and write the
-    fp16 weights to `out_dir` if given. Returns the trained fp32 model, in eval mode."""
+    fp16 weights to `out_dir` if given. Returns the trained fp32 model, in eval mode.
+
+    `model` replaces the default fresh model, e.g. `build_tos("minilm")` for tos guided by the
+    pretrained MiniLM; the recipe's seed then does not reach its initialisation."""
     recipe = recipe or RECIPES[task]
     run_dir = Path(run_dir)
     torch.manual_seed(recipe.seed)
-    model = build_model(task)
+    model = model if model is not None else build_model(task)
     previous: Path | None = None
     for number, phase in enumerate(recipe.phases):
         phase_dir = run_dir / f"phase-{number}-{phase.image_size}px"
@@ -72,7 +87,7 @@ def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, pr
 
 
 def _task_loss(task: str) -> Callable[[Tensor, Tensor], Tensor]:
-    return cross_entropy if task == "cls" else pixel_cross_entropy
+    return {"cls": cross_entropy, "seg": pixel_cross_entropy, "tos": mask_bce_dice}[task]
 
 
 def _collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:
@@ -82,6 +97,8 @@ def _collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, T
         inputs = {"pixel_values": torch.stack([s["image"] for s in samples])}
         if task == "cls" and image_size != IMAGE_SIZE:
             inputs["interpolate_pos_encoding"] = True
+        if task == "tos":
+            inputs["text"] = [s["text"] for s in samples]
         return inputs, torch.stack([torch.as_tensor(s[target]) for s in samples])
 
     return collate
@@ -95,31 +112,42 @@ def _validation(task: str, image_size: int) -> Callable[[nn.Module], dict[str, f
     return score
 
 
-
-
 def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 300,
                  batch_size: int = 32, lr: float = 1e-3, model_lr_scale: float = 0.1,
                  progress: bool = True) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale, task + keep-ratio + self-distillation
-    losses, at the native 224×224. Checkpoints and the JSONL log go to `run_dir` (run again to
-    resume). Returns the patched model in eval mode; load the run later with `load_trained`."""
+    losses, at the native size (224×224; tos 256×256). Checkpoints and the JSONL log go to
+    `run_dir` (run again to resume). Returns the patched model in eval mode; load the run later
+    with `load_trained`."""
     model = load_reference(task)
     patch_reference(model, method)
+    size = IMAGE_SIZES[task]
     config = TrainConfig(
         train="model", steps=steps, batch_size=batch_size, lr=lr, model_lr_scale=model_lr_scale,
         warmup_steps=max(1, steps // 20), num_workers=1, checkpoint_dir=os.fspath(run_dir),
         checkpoint_every=50, keep_checkpoints=1, log_path=os.fspath(Path(run_dir) / "log.jsonl"),
         progress=progress,
     )
-    fit(model, make_dataset(task, "train", size=steps * batch_size), _task_loss(task), config,
-        collate_fn=_collate(task, IMAGE_SIZE), evaluate=_validation(task, IMAGE_SIZE))
+    data = make_dataset(task, "train", size=steps * batch_size, image_size=size)
+    fit(model, data, _task_loss(task), config, collate_fn=_collate(task, size),
+        evaluate=_validation(task, size))
     return model.eval()
 
 
 def patch_reference(model: nn.Module, method: Method) -> Sieve:
-    """Patch a reference model with `method`: the classifier whole, the seg model's backbone in
-    dense mode (pruned tokens stay in place, so the head sees every position)."""
-    if isinstance(model, SegmentationViT):
-        return ts.patch(model.backbone, method, dense=True)
+    """Patch a reference model with `method`: the classifier whole; the seg model's backbone and
+    the tos model's SAM vision encoder in dense mode (pruned tokens stay in place, so the head,
+    the neck and the mask decoder see every position)."""
+    if isinstance(model, (SegmentationViT, TosModel)):
+        return ts.patch(image_encoder(model), method, dense=True)
     return ts.patch(model, method)
+
+
+def image_encoder(model: nn.Module) -> nn.Module:
+    """The module a reference model's pruning patches, and whose MACs are reported."""
+    if isinstance(model, SegmentationViT):
+        return model.backbone
+    if isinstance(model, TosModel):
+        return model.sam.vision_encoder
+    return model

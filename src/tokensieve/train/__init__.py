@@ -17,6 +17,7 @@ from tokensieve.train.losses import (
     keep_ratio_loss,
     keep_ratio_stages,
     logits_of,
+    mask_bce_dice,
     pixel_cross_entropy,
 )
 from tokensieve.train.schedule import WarmupCosine, warmup_cosine
@@ -35,6 +36,7 @@ __all__ = [
     "latest_checkpoint",
     "load_trained",
     "logits_of",
+    "mask_bce_dice",
     "pixel_cross_entropy",
     "read_checkpoint",
     "read_log",

@@ -43,6 +43,27 @@ def pixel_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGN
     return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index)
 
 
+def mask_bce_dice(logits: Tensor, targets: Tensor, bce_weight: float = 2.0, dice_weight: float = 0.5,
+                  smooth: float = 1.0) -> Tensor:
+    """Binary masks, as LISA trains SAM's decoder: bce_weight · pixel BCE + dice_weight · (1 − Dice).
+    Logits [B, 1, h, w] or [B, h, w] are upsampled to the targets [B, H, W] (bool or 0/1); Dice is
+    taken per sample on the sigmoid probabilities (so small targets weigh as much as large
+    ones), then averaged; `smooth` keeps an empty target from dividing by zero."""
+    if logits.dim() == 3:
+        logits = logits.unsqueeze(1)
+    if logits.dim() != 4 or logits.shape[1] != 1 or targets.dim() != 3:
+        raise ValueError(f"mask_bce_dice takes logits [B, 1, h, w] and masks [B, H, W], got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    if logits.shape[-2:] != targets.shape[-2:]:
+        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    logits, targets = logits[:, 0].float(), targets.float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    probabilities = logits.sigmoid().flatten(1)
+    flat = targets.flatten(1)
+    dice = (2 * (probabilities * flat).sum(1) + smooth) / (probabilities.sum(1) + flat.sum(1) + smooth)
+    return bce_weight * bce + dice_weight * (1 - dice).mean()
+
+
 def keep_ratio_loss(stages: Sequence[tuple[Tensor, float | Tensor]]) -> Tensor:
     """Mean over stages of the batch mean of (each sample's kept share − target)², as DynamicViT.
 
