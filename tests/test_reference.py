@@ -62,8 +62,8 @@ def test_the_seg_model_runs_pruned_in_dense_mode_and_scores_a_split(tmp_path):
 def test_missing_weights_and_unknown_tasks_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokensieve train cls"):
         load_reference("cls", tmp_path)
-    with pytest.raises(ValueError, match="choose one of cls, seg, tos"):
-        load_reference("nlvr", tmp_path)
+    with pytest.raises(ValueError, match="choose one of cls, seg, tos, nlvr, retrieval"):
+        load_reference("vqa", tmp_path)
     save_reference(build_model("cls"), tmp_path / "cls")
     assert (tmp_path / "cls" / "config.json").is_file()
 

@@ -10,7 +10,7 @@ import torch
 
 from tokensieve.loading import parse_method
 
-TASK = click.Choice(["cls", "seg", "tos"])
+TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
 
 
 @click.command()

@@ -1,6 +1,7 @@
-"""Reference task models: DeiT-Tiny-sized transformers ViTs (and, for tos, a small transformers SAM
-prompted by the task sentence) trained from scratch on the synthetic tasks by a committed recipe,
-shipped as fp16 weights, loaded with `from_pretrained`.
+"""Reference task models: DeiT-Tiny-sized transformers ViTs (for tos, a small transformers SAM
+prompted by the task sentence; for nlvr and retrieval, small transformers BLIP and CLIP models)
+trained from scratch on the synthetic tasks by a committed recipe, shipped as fp16 weights,
+loaded with `from_pretrained`.
 
     >>> from tokensieve.reference import load_reference, evaluate
     >>> model = load_reference("seg")
@@ -10,7 +11,7 @@ shipped as fp16 weights, loaded with `from_pretrained`.
 See docs/reference.md.
 """
 
-from tokensieve.reference.evaluation import METRICS, evaluate
+from tokensieve.reference.evaluation import METRICS, evaluate, retrieval_scores
 from tokensieve.reference.guidance import MiniLMGuidance, TextGuidance, WordEncoder, build_guidance
 from tokensieve.reference.models import IMAGE_SIZES, SegmentationViT, build_classifier, build_segmenter
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
@@ -20,14 +21,27 @@ from tokensieve.reference.training import (
     build_model,
     image_encoder,
     patch_reference,
+    text_encoder,
     train_method,
     train_reference,
 )
+from tokensieve.reference.vl import (
+    END_ID,
+    START_ID,
+    build_nlvr,
+    build_retrieval,
+    image_embeddings,
+    match_logits,
+    text_embeddings,
+    text_inputs,
+)
 
 __all__ = [
+    "END_ID",
     "IMAGE_SIZES",
     "METRICS",
     "RECIPES",
+    "START_ID",
     "TASKS",
     "MiniLMGuidance",
     "Phase",
@@ -40,14 +54,22 @@ __all__ = [
     "build_classifier",
     "build_guidance",
     "build_model",
+    "build_nlvr",
+    "build_retrieval",
     "build_segmenter",
     "build_tos",
     "evaluate",
+    "image_embeddings",
     "image_encoder",
     "load_reference",
+    "match_logits",
     "patch_reference",
+    "retrieval_scores",
     "save_reference",
     "shipped_weights",
+    "text_embeddings",
+    "text_encoder",
+    "text_inputs",
     "train_method",
     "train_reference",
 ]

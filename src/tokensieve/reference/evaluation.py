@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import torch
+import transformers
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tokensieve.reference.models import IMAGE_SIZE, SegmentationViT
 from tokensieve.reference.tos import TosModel
+from tokensieve.reference.vl import image_embeddings, match_logits, text_embeddings, text_inputs
 from tokensieve.tasks import (
     SEG_CLASSES,
     accuracy,
@@ -18,17 +20,23 @@ from tokensieve.tasks import (
     giou,
     intersection_union,
     mean_iou,
+    recall_at_k,
 )
 
-METRICS = {"cls": "accuracy", "seg": "mIoU", "tos": "gIoU"}  # the headline score of each task
+# the headline score of each task; retrieval's is the mean of recall@1 both ways
+METRICS = {"cls": "accuracy", "seg": "mIoU", "tos": "gIoU", "nlvr": "accuracy", "retrieval": "R@1"}
+RECALL_KS = (1, 5)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: str, data: Dataset, batch_size: int = 50,
              progress: bool = True) -> dict[str, float]:
-    """{"accuracy": …} for cls, {"mIoU": …} for seg, or {"gIoU": …, "cIoU": …} for tos over all of
-    `data`, in eval mode (the model's mode is restored). Scores are accumulated over the whole
-    split (tos: each sample's intersection and union), so the batch size never changes them."""
+    """{"accuracy": …} for cls and nlvr, {"mIoU": …} for seg, {"gIoU": …, "cIoU": …} for tos, or
+    for retrieval {"R@1": …} (the mean of both directions) and recall@1 and @5 each way
+    ("image_to_text@1", …), over all of `data`, in eval mode (the model's mode is restored).
+    Scores are accumulated over the whole split (tos: each sample's intersection and union;
+    retrieval: `data` is the gallery, image i matching caption i as in `retrieval_gallery`), so
+    the batch size never changes them."""
     was_training = model.training
     model.eval()
     try:
@@ -46,7 +54,14 @@ def evaluate(model: nn.Module, task: str, data: Dataset, batch_size: int = 50,
                      for batch in batches]
             intersections, unions = torch.cat([i for i, _ in pairs]), torch.cat([u for _, u in pairs])
             return {"gIoU": giou(intersections, unions), "cIoU": ciou(intersections, unions)}
-        raise ValueError(f"no reference evaluation for task {task!r}; choose cls, seg or tos")
+        if task == "nlvr":
+            pairs = [(_verify(model, batch), batch["label"]) for batch in batches]
+            return {"accuracy": accuracy(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]))}
+        if task == "retrieval":
+            pairs = [_embed(model, batch) for batch in batches]
+            return retrieval_scores(torch.cat([i for i, _ in pairs]), torch.cat([t for _, t in pairs]))
+        raise ValueError(f"no reference evaluation for task {task!r}; choose cls, seg, tos, nlvr or "
+                         "retrieval")
     finally:
         model.train(was_training)
 
@@ -66,3 +81,25 @@ def _ground(model: nn.Module, images: torch.Tensor, texts: list[str]) -> torch.T
     if not isinstance(model, TosModel):
         raise TypeError(f"tos evaluation needs a TosModel, got {type(model).__name__}")
     return model.predict(images, text=texts)
+
+
+def retrieval_scores(images: torch.Tensor, texts: torch.Tensor) -> dict[str, float]:
+    """Recall@1 and @5 both ways, and their headline "R@1" (the mean of the two recall@1), from
+    normalised embeddings of a gallery: images [N, D], texts [N, D], image i matching text i."""
+    scores = recall_at_k(images @ texts.t(), ks=RECALL_KS)
+    headline = (scores["image_to_text@1"] + scores["text_to_image@1"]) / 2
+    return {"R@1": headline, **scores}
+
+
+def _verify(model: nn.Module, batch: dict) -> torch.Tensor:
+    if not isinstance(model, transformers.BlipForImageTextRetrieval):
+        raise TypeError(f"nlvr evaluation needs a BlipForImageTextRetrieval, got {type(model).__name__}")
+    input_ids, attention_mask = text_inputs(batch["tokens"], batch["attention_mask"])
+    return match_logits(model, batch["image"], input_ids, attention_mask).argmax(-1)
+
+
+def _embed(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(model, transformers.CLIPModel):
+        raise TypeError(f"retrieval evaluation needs a CLIPModel, got {type(model).__name__}")
+    input_ids, attention_mask = text_inputs(batch["tokens"], batch["attention_mask"])
+    return image_embeddings(model, batch["image"]), text_embeddings(model, input_ids, attention_mask)

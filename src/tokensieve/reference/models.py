@@ -4,7 +4,8 @@ synthetic tasks (tokensieve.tasks), so that every method runs on a real host's c
 Both take images as the tasks make them: float32 [B, 3, H, W] in [0, 1], unnormalised (a model
 trained from scratch learns the affine map into its patch embedding). H = W = 224 is the native
 size; other multiples of 16 interpolate the position embeddings. The tos model (a small SAM
-prompted by text, native size 256×256) lives in tos.py.
+prompted by text, native size 256×256) lives in tos.py, the nlvr and retrieval models (small
+BLIP and CLIP) in vl.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from tokensieve.reference.tos import TOS_IMAGE_SIZE
 from tokensieve.tasks import CLS_CLASSES, SEG_CLASSES
 
 IMAGE_SIZE = 224
-IMAGE_SIZES = {"cls": IMAGE_SIZE, "seg": IMAGE_SIZE, "tos": TOS_IMAGE_SIZE}  # each model's native input side
+# each model's native input side (nlvr and retrieval: the BLIP and CLIP models of vl.py)
+IMAGE_SIZES = {"cls": IMAGE_SIZE, "seg": IMAGE_SIZE, "tos": TOS_IMAGE_SIZE, "nlvr": IMAGE_SIZE,
+               "retrieval": IMAGE_SIZE}
 PATCH_SIZE = 16
 # DeiT-Tiny: width 192, 12 layers, 3 heads, MLP ratio 4.
 TINY = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,

@@ -12,6 +12,13 @@ tos runs 1 600 steps at 128×128 and 150 at its native 256×256. Measured on thi
 (docs/reference.md): ~1.3 s and ~6.3 s per step, so 1 600 × 1.3 + 150 × 6.3 ≈ 3 030 s, ~51 minutes
 with validation. A 256 px step costs 5× one at 128 px (4× the tokens; SAM pads the 16×16 grid to
 18×18 for its windows, the 8×8 one to 12×12).
+
+nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224. Measured with
+benchmarks/recipe_timing.py (one thread, other training alongside; batch 64), in CPU-seconds of
+training + generating a batch: nlvr 1.11 + 0.21 at 112 px and 4.55 + 0.37 at 224 px; retrieval
+1.10 + 0.17 and 4.70 + 0.32. On two cores at ~1.7×: nlvr ~0.78 s and ~2.89 s per step, so
+3 000 × 0.78 + 200 × 2.89 ≈ 2 340 + 580 ≈ 2 920 s; retrieval ~0.75 s and ~2.96 s, so
+3 000 × 0.75 + 200 × 2.96 ≈ 2 250 + 590 ≈ 2 840 s: ~49 and ~48 minutes, and ~1 more of validation.
 """
 
 from __future__ import annotations
@@ -44,4 +51,7 @@ RECIPES: dict[str, Recipe] = {
     "cls": Recipe("cls", (Phase(112, 1200, 1e-3, 120), Phase(224, 250, 2.5e-4, 25))),
     "seg": Recipe("seg", (Phase(160, 700, 1e-3, 70), Phase(224, 200, 2.5e-4, 20))),
     "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15))),
+    # BLIP's text encoder is post-norm (BERT): half the lr of the pre-norm models.
+    "nlvr": Recipe("nlvr", (Phase(112, 3000, 5e-4, 300), Phase(224, 200, 1.25e-4, 20))),
+    "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20))),
 }

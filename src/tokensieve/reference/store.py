@@ -1,7 +1,9 @@
 """Reference weights on disk: a transformers directory (config.json + model.safetensors, fp16) that
 `from_pretrained` reads, plus `head.safetensors` for the seg model's convolutional head, or, for
 tos, `guidance.safetensors` and `guidance.json` for the text encoder and its projection (the
-SamModel is the transformers directory; a pretrained MiniLM text encoder is never stored)."""
+SamModel is the transformers directory; a pretrained MiniLM text encoder is never stored). The
+nlvr (BlipForImageTextRetrieval) and retrieval (CLIPModel) models are plain transformers
+directories, as cls is."""
 
 from __future__ import annotations
 
@@ -20,7 +22,13 @@ from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import SegmentationViT
 from tokensieve.reference.tos import TosModel
 
-TASKS = ("cls", "seg", "tos")
+TASKS = ("cls", "seg", "tos", "nlvr", "retrieval")
+# the reference models that are one transformers class, loaded whole by from_pretrained
+_PLAIN: dict[str, type[transformers.PreTrainedModel]] = {
+    "cls": transformers.ViTForImageClassification,
+    "nlvr": transformers.BlipForImageTextRetrieval,
+    "retrieval": transformers.CLIPModel,
+}
 HEAD_FILE = "head.safetensors"
 GUIDANCE_FILE = "guidance.safetensors"  # tos: the text encoder (if trained) and its projection
 GUIDANCE_CONFIG = "guidance.json"  # tos: which text encoder, and its settings
@@ -47,15 +55,15 @@ def save_reference(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def load_reference(task: str, directory: str | os.PathLike | None = None) -> nn.Module:
-    """The reference model of `task` ("cls", "seg" or "tos") in fp32 and eval mode, from
-    `directory` (default: the weights shipped with tokensieve)."""
+    """The reference model of `task` (one of TASKS) in fp32 and eval mode, from `directory`
+    (default: the weights shipped with tokensieve)."""
     _check_task(task)
     path = Path(directory) if directory is not None else shipped_weights(task)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no reference weights for {task!r} in {path}; train them with "
                                 f"`tokensieve train {task}`")
-    if task == "cls":
-        model = transformers.ViTForImageClassification.from_pretrained(path, dtype=torch.float32)
+    if task in _PLAIN:
+        model = _load_plain(task, path)
     elif task == "tos":
         model = _load_tos(path)
     else:
@@ -63,6 +71,15 @@ def load_reference(task: str, directory: str | os.PathLike | None = None) -> nn.
         model = SegmentationViT(backbone)
         model.head.load_state_dict({k: v.float() for k, v in load_file(path / HEAD_FILE).items()})
     return model.eval()
+
+
+def _load_plain(task: str, path: Path) -> transformers.PreTrainedModel:
+    cls = _PLAIN[task]
+    stored = json.loads((path / "config.json").read_text()).get("model_type")
+    if stored != cls.config_class.model_type:  # from_pretrained would warn and load random weights
+        raise ValueError(f"{path} holds a {stored!r} model, not the {task} reference model "
+                         f"({cls.__name__}); pass the directory `tokensieve train {task} --out` wrote")
+    return cls.from_pretrained(path, dtype=torch.float32)
 
 
 def _save_tos(model: TosModel, directory: Path) -> Path:

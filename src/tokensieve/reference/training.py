@@ -23,18 +23,30 @@ from tokensieve.reference.models import (
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
 from tokensieve.reference.store import load_reference, save_reference
 from tokensieve.reference.tos import TosModel, build_tos
+from tokensieve.reference.vl import (
+    build_nlvr,
+    build_retrieval,
+    contrastive_logits,
+    is_vl_model,
+    itm_logits,
+    text_inputs,
+)
+from tokensieve.tasks import collate as collate_samples
 from tokensieve.tasks import make_dataset
 from tokensieve.train import (
     TrainConfig,
+    contrastive_loss,
     cross_entropy,
     fit,
     latest_checkpoint,
     load_trained,
+    logits_of,
     mask_bce_dice,
     pixel_cross_entropy,
 )
 
 VALIDATION_SAMPLES = 500  # a validation subset scored at the end of each phase, in the run's log
+VL_TASKS = ("nlvr", "retrieval")
 
 
 def build_model(task: str) -> nn.Module:
@@ -45,7 +57,11 @@ def build_model(task: str) -> nn.Module:
         return build_segmenter()
     if task == "tos":
         return build_tos()
-    raise ValueError(f"no reference model for task {task!r}; choose cls, seg or tos")
+    if task == "nlvr":
+        return build_nlvr()
+    if task == "retrieval":
+        return build_retrieval()
+    raise ValueError(f"no reference model for task {task!r}; choose cls, seg, tos, nlvr or retrieval")
 
 
 def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
@@ -69,7 +85,7 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
         config = _phase_config(recipe, phase, number, phase_dir, progress)
         data = make_dataset(task, "train", size=phase.steps * recipe.batch_size, image_size=phase.image_size)
         fit(model, data, _task_loss(task), config, collate_fn=_collate(task, phase.image_size),
-            evaluate=_validation(task, phase.image_size))
+            evaluate=_validation(task, phase.image_size), logits_of=_logits_of(task))
         previous = phase_dir
     model.eval()
     if out_dir is not None:
@@ -87,10 +103,18 @@ def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, pr
 
 
 def _task_loss(task: str) -> Callable[[Tensor, Tensor], Tensor]:
-    return {"cls": cross_entropy, "seg": pixel_cross_entropy, "tos": mask_bce_dice}[task]
+    return {"cls": cross_entropy, "seg": pixel_cross_entropy, "tos": mask_bce_dice, "nlvr": cross_entropy,
+            "retrieval": contrastive_loss}[task]
+
+
+def _logits_of(task: str) -> Callable[[object], Tensor]:
+    """Which tensor of the model's output the task loss reads."""
+    return {"nlvr": itm_logits, "retrieval": contrastive_logits}.get(task, logits_of)
 
 
 def _collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:
+    if task in VL_TASKS:
+        return _vl_collate(task, image_size)
     target = "label" if task == "cls" else "mask"
 
     def collate(samples: list[dict]) -> tuple[dict, Tensor]:
@@ -100,6 +124,21 @@ def _collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, T
         if task == "tos":
             inputs["text"] = [s["text"] for s in samples]
         return inputs, torch.stack([torch.as_tensor(s[target]) for s in samples])
+
+    return collate
+
+
+def _vl_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:
+    """Keyword inputs of BLIP and CLIP (images, the models' text ids and mask) and the targets: the
+    labels for nlvr; for retrieval, image i's caption is text i of the batch."""
+
+    def collate(samples: list[dict]) -> tuple[dict, Tensor]:
+        batch = collate_samples(samples)
+        input_ids, attention_mask = text_inputs(batch["tokens"], batch["attention_mask"])
+        inputs = {"pixel_values": batch["image"], "input_ids": input_ids, "attention_mask": attention_mask,
+                  "interpolate_pos_encoding": image_size != IMAGE_SIZES[task]}
+        targets = batch["label"] if task == "nlvr" else torch.arange(len(samples))
+        return inputs, targets
 
     return collate
 
@@ -131,16 +170,21 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     )
     data = make_dataset(task, "train", size=steps * batch_size, image_size=size)
     fit(model, data, _task_loss(task), config, collate_fn=_collate(task, size),
-        evaluate=_validation(task, size))
+        evaluate=_validation(task, size), logits_of=_logits_of(task))
     return model.eval()
 
 
 def patch_reference(model: nn.Module, method: Method) -> Sieve:
     """Patch a reference model with `method`: the classifier whole; the seg model's backbone and
     the tos model's SAM vision encoder in dense mode (pruned tokens stay in place, so the head,
-    the neck and the mask decoder see every position)."""
+    the neck and the mask decoder see every position); the vision tower of the nlvr (BLIP) and
+    retrieval (CLIP) models as it is (BLIP's text encoder cross-attends to the kept image tokens,
+    CLIP pools the class token). Their text encoders are patched on their own:
+    `ts.patch(text_encoder(model), method)`."""
     if isinstance(model, (SegmentationViT, TosModel)):
         return ts.patch(image_encoder(model), method, dense=True)
+    if is_vl_model(model):
+        return ts.patch(image_encoder(model), method)
     return ts.patch(model, method)
 
 
@@ -150,4 +194,15 @@ def image_encoder(model: nn.Module) -> nn.Module:
         return model.backbone
     if isinstance(model, TosModel):
         return model.sam.vision_encoder
+    if is_vl_model(model):
+        return model.vision_model
     return model
+
+
+def text_encoder(model: nn.Module) -> nn.Module:
+    """The text tower of a vision-language reference model: BLIP's `text_encoder` (nlvr), CLIP's
+    `text_model` (retrieval)."""
+    if not is_vl_model(model):
+        raise TypeError(f"{type(model).__name__} has no text encoder tokensieve patches; the nlvr (BLIP) "
+                        "and retrieval (CLIP) reference models have one")
+    return model.text_encoder if hasattr(model, "text_encoder") else model.text_model

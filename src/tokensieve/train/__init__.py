@@ -12,6 +12,7 @@ from tokensieve.train.config import TrainConfig
 from tokensieve.train.log import LOG_FIELDS, StepLog, read_log
 from tokensieve.train.loop import FitResult, fit
 from tokensieve.train.losses import (
+    contrastive_loss,
     cross_entropy,
     distillation_loss,
     keep_ratio_loss,
@@ -28,6 +29,7 @@ __all__ = [
     "StepLog",
     "TrainConfig",
     "WarmupCosine",
+    "contrastive_loss",
     "cross_entropy",
     "distillation_loss",
     "fit",

@@ -64,6 +64,19 @@ def mask_bce_dice(logits: Tensor, targets: Tensor, bce_weight: float = 2.0, dice
     return bce_weight * bce + dice_weight * (1 - dice).mean()
 
 
+def contrastive_loss(logits: Tensor, targets: Tensor | None = None) -> Tensor:
+    """CLIP's symmetric InfoNCE: logits [B images, B texts] (similarities already multiplied by the
+    learned scale), image i matching text targets[i] (default: text i); the mean of the
+    image→text and text→image cross-entropies."""
+    if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"contrastive_loss takes square logits [B, B] (image i matches text i), got "
+                         f"{tuple(logits.shape)}")
+    if targets is None:
+        targets = torch.arange(logits.shape[0], device=logits.device)
+    logits = logits.float()
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
 def keep_ratio_loss(stages: Sequence[tuple[Tensor, float | Tensor]]) -> Tensor:
     """Mean over stages of the batch mean of (each sample's kept share − target)², as DynamicViT.
 

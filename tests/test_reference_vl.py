@@ -1,0 +1,308 @@
+"""The vision-language reference models: a small transformers BLIP (ITM head) for nlvr and a small
+transformers CLIP for retrieval, trained by their recipes, shipped in fp16, scored by accuracy
+and by recall@k both ways."""
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from models import sharpen_attention
+
+import tokensieve as ts
+from tokensieve.cli import main as cli
+from tokensieve.reference import (
+    END_ID,
+    RECIPES,
+    START_ID,
+    Phase,
+    Recipe,
+    build_nlvr,
+    build_retrieval,
+    evaluate,
+    image_embeddings,
+    load_reference,
+    match_logits,
+    patch_reference,
+    retrieval_scores,
+    save_reference,
+    text_embeddings,
+    text_encoder,
+    text_inputs,
+    train_reference,
+)
+from tokensieve.reference import training as reference_training
+from tokensieve.reference.vl import MAX_TEXT_TOKENS, VL_VOCABULARY, nlvr_config, retrieval_config
+from tokensieve.tasks import (
+    PAD_ID,
+    VOCABULARY,
+    collate,
+    make_dataset,
+    recall_at_k,
+    retrieval_gallery,
+    tokenize,
+)
+from tokensieve.train import contrastive_loss
+
+# Test sizes: width 32, two layers, patches of 32 px (a 7×7 grid at the native 224×224).
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   patch_size=32)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TINY_RECIPE = {task: Recipe(task, (Phase(64, 2, 1e-3, 1), Phase(96, 2, 5e-4, 0)), batch_size=4)
+               for task in ("nlvr", "retrieval")}
+
+
+def tiny(task: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if task == "nlvr":
+        return build_nlvr(nlvr_config(vision=TINY_VISION, text=TINY_TEXT, projection=16)).eval()
+    return build_retrieval(retrieval_config(vision=TINY_VISION, text=TINY_TEXT, projection=16)).eval()
+
+
+def _batch(task: str, count: int, size: int = 224) -> dict:
+    data = make_dataset(task, "val", size=count, image_size=size)
+    batch = collate([data[i] for i in range(count)])
+    batch["input_ids"], batch["text_mask"] = text_inputs(batch["tokens"], batch["attention_mask"])
+    return batch
+
+
+def _outputs(task: str, model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        if task == "nlvr":
+            return match_logits(model, batch["image"], batch["input_ids"], batch["text_mask"])
+        return image_embeddings(model, batch["image"]) @ text_embeddings(model, batch["input_ids"],
+                                                                         batch["text_mask"]).t()
+
+
+# --- text ids ----------------------------------------------------------------------------------
+
+def test_task_words_keep_their_ids_between_a_start_and_an_end_token():
+    assert (START_ID, END_ID, VL_VOCABULARY) == (68, 69, 70) and len(VOCABULARY) == START_ID
+    words = [tokenize("there is a red star"), tokenize("every circle")]
+    batch = collate([{"tokens": w} for w in words])
+    ids, mask = text_inputs(batch["tokens"], batch["attention_mask"])
+    assert ids.tolist() == [[START_ID, *words[0].tolist(), END_ID],
+                            [START_ID, *words[1].tolist(), END_ID, PAD_ID, PAD_ID, PAD_ID]]
+    assert mask.dtype == torch.long and mask.tolist() == [[1] * 7, [1] * 4 + [0] * 3]
+    assert torch.equal(text_inputs(batch["tokens"])[0], ids)  # the mask defaults to the non-padding
+
+
+def test_bad_word_ids_are_named():
+    with pytest.raises(ValueError, match="int64 word ids"):
+        text_inputs(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 68\)"):
+        text_inputs(torch.tensor([[5, START_ID]]))
+    with pytest.raises(ValueError, match="right-padded"):
+        text_inputs(torch.tensor([[PAD_ID, 5, 6]]), torch.tensor([[False, True, True]]))
+    with pytest.raises(ValueError, match="at most"):
+        text_inputs(torch.full((1, MAX_TEXT_TOKENS), 5))
+
+
+# --- the models ----------------------------------------------------------------------------------
+
+def test_the_reference_models_are_a_small_blip_with_cross_attention_and_a_small_clip():
+    blip, clip = build_nlvr(), build_retrieval()
+    assert isinstance(blip, transformers.BlipForImageTextRetrieval)
+    assert isinstance(clip, transformers.CLIPModel)
+    for model in (blip, clip):
+        vision = model.config.vision_config
+        assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (
+            224, 16, 192, 6)
+        assert sum(p.numel() for p in model.parameters()) * 2 < 11e6  # fp16 weights of ~10 MB at most
+    assert blip.vision_model.encoder.layers[0].self_attn.qkv.weight.std() > 0.01  # not the 1e-10 default
+    text = blip.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (192, 4, VL_VOCABULARY)
+    assert all(hasattr(layer, "crossattention") for layer in blip.text_encoder.encoder.layer)
+    assert blip.itm_head.out_features == 2
+    clip_text = clip.config.text_config
+    assert (clip_text.eos_token_id, clip_text.bos_token_id, clip_text.pad_token_id) == (
+        END_ID, START_ID, PAD_ID)
+    assert clip.text_model.eos_token_id != 2  # not the legacy argmax-of-ids pooling
+
+
+def test_blip_gives_two_match_logits_and_its_first_token_reads_the_whole_statement():
+    model = tiny("nlvr")
+    batch = _batch("nlvr", 3)
+    with torch.no_grad():
+        output = model(input_ids=batch["input_ids"], pixel_values=batch["image"],
+                       attention_mask=batch["text_mask"])
+        assert output.itm_score.shape == (3, 2)
+        torch.testing.assert_close(_outputs("nlvr", model, batch), output.itm_score)
+        # The text runs bidirectionally: the [ENC] token the ITM head reads sees the last word.
+        changed = batch["input_ids"].clone()
+        last = int(batch["text_mask"][0].sum()) - 2  # before END_ID
+        changed[0, last] = 3 if changed[0, last] != 3 else 4
+        other = model(input_ids=changed, pixel_values=batch["image"], attention_mask=batch["text_mask"])
+        assert not torch.allclose(other.itm_score[0], output.itm_score[0])
+        torch.testing.assert_close(other.itm_score[1:], output.itm_score[1:])
+
+
+def test_clip_pools_each_caption_at_its_end_token_whatever_the_padding():
+    model = tiny("retrieval")
+    batch = _batch("retrieval", 3)
+    ids, mask = batch["input_ids"], batch["text_mask"]
+    with torch.no_grad():
+        output = model(input_ids=ids, pixel_values=batch["image"], attention_mask=mask)
+        assert output.logits_per_image.shape == (3, 3)
+        texts = text_embeddings(model, ids, mask)
+        images = image_embeddings(model, batch["image"])
+        torch.testing.assert_close(texts.norm(dim=-1), torch.ones(3))
+        torch.testing.assert_close(images @ texts.t() * model.logit_scale.exp(), output.logits_per_image)
+        hidden = model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ends = mask.sum(dim=1) - 1  # END_ID is the last real token
+        assert (ids[torch.arange(3), ends] == END_ID).all()
+        expected = torch.nn.functional.normalize(model.text_projection(hidden[torch.arange(3), ends]), dim=-1)
+        torch.testing.assert_close(texts, expected)
+        padded = torch.cat([ids, torch.zeros(3, 5, dtype=torch.long)], dim=1)
+        padded_mask = torch.cat([mask, torch.zeros(3, 5, dtype=torch.long)], dim=1)
+        torch.testing.assert_close(text_embeddings(model, padded, padded_mask), texts, atol=1e-5, rtol=0)
+
+
+# --- training and storage ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("task", "scores"), [
+    ("nlvr", {"accuracy"}),
+    ("retrieval", {"R@1", "image_to_text@1", "text_to_image@1", "image_to_text@5", "text_to_image@5"}),
+])
+def test_a_tiny_recipe_trains_by_phases_ships_fp16_and_reloads_to_the_same_outputs(tmp_path, monkeypatch,
+                                                                                  task, scores):
+    monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
+    before = {name: p.clone() for name, p in tiny(task).named_parameters()}
+    model = train_reference(task, tmp_path / "run", tmp_path / "out", recipe=TINY_RECIPE[task],
+                            progress=False, model=tiny(task))
+    for phase in ("phase-0-64px", "phase-1-96px"):
+        log = (tmp_path / "run" / phase / "log.jsonl").read_text()
+        lines = [json.loads(line) for line in log.splitlines()]
+        assert [line["step"] for line in lines] == [1, 2]
+        assert all(math.isfinite(line["loss"]) for line in lines)
+        assert set(lines[-1]["eval"]) == scores  # the validation score closes each phase
+    trained = dict(model.named_parameters())
+    assert not torch.equal(trained["vision_model.embeddings.patch_embedding.weight"],
+                           before["vision_model.embeddings.patch_embedding.weight"])
+    out = tmp_path / "out"
+    stored = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
+    assert stored < 2 * sum(p.numel() for p in model.state_dict().values()) + 64_000  # fp16, plus header
+
+    loaded = load_reference(task, out)
+    assert type(loaded) is type(model) and not loaded.training
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    batch = _batch(task, 3)
+    expected = _outputs(task, model, batch)
+    torch.testing.assert_close(_outputs(task, loaded, batch), expected,
+                               atol=0.02 * expected.abs().max().item(), rtol=0.0)
+
+
+def test_weights_of_another_task_are_refused(tmp_path):
+    save_reference(tiny("retrieval"), tmp_path / "clip")
+    with pytest.raises(ValueError, match="'clip' model, not the nlvr reference model"):
+        load_reference("nlvr", tmp_path / "clip")
+
+
+def test_the_recipes_resize_progressively_to_the_native_size():
+    for task in ("nlvr", "retrieval"):
+        sizes = [phase.image_size for phase in RECIPES[task].phases]
+        assert sizes == [112, 224] and RECIPES[task].phases[0].steps > 10 * RECIPES[task].phases[1].steps
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+def test_nlvr_is_scored_by_accuracy_over_the_split_whatever_the_batch_size():
+    model = tiny("nlvr")
+    data = make_dataset("nlvr", "val", size=6)
+    scores = evaluate(model, "nlvr", data, batch_size=4, progress=False)
+    assert scores == evaluate(model, "nlvr", data, batch_size=6, progress=False)
+    batch = _batch("nlvr", 6)
+    predicted = _outputs("nlvr", model, batch).argmax(-1)
+    assert scores == {"accuracy": (predicted == batch["label"]).float().mean().item()}
+    with pytest.raises(TypeError, match="BlipForImageTextRetrieval"):
+        evaluate(tiny("retrieval"), "nlvr", data, progress=False)
+
+
+def test_retrieval_is_recall_at_1_and_5_both_ways_over_the_gallery():
+    model = tiny("retrieval")
+    data = make_dataset("retrieval", "val", size=6)
+    scores = evaluate(model, "retrieval", data, batch_size=4, progress=False)
+    assert scores == evaluate(model, "retrieval", data, batch_size=6, progress=False)
+    images, captions = retrieval_gallery("val", 6)
+    words = collate([{"tokens": tokenize(caption)} for caption in captions])
+    ids, mask = text_inputs(words["tokens"], words["attention_mask"])
+    with torch.no_grad():
+        similarity = image_embeddings(model, images) @ text_embeddings(model, ids, mask).t()
+    expected = recall_at_k(similarity, ks=(1, 5))
+    assert scores == pytest.approx({"R@1": (expected["image_to_text@1"] + expected["text_to_image@1"]) / 2,
+                                    **expected})
+    aligned = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    assert retrieval_scores(aligned, aligned)["R@1"] == 1.0
+    assert retrieval_scores(aligned, aligned.roll(1, dims=0))["image_to_text@1"] == 0.0
+
+
+def test_contrastive_loss_is_lower_for_aligned_pairs_than_for_shuffled_ones():
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.1 * torch.randn(8, 16), dim=-1)
+    scale = 1 / 0.07
+    aligned = contrastive_loss(scale * images @ texts.t())
+    shuffled = contrastive_loss(scale * images @ texts[torch.randperm(8)].t())
+    assert aligned < 0.1 < shuffled
+    torch.testing.assert_close(contrastive_loss(torch.zeros(8, 8)), torch.tensor(math.log(8)))
+    logits = torch.randn(5, 5)
+    torch.testing.assert_close(contrastive_loss(logits), contrastive_loss(logits.t()))  # symmetric
+    torch.testing.assert_close(contrastive_loss(logits, torch.arange(5)), contrastive_loss(logits))
+    with pytest.raises(ValueError, match="square"):
+        contrastive_loss(torch.zeros(4, 5))
+
+
+# --- pruning -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["nlvr", "retrieval"])
+def test_patch_reference_prunes_the_vision_tower_and_equals_dense_with_pruning_off(task):
+    model = tiny(task)
+    batch = _batch(task, 2)
+    dense = _outputs(task, model, batch)
+    sieve = patch_reference(model, ts.RandomDrop(keep=0.5, layers=(1,)))
+    assert ts.is_patched(model.vision_model) and ts.sieve_of(model.vision_model) is sieve
+    with ts.pruning_disabled(model.vision_model):
+        torch.testing.assert_close(_outputs(task, model, batch), dense)
+    with ts.trace(model.vision_model) as traces:
+        pruned = _outputs(task, model, batch)
+    assert traces[0].kept_tokens()[-1].tolist() == [1 + 25, 1 + 25]  # class token + half of 49 patches
+    assert not torch.allclose(pruned, dense)
+
+
+@pytest.mark.parametrize("task", ["nlvr", "retrieval"])
+def test_the_text_encoders_take_the_mapped_ids_through_tokensieve(task):
+    model = tiny(task)
+    batch = _batch(task, 3)
+    dense = _outputs(task, model, batch)
+    encoder = text_encoder(model)
+    assert encoder is (model.text_encoder if task == "nlvr" else model.text_model)
+    ts.patch(encoder, ts.TopK(keep=1.0, layers=(1,)))
+    torch.testing.assert_close(_outputs(task, model, batch), dense, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="no text encoder"):
+        text_encoder(torch.nn.Linear(2, 2))
+
+
+def test_a_ragged_vision_tower_is_cross_attended_only_where_it_kept_tokens():
+    model = tiny("nlvr")
+    sharpen_attention(model.vision_model, 12.0)  # peaked class attention: images keep different counts
+    batch = _batch("nlvr", 3)
+    patch_reference(model, ts.TopK(mass=0.5, layers=(0,)))
+    with ts.trace(model.vision_model) as traces:
+        logits = _outputs("nlvr", model, batch)
+    assert len(set(traces[0].kept_tokens()[-1].tolist())) > 1
+    for i in range(3):
+        alone = {key: batch[key][i : i + 1] for key in ("image", "input_ids", "text_mask")}
+        torch.testing.assert_close(logits[i : i + 1], _outputs("nlvr", model, alone), atol=1e-5, rtol=0)
+
+
+def test_tokensieve_eval_scores_the_vl_models_dense_and_pruned(tmp_path):
+    save_reference(tiny("nlvr"), tmp_path / "nlvr")
+    result = CliRunner().invoke(cli, ["eval", "nlvr", "random:keep=0.5,layers=(1,)", "--weights",
+                                      str(tmp_path / "nlvr"), "--split", "val", "--samples", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["method"] for row in rows] == ["dense", "RandomDrop(keep=0.5, layers=(1,))"]
+    assert all(row["metric"] == "accuracy" for row in rows)
+    assert rows[1]["gmacs"] < rows[0]["gmacs"]
