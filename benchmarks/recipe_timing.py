@@ -22,7 +22,7 @@ from tokensieve.reference import RECIPES, build_model
 from tokensieve.reference.training import _collate, _logits_of, _task_loss  # the recipe's own step
 from tokensieve.tasks import make_dataset
 
-TWO_CORES = 1.7  # speed-up of two threads over one on this machine, as the tos recipe measured it
+TWO_CORES = 1.7  # an estimated speed-up of two threads over one on this machine, not measured
 
 
 def time_size(task: str, size: int, batch_size: int, steps: int) -> tuple[float, float]:

