@@ -119,6 +119,11 @@ class Runner:
         state = state.replace(x=_norm_after(view, "attention", x))
         attn = AttentionView(q, k, bias, view.scale, state)
         state = self._call_method(method.after_attention, layer, state, attn, ctx)
+        # Free the attention's buffers before the MLP allocates its own, as the host's block does:
+        # a larger live set makes the allocator return and re-fault pages on every call.
+        attn = q = k = v = heads_out = x = None
+        if state.keep is None:
+            block_input = None
         record.mlp_tokens = state.token_counts()
         if call.memory is not None:
             state = state.replace(x=self._cross_attend(view, state.x, call))

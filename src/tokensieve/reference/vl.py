@@ -37,9 +37,10 @@ END_ID = START_ID + 1  # 69: BLIP's [SEP] / CLIP's end of text
 VL_VOCABULARY = END_ID + 1  # the task words and the two added ids
 MAX_TEXT_TOKENS = 64  # retrieval captions have at most ~40 words; nlvr statements 10
 
-# ViT towers the width of DeiT-Tiny (192, 3 heads, MLP ratio 4), fewer layers to fit the recipes.
+# ViT towers the width of DeiT-Tiny (192, 3 heads, MLP ratio 4), fewer layers to fit the recipes;
+# GELU (not CLIP's quick GELU) as in the seg backbone the towers start from (reference/transfer.py).
 VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, image_size=VL_IMAGE_SIZE,
-              patch_size=VL_PATCH_SIZE)
+              patch_size=VL_PATCH_SIZE, hidden_act="gelu")
 NLVR_VISION_LAYERS = 6
 NLVR_TEXT = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3)
 RETRIEVAL_VISION_LAYERS = 6

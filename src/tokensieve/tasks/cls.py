@@ -34,7 +34,7 @@ class ClsConfig:
     rivals: tuple[int, int] = (1, 3)  # other class types present, each fewer times than the answer
     distractors: tuple[int, int] = (1, 3)  # non-class objects sharing the answer's colour or shape
     max_objects: int = 8  # rivals, then distractors, are cut back to respect this
-    class_sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.6, "medium": 0.4})
+    class_sizes: dict[str, float] = field(default_factory=lambda: {"small": 1.0})
     distractor_sizes: dict[str, float] = field(
         default_factory=lambda: {"small": 0.35, "medium": 0.35, "large": 0.3})
     clutter: float = 1.0
