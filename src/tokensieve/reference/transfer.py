@@ -23,54 +23,49 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+# Where each block's tensors go: the seg ViT's names (left; "qkv" is its q, k and v concatenated)
+# and the target's (right).
+_VIT_BLOCK = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+              "layernorm_before", "layernorm_after", "mlp.fc1", "mlp.fc2")
+_NORMS_AND_MLP = {"layernorm_before": "layer_norm1", "layernorm_after": "layer_norm2",
+                  "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_BLIP_BLOCK = {"qkv": "self_attn.qkv", "attention.o_proj": "self_attn.projection", **_NORMS_AND_MLP}
+_CLIP_BLOCK = {"attention.q_proj": "self_attn.q_proj", "attention.k_proj": "self_attn.k_proj",
+               "attention.v_proj": "self_attn.v_proj", "attention.o_proj": "self_attn.out_proj",
+               **_NORMS_AND_MLP}
+_SAM_BLOCK = {"qkv": "attn.qkv", "attention.o_proj": "attn.proj", **_NORMS_AND_MLP,
+              "mlp.fc1": "mlp.lin1", "mlp.fc2": "mlp.lin2"}
+
 
 def vision_weights_from_vit(source: transformers.ViTModel, target: nn.Module) -> dict[str, Tensor]:
     """The state dict of `target` (a BlipVisionModel or CLIPVisionModel) built from the first
     blocks of `source`, every tensor of `target` covered, shapes checked."""
-    src = {name: tensor.detach().float() for name, tensor in source.state_dict().items()}
-    layers = target.config.num_hidden_layers
-    if layers > source.config.num_hidden_layers:
-        raise ValueError(f"the target has {layers} blocks, the source only {source.config.num_hidden_layers}")
+    src = _source_tensors(source, target)
     cls_token = src["embeddings.cls_token"]
     positions = src["embeddings.position_embeddings"]
     patch_weight = src["embeddings.patch_embeddings.projection.weight"]
     patch_bias = src["embeddings.patch_embeddings.projection.bias"]
-    clip = isinstance(target, transformers.CLIPVisionModel)
-    if clip:
+    if isinstance(target, transformers.CLIPVisionModel):
         moved = positions[0].clone()
         moved[1:] += patch_bias  # CLIP's patch embedding has no bias of its own
         out = {"embeddings.class_embedding": cls_token.flatten(),
                "embeddings.patch_embedding.weight": patch_weight,
                "embeddings.position_embedding.weight": moved}
+        block = _CLIP_BLOCK
     else:
         out = {"embeddings.class_embedding": cls_token, "embeddings.position_embedding": positions,
                "embeddings.patch_embedding.weight": patch_weight,
                "embeddings.patch_embedding.bias": patch_bias}
-    for i in range(layers):
-        s, t = f"layers.{i}.", f"encoder.layers.{i}."
-        for part in ("weight", "bias"):
-            q, k, v, o = (src[f"{s}attention.{p}_proj.{part}"] for p in "qkvo")
-            if clip:
-                out.update({f"{t}self_attn.q_proj.{part}": q, f"{t}self_attn.k_proj.{part}": k,
-                            f"{t}self_attn.v_proj.{part}": v, f"{t}self_attn.out_proj.{part}": o})
-            else:
-                out[f"{t}self_attn.qkv.{part}"] = torch.cat([q, k, v])
-                out[f"{t}self_attn.projection.{part}"] = o
-            out[f"{t}layer_norm1.{part}"] = src[f"{s}layernorm_before.{part}"]
-            out[f"{t}layer_norm2.{part}"] = src[f"{s}layernorm_after.{part}"]
-            out[f"{t}mlp.fc1.{part}"] = src[f"{s}mlp.fc1.{part}"]
-            out[f"{t}mlp.fc2.{part}"] = src[f"{s}mlp.fc2.{part}"]
-            out[f"post_layernorm.{part}"] = src[f"layernorm.{part}"]
+        block = _BLIP_BLOCK
+    out |= _blocks(src, target.config.num_hidden_layers, "encoder.layers", block)
+    out |= {f"post_layernorm.{part}": src[f"layernorm.{part}"] for part in ("weight", "bias")}
     return _complete(out, target.state_dict())
 
 
 def sam_encoder_weights_from_vit(source: transformers.ViTModel, target: nn.Module) -> dict[str, Tensor]:
     """The state dict of `target` (a SamVisionEncoder) built from the first blocks of `source`."""
-    src = {name: tensor.detach().float() for name, tensor in source.state_dict().items()}
+    src = _source_tensors(source, target)
     own = target.state_dict()
-    layers = target.config.num_hidden_layers
-    if layers > source.config.num_hidden_layers:
-        raise ValueError(f"the target has {layers} blocks, the source only {source.config.num_hidden_layers}")
     positions = src["embeddings.position_embeddings"][0, 1:]  # the patch grid, without the class token
     side = int(positions.shape[0] ** 0.5)
     rows, cols = own["pos_embed"].shape[1:3]
@@ -79,17 +74,26 @@ def sam_encoder_weights_from_vit(source: transformers.ViTModel, target: nn.Modul
     out = {"pos_embed": grid.permute(0, 2, 3, 1),
            "patch_embed.projection.weight": src["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.projection.bias": src["embeddings.patch_embeddings.projection.bias"]}
-    for i in range(layers):
-        s, t = f"layers.{i}.", f"layers.{i}."
-        for part in ("weight", "bias"):
-            q, k, v, o = (src[f"{s}attention.{p}_proj.{part}"] for p in "qkvo")
-            out[f"{t}attn.qkv.{part}"] = torch.cat([q, k, v])
-            out[f"{t}attn.proj.{part}"] = o
-            out[f"{t}layer_norm1.{part}"] = src[f"{s}layernorm_before.{part}"]
-            out[f"{t}layer_norm2.{part}"] = src[f"{s}layernorm_after.{part}"]
-            out[f"{t}mlp.lin1.{part}"] = src[f"{s}mlp.fc1.{part}"]
-            out[f"{t}mlp.lin2.{part}"] = src[f"{s}mlp.fc2.{part}"]
+    out |= _blocks(src, target.config.num_hidden_layers, "layers", _SAM_BLOCK)
     return _complete(out, own)
+
+
+def _source_tensors(source: transformers.ViTModel, target: nn.Module) -> dict[str, Tensor]:
+    depth = source.config.num_hidden_layers
+    if target.config.num_hidden_layers > depth:
+        raise ValueError(f"the target has {target.config.num_hidden_layers} blocks, the source only {depth}")
+    return {name: tensor.detach().float() for name, tensor in source.state_dict().items()}
+
+
+def _blocks(src: dict[str, Tensor], layers: int, prefix: str, names: dict[str, str]) -> dict[str, Tensor]:
+    """The first `layers` blocks of the seg ViT under the target's `names` (see _BLIP_BLOCK)."""
+    out = {}
+    for i in range(layers):
+        for part in ("weight", "bias"):
+            block = {name: src[f"layers.{i}.{name}.{part}"] for name in _VIT_BLOCK}
+            block["qkv"] = torch.cat([block[f"attention.{p}_proj"] for p in "qkv"])
+            out |= {f"{prefix}.{i}.{mine}.{part}": block[theirs] for theirs, mine in names.items()}
+    return out
 
 
 def _complete(out: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
