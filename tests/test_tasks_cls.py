@@ -1,4 +1,5 @@
-"""cls: the label is the one most frequent class type, and the other objects are built to confuse."""
+"""cls: the label is the one class type present (the most frequent one, with rivals), and the other
+objects are built to confuse."""
 
 from collections import Counter
 
@@ -17,8 +18,15 @@ def _scenes(config: ClsConfig | None = None):
     return [sample_cls_scene(np.random.default_rng(seed), config, 224) for seed in range(SCENES)]
 
 
-def test_label_is_the_unique_most_frequent_class_type():
+def test_by_default_the_answer_is_the_only_class_type_present():
     for scene, label in _scenes():
+        present = {(o.colour, o.shape) for o in scene.objects} & set(CLS_TYPES)
+        assert present == {CLS_TYPES[label]}
+        assert 3 <= len(scene.objects) <= 7
+
+
+def test_with_rivals_the_label_is_the_unique_most_frequent_class_type():
+    for scene, label in _scenes(ClsConfig(majority=(2, 3), rivals=(1, 3))):
         counts = Counter((o.colour, o.shape) for o in scene.objects if (o.colour, o.shape) in CLS_TYPES)
         ranked = counts.most_common()
         assert ranked[0][0] == CLS_TYPES[label]

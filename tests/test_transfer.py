@@ -8,6 +8,8 @@ from test_reference_tos import tiny_tos
 from test_reference_vl import TINY_TEXT, TINY_VISION
 
 from tokensieve.reference import build_nlvr, build_retrieval
+from tokensieve.reference import training as reference_training
+from tokensieve.reference.recipes import Phase, Recipe
 from tokensieve.reference.transfer import start_from_seg
 from tokensieve.reference.vl import nlvr_config, retrieval_config
 
@@ -95,3 +97,19 @@ def test_a_target_deeper_than_the_source_is_refused():
                                    projection=16))
     with pytest.raises(ValueError, match="4 blocks, the source only 3"):
         start_from_seg(model, _source())
+
+
+def test_a_recipe_that_starts_from_seg_loads_the_backbone_before_training(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(reference_training, "start_from_seg", started.append)
+    source = _source(image_size=64, patch_size=32, layers=1)
+    config = transformers.ViTConfig(**{**source.config.to_dict(), "num_labels": 8})
+    model = transformers.ViTForImageClassification(config)
+    recipe = Recipe("cls", (Phase(64, 1, 1e-3, 0),), batch_size=2, start="seg")
+    reference_training.train_reference("cls", tmp_path, recipe=recipe, model=model, progress=False)
+    assert started == [model]
+
+
+def test_a_recipe_names_where_it_starts():
+    with pytest.raises(ValueError, match="use 'seg' or None"):
+        Recipe("cls", (Phase(64, 1, 1e-3, 0),), start="imagenet")

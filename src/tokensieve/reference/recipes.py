@@ -41,6 +41,13 @@ class Recipe:
     batch_size: int = 64
     weight_decay: float = 0.05
     seed: int = 0
+    # "seg": the image encoder starts from the shipped seg backbone (reference/transfer.py), as
+    # models for these tasks start from a pretrained ViT; None: from scratch.
+    start: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.start not in (None, "seg"):
+            raise ValueError(f"Recipe(start={self.start!r}): use 'seg' or None")
 
     @property
     def steps(self) -> int:
@@ -48,9 +55,9 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "cls": Recipe("cls", (Phase(112, 1200, 1e-3, 120), Phase(224, 250, 2.5e-4, 25))),
+    "cls": Recipe("cls", (Phase(112, 1200, 5e-4, 120), Phase(224, 250, 2.5e-4, 25)), start="seg"),
     "seg": Recipe("seg", (Phase(160, 700, 1e-3, 70), Phase(224, 200, 2.5e-4, 20))),
-    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15))),
+    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15)), start="seg"),
     # BLIP's text encoder is post-norm (BERT): half the lr of the pre-norm models.
     "nlvr": Recipe("nlvr", (Phase(112, 3000, 5e-4, 300), Phase(224, 200, 1.25e-4, 20))),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20))),

@@ -23,6 +23,7 @@ from tokensieve.reference.models import (
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
 from tokensieve.reference.store import load_reference, save_reference
 from tokensieve.reference.tos import TosModel, build_tos
+from tokensieve.reference.transfer import start_from_seg
 from tokensieve.reference.vl import (
     build_nlvr,
     build_retrieval,
@@ -72,14 +73,17 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
     fp16 weights to `out_dir` if given. Returns the trained fp32 model, in eval mode.
 
     `model` replaces the default fresh model, e.g. `build_tos("minilm")` for tos guided by the
-    pretrained MiniLM; the recipe's seed then does not reach its initialisation."""
+    pretrained MiniLM; the recipe's seed then does not reach its initialisation. Recipes that
+    start from the seg backbone load it into either."""
     recipe = recipe or RECIPES[task]
     run_dir = Path(run_dir)
     torch.manual_seed(recipe.seed)
     model = model if model is not None else build_model(task)
+    if recipe.start == "seg":
+        start_from_seg(model)  # a resumed run then loads its checkpoint over these weights
     previous: Path | None = None
     for number, phase in enumerate(recipe.phases):
-        phase_dir = run_dir / f"phase-{number}-{phase.image_size}px"
+        phase_dir = run_dir / _phase_name(number, phase)
         if previous is not None and latest_checkpoint(phase_dir) is None:
             load_trained(model, previous)  # a new phase starts from the last one's weights
         config = _phase_config(recipe, phase, number, phase_dir, progress)
@@ -91,6 +95,10 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
     if out_dir is not None:
         save_reference(model, out_dir)
     return model
+
+
+def _phase_name(number: int, phase: Phase) -> str:
+    return f"phase-{number}-{phase.image_size}px"
 
 
 def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, progress: bool) -> TrainConfig:

@@ -1,8 +1,10 @@
-"""cls: which of K (colour, shape) types appears most often?
+"""cls: which of K (colour, shape) types is in the image (appears most often, with rivals)?
 
-Each image holds `majority` copies of the answer type, a few rival class types that each appear
-fewer times, and distractors that share the answer's colour or shape but are not class types, so
-the answer depends on binding colour to shape on a few small objects and counting them.
+Each image holds `majority` small copies of the answer type and distractors that share the
+answer's colour or shape but are not class types, so the answer depends on binding colour to
+shape on one or two small objects in clutter. With `rivals`, other class types appear too, each
+fewer times than the answer, and the question becomes which type appears most often (counting,
+which a ViT trained from one label per image learns slowly).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ CLS_CLASSES: tuple[str, ...] = tuple(f"{colour} {shape}" for colour, shape in CL
 
 @dataclass(frozen=True)
 class ClsConfig:
-    """Difficulty knobs. Harder: more objects, more rivals and distractors, smaller class objects,
-    a majority of 2 (rivals then appear once each), more clutter."""
+    """Difficulty knobs. Harder: more distractors, rivals (a counting question), a majority of 1,
+    more clutter."""
 
-    majority: tuple[int, int] = (2, 3)  # copies of the answer type (inclusive range)
-    rivals: tuple[int, int] = (1, 3)  # other class types present, each fewer times than the answer
-    distractors: tuple[int, int] = (1, 3)  # non-class objects sharing the answer's colour or shape
+    majority: tuple[int, int] = (1, 2)  # copies of the answer type (inclusive range)
+    rivals: tuple[int, int] = (0, 0)  # other class types present, each fewer times than the answer
+    distractors: tuple[int, int] = (2, 5)  # non-class objects sharing the answer's colour or shape
     max_objects: int = 8  # rivals, then distractors, are cut back to respect this
     class_sizes: dict[str, float] = field(default_factory=lambda: {"small": 1.0})
     distractor_sizes: dict[str, float] = field(
