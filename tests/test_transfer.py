@@ -113,3 +113,8 @@ def test_a_recipe_that_starts_from_seg_loads_the_backbone_before_training(monkey
 def test_a_recipe_names_where_it_starts():
     with pytest.raises(ValueError, match="use 'seg' or None"):
         Recipe("cls", (Phase(64, 1, 1e-3, 0),), start="imagenet")
+
+
+def test_a_phase_names_what_it_trains_on():
+    with pytest.raises(ValueError, match="'matching'"):
+        Phase(64, 1, 1e-3, 0, data="captions")

@@ -13,7 +13,8 @@ tos runs 1 600 steps at 128×128 and 150 at its native 256×256. Measured on thi
 with validation. A 256 px step costs 5× one at 128 px (4× the tokens; SAM pads the 16×16 grid to
 18×18 for its windows, the 8×8 one to 12×12).
 
-nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224. Measured with
+nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224 (nlvr's first
+1 000 on caption matching, whose captions are longer than the statements: timing to be measured). Measured with
 benchmarks/recipe_timing.py (one thread, other training alongside; batch 64), in CPU-seconds of
 training + generating a batch: nlvr 1.11 + 0.21 at 112 px and 4.55 + 0.37 at 224 px; retrieval
 1.10 + 0.17 and 4.70 + 0.32. On two cores at ~1.7×: nlvr ~0.78 s and ~2.89 s per step, so
@@ -32,6 +33,13 @@ class Phase:
     steps: int
     lr: float
     warmup_steps: int
+    # What the phase trains on: None, the task's own train split; "matching", caption matching
+    # (tokensieve.tasks.matching), the nlvr model's warm-up.
+    data: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.data not in (None, "matching"):
+            raise ValueError(f"Phase(data={self.data!r}): use None (the task's own data) or 'matching'")
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,8 @@ RECIPES: dict[str, Recipe] = {
     "seg": Recipe("seg", (Phase(160, 700, 1e-3, 70), Phase(224, 200, 2.5e-4, 20))),
     "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15)), start="seg"),
     # BLIP's text encoder is post-norm (BERT): half the lr of the pre-norm models.
-    "nlvr": Recipe("nlvr", (Phase(112, 3000, 5e-4, 300), Phase(224, 200, 1.25e-4, 20))),
+    # nlvr first learns caption matching (BLIP's image–text matching on captions), then the statements.
+    "nlvr": Recipe("nlvr", (Phase(112, 1000, 5e-4, 100, data="matching"), Phase(112, 2000, 5e-4, 200),
+                            Phase(224, 200, 1.25e-4, 20)), start="seg"),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20))),
 }

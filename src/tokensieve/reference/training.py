@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 import tokensieve as ts
 from tokensieve.methods import Method
@@ -34,6 +35,7 @@ from tokensieve.reference.vl import (
 )
 from tokensieve.tasks import collate as collate_samples
 from tokensieve.tasks import make_dataset
+from tokensieve.tasks.matching import MatchingDataset
 from tokensieve.train import (
     TrainConfig,
     contrastive_loss,
@@ -87,7 +89,7 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
         if previous is not None and latest_checkpoint(phase_dir) is None:
             load_trained(model, previous)  # a new phase starts from the last one's weights
         config = _phase_config(recipe, phase, number, phase_dir, progress)
-        data = make_dataset(task, "train", size=phase.steps * recipe.batch_size, image_size=phase.image_size)
+        data = _phase_data(task, phase, phase.steps * recipe.batch_size)
         fit(model, data, _task_loss(task), config, collate_fn=_collate(task, phase.image_size),
             evaluate=_validation(task, phase.image_size), logits_of=_logits_of(task))
         previous = phase_dir
@@ -95,6 +97,14 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
     if out_dir is not None:
         save_reference(model, out_dir)
     return model
+
+
+def _phase_data(task: str, phase: Phase, size: int) -> Dataset:
+    if phase.data == "matching":
+        if task != "nlvr":
+            raise ValueError(f"caption matching is a warm-up of the nlvr model, not of {task}")
+        return MatchingDataset("train", size=size, image_size=phase.image_size)
+    return make_dataset(task, "train", size=size, image_size=phase.image_size)
 
 
 def _phase_name(number: int, phase: Phase) -> str:
