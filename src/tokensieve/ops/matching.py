@@ -38,10 +38,14 @@ def bipartite_merge(metric: Tensor, r: int, prefix: int = 0
     # Row numbers in the flattened [B * N] input and [B * (N - r)] output, so that every copy
     # moves whole token rows instead of single elements.
     out_tokens = tokens - r
-    sample = torch.arange(batch, device=device)[:, None]
-    survivor_rows = (survivors + sample * tokens).flatten()
-    merged_rows = (2 * merged_a + (prefix + sample * tokens)).flatten()
-    partner_rows = (partner + (prefix + kept_a.shape[1] + sample * out_tokens)).flatten()
+    sample = None if batch == 1 else torch.arange(batch, device=device)[:, None]  # b = 1: no offsets
+
+    def rows(positions: Tensor, per_sample: int) -> Tensor:
+        return (positions if sample is None else positions + sample * per_sample).flatten()
+
+    survivor_rows = rows(survivors, tokens)
+    merged_rows = rows(2 * merged_a + prefix, tokens)
+    partner_rows = rows(partner + (prefix + kept_a.shape[1]), out_tokens)
 
     def merge(x: Tensor) -> Tensor:
         width = x[0, 0].numel()

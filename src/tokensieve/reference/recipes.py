@@ -14,8 +14,8 @@ with validation. A 256 px step costs 5× one at 128 px (4× the tokens; SAM pads
 18×18 for its windows, the 8×8 one to 12×12).
 
 nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224 (nlvr's first
-1 000 on caption matching, whose captions are longer than the statements: timing to be measured). Measured with
-benchmarks/recipe_timing.py (one thread, other training alongside; batch 64), in CPU-seconds of
+1 000 on caption matching, whose captions are longer than the statements: not timed yet).
+Measured with benchmarks/recipe_timing.py (one thread, other training alongside; batch 64), in CPU-seconds of
 training + generating a batch: nlvr 1.11 + 0.21 at 112 px and 4.55 + 0.37 at 224 px; retrieval
 1.10 + 0.17 and 4.70 + 0.32. On two cores at ~1.7×: nlvr ~0.78 s and ~2.89 s per step, so
 3 000 × 0.78 + 200 × 2.89 ≈ 2 340 + 580 ≈ 2 920 s; retrieval ~0.75 s and ~2.96 s, so
