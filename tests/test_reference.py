@@ -78,3 +78,10 @@ def test_the_shipped_seg_model_loads_and_segments_validation_scenes():
     data = make_dataset("seg", "val", size=8)
     score = evaluate(model, "seg", data, batch_size=4, progress=False)["mIoU"]
     assert score > 0.4  # a trained model (test split: 0.643); random weights score near 0
+
+
+def test_the_shipped_cls_model_loads_and_classifies_validation_scenes():
+    model = load_reference("cls")
+    data = make_dataset("cls", "val", size=32)
+    score = evaluate(model, "cls", data, batch_size=16, progress=False)["accuracy"]
+    assert score > 0.4  # a trained model (about 0.75 on validation); chance is 1/8
