@@ -28,8 +28,8 @@ from tokensieve.reference import TASKS, shipped_weights
 from tokensieve.reference.compare import Row, compare
 
 CONTROLS = [ts.RandomDrop(keep=0.5, layers=(6,)), ts.EViT(keep=0.7), ts.ToMe(r=8)]
-# SAM's encoder refuses class-attention and merging methods; its middle layer is 4 of 8.
 VL_CONTROLS = [ts.RandomDrop(keep=0.5, layers=(3,)), ts.EViT(keep=0.7, layers=(1, 3, 5)), ts.ToMe(r=8)]
+# SAM's encoder refuses class-attention and merging methods; its middle layer is 4 of 8.
 TASK_CONTROLS = {"tos": [ts.RandomDrop(keep=0.5, layers=(4,))], "nlvr": VL_CONTROLS,
                  "retrieval": VL_CONTROLS}
 TRAINED = {"cls": (ts.DynamicViT(keep=0.7), Path("runs/cls-dynamicvit-keep0.7"))}

@@ -1,7 +1,7 @@
 """Reference task models: DeiT-Tiny-sized transformers ViTs (for tos, a small transformers SAM
 prompted by the task sentence; for nlvr and retrieval, small transformers BLIP and CLIP models)
-trained from scratch on the synthetic tasks by a committed recipe, shipped as fp16 weights,
-loaded with `from_pretrained`.
+trained on the synthetic tasks by a committed recipe (seg from scratch, cls and tos from the seg
+backbone), shipped as fp16 weights, loaded with `from_pretrained`.
 
     >>> from tokensieve.reference import load_reference, evaluate
     >>> model = load_reference("seg")

@@ -1,5 +1,6 @@
-"""The reference task models: transformers ViTs the size of DeiT-Tiny, trained from scratch on the
-synthetic tasks (tokensieve.tasks), so that every method runs on a real host's code paths.
+"""The reference task models: transformers ViTs the size of DeiT-Tiny, trained on the synthetic
+tasks (tokensieve.tasks; seg from scratch, cls from the seg backbone), so that every method runs
+on a real host's code paths.
 
 Both take images as the tasks make them: float32 [B, 3, H, W] in [0, 1], unnormalised (a model
 trained from scratch learns the affine map into its patch embedding). H = W = 224 is the native

@@ -70,7 +70,7 @@ def build_model(task: str) -> nn.Module:
 def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                     recipe: Recipe | None = None, progress: bool = True,
                     model: nn.Module | None = None) -> nn.Module:
-    """Train `task`'s reference model from scratch by `recipe` (default: RECIPES[task]), one fit per
+    """Train `task`'s reference model by `recipe` (default: RECIPES[task]), one fit per
     phase with checkpoints and JSONL logs under `run_dir` (run again to resume), and write the
     fp16 weights to `out_dir` if given. Returns the trained fp32 model, in eval mode.
 
@@ -85,7 +85,7 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
         start_from_seg(model)  # a resumed run then loads its checkpoint over these weights
     previous: Path | None = None
     for number, phase in enumerate(recipe.phases):
-        phase_dir = run_dir / _phase_name(number, phase)
+        phase_dir = run_dir / f"phase-{number}-{phase.image_size}px"
         if previous is not None and latest_checkpoint(phase_dir) is None:
             load_trained(model, previous)  # a new phase starts from the last one's weights
         config = _phase_config(recipe, phase, number, phase_dir, progress)
@@ -105,10 +105,6 @@ def _phase_data(task: str, phase: Phase, size: int) -> Dataset:
             raise ValueError(f"caption matching is a warm-up of the nlvr model, not of {task}")
         return MatchingDataset("train", size=size, image_size=phase.image_size)
     return make_dataset(task, "train", size=size, image_size=phase.image_size)
-
-
-def _phase_name(number: int, phase: Phase) -> str:
-    return f"phase-{number}-{phase.image_size}px"
 
 
 def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, progress: bool) -> TrainConfig:

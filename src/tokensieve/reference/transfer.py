@@ -1,9 +1,9 @@
 """Start the image encoders of the cls, tos, nlvr and retrieval models from the shipped seg backbone.
 
 BLIP, CLIP, SAM and LISA always start from a pretrained ViT; ours start from the seg reference
-model's ViT (trained on our own seg data, where every pixel says which shape and colour it
-belongs to). The other recipes then learn to count, or to ground a sentence in objects the
-encoder can already tell apart, instead of learning to see from one label per image.
+model's ViT (trained on our own seg data, where every pixel says which shape it belongs to). The
+other recipes then learn to name objects, or to ground a sentence in them, with an encoder that
+already tells shapes apart, instead of learning to see from one label per image.
 
 The weights map one to one (patch embedding, class token, positions, each block's attention,
 norms and MLP, the final norm; the first blocks when the target is shallower), with these
@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
+
+from tokensieve.reference.tos import TosModel
+from tokensieve.reference.vl import is_vl_model
 
 # Where each block's tensors go: the seg ViT's names (left; "qkv" is its q, k and v concatenated)
 # and the target's (right).
@@ -119,10 +122,13 @@ def start_from_seg(model: nn.Module, source: transformers.ViTModel | None = None
         source = load_reference("seg").backbone
     if isinstance(model, transformers.ViTForImageClassification):
         model.vit.load_state_dict(_complete(dict(source.state_dict()), model.vit.state_dict()))
-    elif hasattr(model, "sam"):
+    elif isinstance(model, TosModel):
         encoder = model.sam.vision_encoder
         encoder.load_state_dict(sam_encoder_weights_from_vit(source, encoder))
-    else:
+    elif is_vl_model(model):
         tower = model.vision_model
         tower.load_state_dict(vision_weights_from_vit(source, tower))
+    else:
+        raise TypeError(f"start_from_seg loads a ViTForImageClassification, a TosModel, a "
+                        f"BlipForImageTextRetrieval or a CLIPModel, not a {type(model).__name__}")
     return model

@@ -1,5 +1,6 @@
 """The vision-language reference models: a small transformers BLIP with its image–text matching
-(ITM) head for nlvr, and a small transformers CLIP for retrieval, both trained from scratch.
+(ITM) head for nlvr, and a small transformers CLIP for retrieval; nlvr's recipe starts its vision
+tower from the seg backbone (reference/transfer.py), retrieval's trains from scratch.
 
     nlvr       BlipForImageTextRetrieval: ViT vision tower → text encoder cross-attending to every
                image token → itm_head on the first text token → 2 logits (0 false, 1 true)
