@@ -128,7 +128,7 @@ def _iou(predicted, targets):
 
 def test_a_tiny_recipe_trains_by_phases_ships_fp16_and_reloads_to_the_same_masks(tmp_path, monkeypatch):
     monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
-    recipe = Recipe("tos", (Phase(64, 2, 1e-3, 1), Phase(96, 2, 5e-4, 0)), batch_size=4)
+    recipe = Recipe("tos", (Phase(64, 2, 1e-3, 1), Phase(96, 2, 5e-4, 0)), batch_size=4, attributes=True)
     torch.manual_seed(0)
     model = train_reference("tos", tmp_path / "run", tmp_path / "out", recipe=recipe, progress=False,
                             model=tiny_tos())

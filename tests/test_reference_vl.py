@@ -50,7 +50,8 @@ from tokensieve.train import contrastive_loss
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                    patch_size=32)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-TINY_RECIPE = {task: Recipe(task, (Phase(64, 2, 1e-3, 1), Phase(96, 2, 5e-4, 0)), batch_size=4)
+TINY_RECIPE = {task: Recipe(task, (Phase(64, 2, 1e-3, 1), Phase(96, 2, 5e-4, 0)), batch_size=4,
+                             attributes=True)
                for task in ("nlvr", "retrieval")}
 
 

@@ -100,3 +100,18 @@ def test_queries_of_one_image_share_the_same_image():
     data = make_dataset("tos", "val", size=8)
     assert torch.equal(data[4]["image"], data[7]["image"])
     assert not torch.equal(data[3]["image"], data[4]["image"])
+
+
+def test_attribute_map_names_each_visible_objects_colour_and_shape():
+    data = make_dataset("tos", "val", size=8)
+    sample = data[0]
+    scene, _ = data.scene(0)
+    rendering = render(scene)
+    labels = sample["attributes"].numpy()
+    assert labels.dtype == np.uint8 and labels.shape == sample["mask"].shape
+    assert np.array_equal(labels == 0, rendering.instances == -1)  # 0 exactly on background
+    for index, obj in enumerate(scene.objects):
+        visible = rendering.instances == index
+        expected = 1 + COLOUR_NAMES.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+        assert (labels[visible] == expected).all()
+    assert sample["mask"].numpy()[labels == 0].sum() == 0  # targets are objects, never background

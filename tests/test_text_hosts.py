@@ -368,6 +368,28 @@ def test_policy_attention_keeping_every_token_is_masked_attention():
     torch.testing.assert_close(got, ops.attention(q, k, v, mask, 0.5))
 
 
+def test_policy_attention_stays_finite_when_a_pruned_key_dominates():
+    # Pruned key 0 outscores the kept keys by 200: shifting by the max over all keys would leave the
+    # kept keys' exp() at 0 and the gradients at inf (DynamicViT's mask-mode training saw 1e10-1e17).
+    generator = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 1, 1, 4, 4, generator=generator).unbind(0)
+    q = 0.5 + 0.5 * torch.rand(1, 1, 4, 4, generator=generator)  # positive: key 0 = 60·ones outscores all
+    k[..., 0, :] = 60.0
+    logits = q @ k.transpose(-2, -1)
+    assert (logits[..., 1:, 0] - logits[..., 1:, 1:].amax(-1) > 100).all()
+    keep = torch.tensor([[0.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    q.requires_grad_(True)
+    got = ops.policy_attention(q, k, v, keep, 1.0)
+    plain = torch.zeros_like(got)  # query 0 attends to itself and the kept keys; the others to the kept keys
+    for row in range(4):
+        keys = [0, 1, 2, 3] if row == 0 else [1, 2, 3]
+        plain[..., row, :] = (logits[..., row, keys].softmax(-1)[..., None] * v[..., keys, :]).sum(-2)
+    torch.testing.assert_close(got, plain.detach())
+    got.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(keep.grad).all()
+    assert keep.grad.abs().max() < 1e3 and q.grad.abs().max() < 1e3
+
+
 def test_padding_masks_of_every_form_read_as_the_same_key_validity():
     valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     causal = torch.ones(6, 6, dtype=torch.bool).tril()

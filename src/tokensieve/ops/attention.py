@@ -53,7 +53,14 @@ def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float
     policy = keep[:, None, None, :] + (1.0 - keep[:, None, None, :]) * eye  # [B, 1, N, N]
     if mask is not None:
         policy = policy * mask
-    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
+    # Shift by the largest logit among the keys a row may attend, not among all keys: a pruned key
+    # far above the kept ones would leave their exp() near zero, and dividing by that vanishing sum
+    # sends the gradients to inf. A pruned key's exp() (zero in the forward, its keep decision's
+    # gradient in the backward) is capped at the strongest kept key's, so that gradient stays bounded.
+    allowed = policy > 0.5
+    shift = logits.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    logits = logits - shift.nan_to_num(nan=0.0, neginf=0.0)  # a row with no key: weights stay 0
+    logits = torch.where(allowed, logits, logits.clamp_max(0.0))
     weights = logits.exp() * policy
     weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     return weights @ v

@@ -52,6 +52,8 @@ class Recipe:
     # "seg": the image encoder starts from the shipped seg backbone (reference/transfer.py), as
     # models for these tasks start from a pretrained ViT; None: from scratch.
     start: str | None = None
+    # Train with the dense colour×shape loss of reference/auxiliary.py beside the task's own.
+    attributes: bool = False
 
     def __post_init__(self) -> None:
         if self.start not in (None, "seg"):
@@ -65,10 +67,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "cls": Recipe("cls", (Phase(112, 1200, 5e-4, 120), Phase(224, 250, 2.5e-4, 25)), start="seg"),
     "seg": Recipe("seg", (Phase(160, 700, 1e-3, 70), Phase(224, 200, 2.5e-4, 20))),
-    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15)), start="seg"),
+    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15)), start="seg",
+                  attributes=True),
     # BLIP's text encoder is post-norm (BERT): half the lr of the pre-norm models.
     # nlvr first learns caption matching (BLIP's image–text matching on captions), then the statements.
     "nlvr": Recipe("nlvr", (Phase(112, 1000, 5e-4, 100, data="matching"), Phase(112, 2000, 5e-4, 200),
-                            Phase(224, 200, 1.25e-4, 20)), start="seg"),
-    "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20))),
+                            Phase(224, 200, 1.25e-4, 20)), start="seg", attributes=True),
+    "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
+                        attributes=True),
 }

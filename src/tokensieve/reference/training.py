@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 import tokensieve as ts
 from tokensieve.methods import Method
 from tokensieve.patch import Sieve
+from tokensieve.reference.auxiliary import AttributeHead, with_attributes
 from tokensieve.reference.evaluation import evaluate
 from tokensieve.reference.models import (
     IMAGE_SIZE,
@@ -83,15 +84,21 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
     model = model if model is not None else build_model(task)
     if recipe.start == "seg":
         start_from_seg(model)  # a resumed run then loads its checkpoint over these weights
+    # what fit trains: the model, or the model with its attribute head (dropped when shipped)
+    trained = AttributeHead(model) if recipe.attributes else model
+    loss = _task_loss(task)
+    if recipe.attributes:
+        loss = with_attributes(loss, _logits_of(task))
+    read = _whole_output if recipe.attributes else _logits_of(task)
     previous: Path | None = None
     for number, phase in enumerate(recipe.phases):
         phase_dir = run_dir / f"phase-{number}-{phase.image_size}px"
         if previous is not None and latest_checkpoint(phase_dir) is None:
-            load_trained(model, previous)  # a new phase starts from the last one's weights
+            load_trained(trained, previous)  # a new phase starts from the last one's weights
         config = _phase_config(recipe, phase, number, phase_dir, progress)
         data = _phase_data(task, phase, phase.steps * recipe.batch_size)
-        fit(model, data, _task_loss(task), config, collate_fn=_collate(task, phase.image_size),
-            evaluate=_validation(task, phase.image_size), logits_of=_logits_of(task))
+        fit(trained, data, loss, config, collate_fn=_collate(task, phase.image_size, recipe.attributes),
+            evaluate=_validation(task, phase.image_size), logits_of=read)
         previous = phase_dir
     model.eval()
     if out_dir is not None:
@@ -126,9 +133,25 @@ def _logits_of(task: str) -> Callable[[object], Tensor]:
     return {"nlvr": itm_logits, "retrieval": contrastive_logits}.get(task, logits_of)
 
 
-def _collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:
-    if task in VL_TASKS:
-        return _vl_collate(task, image_size)
+def _whole_output(output: object) -> object:
+    return output
+
+
+def _collate(task: str, image_size: int, attributes: bool = False) -> Callable[[list[dict]], tuple]:
+    """Keyword inputs and the task's targets of a batch; with `attributes`, the targets become
+    {"task": …, "attributes": the samples' colour×shape maps} (reference/auxiliary.py)."""
+    collate = _vl_collate(task, image_size) if task in VL_TASKS else _image_collate(task, image_size)
+    if not attributes:
+        return collate
+
+    def with_attribute_maps(samples: list[dict]) -> tuple[dict, dict]:
+        inputs, targets = collate(samples)
+        return inputs, {"task": targets, "attributes": torch.stack([s["attributes"] for s in samples])}
+
+    return with_attribute_maps
+
+
+def _image_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:
     target = "label" if task == "cls" else "mask"
 
     def collate(samples: list[dict]) -> tuple[dict, Tensor]:
@@ -159,6 +182,8 @@ def _vl_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict
 
 def _validation(task: str, image_size: int) -> Callable[[nn.Module], dict[str, float]]:
     def score(model: nn.Module) -> dict[str, float]:
+        if isinstance(model, AttributeHead):
+            model = model.model
         data = make_dataset(task, "val", size=VALIDATION_SAMPLES, image_size=image_size)
         return evaluate(model, task, data, progress=False)
 

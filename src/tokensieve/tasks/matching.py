@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from tokensieve.tasks.language import tokenize
 from tokensieve.tasks.retrieval import RetrievalConfig, RetrievalDataset
-from tokensieve.tasks.scenes import render
+from tokensieve.tasks.scenes import attribute_map, render
 from tokensieve.tasks.splits import SPLITS, TASK_SEEDS
 
 _NEGATIVE_STREAM = 1  # keeps the choice of negatives apart from the scenes' own draws
@@ -24,7 +24,8 @@ _NEGATIVE_STREAM = 1  # keeps the choice of negatives apart from the scenes' own
 
 class MatchingDataset(Dataset):
     """Samples {"image", "text", "tokens", "label" (1: the caption describes the image),
-    "family": "match"}; `size` samples, half of them true, from size // 2 + 1 retrieval scenes."""
+    "attributes" (the image's colour×shape map), "family": "match"}; `size` samples, half of
+    them true, from size // 2 + 1 retrieval scenes."""
 
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 224,
                  config: RetrievalConfig | None = None) -> None:
@@ -43,8 +44,10 @@ class MatchingDataset(Dataset):
         scene, caption = self.scenes.scene(image_index)
         if false:
             caption = self.scenes.scene(self.negative_of(image_index))[1]
-        return {"image": torch.from_numpy(render(scene).image), "text": caption.text,
-                "tokens": tokenize(caption.text), "label": torch.tensor(1 - false), "family": "match"}
+        rendering = render(scene)
+        return {"image": torch.from_numpy(rendering.image), "text": caption.text,
+                "tokens": tokenize(caption.text), "label": torch.tensor(1 - false),
+                "attributes": torch.from_numpy(attribute_map(scene, rendering)), "family": "match"}
 
     def negative_of(self, image_index: int) -> int:
         """The scene whose caption is paired with image `image_index` in its false sample."""

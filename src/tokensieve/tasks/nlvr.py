@@ -29,6 +29,7 @@ from tokensieve.tasks.scenes import (
     ObjectSpec,
     Scene,
     SceneObject,
+    attribute_map,
     compose_scene,
     related_specs,
     render,
@@ -165,7 +166,8 @@ def sample_nlvr(rng: np.random.Generator, truth: bool, config: NlvrConfig, size:
 
 class NlvrDataset(SyntheticDataset):
     """Samples {"image": float32 [3, H, W] in [0, 1], "text": str, "tokens": int64 [T],
-    "label": int64 [] (1 true, 0 false), "family": str}."""
+    "label": int64 [] (1 true, 0 false), "attributes": uint8 [H, W] (`scenes.attribute_map`),
+    "family": str}."""
 
     task = "nlvr"
 
@@ -179,6 +181,7 @@ class NlvrDataset(SyntheticDataset):
 
     def sample(self, index: int) -> dict:
         scene, statement = self.scene(index)
-        return {"image": torch.from_numpy(render(scene).image), "text": statement.text,
+        rendering = render(scene)
+        return {"image": torch.from_numpy(rendering.image), "text": statement.text,
                 "tokens": tokenize(statement.text), "label": torch.tensor(int(statement.truth)),
-                "family": statement.family}
+                "attributes": torch.from_numpy(attribute_map(scene, rendering)), "family": statement.family}

@@ -18,7 +18,7 @@ import torch
 from tokensieve.tasks.attributes import DEFAULT_SIZE_WEIGHTS
 from tokensieve.tasks.language import counted, listing, noun_phrase, tokenize
 from tokensieve.tasks.relations import RELATIONS, holds
-from tokensieve.tasks.scenes import Scene, compose_scene, related_specs, render
+from tokensieve.tasks.scenes import Scene, attribute_map, compose_scene, related_specs, render
 from tokensieve.tasks.splits import SyntheticDataset
 
 SCENE_ATTEMPTS = 20
@@ -63,7 +63,8 @@ def describe(rng: np.random.Generator, scene: Scene) -> Caption | None:
 
 class RetrievalDataset(SyntheticDataset):
     """Samples {"image": float32 [3, H, W] in [0, 1], "text": str, "tokens": int64 [T],
-    "image_index": int}; the caption of sample i describes image i."""
+    "attributes": uint8 [H, W] (`scenes.attribute_map`), "image_index": int}; the caption of
+    sample i describes image i."""
 
     task = "retrieval"
 
@@ -86,8 +87,10 @@ class RetrievalDataset(SyntheticDataset):
 
     def sample(self, index: int) -> dict:
         scene, caption = self.scene(index)
-        return {"image": torch.from_numpy(render(scene).image), "text": caption.text,
-                "tokens": tokenize(caption.text), "image_index": index}
+        rendering = render(scene)
+        return {"image": torch.from_numpy(rendering.image), "text": caption.text,
+                "tokens": tokenize(caption.text),
+                "attributes": torch.from_numpy(attribute_map(scene, rendering)), "image_index": index}
 
 
 def retrieval_gallery(split: str = "test", count: int | None = None, image_size: int = 224,

@@ -84,6 +84,18 @@ class Rendering:
         return np.isin(self.instances, np.asarray(objects, dtype=np.int16))
 
 
+# Dense colour×shape classes: 0 background, 1 + COLOUR_NAMES.index(c) · len(SHAPES) + SHAPES.index(s).
+ATTRIBUTE_CLASSES = 1 + len(COLOUR_NAMES) * len(SHAPES)
+
+
+def attribute_map(scene: Scene, rendering: Rendering) -> np.ndarray:
+    """[H, W] uint8 colour×shape class of the visible object at each pixel (0 on background): the
+    dense auxiliary target that keeps an image encoder's map telling colours and shapes apart."""
+    by_object = np.asarray([0] + [1 + COLOUR_NAMES.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)
+                                  for o in scene.objects], np.uint8)
+    return by_object[rendering.instances.astype(np.int64) + 1]  # instance -1 (background) -> 0
+
+
 class PlacementError(RuntimeError):
     """No layout satisfying the recipe was found (too many or too large objects for the image)."""
 

@@ -24,7 +24,7 @@ import torch
 from tokensieve.tasks.attributes import DEFAULT_SIZE_WEIGHTS, PURPOSES
 from tokensieve.tasks.language import noun_phrase, tokenize
 from tokensieve.tasks.relations import RELATIONS, decided, holds
-from tokensieve.tasks.scenes import Scene, compose_scene, related_specs, render
+from tokensieve.tasks.scenes import Scene, attribute_map, compose_scene, related_specs, render
 from tokensieve.tasks.splits import SyntheticDataset
 
 TOS_FAMILIES: tuple[str, ...] = ("attribute", "every", "relation", "purpose")
@@ -135,7 +135,8 @@ def choose_queries(rng: np.random.Generator, scene: Scene, count: int) -> list[Q
 
 class TosDataset(SyntheticDataset):
     """Samples {"image": float32 [3, H, W] in [0, 1], "text": str, "tokens": int64 [T],
-    "mask": bool [H, W], "image_index": int, "family": str}."""
+    "mask": bool [H, W], "attributes": uint8 [H, W] (every object's colour×shape class,
+    `scenes.attribute_map`: the recipe's auxiliary target), "image_index": int, "family": str}."""
 
     task = "tos"
 
@@ -168,4 +169,5 @@ class TosDataset(SyntheticDataset):
         rendering = render(scene)
         return {"image": torch.from_numpy(rendering.image), "text": query.text,
                 "tokens": tokenize(query.text), "mask": torch.from_numpy(rendering.mask_of(query.targets)),
+                "attributes": torch.from_numpy(attribute_map(scene, rendering)),
                 "image_index": image_index, "family": query.family}
