@@ -18,22 +18,29 @@ import time
 
 import torch
 
-from tokensieve.reference import RECIPES, build_model
-from tokensieve.reference.training import _collate, _logits_of, _task_loss  # the recipe's own step
-from tokensieve.tasks import make_dataset
+from tokensieve.reference import RECIPES, Phase, build_model
+from tokensieve.reference.auxiliary import AttributeHead
+from tokensieve.reference.training import _phase_data, phase_objective  # the recipe's own step
 
 TWO_CORES = 1.7  # an estimated speed-up of two threads over one on this machine, not measured
 
 
-def time_size(task: str, size: int, batch_size: int, steps: int) -> tuple[float, float]:
-    """(train, data) CPU-seconds per step at `size`: the mean over `steps` after one warm-up."""
+def time_size(task: str, size: int, steps: int, data: str | None) -> tuple[float, float]:
+    """(train, data) CPU-seconds per step at `size`: the mean over `steps` after one warm-up, with
+    the recipe's batch, attribute head and the objective of a phase on `data` (Phase.data)."""
     torch.manual_seed(0)
-    model = build_model(task).train()
+    recipe = RECIPES[task]
+    batch_size = recipe.batch_size
+    model = build_model(task)
+    if recipe.attributes:
+        model = AttributeHead(model)
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    data = make_dataset(task, "train", size=(steps + 1) * batch_size, image_size=size)
-    collate, loss_fn, logits_of = _collate(task, size), _task_loss(task), _logits_of(task)
+    phase = Phase(size, steps + 1, 1e-4, 0, data=data)
+    samples = _phase_data(task, phase, (steps + 1) * batch_size)
+    loss_fn, logits_of, collate = phase_objective(task, phase, recipe.attributes)
     start = time.process_time()
-    batches = [collate([data[i] for i in range(b * batch_size, (b + 1) * batch_size)])
+    batches = [collate([samples[i] for i in range(b * batch_size, (b + 1) * batch_size)])
                for b in range(steps + 1)]
     data_seconds = (time.process_time() - start) / (steps + 1)
     train_seconds = 0.0
@@ -54,13 +61,15 @@ def main() -> None:
     parser.add_argument("task", choices=sorted(RECIPES))
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default: the recipe's sizes")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--data", choices=("captions", "matching"), default=None,
+                        help="time an nlvr warm-up phase instead of the task's own data")
     args = parser.parse_args()
     torch.set_num_threads(1)
     recipe = RECIPES[args.task]
     sizes = args.sizes or [phase.image_size for phase in recipe.phases]
     print(f"{args.task}: batch {recipe.batch_size}, one thread, CPU-seconds per step")
     for size in sizes:
-        train, data = time_size(args.task, size, recipe.batch_size, args.steps)
+        train, data = time_size(args.task, size, args.steps, args.data)
         print(f"  {size:4d} px  train {train:6.2f}  data {data:5.2f}  "
               f"≈ {(train + data) / TWO_CORES:5.2f} s per step on two uncontended cores")
 

@@ -4,8 +4,10 @@ import json
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import tokensieve as ts
+from tokensieve.cli import main as cli
 from tokensieve.reference import (
     Phase,
     Recipe,
@@ -85,3 +87,17 @@ def test_the_shipped_cls_model_loads_and_classifies_validation_scenes():
     data = make_dataset("cls", "val", size=32)
     score = evaluate(model, "cls", data, batch_size=16, progress=False)["accuracy"]
     assert score > 0.4  # a trained model (about 0.75 on validation); chance is 1/8
+
+
+def test_train_cli_passes_the_host_lr_scale_to_a_method_run_only(monkeypatch):
+    import tokensieve.reference as reference
+
+    calls = []
+    monkeypatch.setattr(reference, "train_method", lambda task, method, run, **options: calls.append(options))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "cls", "--method", "dynamicvit:keep=0.7", "--steps", "5",
+                                 "--model-lr-scale", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"steps": 5, "model_lr_scale": 0.01}]
+    result = runner.invoke(cli, ["train", "cls", "--model-lr-scale", "0.01"])
+    assert result.exit_code != 0 and "give --method too" in result.output

@@ -262,3 +262,21 @@ def test_minilm_guidance_is_the_mean_of_bert_outputs_over_real_tokens_and_is_nev
     loaded = load_reference("tos", tmp_path / "tos")
     assert loaded.text.kind == "minilm"
     torch.testing.assert_close(loaded.guidance(texts), model.guidance(texts), atol=2e-3, rtol=1e-2)
+
+
+def test_several_sentences_per_image_equal_repeating_the_image():
+    torch.manual_seed(0)
+    model = tiny_tos().eval()
+    images = torch.rand(2, 3, 96, 96)
+    texts = ["the red star", "every circle", "the blue square", "something that rolls", "every green shape"]
+    image_of = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        grouped = model(images, text=texts, image_of=image_of)
+        repeated = model(images[image_of], text=texts)
+    torch.testing.assert_close(grouped.logits, repeated.logits)
+    assert grouped.image_embeddings.shape[0] == 2  # the encoder ran once per image
+    for bad, message in ((torch.tensor([0, 2, 1, 1, 1]), "outside the 2 images"),
+                         (torch.tensor([[0, 0, 1, 1, 1]]), "int64 \\[T\\]"),
+                         (torch.tensor([0, 1]), "one vector per sentence")):
+        with pytest.raises(ValueError, match=message):
+            model(images, text=texts, image_of=bad)

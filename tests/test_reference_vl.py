@@ -2,6 +2,7 @@
 transformers CLIP for retrieval, trained by their recipes, shipped in fp16, scored by accuracy
 and by recall@k both ways."""
 
+import dataclasses
 import json
 import math
 
@@ -309,3 +310,29 @@ def test_tokensieve_eval_scores_the_vl_models_dense_and_pruned(tmp_path):
     assert [row["method"] for row in rows] == ["dense", "RandomDrop(keep=0.5, layers=(1,))"]
     assert all(row["metric"] == "accuracy" for row in rows)
     assert rows[1]["gmacs"] < rows[0]["gmacs"]
+
+
+def test_nlvr_warm_ups_train_blips_contrast_then_its_matching_head(tmp_path, monkeypatch):
+    monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
+    recipe = Recipe("nlvr", (Phase(64, 2, 1e-3, 0, data="captions"), Phase(64, 2, 1e-3, 0, data="matching"),
+                             Phase(64, 2, 1e-3, 0)), batch_size=4, attributes=True)
+    before = {name: p.clone() for name, p in tiny("nlvr").named_parameters()}
+    contrast_only = dataclasses.replace(recipe, phases=recipe.phases[:1])
+    first = train_reference("nlvr", tmp_path / "run", recipe=contrast_only, progress=False,
+                            model=tiny("nlvr"))
+    changed = {name for name, p in first.named_parameters() if not torch.equal(p, before[name])}
+    assert "vision_proj.weight" in changed and "text_proj.weight" in changed  # the contrastive head
+    assert "itm_head.weight" not in changed  # the matching head waits for its phase
+    model = train_reference("nlvr", tmp_path / "run", recipe=recipe, progress=False, model=tiny("nlvr"))
+    assert not torch.equal(model.itm_head.weight, before["itm_head.weight"])
+    for number in range(3):
+        lines = (tmp_path / "run" / f"phase-{number}-64px" / "log.jsonl").read_text().splitlines()
+        assert len(lines) == 2 and all(math.isfinite(json.loads(line)["loss"]) for line in lines)
+
+
+def test_warm_up_phases_are_named_and_belong_to_nlvr(tmp_path):
+    with pytest.raises(ValueError, match="'captions' or 'matching'"):
+        Phase(64, 2, 1e-3, 0, data="statements")
+    recipe = Recipe("retrieval", (Phase(64, 2, 1e-3, 0, data="captions"),), batch_size=4)
+    with pytest.raises(ValueError, match="warm up the nlvr model, not the retrieval model"):
+        train_reference("retrieval", tmp_path / "run", recipe=recipe, progress=False, model=tiny("retrieval"))

@@ -4,9 +4,10 @@ generator; every image serves several different targets."""
 import re
 
 import numpy as np
+import pytest
 import torch
 
-from tokensieve.tasks import COLOUR_NAMES, SHAPES, make_dataset
+from tokensieve.tasks import COLOUR_NAMES, SHAPES, TosImages, make_dataset
 from tokensieve.tasks.scenes import render
 
 IMAGES = 60
@@ -115,3 +116,18 @@ def test_attribute_map_names_each_visible_objects_colour_and_shape():
         expected = 1 + COLOUR_NAMES.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
         assert (labels[visible] == expected).all()
     assert sample["mask"].numpy()[labels == 0].sum() == 0  # targets are objects, never background
+
+
+def test_tos_images_render_each_image_once_with_all_its_sentences():
+    queries = make_dataset("tos", "val", size=8)
+    images = TosImages(queries)
+    assert len(images) == 2
+    item = images[1]
+    assert item["image_index"] == 1 and len(item["texts"]) == 4 and item["masks"].shape == (4, 224, 224)
+    for q in range(4):
+        sample = queries[4 + q]
+        assert torch.equal(item["image"], sample["image"]) and item["texts"][q] == sample["text"]
+        assert torch.equal(item["masks"][q], sample["mask"]) and item["families"][q] == sample["family"]
+    assert torch.equal(item["attributes"], queries[4]["attributes"])
+    with pytest.raises(IndexError, match="out of range"):
+        images[2]

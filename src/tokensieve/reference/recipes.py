@@ -6,12 +6,11 @@ where a step costs a quarter (a half) of one at 224×224, and a final phase at t
 adapts the model to the size it is used at. Each phase is its own
 warm-up + cosine run of `tokensieve.train.fit`, starting from the previous phase's weights.
 
-tos runs 1 600 steps at 128×128 and 150 at its native 256×256. Measured on this 2-core machine
-(one thread, other training running alongside; batch 64): 2.0 CPU-seconds per step at 128 px and
-10.0 at 256 px, plus 0.23 and 0.72 for generating the batch. Spread over two cores at ~1.7×
-(docs/reference.md): ~1.3 s and ~6.3 s per step, so 1 600 × 1.3 + 150 × 6.3 ≈ 3 030 s, ~51 minutes
-with validation. A 256 px step costs 5× one at 128 px (4× the tokens; SAM pads the 16×16 grid to
-18×18 for its windows, the 8×8 one to 12×12).
+tos runs 1 600 steps at 128×128 and 150 at its native 256×256, each step 32 images with their 4
+sentences. Measured with benchmarks/recipe_timing.py (one thread, other training alongside), in
+CPU-seconds of training + generating a batch: 1.45 + 0.16 at 128 px and 4.71 + 0.27 at 256 px.
+On two cores at ~1.7×: ~0.95 s and ~2.9 s per step, so 1 600 × 0.95 + 150 × 2.9 ≈ 1 960 s, ~33
+minutes with validation. (A batch of 64 separate sentences cost 2.0 + 0.23 and 10.0 + 0.72.)
 
 nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224 (nlvr's first
 1 000 on caption matching, whose captions are longer than the statements: not timed yet).
@@ -33,20 +32,22 @@ class Phase:
     steps: int
     lr: float
     warmup_steps: int
-    # What the phase trains on: None, the task's own train split; "matching", caption matching
-    # (tokensieve.tasks.matching), the nlvr model's warm-up.
+    # What the phase trains on: None, the task's own train split; nlvr's warm-ups: "captions",
+    # BLIP's image–text contrast on the retrieval captions, and "matching", caption matching
+    # (tokensieve.tasks.matching) with the ITM head.
     data: str | None = None
 
     def __post_init__(self) -> None:
-        if self.data not in (None, "matching"):
-            raise ValueError(f"Phase(data={self.data!r}): use None (the task's own data) or 'matching'")
+        if self.data not in (None, "captions", "matching"):
+            raise ValueError(f"Phase(data={self.data!r}): use None (the task's own data), 'captions' or "
+                             "'matching'")
 
 
 @dataclass(frozen=True)
 class Recipe:
     task: str
     phases: tuple[Phase, ...]
-    batch_size: int = 64
+    batch_size: int = 64  # samples a step; for tos, images (each with all its sentences)
     weight_decay: float = 0.05
     seed: int = 0
     # "seg": the image encoder starts from the shipped seg backbone (reference/transfer.py), as
@@ -67,12 +68,15 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "cls": Recipe("cls", (Phase(112, 1200, 5e-4, 120), Phase(224, 250, 2.5e-4, 25)), start="seg"),
     "seg": Recipe("seg", (Phase(160, 700, 1e-3, 70), Phase(224, 200, 2.5e-4, 20))),
-    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15)), start="seg",
-                  attributes=True),
+    # tos batches 32 images, each with its 4 sentences (tasks.TosImages): 128 masks a step
+    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15)), batch_size=32,
+                  start="seg", attributes=True),
     # BLIP's text encoder is post-norm (BERT): half the lr of the pre-norm models.
-    # nlvr first learns caption matching (BLIP's image–text matching on captions), then the statements.
-    "nlvr": Recipe("nlvr", (Phase(112, 1000, 5e-4, 100, data="matching"), Phase(112, 2000, 5e-4, 200),
-                            Phase(224, 200, 1.25e-4, 20)), start="seg", attributes=True),
+    # nlvr learns as BLIP does: image–text contrast, then matching captions, then the statements.
+    "nlvr": Recipe("nlvr", (Phase(112, 800, 5e-4, 80, data="captions"),
+                            Phase(112, 700, 5e-4, 70, data="matching"),
+                            Phase(112, 1500, 5e-4, 150), Phase(224, 200, 1.25e-4, 20)),
+                   start="seg", attributes=True),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
                         attributes=True),
 }

@@ -49,7 +49,7 @@ def tos_sam_config() -> transformers.SamConfig:
 class TosOutput:
     logits: Tensor  # [B, 1, H/4, W/4] mask logits
     guidance: Tensor  # [B, PROMPT_WIDTH] the projected sentence embedding given to the mask decoder
-    image_embeddings: Tensor  # [B, PROMPT_WIDTH, H/16, W/16] the vision encoder's (neck's) output
+    image_embeddings: Tensor  # [images, PROMPT_WIDTH, H/16, W/16] the vision encoder's (neck's) output
 
 
 class TosModel(nn.Module):
@@ -57,7 +57,9 @@ class TosModel(nn.Module):
 
     `guidance(text)` gives the prompt-width guidance vectors on their own (a pruning method such
     as VLTP needs them before the image encoder runs); pass them back as
-    `model(pixel_values, guidance=g)`. The native size is 256×256; other multiples of 16
+    `model(pixel_values, guidance=g)`. To ask each image several sentences with one encoder pass,
+    give `image_of` [T], the image row of each of the T sentences (`tasks.TosImages` batches). The
+    native size is 256×256; other multiples of 16
     interpolate the absolute position embeddings (SAM's relative-position tables interpolate
     themselves), which the training recipe uses for its cheaper early phase.
     """
@@ -85,17 +87,18 @@ class TosModel(nn.Module):
         return self.projection(self.text(text))
 
     def forward(self, pixel_values: Tensor, text: Sequence[str] | None = None,
-                guidance: Tensor | None = None) -> TosOutput:
+                guidance: Tensor | None = None, image_of: Tensor | None = None) -> TosOutput:
         if (text is None) == (guidance is None):
             raise ValueError("give the task sentences as text=[...] or their vectors as guidance=...")
         self._check_images(pixel_values)
         if guidance is None:
             guidance = self.guidance(text)
-        batch = pixel_values.shape[0]
+        batch = pixel_values.shape[0] if image_of is None else self._check_image_of(image_of, pixel_values)
         if guidance.shape != (batch, self.prompt_width):
-            raise ValueError(f"guidance must be [{batch}, {self.prompt_width}] (one vector per image, "
+            raise ValueError(f"guidance must be [{batch}, {self.prompt_width}] (one vector per sentence, "
                              f"from model.guidance(text)), got {tuple(guidance.shape)}")
-        image = self.image_embeddings(pixel_values)  # [B, C, h, w]
+        encoded = self.image_embeddings(pixel_values)  # [images, C, h, w]
+        image = encoded if image_of is None else encoded[image_of]  # [B, C, h, w], one per sentence
         rows, cols = image.shape[-2:]
         positions = self.positional_map(rows, cols).expand(batch, -1, -1, -1)
         # the dense prompt SAM's prompt encoder gives when no mask is prompted
@@ -106,13 +109,13 @@ class TosModel(nn.Module):
             sparse_prompt_embeddings=guidance[:, None, None, :],  # [B, point batch 1, 1 token, C]
             dense_prompt_embeddings=no_mask, multimask_output=False,
         )
-        return TosOutput(logits=masks[:, 0], guidance=guidance, image_embeddings=image)
+        return TosOutput(logits=masks[:, 0], guidance=guidance, image_embeddings=encoded)
 
     @torch.no_grad()
     def predict(self, pixel_values: Tensor, text: Sequence[str] | None = None,
-                guidance: Tensor | None = None) -> Tensor:
-        """Bool masks [B, H, W] at the input's resolution (logits upsampled, then > 0)."""
-        logits = self(pixel_values, text=text, guidance=guidance).logits
+                guidance: Tensor | None = None, image_of: Tensor | None = None) -> Tensor:
+        """Bool masks [B, H, W] (one per sentence) at the input's resolution (logits upsampled, then > 0)."""
+        logits = self(pixel_values, text=text, guidance=guidance, image_of=image_of).logits
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         return logits[:, 0] > 0
 
@@ -134,6 +137,17 @@ class TosModel(nn.Module):
         x = (torch.arange(cols, device=weight.device, dtype=weight.dtype) + 0.5) / cols
         grid = torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1)  # [rows, cols, (x, y)]
         return fourier(grid).permute(2, 0, 1).unsqueeze(0)
+
+    @staticmethod
+    def _check_image_of(image_of: Tensor, pixel_values: Tensor) -> int:
+        """The sentence count of a valid `image_of`: int64 [T] rows of the image batch."""
+        images = pixel_values.shape[0]
+        if image_of.dim() != 1 or image_of.dtype != torch.long or image_of.numel() == 0:
+            raise ValueError(f"image_of must be int64 [T], the image row of each sentence, got "
+                             f"{image_of.dtype} {tuple(image_of.shape)}")
+        if bool((image_of < 0).any() or (image_of >= images).any()):
+            raise ValueError(f"image_of names rows outside the {images} images")
+        return image_of.numel()
 
     def _check_images(self, pixel_values: Tensor) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +32,14 @@ from tokensieve.reference.vl import (
     build_retrieval,
     contrastive_logits,
     is_vl_model,
+    itc_logits,
     itm_logits,
     text_inputs,
 )
 from tokensieve.tasks import collate as collate_samples
 from tokensieve.tasks import make_dataset
 from tokensieve.tasks.matching import MatchingDataset
+from tokensieve.tasks.tos import TosConfig, TosImages
 from tokensieve.train import (
     TrainConfig,
     contrastive_loss,
@@ -48,6 +51,7 @@ from tokensieve.train import (
     mask_bce_dice,
     pixel_cross_entropy,
 )
+from tokensieve.train.checkpoint import read_metadata
 
 VALIDATION_SAMPLES = 500  # a validation subset scored at the end of each phase, in the run's log
 VL_TASKS = ("nlvr", "retrieval")
@@ -86,10 +90,6 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
         start_from_seg(model)  # a resumed run then loads its checkpoint over these weights
     # what fit trains: the model, or the model with its attribute head (dropped when shipped)
     trained = AttributeHead(model) if recipe.attributes else model
-    loss = _task_loss(task)
-    if recipe.attributes:
-        loss = with_attributes(loss, _logits_of(task))
-    read = _whole_output if recipe.attributes else _logits_of(task)
     previous: Path | None = None
     for number, phase in enumerate(recipe.phases):
         phase_dir = run_dir / f"phase-{number}-{phase.image_size}px"
@@ -97,7 +97,8 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
             load_trained(trained, previous)  # a new phase starts from the last one's weights
         config = _phase_config(recipe, phase, number, phase_dir, progress)
         data = _phase_data(task, phase, phase.steps * recipe.batch_size)
-        fit(trained, data, loss, config, collate_fn=_collate(task, phase.image_size, recipe.attributes),
+        loss, read, collate = phase_objective(task, phase, recipe.attributes)
+        fit(trained, data, loss, config, collate_fn=collate,
             evaluate=_validation(task, phase.image_size), logits_of=read)
         previous = phase_dir
     model.eval()
@@ -106,11 +107,45 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
     return model
 
 
+def load_recipe_phase(model: nn.Module, phase_dir: str | os.PathLike) -> nn.Module:
+    """Load the latest checkpoint of a recipe phase (`runs/TASK/phase-…`) into `model`, a fresh
+    reference model of the task, whether the phase trained it alone or with its attribute head
+    (which is then dropped). For looking at a run before it ships; returns `model`."""
+    checkpoint = latest_checkpoint(phase_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint in {phase_dir}")
+    host = json.loads(read_metadata(checkpoint)["host"])["class"]
+    with_head = host == f"{AttributeHead.__module__}.{AttributeHead.__qualname__}"
+    load_trained(AttributeHead(model) if with_head else model, phase_dir)
+    return model
+
+
+def phase_objective(task: str, phase: Phase, attributes: bool) -> tuple[Callable, Callable, Callable]:
+    """What one recipe phase trains with: (loss, which part of the output it reads, the batcher).
+    A "captions" phase is BLIP's image–text contrastive warm-up; with `attributes`, the model is
+    wrapped in AttributeHead and the attribute loss joins the phase's own."""
+    if phase.data == "captions":
+        loss, read, collate = contrastive_loss, itc_logits, _itc_collate(phase.image_size)
+    else:
+        loss, read = _task_loss(task), _logits_of(task)
+        collate = _collate(task, phase.image_size, images=task == "tos")
+    if attributes:
+        return with_attributes(loss, read), _whole_output, _with_attribute_maps(collate)
+    return loss, read, collate
+
+
 def _phase_data(task: str, phase: Phase, size: int) -> Dataset:
+    """`size` samples of the phase's training data; for tos, `size` images, each with all its
+    sentences (TosImages)."""
+    if task == "tos":
+        sentences = size * TosConfig().queries_per_image
+        return TosImages(make_dataset(task, "train", size=sentences, image_size=phase.image_size))
+    if phase.data in ("matching", "captions") and task != "nlvr":
+        raise ValueError(f"{phase.data!r} phases warm up the nlvr model, not the {task} model")
     if phase.data == "matching":
-        if task != "nlvr":
-            raise ValueError(f"caption matching is a warm-up of the nlvr model, not of {task}")
         return MatchingDataset("train", size=size, image_size=phase.image_size)
+    if phase.data == "captions":
+        return make_dataset("retrieval", "train", size=size, image_size=phase.image_size)
     return make_dataset(task, "train", size=size, image_size=phase.image_size)
 
 
@@ -137,18 +172,37 @@ def _whole_output(output: object) -> object:
     return output
 
 
-def _collate(task: str, image_size: int, attributes: bool = False) -> Callable[[list[dict]], tuple]:
-    """Keyword inputs and the task's targets of a batch; with `attributes`, the targets become
-    {"task": …, "attributes": the samples' colour×shape maps} (reference/auxiliary.py)."""
-    collate = _vl_collate(task, image_size) if task in VL_TASKS else _image_collate(task, image_size)
-    if not attributes:
-        return collate
+def _collate(task: str, image_size: int, images: bool = False) -> Callable[[list[dict]], tuple]:
+    """Keyword inputs and the task's targets of a batch; with `images`, the samples are TosImages
+    items, each image with all its sentences."""
+    if images:
+        return _tos_images_collate
+    if task in VL_TASKS:
+        return _vl_collate(task, image_size)
+    return _image_collate(task, image_size)
+
+
+def _with_attribute_maps(collate: Callable[[list[dict]], tuple]) -> Callable[[list[dict]], tuple]:
+    """`collate` with targets {"task": its targets, "attributes": the samples' colour×shape maps}
+    (reference/auxiliary.py)."""
 
     def with_attribute_maps(samples: list[dict]) -> tuple[dict, dict]:
         inputs, targets = collate(samples)
         return inputs, {"task": targets, "attributes": torch.stack([s["attributes"] for s in samples])}
 
     return with_attribute_maps
+
+
+def _itc_collate(image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:
+    """Retrieval captions for BLIP's contrastive head: the retrieval batch, run with
+    `use_itm_head=False` (image i matches caption i)."""
+    retrieval = _vl_collate("retrieval", image_size)
+
+    def collate(samples: list[dict]) -> tuple[dict, Tensor]:
+        inputs, targets = retrieval(samples)
+        return {**inputs, "use_itm_head": False}, targets
+
+    return collate
 
 
 def _image_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:
@@ -163,6 +217,16 @@ def _image_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[d
         return inputs, torch.stack([torch.as_tensor(s[target]) for s in samples])
 
     return collate
+
+
+def _tos_images_collate(items: list[dict]) -> tuple[dict, Tensor]:
+    """Images once, every sentence of each with `image_of` naming its image; the targets are the
+    sentences' masks [T, H, W]."""
+    counts = torch.tensor([len(item["texts"]) for item in items])
+    inputs = {"pixel_values": torch.stack([item["image"] for item in items]),
+              "text": [text for item in items for text in item["texts"]],
+              "image_of": torch.arange(len(items)).repeat_interleave(counts)}
+    return inputs, torch.cat([item["masks"] for item in items])
 
 
 def _vl_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict, Tensor]]:

@@ -31,7 +31,7 @@ from tokensieve.tasks.retrieval import RetrievalConfig, RetrievalDataset, retrie
 from tokensieve.tasks.scenes import Rendering, Scene, SceneObject, render
 from tokensieve.tasks.seg import IGNORE_INDEX, SEG_CLASSES, SegConfig, SegDataset
 from tokensieve.tasks.splits import DEFAULT_SIZES, SPLITS, SyntheticDataset
-from tokensieve.tasks.tos import TosConfig, TosDataset
+from tokensieve.tasks.tos import TosConfig, TosDataset, TosImages
 
 TASKS: dict[str, type[SyntheticDataset]] = {
     "cls": ClsDataset,
@@ -81,6 +81,7 @@ __all__ = [
     "SyntheticDataset",
     "TosConfig",
     "TosDataset",
+    "TosImages",
     "accuracy",
     "ciou",
     "class_iou",

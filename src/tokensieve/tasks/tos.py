@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from tokensieve.tasks.attributes import DEFAULT_SIZE_WEIGHTS, PURPOSES
 from tokensieve.tasks.language import noun_phrase, tokenize
@@ -171,3 +172,28 @@ class TosDataset(SyntheticDataset):
                 "tokens": tokenize(query.text), "mask": torch.from_numpy(rendering.mask_of(query.targets)),
                 "attributes": torch.from_numpy(attribute_map(scene, rendering)),
                 "image_index": image_index, "family": query.family}
+
+
+class TosImages(Dataset):
+    """The images of a TosDataset, each with all its sentences: item k is image k rendered once,
+    {"image": [3, H, W], "attributes": uint8 [H, W], "texts": [Q sentences], "masks": bool
+    [Q, H, W], "families": [Q], "image_index": k}, where Q = queries_per_image and sentence q is
+    sample k·Q + q of the dataset. Training on these asks one image several things in one batch,
+    so only the sentence tells its targets apart."""
+
+    def __init__(self, queries: TosDataset) -> None:
+        self.queries = queries
+
+    def __len__(self) -> int:
+        return self.queries.image_count()
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"image {index} out of range for {len(self)} tos images")
+        scene, queries = self.queries.scene(int(index))
+        rendering = render(scene)
+        return {"image": torch.from_numpy(rendering.image),
+                "attributes": torch.from_numpy(attribute_map(scene, rendering)),
+                "texts": [query.text for query in queries],
+                "masks": torch.from_numpy(np.stack([rendering.mask_of(query.targets) for query in queries])),
+                "families": [query.family for query in queries], "image_index": int(index)}
