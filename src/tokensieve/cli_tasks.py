@@ -22,9 +22,9 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
               help="Checkpoints and JSONL logs (default: runs/TASK or runs/TASK-METHOD); rerun to resume.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where the reference weights go (default: the package's shipped weights).")
-@click.option("--steps", type=int, default=300, show_default=True, help="Steps of a method run.")
+@click.option("--steps", type=int, default=400, show_default=True, help="Steps of a method run.")
 @click.option("--model-lr-scale", type=float, default=None,
-              help="A method run's lr for the host, relative to the method's own (default: train_method's).")
+              help="A method run's lr for the host, relative to the method's own (default: 0.01).")
 @click.option("--text", "text_encoder", type=click.Choice(["words", "minilm"]), default="words",
               show_default=True,
               help="tos only: the text encoder, trained over the task words, or the frozen pretrained MiniLM "

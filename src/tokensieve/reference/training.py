@@ -254,11 +254,12 @@ def _validation(task: str, image_size: int) -> Callable[[nn.Module], dict[str, f
     return score
 
 
-def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 300,
-                 batch_size: int = 32, lr: float = 1e-3, model_lr_scale: float = 0.1,
+def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 400,
+                 batch_size: int = 32, lr: float = 1e-3, model_lr_scale: float = 0.01,
                  progress: bool = True) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
-    parameters at `lr`, the host at lr · model_lr_scale, task + keep-ratio + self-distillation
+    parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
+    trained, and the method's predictors start random), task + keep-ratio + self-distillation
     losses, at the native size (224×224; tos 256×256). Checkpoints and the JSONL log go to
     `run_dir` (run again to resume). Returns the patched model in eval mode; load the run later
     with `load_trained`."""
