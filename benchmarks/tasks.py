@@ -12,6 +12,7 @@ retrieval (CLIP) models are pruned in their 6-layer vision towers: RandomDrop at
 layer (3), EViT at layers 1, 3 and 5 (the depth fractions of DeiT's 3, 6, 9), ToMe(r=8).
 
     python benchmarks/tasks.py                         # every task with shipped weights
+    python benchmarks/tasks.py --tasks tos             # rescore tos, keep the other tasks' rows
     python benchmarks/tasks.py --tasks cls --samples 500
 """
 
@@ -57,10 +58,19 @@ def main() -> None:
             methods.append(method)
             trained[str(method)] = str(run)
         rows += compare(task, methods, split="test", samples=args.samples, trained=trained)
+    rows = _with_earlier_rows(rows, args.out / "tasks.json")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tasks.json").write_text(json.dumps([row.to_dict() for row in rows], indent=2) + "\n")
     (args.out / "tasks.md").write_text(_markdown(rows, args))
     print((args.out / "tasks.md").read_text())
+
+
+def _with_earlier_rows(rows: list[Row], earlier: Path) -> list[Row]:
+    """`rows`, plus the rows of the tasks they do not score from an earlier table, in TASKS order."""
+    scored = {row.task for row in rows}
+    if earlier.is_file():
+        rows = rows + [Row(**row) for row in json.loads(earlier.read_text()) if row["task"] not in scored]
+    return sorted(rows, key=lambda row: TASKS.index(row.task))  # stable: methods keep their order
 
 
 def _markdown(rows: list[Row], args: argparse.Namespace) -> str:
@@ -68,7 +78,8 @@ def _markdown(rows: list[Row], args: argparse.Namespace) -> str:
     lines = [
         "# Reference task models: dense and pruned",
         "",
-        f"Produced by `python benchmarks/tasks.py` ({split}, {args.threads} threads, fp32). Scores: cls "
+        f"Produced by `python benchmarks/tasks.py` ({split}, {args.threads} threads, fp32; a task's rows "
+        "come from the last run that scored it, `--tasks` rescoring only those). Scores: cls "
         "accuracy, seg mIoU over the six shape classes, tos gIoU (mean per-sample IoU; cIoU, the "
         "split's total intersection over total union, under other scores), nlvr accuracy, retrieval "
         "R@1 (the mean of recall@1 image→text and text→image over the split as one gallery; each "

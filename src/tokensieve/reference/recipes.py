@@ -6,10 +6,10 @@ where a step costs a quarter (a half) of one at 224×224, and a final phase at t
 adapts the model to the size it is used at. Each phase is its own
 warm-up + cosine run of `tokensieve.train.fit`, starting from the previous phase's weights.
 
-tos runs 1 600 steps at 128×128 and 150 at its native 256×256, each step 32 images with their 4
+tos runs 1 600 steps at 128×128 and 300 at its native 256×256, each step 32 images with their 4
 sentences. Measured with benchmarks/recipe_timing.py (one thread, other training alongside), in
 CPU-seconds of training + generating a batch: 1.45 + 0.16 at 128 px and 4.71 + 0.27 at 256 px.
-On two cores at ~1.7×: ~0.95 s and ~2.9 s per step, so 1 600 × 0.95 + 150 × 2.9 ≈ 1 960 s, ~33
+On two cores at ~1.7×: ~0.95 s and ~2.9 s per step, so 1 600 × 0.95 + 300 × 2.9 ≈ 2 390 s, ~41
 minutes with validation. (A batch of 64 separate sentences cost 2.0 + 0.23 and 10.0 + 0.72.)
 
 nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224 (nlvr's first
@@ -69,7 +69,7 @@ RECIPES: dict[str, Recipe] = {
     "cls": Recipe("cls", (Phase(112, 1200, 5e-4, 120), Phase(224, 250, 2.5e-4, 25)), start="seg"),
     "seg": Recipe("seg", (Phase(160, 700, 1e-3, 70), Phase(224, 200, 2.5e-4, 20))),
     # tos batches 32 images, each with its 4 sentences (tasks.TosImages): 128 masks a step
-    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 150, 2.5e-4, 15)), batch_size=32,
+    "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 300, 2.5e-4, 30)), batch_size=32,
                   start="seg", attributes=True),
     # BLIP's text encoder is post-norm (BERT): half the lr of the pre-norm models.
     # nlvr learns as BLIP does: image–text contrast, then matching captions, then the statements.
