@@ -115,11 +115,6 @@ def test_a_recipe_names_where_it_starts():
         Recipe("cls", (Phase(64, 1, 1e-3, 0),), start="imagenet")
 
 
-def test_a_phase_names_what_it_trains_on():
-    with pytest.raises(ValueError, match="'matching'"):
-        Phase(64, 1, 1e-3, 0, data="captions")
-
-
 def test_a_model_without_a_known_image_encoder_is_refused():
     with pytest.raises(TypeError, match="not a Linear"):
         start_from_seg(torch.nn.Linear(2, 2), _source())
