@@ -1,0 +1,54 @@
+"""What has the nlvr model learned? Accuracy per statement family, and on caption matching.
+
+Scores a run's phase (or the shipped weights) on validation statements, family by family, and on
+validation caption matching (tasks.matching: an image with its own caption or another scene's),
+the warm-up the statements build on.
+
+    python benchmarks/nlvr_families.py --run runs/nlvr/phase-2-112px --size 112
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.utils.data import DataLoader
+
+from tokensieve.reference import build_model, load_recipe_phase, load_reference
+from tokensieve.reference.vl import match_logits, text_inputs
+from tokensieve.tasks import collate, make_dataset
+from tokensieve.tasks.matching import MatchingDataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=None, help="a recipe phase directory (default: the shipped weights)")
+    parser.add_argument("--size", type=int, default=224, help="image size to score at")
+    parser.add_argument("--samples", type=int, default=400, help="validation statements and matching pairs")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_recipe_phase(build_model("nlvr"), args.run) if args.run else load_reference("nlvr")
+    model.eval()
+    statements = make_dataset("nlvr", "val", size=args.samples, image_size=args.size)
+    matching = MatchingDataset("val", size=args.samples, image_size=args.size)
+    right: dict[str, list[bool]] = defaultdict(list)
+    for data in (statements, matching):
+        for batch in DataLoader(data, batch_size=50, collate_fn=collate):
+            input_ids, attention_mask = text_inputs(batch["tokens"], batch["attention_mask"])
+            with torch.no_grad():
+                answers = match_logits(model, batch["image"], input_ids, attention_mask).argmax(-1)
+            for family, correct in zip(batch["family"], (answers == batch["label"]).tolist(), strict=True):
+                right[family].append(correct)
+    print(f"nlvr: validation at {args.size} px, {'run ' + args.run if args.run else 'shipped weights'}")
+    print(f"{'family':12s} {'count':>6s} {'accuracy':>9s}")
+    for family in sorted(right, key=lambda name: (name == "match", name)):
+        print(f"{family:12s} {len(right[family]):6d} {sum(right[family]) / len(right[family]):9.4f}")
+    every = [value for family, values in right.items() if family != "match" for value in values]
+    print(f"{'statements':12s} {len(every):6d} {sum(every) / len(every):9.4f}")
+
+
+if __name__ == "__main__":
+    main()
