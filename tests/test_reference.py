@@ -89,6 +89,13 @@ def test_the_shipped_cls_model_loads_and_classifies_validation_scenes():
     assert score > 0.4  # a trained model (about 0.75 on validation); chance is 1/8
 
 
+def test_the_shipped_tos_model_loads_and_follows_the_sentence():
+    model = load_reference("tos")
+    data = make_dataset("tos", "val", size=16)  # 4 images, 4 sentences each, at 256 px
+    score = evaluate(model, "tos", data, batch_size=8, progress=False)["gIoU"]
+    assert score > 0.35  # a trained model (about 0.61 on validation); an untrained one scores near 0
+
+
 def test_train_cli_passes_the_host_lr_scale_to_a_method_run_only(monkeypatch):
     import tokensieve.reference as reference
 
