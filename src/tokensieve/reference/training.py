@@ -137,11 +137,11 @@ def phase_objective(task: str, phase: Phase, attributes: bool) -> tuple[Callable
 def _phase_data(task: str, phase: Phase, size: int) -> Dataset:
     """`size` samples of the phase's training data; for tos, `size` images, each with all its
     sentences (TosImages)."""
+    if phase.data in ("matching", "captions") and task != "nlvr":
+        raise ValueError(f"{phase.data!r} phases warm up the nlvr model, not the {task} model")
     if task == "tos":
         sentences = size * TosConfig().queries_per_image
         return TosImages(make_dataset(task, "train", size=sentences, image_size=phase.image_size))
-    if phase.data in ("matching", "captions") and task != "nlvr":
-        raise ValueError(f"{phase.data!r} phases warm up the nlvr model, not the {task} model")
     if phase.data == "matching":
         return MatchingDataset("train", size=size, image_size=phase.image_size)
     if phase.data == "captions":
