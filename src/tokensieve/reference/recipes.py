@@ -13,8 +13,10 @@ On two cores at ~1.7×: ~0.95 s and ~2.9 s per step, so 1 600 × 0.95 + 300 × 2
 minutes with validation. (A batch of 64 separate sentences cost 2.0 + 0.23 and 10.0 + 0.72.)
 
 nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224 (nlvr's first
-1 000 on caption matching, whose captions are longer than the statements: not timed yet).
-Measured with benchmarks/recipe_timing.py (one thread, other training alongside; batch 64), in CPU-seconds of
+800 on image–text contrast, at 1.30 + 0.21 with the attribute head: `--data captions`; the
+700 of caption matching, whose captions are longer than the statements, are not timed yet).
+Measured with benchmarks/recipe_timing.py before the attribute head (one thread, other training
+alongside; batch 64), in CPU-seconds of
 training + generating a batch: nlvr 1.11 + 0.21 at 112 px and 4.55 + 0.37 at 224 px; retrieval
 1.10 + 0.17 and 4.70 + 0.32. On two cores at ~1.7×: nlvr ~0.78 s and ~2.89 s per step, so
 3 000 × 0.78 + 200 × 2.89 ≈ 2 340 + 580 ≈ 2 920 s; retrieval ~0.75 s and ~2.96 s, so
