@@ -58,10 +58,10 @@ class TosModel(nn.Module):
     `guidance(text)` gives the prompt-width guidance vectors on their own (a pruning method such
     as VLTP needs them before the image encoder runs); pass them back as
     `model(pixel_values, guidance=g)`. To ask each image several sentences with one encoder pass,
-    give `image_of` [T], the image row of each of the T sentences (`tasks.TosImages` batches). The
-    native size is 256×256; other multiples of 16
-    interpolate the absolute position embeddings (SAM's relative-position tables interpolate
-    themselves), which the training recipe uses for its cheaper early phase.
+    give `image_of` [T], the image row of each of the T sentences (`tasks.TosImages` batches).
+    The native size is 256×256; other multiples of 16 interpolate the absolute position
+    embeddings (SAM's relative-position tables interpolate themselves), which the training
+    recipe uses for its cheaper early phase.
     """
 
     def __init__(self, sam: transformers.SamModel, text: TextGuidance) -> None:
