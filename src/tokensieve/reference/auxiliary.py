@@ -1,9 +1,9 @@
 """Dense colour×shape supervision of a reference model's image encoder, for training only.
 
 Sentence-level losses (a tos mask, an nlvr yes/no) say little about each image position, and a
-small encoder trained on them alone lets its map lose what the sentences name: a linear probe
-on the tos encoder's map told the six colours apart worse after 900 tos steps than at the seg
-start, and the nlvr tower's tokens collapsed to one vector (docs/reference.md). `AttributeHead`
+small encoder trained on them alone loses what the sentences name: the tos model learned to
+outline likely objects whatever the sentence said, and the nlvr tower's tokens collapsed to one
+vector (docs/reference.md). `AttributeHead`
 wraps a model for its recipe: a linear head reads every position of the image encoder's output
 map, and `with_attributes` adds the cross-entropy of its colour×shape classes
 (`tasks.scenes.attribute_map`) to the task loss. The head is dropped when the recipe ships the

@@ -10,7 +10,7 @@ tos runs 1 600 steps at 128×128 and 300 at its native 256×256, each step 32 im
 sentences. Measured with benchmarks/recipe_timing.py (one thread, other training alongside), in
 CPU-seconds of training + generating a batch: 1.45 + 0.16 at 128 px and 4.71 + 0.27 at 256 px.
 On two cores at ~1.7×: ~0.95 s and ~2.9 s per step, so 1 600 × 0.95 + 300 × 2.9 ≈ 2 390 s, ~41
-minutes with validation. (A batch of 64 separate sentences cost 2.0 + 0.23 and 10.0 + 0.72.)
+minutes with validation.
 
 nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224 (nlvr's first
 800 on image–text contrast, at 1.30 + 0.21 with the attribute head: `--data captions`; the

@@ -79,6 +79,11 @@ class Rendering:
         """Visible-part mask of each object, [n_objects, H, W] bool."""
         return self.instances[None] == np.arange(self.n_objects, dtype=np.int16)[:, None, None]
 
+    def paint(self, values: np.ndarray) -> np.ndarray:
+        """[H, W] map of a per-object value: `values[0]` on background, `values[1 + i]` where
+        object i is visible."""
+        return values[self.instances.astype(np.int64) + 1]  # instance -1 (background) -> 0
+
     def mask_of(self, objects: Sequence[int]) -> np.ndarray:
         """Union of the visible masks of `objects`, [H, W] bool."""
         return np.isin(self.instances, np.asarray(objects, dtype=np.int16))
@@ -91,9 +96,8 @@ ATTRIBUTE_CLASSES = 1 + len(COLOUR_NAMES) * len(SHAPES)
 def attribute_map(scene: Scene, rendering: Rendering) -> np.ndarray:
     """[H, W] uint8 colour×shape class of the visible object at each pixel (0 on background): the
     dense auxiliary target that keeps an image encoder's map telling colours and shapes apart."""
-    by_object = np.asarray([0] + [1 + COLOUR_NAMES.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)
-                                  for o in scene.objects], np.uint8)
-    return by_object[rendering.instances.astype(np.int64) + 1]  # instance -1 (background) -> 0
+    classes = [1 + COLOUR_NAMES.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape) for o in scene.objects]
+    return rendering.paint(np.asarray([0, *classes], np.uint8))
 
 
 class PlacementError(RuntimeError):

@@ -32,8 +32,7 @@ class SegConfig:
 
 def label_map(scene: Scene, rendering: Rendering) -> np.ndarray:
     """[H, W] int64 class map: 0 background, 1 + SHAPES.index(shape) on each visible object."""
-    by_object = np.asarray([0] + [1 + SHAPES.index(o.shape) for o in scene.objects], np.int64)
-    return by_object[rendering.instances.astype(np.int64) + 1]  # instance -1 (background) -> 0
+    return rendering.paint(np.asarray([0] + [1 + SHAPES.index(o.shape) for o in scene.objects], np.int64))
 
 
 class SegDataset(SyntheticDataset):
