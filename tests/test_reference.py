@@ -96,6 +96,13 @@ def test_the_shipped_tos_model_loads_and_follows_the_sentence():
     assert score > 0.35  # a trained model (about 0.61 on validation); an untrained one scores near 0
 
 
+def test_the_shipped_retrieval_model_loads_and_finds_the_captions():
+    model = load_reference("retrieval")
+    data = make_dataset("retrieval", "val", size=32)  # one gallery of 32 images and captions
+    score = evaluate(model, "retrieval", data, batch_size=16, progress=False)["R@1"]
+    assert score > 0.5  # a trained model (0.69 in a validation gallery of 500); chance is 1/32
+
+
 def test_train_cli_passes_the_host_lr_scale_to_a_method_run_only(monkeypatch):
     import tokensieve.reference as reference
 
