@@ -3,7 +3,7 @@
 Writes benchmarks/results/speed.md and speed.json. Each row is one `tokensieve.benchmark` call:
 dense and pruned forwards interleaved in this process, after warm-up, medians over repeats.
 
-    python benchmarks/speed.py                # the full table (about 40 minutes on 2 cores)
+    python benchmarks/speed.py                # the full table (about 30 minutes on 2 quiet cores)
     python benchmarks/speed.py --quick        # DeiT-S at batch 1 only
 """
 
