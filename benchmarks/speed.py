@@ -42,7 +42,7 @@ REPEATS = {1: 50, 32: 5}
 WARMUP = {1: 5, 32: 1}
 
 
-def _target(model: str, method: ts.Method, batch: int) -> float | None:
+def target_efficiency(model: str, method: ts.Method, batch: int) -> float | None:
     if model != "DeiT-S":
         return None
     setting = getattr(method, "keep", None) if not isinstance(method, ts.ToMe) else method.r
@@ -65,7 +65,7 @@ def main() -> None:
     for name, batch, method in tqdm(runs, desc="speed", unit="run"):
         result = ts.benchmark(built[name], method, batch=batch, repeats=REPEATS[batch],
                               warmup=WARMUP[batch], threads=args.threads)
-        rows.append({"model": name, "target": _target(name, method, batch), **result.to_dict()})
+        rows.append({"model": name, "target": target_efficiency(name, method, batch), **result.to_dict()})
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
     (args.out / f"speed{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
