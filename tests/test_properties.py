@@ -69,6 +69,38 @@ def test_fuse_rest_appends_the_weighted_mean_of_the_dropped_tokens(batch, prefix
         assert torch.equal(state.x[b, : prefix + k], x[b, state.index[b, :-1]])
 
 
+@given(batch=st.integers(1, 3), prefix=st.integers(0, 2), tokens=st.integers(2, 12), seed=seeds,
+       data=st.data())
+def test_select_and_fuse_equals_gathering_then_fusing_the_rest(batch, prefix, tokens, seed, data):
+    generator = _generator(seed)
+    x = torch.randn(batch, prefix + tokens, 3, generator=generator)
+    size = torch.randint(1, 5, (batch, prefix + tokens), generator=generator).float()
+    weights = torch.rand(batch, prefix + tokens, generator=generator) + 0.1
+    k = data.draw(st.integers(1, tokens - 1))
+    kept = torch.tensor([_subset(data, tokens, k) for _ in range(batch)])
+    positions = torch.cat([torch.arange(prefix).expand(batch, prefix), kept + prefix], dim=1)
+    start = TokenState.start(x, prefix).replace(size=size)
+
+    fast = start.select_and_fuse(positions, weights)
+    reference = start.fuse_rest(kept, weights[:, prefix:])
+    torch.testing.assert_close(fast.x, reference.x, atol=1e-6, rtol=1e-6)
+    assert torch.equal(fast.index, reference.index)
+    assert torch.equal(fast.size, reference.size)
+    assert torch.equal(fast.size.sum(dim=1), size.sum(dim=1))  # every input token counted once
+
+
+@given(batch=st.integers(1, 3), prefix=st.integers(0, 3), tokens=st.integers(1, 12), seed=seeds,
+       data=st.data())
+def test_top_positions_with_prefix_puts_the_prefix_first_then_the_top_k(batch, prefix, tokens, seed, data):
+    generator = _generator(seed)
+    # distinct scores, so "the top k" is one set; the prefix ranks first whatever its own scores
+    scores = torch.stack([torch.randperm(prefix + tokens, generator=generator) for _ in range(batch)]).float()
+    k = data.draw(st.integers(1, tokens))
+    expected = torch.cat([torch.arange(prefix).expand(batch, prefix),
+                          ops.top_positions(scores[:, prefix:], k) + prefix], dim=1)
+    assert torch.equal(ops.top_positions_with_prefix(scores.clone(), prefix, k), expected)
+
+
 @given(batch=st.integers(1, 4), tokens=st.integers(1, 12), masked=st.booleans(), seed=seeds, data=st.data())
 def test_select_by_count_keeps_each_rows_top_scores_in_position_order_valid_first(batch, tokens, masked,
                                                                                   seed, data):

@@ -155,16 +155,22 @@ class TokenState:
 
     def gather(self, kept: Tensor, kept_valid: Tensor | None = None) -> TokenState:
         """Keep the prefix and the non-prefix tokens at `kept` ([B, K], positions after the prefix)."""
-        if self.source is not None:
-            raise ValueError("tokens cannot be dropped after they were merged in dense mode")
         batch = kept.shape[0]
         prefix_positions = torch.arange(self.prefix, device=kept.device).expand(batch, self.prefix)
         positions = torch.cat([prefix_positions, kept + self.prefix], dim=1)
         valid = None
-        index = self.index.gather(1, positions)
         if kept_valid is not None:
             prefix_valid = torch.ones(batch, self.prefix, dtype=torch.bool, device=kept.device)
             valid = torch.cat([prefix_valid, kept_valid], dim=1)
+        return self.select(positions, valid)
+
+    def select(self, positions: Tensor, valid: Tensor | None = None) -> TokenState:
+        """Keep the tokens at `positions` ([B, K] over all tokens; the prefix's own positions
+        included, first). `valid` [B, K] marks the rows of a ragged selection that are padding."""
+        if self.source is not None:
+            raise ValueError("tokens cannot be dropped after they were merged in dense mode")
+        index = self.index.gather(1, positions)
+        if valid is not None:
             index = index.masked_fill(~valid, NO_POSITION)  # padding rows stand for no position
         return self.replace(
             x=gather_tokens(self.x, positions),
@@ -221,18 +227,33 @@ class TokenState:
             rest_weights = rest_weights.scatter(1, kept, kept_weights)
         total = rest_weights.sum(dim=1)
         fused = torch.bmm(rest_weights[:, None], self.x[:, self.prefix :])  # [B, 1, C]
-        fused = fused / total[:, None, None].clamp_min(torch.finfo(fused.dtype).tiny)
-        state = self.gather(kept, kept_valid)
-        fused_index = state.index.new_full((kept.shape[0], 1), FUSED_TOKEN_INDEX)
-        valid = None if state.valid is None else torch.cat([state.valid, (total > 0)[:, None]], dim=1)
+        return self.gather(kept, kept_valid)._append_fused(fused, total, self.size)
+
+    def select_and_fuse(self, positions: Tensor, weights: Tensor) -> TokenState:
+        """Keep the tokens at `positions` ([B, K] over all tokens, the prefix's own first) and fuse
+        all others into one appended token, their `weights`-weighted average. `weights` [B, N] covers
+        every token; the entries at `positions` are not read. The fast path of an equal-count batch:
+        one selection, no index arithmetic."""
+        if self.valid is not None:
+            raise ValueError("a ragged batch fuses through fuse_rest, with the validity of its kept tokens")
+        rest_weights = weights.scatter(1, positions, 0.0)  # [B, N], zero on the kept tokens
+        fused = torch.bmm(rest_weights[:, None], self.x)  # [B, 1, C]
+        return self.select(positions)._append_fused(fused, rest_weights.sum(dim=1), self.size)
+
+    def _append_fused(self, weighted_sum: Tensor, total: Tensor, size_before: Tensor | None) -> TokenState:
+        """This state with one more token, `weighted_sum` [B, 1, C] / `total` [B]; a sample whose
+        total is 0 fused nothing, and in a ragged batch its fused row is padding."""
+        fused = weighted_sum / total[:, None, None].clamp_min(torch.finfo(weighted_sum.dtype).tiny)
+        fused_index = self.index.new_full((self.x.shape[0], 1), FUSED_TOKEN_INDEX)
+        valid = None if self.valid is None else torch.cat([self.valid, (total > 0)[:, None]], dim=1)
         size = None
-        if self.size is not None:
-            total = self.size[:, self.prefix :].sum(dim=1, keepdim=True)
-            rest_size = total - state.size[:, self.prefix :].sum(dim=1, keepdim=True)
-            size = torch.cat([state.size, rest_size], dim=1)
-        return state.replace(
-            x=torch.cat([state.x, fused], dim=1),
-            index=torch.cat([state.index, fused_index], dim=1),
+        if size_before is not None:  # the fused token stands for every input token not kept
+            rest_size = (size_before[:, self.prefix :].sum(dim=1, keepdim=True)
+                         - self.size[:, self.prefix :].sum(dim=1, keepdim=True))
+            size = torch.cat([self.size, rest_size], dim=1)
+        return self.replace(
+            x=torch.cat([self.x, fused], dim=1),
+            index=torch.cat([self.index, fused_index], dim=1),
             size=size,
             valid=valid,
         )
@@ -254,6 +275,8 @@ def gather_tokens(x: Tensor, positions: Tensor) -> Tensor:
     Copies whole rows of the flattened batch, much faster than an element-wise gather.
     """
     batch, tokens, channels = x.shape
+    if batch == 1:  # one sample: the positions are the rows
+        return x.index_select(1, positions[0])
     rows = positions + torch.arange(batch, device=x.device)[:, None] * tokens
     return x.reshape(batch * tokens, channels).index_select(0, rows.flatten()).view(batch, -1, channels)
 

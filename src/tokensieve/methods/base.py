@@ -23,13 +23,15 @@ class AttentionView:
     scale: float
     state: TokenState
 
-    def class_attention(self) -> Tensor:
-        """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix]."""
+    def class_attention(self, include_prefix: bool = False) -> Tensor:
+        """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix];
+        with `include_prefix`, to every token: [B, N]."""
         state = self.state
         if state.trace is not None:  # one query row against every key, in every head
             width = self.k.shape[1] * self.k.shape[3]
             state.trace.add_overhead("class_attention", state.token_counts() * width)
-        return ops.class_attention(self.q, self.k, self.bias, self.scale)[:, state.prefix :]
+        scores = ops.class_attention(self.q, self.k, self.bias, self.scale)
+        return scores if include_prefix else scores[:, state.prefix :]
 
     def key_metric(self) -> Tensor:
         """Keys summed over heads: [B, N, d], the similarity metric of token merging (ToMe's mean

@@ -45,13 +45,13 @@ class EViT(Method):
         k = ops.keep_count(tokens, self.keep)
         if k == tokens:
             return state
-        scores = attn.class_attention()  # [B, Np]
-        kept = ops.top_positions(scores, k)
+        scores = attn.class_attention(include_prefix=True)  # [B, N]
+        positions = ops.top_positions_with_prefix(scores, state.prefix, k)
         if not self.fuse:
-            return state.gather(kept)
+            return state.select(positions)
         if state.trace is not None:
             state.trace.add_overhead("fuse", tokens * state.x.shape[-1])
-        return state.fuse_rest(kept, scores)
+        return state.select_and_fuse(positions, scores)
 
     def _reduce_ragged(self, state: TokenState, attn: AttentionView) -> TokenState:
         """Padded batches (e.g. padded text): each sample keeps its own share of its own tokens."""

@@ -52,10 +52,11 @@ class TopK(Method):
             return _keep_attention_mass(state, attn, self.mass)
         counts = state.patch_counts()
         kept = ops.keep_count(counts, self.keep)
-        if isinstance(counts, int):  # equal counts: the gather fast path
+        if isinstance(counts, int):  # equal counts: one top-k and one selection
             if kept == counts:
                 return state
-            return state.gather(ops.top_positions(attn.class_attention(), kept))
+            scores = attn.class_attention(include_prefix=True)
+            return state.select(ops.top_positions_with_prefix(scores, state.prefix, kept))
         if bool((kept == counts).all()):  # nothing to prune: padding rows stay as they are
             return state
         valid = state.valid[:, state.prefix :]

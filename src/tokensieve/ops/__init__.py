@@ -3,7 +3,13 @@
 from tokensieve.ops.attention import attention, class_attention, policy_attention
 from tokensieve.ops.masks import causal_mask, key_mask
 from tokensieve.ops.matching import bipartite_merge
-from tokensieve.ops.select import MIN_KEPT_TOKENS, keep_count, select_by_count, top_positions
+from tokensieve.ops.select import (
+    MIN_KEPT_TOKENS,
+    keep_count,
+    select_by_count,
+    top_positions,
+    top_positions_with_prefix,
+)
 
 __all__ = [
     "MIN_KEPT_TOKENS",
@@ -16,4 +22,5 @@ __all__ = [
     "policy_attention",
     "select_by_count",
     "top_positions",
+    "top_positions_with_prefix",
 ]

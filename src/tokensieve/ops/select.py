@@ -25,6 +25,21 @@ def top_positions(scores: Tensor, k: int) -> Tensor:
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
+def top_positions_with_prefix(scores: Tensor, prefix: int, k: int) -> Tensor:
+    """Positions [B, prefix + k] over all tokens: the `prefix` leading tokens, then the k
+    best-scoring tokens after them, in original order.
+
+    `scores` [B, N] covers every token. Its prefix entries are overwritten with +inf in place, which
+    puts the prefix first in one top-k (no index arithmetic; a fresh tensor is copied only when it
+    carries gradient).
+    """
+    if prefix:
+        if scores.requires_grad:
+            scores = scores.detach().clone()
+        scores[:, :prefix] = torch.inf
+    return top_positions(scores, prefix + k)
+
+
 def select_by_count(scores: Tensor, counts: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Keep the `counts[b]` best-scoring tokens of each row: a ragged selection.
 
