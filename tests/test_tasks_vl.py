@@ -6,6 +6,7 @@ from collections import Counter
 
 from tokensieve.tasks import COLOUR_NAMES, SHAPES, NlvrConfig, make_dataset
 from tokensieve.tasks.attributes import NUMBER_WORDS, PLURALS
+from tokensieve.tasks.nlvr import FACTS, IGNORED
 
 MARGIN = 0.06 * 224
 SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
@@ -61,6 +62,36 @@ def test_nlvr_labels_are_balanced_and_each_statement_is_true_exactly_when_labell
         families[statement.family] += 1
     assert abs(sum(labels) / len(labels) - 0.5) <= 0.05
     assert set(families) == {"count", "exists", "colour", "relation", "compare"}
+
+
+def _truth_from_facts(text: str, facts: dict[str, int]) -> bool:
+    """The statement's truth, judged from its facts alone: they must be what it asks."""
+    asked = {name for name, value in facts.items() if value != IGNORED}
+    if m := re.fullmatch(r"there (?:is|are) exactly (\w+) \w+ \w+", text):
+        assert asked == {"count_first"}
+        return facts["count_first"] == NUMBER_WORDS.index(m.group(1))
+    if m := re.fullmatch(r"there is (a|no) \w+ \w+", text):
+        assert asked == {"count_first"}
+        return (facts["count_first"] > 0) == (m.group(1) == "a")
+    if m := re.fullmatch(r"the \w+ \w+ is (left of|right of|above|below) the \w+ \w+", text):
+        assert asked == {"x_order", "y_order"}
+        return {"left of": facts["x_order"] == 0, "right of": facts["x_order"] == 1,
+                "above": facts["y_order"] == 0, "below": facts["y_order"] == 1}[m.group(1)]
+    if m := re.fullmatch(r"the \w+ is (\w+)", text):
+        assert asked == {"colour"}
+        return COLOUR_NAMES[facts["colour"]] == m.group(1)
+    assert text.startswith("there are more") and asked == {"count_first", "count_second"}
+    return facts["count_first"] > facts["count_second"]
+
+
+def test_nlvr_facts_are_what_each_statement_asks_and_decide_its_truth():
+    data = make_dataset("nlvr", "val", size=200)
+    for index in range(200):
+        sample = data[index]
+        facts = dict(zip(FACTS, sample["facts"].tolist(), strict=True))
+        assert _truth_from_facts(sample["text"], facts) == bool(sample["label"]), sample["text"]
+        for name, value in facts.items():
+            assert value == IGNORED or 0 <= value < FACTS[name]
 
 
 def _template(text: str) -> str:

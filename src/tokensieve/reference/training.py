@@ -183,12 +183,15 @@ def _collate(task: str, image_size: int, images: bool = False) -> Callable[[list
 
 
 def _with_attribute_maps(collate: Callable[[list[dict]], tuple]) -> Callable[[list[dict]], tuple]:
-    """`collate` with targets {"task": its targets, "attributes": the samples' colour×shape maps}
-    (reference/auxiliary.py)."""
+    """`collate` with targets {"task": its targets, "attributes": the samples' colour×shape maps},
+    and "facts" when the samples have them (nlvr's statements; reference/auxiliary.py)."""
 
     def with_attribute_maps(samples: list[dict]) -> tuple[dict, dict]:
         inputs, targets = collate(samples)
-        return inputs, {"task": targets, "attributes": torch.stack([s["attributes"] for s in samples])}
+        targets = {"task": targets, "attributes": torch.stack([s["attributes"] for s in samples])}
+        if "facts" in samples[0]:
+            targets["facts"] = torch.stack([s["facts"] for s in samples])
+        return inputs, targets
 
     return with_attribute_maps
 

@@ -52,11 +52,22 @@ class NlvrConfig:
     clutter: float = 1.0
 
 
+# What a statement asks of its scene, as classes: the answers a reader finds in the image before
+# judging the statement (for training only: a model that must state them learns to look first).
+# count_first / count_second: how many objects of the first / second named kind (4 means 4 or more);
+# colour: the colour of the one object of the named shape; x_order / y_order: 1 when the first named
+# object's centre lies right of / below the second's. IGNORED where the statement does not ask.
+FACTS: dict[str, int] = {"count_first": 5, "count_second": 5, "colour": 6, "x_order": 2, "y_order": 2}
+IGNORED = -100  # torch's cross-entropy ignore_index
+
+
 @dataclass(frozen=True)
 class Statement:
     family: str
     text: str
     truth: bool
+    # The kinds the statement names, in its order: (colour, shape), None matching any.
+    about: tuple[tuple[str | None, str | None], ...] = ()
 
 
 @dataclass
@@ -65,6 +76,7 @@ class _Plan:
     types distractors should resemble, and an optional veto on placements."""
 
     text: str
+    about: tuple[tuple[str | None, str | None], ...]  # the kinds the text names (Statement.about)
     named: list[tuple[str, str]]  # (colour, shape) of objects that must be in the scene
     avoid: Callable[[str, str], bool]  # True for types the extra objects must not have
     near: list[tuple[str, str]]
@@ -82,8 +94,8 @@ def _count(rng: np.random.Generator, truth: bool) -> _Plan:
     actual = stated if truth else int(rng.choice([n for n in range(4) if n != stated]))
     noun = f"{colour} {shape}" if stated == 1 else f"{colour} {PLURALS[shape]}"
     verb = "is" if stated == 1 else "are"
-    return _Plan(f"there {verb} exactly {NUMBER_WORDS[stated]} {noun}", [(colour, shape)] * actual,
-                 lambda c, s: (c, s) == (colour, shape), [(colour, shape)])
+    return _Plan(f"there {verb} exactly {NUMBER_WORDS[stated]} {noun}", ((colour, shape),),
+                 [(colour, shape)] * actual, lambda c, s: (c, s) == (colour, shape), [(colour, shape)])
 
 
 def _exists(rng: np.random.Generator, truth: bool) -> _Plan:
@@ -92,7 +104,8 @@ def _exists(rng: np.random.Generator, truth: bool) -> _Plan:
     present = truth != negated
     copies = int(rng.integers(1, 3)) if present else 0
     text = f"there is {'no' if negated else 'a'} {colour} {shape}"
-    return _Plan(text, [(colour, shape)] * copies, lambda c, s: (c, s) == (colour, shape), [(colour, shape)])
+    return _Plan(text, ((colour, shape),), [(colour, shape)] * copies,
+                 lambda c, s: (c, s) == (colour, shape), [(colour, shape)])
 
 
 def _colour(rng: np.random.Generator, truth: bool) -> _Plan:
@@ -101,7 +114,8 @@ def _colour(rng: np.random.Generator, truth: bool) -> _Plan:
     named = [(actual, shape)]
     if rng.random() < 0.7:  # the stated colour is often present, on another shape
         named.append((colour, _pick(rng, SHAPES, not_=shape)))
-    return _Plan(f"the {shape} is {colour}", named, lambda c, s: s == shape, [(colour, shape)])
+    return _Plan(f"the {shape} is {colour}", ((None, shape),), named, lambda c, s: s == shape,
+                 [(colour, shape)])
 
 
 def _relation(rng: np.random.Generator, truth: bool, size: int) -> _Plan:
@@ -116,7 +130,8 @@ def _relation(rng: np.random.Generator, truth: bool, size: int) -> _Plan:
         return len(placed) != 2 or holds(placed_way, placed[0], placed[1], size)
 
     text = f"the {noun_phrase(*first)} is {relation} the {noun_phrase(*second)}"
-    return _Plan(text, [first, second], lambda c, s: (c, s) in (first, second), [first, second], accept)
+    return _Plan(text, (first, second), [first, second], lambda c, s: (c, s) in (first, second),
+                 [first, second], accept)
 
 
 def _compare(rng: np.random.Generator, truth: bool) -> _Plan:
@@ -133,9 +148,9 @@ def _compare(rng: np.random.Generator, truth: bool) -> _Plan:
             named.append((value, other) if by_colour else (other, value))
     if by_colour:
         text = f"there are more {more} shapes than {fewer} shapes"
-        return _Plan(text, named, lambda c, s: c in (more, fewer), [])
+        return _Plan(text, ((more, None), (fewer, None)), named, lambda c, s: c in (more, fewer), [])
     text = f"there are more {PLURALS[more]} than {PLURALS[fewer]}"
-    return _Plan(text, named, lambda c, s: s in (more, fewer), [])
+    return _Plan(text, ((None, more), (None, fewer)), named, lambda c, s: s in (more, fewer), [])
 
 
 def sample_nlvr(rng: np.random.Generator, truth: bool, config: NlvrConfig, size: int
@@ -161,13 +176,31 @@ def sample_nlvr(rng: np.random.Generator, truth: bool, config: NlvrConfig, size:
     else:  # the two related objects go first, so `accept` can judge them before the rest arrive
         specs = named + [extra[i] for i in rng.permutation(len(extra))]
     scene = compose_scene(rng, specs, size, config.clutter, plan.accept)
-    return scene, Statement(family, plan.text, truth)
+    return scene, Statement(family, plan.text, truth, plan.about)
+
+
+def statement_facts(scene: Scene, statement: Statement) -> np.ndarray:
+    """int64 [len(FACTS)]: what `statement` asks of `scene` (FACTS), IGNORED where it asks nothing."""
+    facts = dict.fromkeys(FACTS, IGNORED)
+    kinds = statement.about
+    if statement.family in ("count", "exists", "compare"):
+        facts["count_first"] = min(4, scene.count(*kinds[0]))
+    if statement.family == "compare":
+        facts["count_second"] = min(4, scene.count(*kinds[1]))
+    if statement.family == "colour":
+        (only,) = scene.indices(*kinds[0])
+        facts["colour"] = COLOUR_NAMES.index(scene.objects[only].colour)
+    if statement.family == "relation":
+        first, second = (scene.objects[scene.indices(*kind)[0]] for kind in kinds)
+        facts["x_order"] = int(first.center[0] > second.center[0])
+        facts["y_order"] = int(first.center[1] > second.center[1])
+    return np.array(list(facts.values()), dtype=np.int64)
 
 
 class NlvrDataset(SyntheticDataset):
     """Samples {"image": float32 [3, H, W] in [0, 1], "text": str, "tokens": int64 [T],
     "label": int64 [] (1 true, 0 false), "attributes": uint8 [H, W] (`scenes.attribute_map`),
-    "family": str}."""
+    "facts": int64 [len(FACTS)] (`statement_facts`), "family": str}."""
 
     task = "nlvr"
 
@@ -184,4 +217,5 @@ class NlvrDataset(SyntheticDataset):
         rendering = render(scene)
         return {"image": torch.from_numpy(rendering.image), "text": statement.text,
                 "tokens": tokenize(statement.text), "label": torch.tensor(int(statement.truth)),
-                "attributes": torch.from_numpy(attribute_map(scene, rendering)), "family": statement.family}
+                "attributes": torch.from_numpy(attribute_map(scene, rendering)),
+                "facts": torch.from_numpy(statement_facts(scene, statement)), "family": statement.family}
