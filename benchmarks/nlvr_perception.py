@@ -20,7 +20,7 @@ the tower trains too, on these three losses alone. Shape accuracy per size class
 validation scenes every 100 steps, written to benchmarks/results/nlvr_perception-{frozen,trained}.json.
 
     python benchmarks/nlvr_perception.py --frozen --steps 500   # about 6 minutes on two threads
-    python benchmarks/nlvr_perception.py --steps 1000           # about 22 minutes
+    python benchmarks/nlvr_perception.py --steps 1000           # about 24 minutes
 """
 
 from __future__ import annotations
