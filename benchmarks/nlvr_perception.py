@@ -39,9 +39,9 @@ from tqdm import tqdm
 from tokensieve.reference.auxiliary import attribute_loss
 from tokensieve.reference.transfer import start_from_seg
 from tokensieve.reference.vl import build_nlvr
-from tokensieve.tasks.attributes import COLOUR_NAMES, SHAPES, SIZE_CLASSES
-from tokensieve.tasks.nlvr import NlvrDataset
-from tokensieve.tasks.scenes import ATTRIBUTE_CLASSES, attribute_map, render
+from tokensieve.tasks.attributes import SHAPES, SIZE_CLASSES
+from tokensieve.tasks.nlvr import IGNORED, NlvrDataset
+from tokensieve.tasks.scenes import ATTRIBUTE_CLASSES, attribute_class, attribute_map, render
 
 MAX_OBJECTS = 12
 ATTENTION_HEADS = 6
@@ -52,7 +52,7 @@ VALIDATION = 64
 def scenes(data: NlvrDataset, indices: range) -> dict:
     """Images, colour×shape maps, visible-part maps and per-object classes of nlvr scenes."""
     images, maps, instances, sizes = [], [], [], []
-    classes = torch.full((len(indices), MAX_OBJECTS), -100, dtype=torch.long)  # cross-entropy's ignore
+    classes = torch.full((len(indices), MAX_OBJECTS), IGNORED, dtype=torch.long)  # no object in the slot
     for row, index in enumerate(indices):
         scene, _ = data.scene(index)
         rendering = render(scene)
@@ -60,7 +60,7 @@ def scenes(data: NlvrDataset, indices: range) -> dict:
         maps.append(torch.from_numpy(attribute_map(scene, rendering)))
         instances.append(torch.from_numpy(rendering.instances.astype("int64")))
         for slot, obj in enumerate(scene.objects):
-            classes[row, slot] = COLOUR_NAMES.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+            classes[row, slot] = attribute_class(obj) - 1  # the object readouts have no background class
         sizes.append([obj.size_class for obj in scene.objects])
     return {"images": torch.stack(images), "maps": torch.stack(maps), "instances": torch.stack(instances),
             "classes": classes, "sizes": sizes}
@@ -118,7 +118,7 @@ def shape_accuracy(readouts: Readouts, batch: dict) -> dict[str, dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frozen", action="store_true", help="train the heads only (linear probes)")
+    parser.add_argument("--frozen", action="store_true", help="train the readouts only (probes)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=None, help="default: 3e-3 frozen, 5e-4 trained")

@@ -93,10 +93,15 @@ class Rendering:
 ATTRIBUTE_CLASSES = 1 + len(COLOUR_NAMES) * len(SHAPES)
 
 
+def attribute_class(obj: SceneObject) -> int:
+    """The object's colour×shape class, 1 to ATTRIBUTE_CLASSES - 1 (0 is background)."""
+    return 1 + COLOUR_NAMES.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+
+
 def attribute_map(scene: Scene, rendering: Rendering) -> np.ndarray:
     """[H, W] uint8 colour×shape class of the visible object at each pixel (0 on background): the
     dense auxiliary target that keeps an image encoder's map telling colours and shapes apart."""
-    classes = [1 + COLOUR_NAMES.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape) for o in scene.objects]
+    classes = [attribute_class(o) for o in scene.objects]
     return rendering.paint(np.asarray([0, *classes], np.uint8))
 
 
