@@ -2,9 +2,11 @@
 
 Scores a run's phase (or the shipped weights) on validation statements, family by family, and on
 validation caption matching (tasks.matching: an image with its own caption or another scene's),
-the warm-up the statements build on.
+an earlier recipe's warm-up. With `--facts`, a statements phase's facts head
+(reference/statements.py) is scored too: the share of statements asking each fact that it states.
 
     python benchmarks/nlvr_families.py --run runs/nlvr/phase-2-112px --size 112
+    python benchmarks/nlvr_families.py --run runs/nlvr/phase-1-224px --samples 500 --facts
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokensieve.reference import build_model, load_recipe_phase, load_reference
+from tokensieve.reference.statements import StatementReader
 from tokensieve.reference.vl import match_logits, text_inputs
 from tokensieve.tasks import collate, make_dataset
 from tokensieve.tasks.matching import MatchingDataset
+from tokensieve.tasks.nlvr import FACTS, IGNORED
+from tokensieve.train import load_trained
 
 
 def main() -> None:
@@ -27,11 +32,23 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="a recipe phase directory (default: the shipped weights)")
     parser.add_argument("--size", type=int, default=224, help="image size to score at")
     parser.add_argument("--samples", type=int, default=400, help="validation statements and matching pairs")
+    parser.add_argument("--facts", action="store_true",
+                        help="also score the facts head of a statements phase")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_recipe_phase(build_model("nlvr"), args.run) if args.run else load_reference("nlvr")
+    reader = None
+    if args.facts:
+        if not args.run:
+            parser.error("--facts scores a statements phase's facts head: give its --run")
+        reader = StatementReader(build_model("nlvr"))
+        load_trained(reader, args.run)
+        reader.eval()
+        model = reader.model
+    else:
+        model = load_recipe_phase(build_model("nlvr"), args.run) if args.run else load_reference("nlvr")
     model.eval()
+    stated: dict[str, list[bool]] = defaultdict(list)
     statements = make_dataset("nlvr", "val", size=args.samples, image_size=args.size)
     matching = MatchingDataset("val", size=args.samples, image_size=args.size)
     right: dict[str, list[bool]] = defaultdict(list)
@@ -42,12 +59,23 @@ def main() -> None:
                 answers = match_logits(model, batch["image"], input_ids, attention_mask).argmax(-1)
             for family, correct in zip(batch["family"], (answers == batch["label"]).tolist(), strict=True):
                 right[family].append(correct)
+            if reader is not None and "facts" in batch:
+                with torch.no_grad():
+                    image = model.vision_model(pixel_values=batch["image"],
+                                               interpolate_pos_encoding=args.size != 224).last_hidden_state
+                    logits = reader(image, input_ids, attention_mask).fact_logits
+                for column, chunk in enumerate(logits.split(list(FACTS.values()), dim=1)):
+                    asked = batch["facts"][:, column] != IGNORED
+                    named = chunk[asked].argmax(-1) == batch["facts"][asked, column]
+                    stated[list(FACTS)[column]] += named.tolist()
     print(f"nlvr: validation at {args.size} px, {'run ' + args.run if args.run else 'shipped weights'}")
     print(f"{'family':12s} {'count':>6s} {'accuracy':>9s}")
     for family in sorted(right, key=lambda name: (name == "match", name)):
         print(f"{family:12s} {len(right[family]):6d} {sum(right[family]) / len(right[family]):9.4f}")
     every = [value for family, values in right.items() if family != "match" for value in values]
     print(f"{'statements':12s} {len(every):6d} {sum(every) / len(every):9.4f}")
+    for fact, hits in stated.items():
+        print(f"{'fact ' + fact:18s} {len(hits):6d} {sum(hits) / len(hits):9.4f}")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,13 @@ from test_reference_vl import tiny
 
 from tokensieve.reference.auxiliary import (
     ATTRIBUTE_WEIGHT,
-    FACTS_WEIGHT,
     AttributeHead,
     attribute_loss,
-    facts_loss,
     with_attributes,
 )
 from tokensieve.reference.tos import encode_resized
 from tokensieve.reference.vl import text_inputs
 from tokensieve.tasks import collate, make_dataset
-from tokensieve.tasks.nlvr import FACTS, IGNORED
 from tokensieve.tasks.scenes import ATTRIBUTE_CLASSES
 
 
@@ -79,41 +76,6 @@ def test_the_recipe_loss_is_the_task_loss_plus_the_weighted_attribute_loss():
         output, {"task": torch.tensor([1, 0]), "attributes": labels})
     expected = task + ATTRIBUTE_WEIGHT * attribute_loss(output.attribute_logits, labels)
     torch.testing.assert_close(loss, expected)
-
-
-def test_the_facts_head_reads_the_text_encoders_enc_token_and_its_loss_skips_what_is_not_asked():
-    model = tiny("nlvr").eval()
-    wrapped = AttributeHead(model)
-    inputs = _vl_inputs("nlvr", 96)
-    with torch.no_grad():
-        got = wrapped(**inputs)
-        image = model.vision_model(pixel_values=inputs["pixel_values"],
-                                   interpolate_pos_encoding=True).last_hidden_state
-        text = model.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                  encoder_hidden_states=image).last_hidden_state
-    torch.testing.assert_close(got.fact_logits, wrapped.facts(text[:, 0]))
-    assert AttributeHead(tiny("retrieval")).facts is None  # CLIP has no statements to answer
-
-    # sample 0 asks count_first (class 2), sample 1 asks colour (class 5); nothing else is counted
-    facts = torch.full((2, len(FACTS)), IGNORED)
-    facts[0, 0], facts[1, 2] = 2, 5
-    logits = torch.randn(2, sum(FACTS.values()))
-    count, colour = logits[:, :5], logits[:, 10:16]
-    expected = (torch.nn.functional.cross_entropy(count[:1], torch.tensor([2]))
-                + torch.nn.functional.cross_entropy(colour[1:], torch.tensor([5])))
-    torch.testing.assert_close(facts_loss(logits, facts), expected)
-
-
-def test_the_recipe_loss_adds_the_facts_loss_when_the_batch_has_facts():
-    wrapped = AttributeHead(tiny("nlvr"))
-    output = wrapped(**_vl_inputs("nlvr", 96))
-    labels = torch.randint(0, ATTRIBUTE_CLASSES, (2, 96, 96), dtype=torch.uint8)
-    facts = torch.tensor([[1, IGNORED, IGNORED, IGNORED, IGNORED], [IGNORED, IGNORED, IGNORED, 0, 1]])
-    targets = {"task": torch.tensor([1, 0]), "attributes": labels}
-    loss = with_attributes(torch.nn.functional.cross_entropy, lambda o: o.itm_score)
-    without = loss(output, targets)
-    torch.testing.assert_close(loss(output, {**targets, "facts": facts}),
-                               without + FACTS_WEIGHT * facts_loss(output.fact_logits, facts))
 
 
 def test_only_the_reference_models_with_an_image_map_take_the_head():

@@ -24,6 +24,7 @@ from tokensieve.reference import (
     build_retrieval,
     evaluate,
     image_embeddings,
+    load_recipe_phase,
     load_reference,
     match_logits,
     patch_reference,
@@ -202,12 +203,14 @@ def test_weights_of_another_task_are_refused(tmp_path):
         load_reference("nlvr", tmp_path / "clip")
 
 
-def test_the_recipes_resize_progressively_to_the_native_size():
-    for task in ("nlvr", "retrieval"):
-        phases = RECIPES[task].phases
-        sizes = [phase.image_size for phase in phases]
-        assert sizes == sorted(sizes) and sizes[0] == 112 and sizes[-1] == 224
-        assert sum(phase.steps for phase in phases[:-1]) > 10 * phases[-1].steps
+def test_the_retrieval_recipe_resizes_progressively_and_nlvr_sees_then_reads():
+    phases = RECIPES["retrieval"].phases
+    sizes = [phase.image_size for phase in phases]
+    assert sizes == sorted(sizes) and sizes[0] == 112 and sizes[-1] == 224
+    assert sum(phase.steps for phase in phases[:-1]) > 10 * phases[-1].steps
+    # nlvr: the tower at its native size, first on objects, then frozen under the statements
+    assert [(phase.data, phase.image_size) for phase in RECIPES["nlvr"].phases] == [("objects", 224),
+                                                                                  ("tokens", 224)]
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -330,8 +333,45 @@ def test_nlvr_warm_ups_train_blips_contrast_then_its_matching_head(tmp_path, mon
         assert len(lines) == 2 and all(math.isfinite(json.loads(line)["loss"]) for line in lines)
 
 
+def test_nlvr_learns_to_see_objects_then_states_facts_over_the_frozen_towers_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
+    monkeypatch.setattr(reference_training, "READOUT_VALIDATION_SCENES", 4)
+    recipe = Recipe("nlvr", (Phase(224, 2, 1e-3, 0, data="objects", batch_size=2),
+                             Phase(224, 2, 1e-3, 0, data="tokens", scenes=3, batch_size=2)))
+    before = {name: p.clone() for name, p in tiny("nlvr").named_parameters()}
+    objects_only = dataclasses.replace(recipe, phases=recipe.phases[:1])
+    seen = train_reference("nlvr", tmp_path / "run", recipe=objects_only, progress=False, model=tiny("nlvr"))
+    changed = {name for name, p in seen.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("vision_model.") for name in changed)  # the tower alone
+    looked_at = load_recipe_phase(tiny("nlvr"), tmp_path / "run" / "phase-0-224px")  # readouts dropped
+    seen_weights = dict(seen.named_parameters())
+    assert all(torch.equal(p, seen_weights[name]) for name, p in looked_at.named_parameters())
+    model = train_reference("nlvr", tmp_path / "run", recipe=recipe, progress=False, model=tiny("nlvr"))
+    for name, param in model.named_parameters():
+        if name.startswith("vision_model."):  # frozen while the text side learns
+            assert torch.equal(param, dict(seen.named_parameters())[name]), name
+    assert not torch.equal(model.itm_head.weight, before["itm_head.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+    logs = [[json.loads(line) for line in (tmp_path / "run" / f"phase-{n}-224px" / "log.jsonl").read_text()
+             .splitlines()] for n in range(2)]
+    assert set(logs[0][-1]["eval"]) == {"objects_named", "shapes_named", "centres_found", "centre_error"}
+    assert set(logs[1][-1]["eval"]) == {"accuracy"}
+    assert [line["epoch"] for line in logs[1]] == [0, 1]  # 3 cached scenes make one batch: steps cycle them
+
+
+def test_perception_and_statement_phases_need_blip_at_its_native_size(tmp_path):
+    for phase, message in [(Phase(224, 1, 1e-3, 0, data="objects"), "train the nlvr model"),
+                           (Phase(96, 1, 1e-3, 0, data="tokens", scenes=2), "native size")]:
+        task, model = ("retrieval", tiny("retrieval")) if "nlvr" in message else ("nlvr", tiny("nlvr"))
+        with pytest.raises(ValueError, match=message):
+            train_reference(task, tmp_path / "run", recipe=Recipe(task, (phase,)), progress=False,
+                            model=model)
+    with pytest.raises(ValueError, match="scenes"):
+        Phase(224, 1, 1e-3, 0, data="tokens")
+
+
 def test_warm_up_phases_are_named_and_belong_to_nlvr(tmp_path):
-    with pytest.raises(ValueError, match="'captions' or 'matching'"):
+    with pytest.raises(ValueError, match="'captions', 'matching', 'objects', 'tokens'"):
         Phase(64, 2, 1e-3, 0, data="statements")
     recipe = Recipe("retrieval", (Phase(64, 2, 1e-3, 0, data="captions"),), batch_size=4)
     with pytest.raises(ValueError, match="warm up the nlvr model, not the retrieval model"):

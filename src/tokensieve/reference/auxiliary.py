@@ -12,14 +12,6 @@ model (`AttributeHead.model`).
     tos        the SAM neck's map [B, 128, h, w]
     nlvr       BLIP's vision tower, its patch tokens [B, N, 192] laid out on their grid
     retrieval  CLIP's vision tower, the same
-
-nlvr's statements are a second case. Each is true or false by an interaction of text and image
-(whether the count seen equals the count stated), so neither alone moves the yes/no loss, and BLIP's
-text encoder sat at chance even on perfect object tokens. For BLIP the wrapper therefore also
-reads the text encoder's [ENC] token with a linear facts head, trained to state what the statement
-asks of the scene (`tasks.nlvr.FACTS`: the named kind's count, the named shape's colour, which
-named object lies further right and lower), answers that each follow from the image once the
-statement's words have found their objects.
 """
 
 from __future__ import annotations
@@ -34,11 +26,9 @@ import transformers
 from torch import Tensor, nn
 
 from tokensieve.reference.tos import TosModel
-from tokensieve.tasks.nlvr import FACTS, IGNORED
 from tokensieve.tasks.scenes import ATTRIBUTE_CLASSES
 
 ATTRIBUTE_WEIGHT = 1.0  # of the attribute loss, against the task loss's 1
-FACTS_WEIGHT = 1.0  # of the facts loss (summed over the facts a statement asks), against the task loss's 1
 BLOCK = 4  # the logits are read at 1/4 of the image size, SAM's mask resolution
 
 
@@ -46,13 +36,11 @@ BLOCK = 4  # the logits are read at 1/4 of the image size, SAM's mask resolution
 class AuxiliaryOutput:
     output: Any  # the wrapped model's own output
     attribute_logits: Tensor  # [B, ATTRIBUTE_CLASSES, h, w], one per encoder position
-    fact_logits: Tensor | None = None  # [B, sum(FACTS.values())] from BLIP's [ENC] token, else None
 
 
 class AttributeHead(nn.Module):
-    """`model` plus a linear colour×shape head on its image encoder's output map, and for BLIP a
-    linear facts head on its text encoder's [ENC] token; the forward takes the model's own
-    arguments and returns an AuxiliaryOutput."""
+    """`model` plus a linear colour×shape head on its image encoder's output map; the forward
+    takes the model's own arguments and returns an AuxiliaryOutput."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -61,17 +49,9 @@ class AttributeHead(nn.Module):
         self.head = nn.Conv2d(width, ATTRIBUTE_CLASSES, kernel_size=1)
         self._map: Tensor | None = None
         site.register_forward_hook(self._keep_map)
-        self.facts: nn.Linear | None = None
-        self._pooled: Tensor | None = None
-        if isinstance(model, transformers.BlipForImageTextRetrieval):
-            self.facts = nn.Linear(model.text_encoder.config.hidden_size, sum(FACTS.values()))
-            model.text_encoder.register_forward_hook(self._keep_pooled)
 
     def _keep_map(self, module: nn.Module, args: Any, output: Any) -> None:
         self._map = self._to_map(output)
-
-    def _keep_pooled(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._pooled = output.last_hidden_state[:, 0]
 
     def forward(self, *args: Any, **kwargs: Any) -> AuxiliaryOutput:
         self._map = None
@@ -79,38 +59,19 @@ class AttributeHead(nn.Module):
         if self._map is None:
             raise RuntimeError("the image encoder did not run in the model's forward")
         feature_map, self._map = self._map, None
-        pooled, self._pooled = self._pooled, None
-        facts = None if self.facts is None or pooled is None else self.facts(pooled)
-        return AuxiliaryOutput(output=output, attribute_logits=self.head(feature_map), fact_logits=facts)
+        return AuxiliaryOutput(output=output, attribute_logits=self.head(feature_map))
 
 
 def with_attributes(task_loss: Callable[[Tensor, Any], Tensor],
                     logits_of: Callable[[Any], Tensor]) -> Callable[[AuxiliaryOutput, dict], Tensor]:
     """The loss of a model wrapped in AttributeHead: `task_loss(logits_of(output), targets["task"])`
-    + ATTRIBUTE_WEIGHT · `attribute_loss(attribute logits, targets["attributes"])`, + FACTS_WEIGHT ·
-    `facts_loss(fact logits, targets["facts"])` when the batch has facts (nlvr's statements)."""
+    + ATTRIBUTE_WEIGHT · `attribute_loss(attribute logits, targets["attributes"])`."""
 
     def loss(output: AuxiliaryOutput, targets: dict) -> Tensor:
         task = task_loss(logits_of(output.output), targets["task"])
-        total = task + ATTRIBUTE_WEIGHT * attribute_loss(output.attribute_logits, targets["attributes"])
-        if "facts" in targets:
-            if output.fact_logits is None:
-                raise ValueError("the batch has facts, but the model has no facts head (BLIP only)")
-            total = total + FACTS_WEIGHT * facts_loss(output.fact_logits, targets["facts"])
-        return total
+        return task + ATTRIBUTE_WEIGHT * attribute_loss(output.attribute_logits, targets["attributes"])
 
     return loss
-
-
-def facts_loss(logits: Tensor, facts: Tensor) -> Tensor:
-    """Cross-entropy of each fact (`tasks.nlvr.FACTS`) over the samples that ask it, summed over
-    the facts: logits [B, sum(FACTS.values())], facts [B, len(FACTS)] (IGNORED where not asked)."""
-    total = logits.new_zeros(())
-    for column, chunk in enumerate(logits.split(list(FACTS.values()), dim=1)):
-        asked = facts[:, column] != IGNORED
-        if bool(asked.any()):
-            total = total + F.cross_entropy(chunk[asked], facts[asked, column])
-    return total
 
 
 def attribute_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -12,15 +12,16 @@ CPU-seconds of training + generating a batch: 1.45 + 0.16 at 128 px and 4.71 + 0
 On two cores at ~1.7×: ~0.95 s and ~2.9 s per step, so 1 600 × 0.95 + 300 × 2.9 ≈ 2 390 s, ~41
 minutes with validation.
 
-nlvr (BLIP) and retrieval (CLIP) run 3 000 steps at 112×112 and 200 at 224×224 (nlvr's first
-800 on image–text contrast, at 1.30 + 0.21 with the attribute head: `--data captions`; the
-700 of caption matching, whose captions are longer than the statements, are not timed yet).
-Measured with benchmarks/recipe_timing.py before the attribute head (one thread, other training
-alongside; batch 64), in CPU-seconds of
-training + generating a batch: nlvr 1.11 + 0.21 at 112 px and 4.55 + 0.37 at 224 px; retrieval
-1.10 + 0.17 and 4.70 + 0.32. On two cores at ~1.7×: nlvr ~0.78 s and ~2.89 s per step, so
-3 000 × 0.78 + 200 × 2.89 ≈ 2 340 + 580 ≈ 2 920 s; retrieval ~0.75 s and ~2.96 s, so
-3 000 × 0.75 + 200 × 2.96 ≈ 2 250 + 590 ≈ 2 840 s: ~49 and ~48 minutes, and ~1 more of validation.
+retrieval (CLIP) runs 3 000 steps at 112×112 and 200 at 224×224. Measured before the attribute
+head with benchmarks/recipe_timing.py (one thread, other training alongside; batch 64), in CPU-seconds of
+training + generating a batch: 1.10 + 0.17 at 112 px and 4.70 + 0.32 at 224 px. On two cores at
+~1.7×: ~0.75 s and ~2.96 s per step, so 3 000 × 0.75 + 200 × 2.96 ≈ 2 250 + 590 ≈ 2 840 s, ~48
+minutes and ~1 more of validation.
+
+nlvr (BLIP) stays at 224×224, where its statements' shapes survive: 1 200 steps of 32 training
+the tower on object readouts (~1.1 s a step on two threads alone), then its frozen tokens for
+32 000 scenes computed once (~9 minutes) and 6 000 steps of 64 training the text side on them
+(~0.24 s a step): ~22 + 9 + 24 minutes and ~3 of validation (docs/reference.md).
 """
 
 from __future__ import annotations
@@ -34,15 +35,24 @@ class Phase:
     steps: int
     lr: float
     warmup_steps: int
-    # What the phase trains on: None, the task's own train split; nlvr's warm-ups: "captions",
-    # BLIP's image–text contrast on the retrieval captions, and "matching", caption matching
-    # (tokensieve.tasks.matching) with the ITM head.
+    # What the phase trains on: None, the task's own train split; nlvr's: "captions", BLIP's
+    # image–text contrast on the retrieval captions; "matching", caption matching
+    # (tokensieve.tasks.matching) with the ITM head; "objects", the vision tower alone learning
+    # each object's colour×shape (reference/perception.py); "tokens", the text side learning the
+    # statements over the frozen tower's tokens of `scenes` training scenes (reference/statements.py).
     data: str | None = None
+    scenes: int | None = None  # "tokens" phases: how many training scenes' tokens are computed once
+    batch_size: int | None = None  # samples a step; None: the recipe's
 
     def __post_init__(self) -> None:
-        if self.data not in (None, "captions", "matching"):
-            raise ValueError(f"Phase(data={self.data!r}): use None (the task's own data), 'captions' or "
-                             "'matching'")
+        if self.data not in DATA:
+            raise ValueError(f"Phase(data={self.data!r}): use None (the task's own data) or one of "
+                             f"{', '.join(repr(kind) for kind in DATA if kind)}")
+        if (self.data == "tokens") != (self.scenes is not None):
+            raise ValueError("Phase(scenes=...) gives the scenes of a data='tokens' phase, and only of one")
+
+
+DATA = (None, "captions", "matching", "objects", "tokens")
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,9 @@ class Recipe:
     def steps(self) -> int:
         return sum(phase.steps for phase in self.phases)
 
+    def batch_size_of(self, phase: Phase) -> int:
+        return phase.batch_size or self.batch_size
+
 
 RECIPES: dict[str, Recipe] = {
     "cls": Recipe("cls", (Phase(112, 1200, 5e-4, 120), Phase(224, 250, 2.5e-4, 25)), start="seg"),
@@ -73,12 +86,10 @@ RECIPES: dict[str, Recipe] = {
     # tos batches 32 images, each with its 4 sentences (tasks.TosImages): 128 masks a step
     "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 300, 2.5e-4, 30)), batch_size=32,
                   start="seg", attributes=True),
-    # BLIP's text encoder is post-norm (BERT): half the lr of the pre-norm models.
-    # nlvr learns as BLIP does: image–text contrast, then matching captions, then the statements.
-    "nlvr": Recipe("nlvr", (Phase(112, 800, 5e-4, 80, data="captions"),
-                            Phase(112, 700, 5e-4, 70, data="matching"),
-                            Phase(112, 1500, 5e-4, 150), Phase(224, 200, 1.25e-4, 20)),
-                   start="seg", attributes=True),
+    # nlvr: the tower learns to tell objects apart in its tokens, then the text side learns the
+    # statements over its frozen tokens (reference/perception.py, reference/statements.py).
+    "nlvr": Recipe("nlvr", (Phase(224, 1200, 5e-4, 120, data="objects", batch_size=32),
+                            Phase(224, 6000, 5e-4, 600, data="tokens", scenes=32000)), start="seg"),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
                         attributes=True),
 }

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -23,7 +25,15 @@ from tokensieve.reference.models import (
     build_classifier,
     build_segmenter,
 )
+from tokensieve.reference.perception import (
+    NlvrObjects,
+    ObjectReadouts,
+    readout_accuracy,
+    readout_loss,
+    readouts_collate,
+)
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
+from tokensieve.reference.statements import StatementReader, TowerTokens, statements_collate, statements_loss
 from tokensieve.reference.store import load_reference, save_reference
 from tokensieve.reference.tos import TosModel, build_tos
 from tokensieve.reference.transfer import start_from_seg
@@ -54,6 +64,7 @@ from tokensieve.train import (
 from tokensieve.train.checkpoint import read_metadata
 
 VALIDATION_SAMPLES = 500  # a validation subset scored at the end of each phase, in the run's log
+READOUT_VALIDATION_SCENES = 128  # the scenes an "objects" phase's readouts are scored on
 VL_TASKS = ("nlvr", "retrieval")
 
 
@@ -88,35 +99,84 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
     model = model if model is not None else build_model(task)
     if recipe.start == "seg":
         start_from_seg(model)  # a resumed run then loads its checkpoint over these weights
-    # what fit trains: the model, or the model with its attribute head (dropped when shipped)
-    trained = AttributeHead(model) if recipe.attributes else model
-    previous: Path | None = None
+    # the model with its attribute head (dropped when shipped), kept from phase to phase
+    with_head = AttributeHead(model) if recipe.attributes else model
+    previous: tuple[nn.Module, Path] | None = None
     for number, phase in enumerate(recipe.phases):
         phase_dir = run_dir / f"phase-{number}-{phase.image_size}px"
-        if previous is not None and latest_checkpoint(phase_dir) is None:
-            load_trained(trained, previous)  # a new phase starts from the last one's weights
+        trained = _phase_module(model, phase, with_head)
+        if previous is not None and previous[0] is trained and latest_checkpoint(phase_dir) is None:
+            load_trained(trained, previous[1])  # a new phase starts from the last one's weights
+        # (a phase with another wrapper shares `model`, which the last phase's fit left trained)
         config = _phase_config(recipe, phase, number, phase_dir, progress)
-        data = _phase_data(task, phase, phase.steps * recipe.batch_size)
-        loss, read, collate = phase_objective(task, phase, recipe.attributes)
-        fit(trained, data, loss, config, collate_fn=collate,
-            evaluate=_validation(task, phase.image_size), logits_of=read)
-        previous = phase_dir
+        batch_size = recipe.batch_size_of(phase)
+        if phase.data == "objects":
+            fit(trained, NlvrObjects("train", size=phase.steps * batch_size, image_size=phase.image_size),
+                readout_loss, config, collate_fn=readouts_collate, evaluate=_readout_validation,
+                logits_of=_whole_output)
+        elif phase.data == "tokens":
+            statements = make_dataset(task, "train", size=phase.scenes, image_size=phase.image_size)
+            data = TowerTokens(statements, model.vision_model, progress=progress)
+            with _frozen(model.vision_model):
+                fit(trained, data, statements_loss, config, collate_fn=statements_collate,
+                    evaluate=_validation(task, phase.image_size), logits_of=_whole_output)
+        else:
+            data = _phase_data(task, phase, phase.steps * batch_size)
+            loss, read, collate = phase_objective(task, phase, recipe.attributes)
+            fit(trained, data, loss, config, collate_fn=collate,
+                evaluate=_validation(task, phase.image_size), logits_of=read)
+        previous = trained, phase_dir
     model.eval()
     if out_dir is not None:
         save_reference(model, out_dir)
     return model
 
 
+def _phase_module(model: nn.Module, phase: Phase, with_head: nn.Module) -> nn.Module:
+    """What a phase's fit trains: the vision tower with its object readouts ("objects"), the
+    text side over given image tokens ("tokens"), else the model (with its attribute head if
+    the recipe has one)."""
+    if phase.data in ("objects", "tokens"):
+        if not isinstance(model, transformers.BlipForImageTextRetrieval):
+            raise ValueError(f"{phase.data!r} phases train the nlvr model (BLIP), not {type(model).__name__}")
+        native = model.config.vision_config.image_size
+        if phase.image_size != native:
+            raise ValueError(f"{phase.data!r} phases run the tower at its native size: Phase({native}, ...), "
+                             f"not {phase.image_size}")
+    if phase.data == "objects":
+        return ObjectReadouts(model.vision_model)
+    if phase.data == "tokens":
+        return StatementReader(model)
+    return with_head
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """`module`'s parameters without gradient inside the block (fit trains what has one)."""
+    wanted = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(module.parameters(), wanted, strict=True):
+            param.requires_grad_(flag)
+
+
 def load_recipe_phase(model: nn.Module, phase_dir: str | os.PathLike) -> nn.Module:
     """Load the latest checkpoint of a recipe phase (`runs/TASK/phase-…`) into `model`, a fresh
-    reference model of the task, whether the phase trained it alone or with its attribute head
-    (which is then dropped). For looking at a run before it ships; returns `model`."""
+    reference model of the task, whether the phase trained it alone or wrapped for training
+    (AttributeHead, ObjectReadouts, StatementReader; the wrapper is then dropped). For looking at
+    a run before it ships; returns `model`."""
     checkpoint = latest_checkpoint(phase_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint in {phase_dir}")
     host = json.loads(read_metadata(checkpoint)["host"])["class"]
-    with_head = host == f"{AttributeHead.__module__}.{AttributeHead.__qualname__}"
-    load_trained(AttributeHead(model) if with_head else model, phase_dir)
+    wrappers: dict[type, Callable[[nn.Module], nn.Module]] = {
+        AttributeHead: AttributeHead, StatementReader: StatementReader,
+        ObjectReadouts: lambda blip: ObjectReadouts(blip.vision_model)}
+    wrap = next((make for kind, make in wrappers.items() if host == f"{kind.__module__}.{kind.__qualname__}"),
+                None)
+    load_trained(wrap(model) if wrap else model, phase_dir)
     return model
 
 
@@ -151,10 +211,11 @@ def _phase_data(task: str, phase: Phase, size: int) -> Dataset:
 
 def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, progress: bool) -> TrainConfig:
     return TrainConfig(
-        train="model", steps=phase.steps, batch_size=recipe.batch_size, lr=phase.lr,
+        train="model", steps=phase.steps, batch_size=recipe.batch_size_of(phase), lr=phase.lr,
         warmup_steps=phase.warmup_steps, weight_decay=recipe.weight_decay, seed=recipe.seed + number,
-        num_workers=1, checkpoint_dir=str(phase_dir), checkpoint_every=100, keep_checkpoints=1,
-        eval_every=250, log_path=str(phase_dir / "log.jsonl"), progress=progress,
+        num_workers=1, checkpoint_dir=str(phase_dir), checkpoint_every=max(100, phase.steps // 30),
+        keep_checkpoints=1, eval_every=max(250, phase.steps // 10), log_path=str(phase_dir / "log.jsonl"),
+        progress=progress,
     )
 
 
@@ -183,15 +244,11 @@ def _collate(task: str, image_size: int, images: bool = False) -> Callable[[list
 
 
 def _with_attribute_maps(collate: Callable[[list[dict]], tuple]) -> Callable[[list[dict]], tuple]:
-    """`collate` with targets {"task": its targets, "attributes": the samples' colour×shape maps},
-    and "facts" when the samples have them (nlvr's statements; reference/auxiliary.py)."""
+    """`collate` with targets {"task": its targets, "attributes": the samples' colour×shape maps}."""
 
     def with_attribute_maps(samples: list[dict]) -> tuple[dict, dict]:
         inputs, targets = collate(samples)
-        targets = {"task": targets, "attributes": torch.stack([s["attributes"] for s in samples])}
-        if "facts" in samples[0]:
-            targets["facts"] = torch.stack([s["facts"] for s in samples])
-        return inputs, targets
+        return inputs, {"task": targets, "attributes": torch.stack([s["attributes"] for s in samples])}
 
     return with_attribute_maps
 
@@ -247,9 +304,14 @@ def _vl_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict
     return collate
 
 
+def _readout_validation(readouts: nn.Module) -> dict[str, float]:
+    data = NlvrObjects("val", size=READOUT_VALIDATION_SCENES, image_size=IMAGE_SIZES["nlvr"])
+    return readout_accuracy(readouts, [data[i] for i in range(len(data))])
+
+
 def _validation(task: str, image_size: int) -> Callable[[nn.Module], dict[str, float]]:
     def score(model: nn.Module) -> dict[str, float]:
-        if isinstance(model, AttributeHead):
+        if isinstance(model, (AttributeHead, StatementReader)):
             model = model.model
         data = make_dataset(task, "val", size=VALIDATION_SAMPLES, image_size=image_size)
         return evaluate(model, task, data, progress=False)
