@@ -18,10 +18,10 @@ training + generating a batch: 1.10 + 0.17 at 112 px and 4.70 + 0.32 at 224 px. 
 ~1.7×: ~0.75 s and ~2.96 s per step, so 3 000 × 0.75 + 200 × 2.96 ≈ 2 250 + 590 ≈ 2 840 s, ~48
 minutes and ~1 more of validation.
 
-nlvr (BLIP) stays at 224×224, where its statements' shapes survive: 1 200 steps of 32 training
+nlvr (BLIP) stays at 224×224, where its statements' shapes survive: 1 500 steps of 32 training
 the tower on object readouts (~1.1 s a step on two threads alone), then its frozen tokens for
-32 000 scenes computed once (~9 minutes) and 6 000 steps of 64 training the text side on them
-(~0.24 s a step): ~22 + 9 + 24 minutes and ~3 of validation (docs/reference.md).
+32 000 scenes computed once (~9 minutes alone) and 5 000 steps of 64 training the text side on
+them (~0.25 s a step): ~28 + 9 + 21 minutes and ~3 of validation (docs/reference.md).
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ RECIPES: dict[str, Recipe] = {
                   start="seg", attributes=True),
     # nlvr: the tower learns to tell objects apart in its tokens, then the text side learns the
     # statements over its frozen tokens (reference/perception.py, reference/statements.py).
-    "nlvr": Recipe("nlvr", (Phase(224, 1200, 5e-4, 120, data="objects", batch_size=32),
-                            Phase(224, 6000, 5e-4, 600, data="tokens", scenes=32000)), start="seg"),
+    "nlvr": Recipe("nlvr", (Phase(224, 1500, 1e-3, 150, data="objects", batch_size=32),
+                            Phase(224, 5000, 5e-4, 500, data="tokens", scenes=32000)), start="seg"),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
                         attributes=True),
 }
