@@ -18,11 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokensieve.reference import build_model, load_recipe_phase, load_reference
-from tokensieve.reference.statements import StatementReader
+from tokensieve.reference.statements import StatementReader, asked_facts
 from tokensieve.reference.vl import match_logits, text_inputs
 from tokensieve.tasks import collate, make_dataset
 from tokensieve.tasks.matching import MatchingDataset
-from tokensieve.tasks.nlvr import FACTS, IGNORED
 from tokensieve.train import load_trained
 
 
@@ -56,18 +55,18 @@ def main() -> None:
         for batch in DataLoader(data, batch_size=50, collate_fn=collate):
             input_ids, attention_mask = text_inputs(batch["tokens"], batch["attention_mask"])
             with torch.no_grad():
-                answers = match_logits(model, batch["image"], input_ids, attention_mask).argmax(-1)
+                if reader is None:
+                    answers = match_logits(model, batch["image"], input_ids, attention_mask).argmax(-1)
+                else:  # the reader's ITM is match_logits' on the unpatched tower, and gives the facts too
+                    image = model.vision_model(pixel_values=batch["image"],
+                                               interpolate_pos_encoding=args.size != 224).last_hidden_state
+                    output = reader(image, input_ids, attention_mask)
+                    answers = output.itm_score.argmax(-1)
             for family, correct in zip(batch["family"], (answers == batch["label"]).tolist(), strict=True):
                 right[family].append(correct)
             if reader is not None and "facts" in batch:
-                with torch.no_grad():
-                    image = model.vision_model(pixel_values=batch["image"],
-                                               interpolate_pos_encoding=args.size != 224).last_hidden_state
-                    logits = reader(image, input_ids, attention_mask).fact_logits
-                for column, chunk in enumerate(logits.split(list(FACTS.values()), dim=1)):
-                    asked = batch["facts"][:, column] != IGNORED
-                    named = chunk[asked].argmax(-1) == batch["facts"][asked, column]
-                    stated[list(FACTS)[column]] += named.tolist()
+                for fact, logits, truth in asked_facts(output.fact_logits, batch["facts"]):
+                    stated[fact] += (logits.argmax(-1) == truth).tolist()
     print(f"nlvr: validation at {args.size} px, {'run ' + args.run if args.run else 'shipped weights'}")
     print(f"{'family':12s} {'count':>6s} {'accuracy':>9s}")
     for family in sorted(right, key=lambda name: (name == "match", name)):

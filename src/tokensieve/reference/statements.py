@@ -16,6 +16,7 @@ slowly, gets that many more steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,11 +68,18 @@ def facts_loss(logits: Tensor, facts: Tensor) -> Tensor:
     """Cross-entropy of each fact (`tasks.nlvr.FACTS`) over the samples that ask it, summed over
     the facts: logits [B, sum(FACTS.values())], facts [B, len(FACTS)] (IGNORED where not asked)."""
     total = logits.new_zeros(())
-    for column, chunk in enumerate(logits.split(list(FACTS.values()), dim=1)):
-        asked = facts[:, column] != IGNORED
-        if bool(asked.any()):
-            total = total + F.cross_entropy(chunk[asked], facts[asked, column])
+    for _, asked_logits, answers in asked_facts(logits, facts):
+        if len(answers):
+            total = total + F.cross_entropy(asked_logits, answers)
     return total
+
+
+def asked_facts(logits: Tensor, facts: Tensor) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """Per fact of `tasks.nlvr.FACTS`: its name, and the logits and answers of the samples that ask it."""
+    chunks = logits.split(list(FACTS.values()), dim=1)
+    for column, (name, chunk) in enumerate(zip(FACTS, chunks, strict=True)):
+        asked = facts[:, column] != IGNORED
+        yield name, chunk[asked], facts[asked, column]
 
 
 class TowerTokens(Dataset):
