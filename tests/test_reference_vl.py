@@ -208,9 +208,10 @@ def test_the_retrieval_recipe_resizes_progressively_and_nlvr_sees_then_reads():
     sizes = [phase.image_size for phase in phases]
     assert sizes == sorted(sizes) and sizes[0] == 112 and sizes[-1] == 224
     assert sum(phase.steps for phase in phases[:-1]) > 10 * phases[-1].steps
-    # nlvr: the tower at its native size, first on objects, then frozen under the statements
-    assert [(phase.data, phase.image_size) for phase in RECIPES["nlvr"].phases] == [("objects", 224),
-                                                                                  ("tokens", 224)]
+    # nlvr: the tower at its native size, first on objects, then on being found, then frozen
+    # under the statements
+    assert [(phase.data, phase.image_size) for phase in RECIPES["nlvr"].phases] == [
+        ("objects", 224), ("finding", 224), ("tokens", 224)]
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -337,15 +338,19 @@ def test_nlvr_learns_to_see_objects_then_states_facts_over_the_frozen_towers_tok
     monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
     monkeypatch.setattr(reference_training, "READOUT_VALIDATION_SCENES", 4)
     recipe = Recipe("nlvr", (Phase(224, 2, 1e-3, 0, data="objects", batch_size=2),
+                             Phase(224, 2, 1e-3, 0, data="finding", batch_size=2),
                              Phase(224, 2, 1e-3, 0, data="tokens", scenes=3, batch_size=2)))
     before = {name: p.clone() for name, p in tiny("nlvr").named_parameters()}
-    objects_only = dataclasses.replace(recipe, phases=recipe.phases[:1])
-    seen = train_reference("nlvr", tmp_path / "run", recipe=objects_only, progress=False, model=tiny("nlvr"))
+    perception = dataclasses.replace(recipe, phases=recipe.phases[:2])
+    seen = train_reference("nlvr", tmp_path / "run", recipe=perception, progress=False, model=tiny("nlvr"))
     changed = {name for name, p in seen.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(name.startswith("vision_model.") for name in changed)  # the tower alone
-    looked_at = load_recipe_phase(tiny("nlvr"), tmp_path / "run" / "phase-0-224px")  # readouts dropped
+    looked_at = load_recipe_phase(tiny("nlvr"), tmp_path / "run" / "phase-1-224px")  # readouts dropped
     seen_weights = dict(seen.named_parameters())
     assert all(torch.equal(p, seen_weights[name]) for name, p in looked_at.named_parameters())
+    after_objects = load_recipe_phase(tiny("nlvr"), tmp_path / "run" / "phase-0-224px")
+    assert not torch.equal(after_objects.vision_model.post_layernorm.weight,  # finding moved the tower
+                           seen.vision_model.post_layernorm.weight)
     model = train_reference("nlvr", tmp_path / "run", recipe=recipe, progress=False, model=tiny("nlvr"))
     for name, param in model.named_parameters():
         if name.startswith("vision_model."):  # frozen while the text side learns
@@ -353,10 +358,11 @@ def test_nlvr_learns_to_see_objects_then_states_facts_over_the_frozen_towers_tok
     assert not torch.equal(model.itm_head.weight, before["itm_head.weight"])
     assert all(p.requires_grad for p in model.parameters())
     logs = [[json.loads(line) for line in (tmp_path / "run" / f"phase-{n}-224px" / "log.jsonl").read_text()
-             .splitlines()] for n in range(2)]
-    assert set(logs[0][-1]["eval"]) == {"objects_named", "shapes_named", "centres_found", "centre_error"}
-    assert set(logs[1][-1]["eval"]) == {"accuracy"}
-    assert [line["epoch"] for line in logs[1]] == [0, 1]  # 3 cached scenes make one batch: steps cycle them
+             .splitlines()] for n in range(3)]
+    readouts = {"objects_named", "shapes_named", "centres_found", "centre_error"}
+    assert set(logs[0][-1]["eval"]) == readouts and set(logs[1][-1]["eval"]) == readouts | {"kinds_found"}
+    assert set(logs[2][-1]["eval"]) == {"accuracy"}
+    assert [line["epoch"] for line in logs[2]] == [0, 1]  # 3 cached scenes make one batch: steps cycle them
 
 
 def test_perception_and_statement_phases_need_blip_at_its_native_size(tmp_path):
@@ -371,7 +377,7 @@ def test_perception_and_statement_phases_need_blip_at_its_native_size(tmp_path):
 
 
 def test_warm_up_phases_are_named_and_belong_to_nlvr(tmp_path):
-    with pytest.raises(ValueError, match="'captions', 'matching', 'objects', 'tokens'"):
+    with pytest.raises(ValueError, match="'captions', 'matching', 'objects', 'finding', 'tokens'"):
         Phase(64, 2, 1e-3, 0, data="statements")
     recipe = Recipe("retrieval", (Phase(64, 2, 1e-3, 0, data="captions"),), batch_size=4)
     with pytest.raises(ValueError, match="warm up the nlvr model, not the retrieval model"):

@@ -38,7 +38,8 @@ class Phase:
     # What the phase trains on: None, the task's own train split; nlvr's: "captions", BLIP's
     # image–text contrast on the retrieval captions; "matching", caption matching
     # (tokensieve.tasks.matching) with the ITM head; "objects", the vision tower alone learning
-    # each object's colour×shape (reference/perception.py); "tokens", the text side learning the
+    # each object's colour×shape (reference/perception.py); "finding", that and being found by
+    # the kinds statements name (perception.FindingReadouts); "tokens", the text side learning the
     # statements over the frozen tower's tokens of `scenes` training scenes (reference/statements.py).
     data: str | None = None
     scenes: int | None = None  # "tokens" phases: how many training scenes' tokens are computed once
@@ -52,7 +53,7 @@ class Phase:
             raise ValueError("Phase(scenes=...) gives the scenes of a data='tokens' phase, and only of one")
 
 
-DATA = (None, "captions", "matching", "objects", "tokens")
+DATA = (None, "captions", "matching", "objects", "finding", "tokens")
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ RECIPES: dict[str, Recipe] = {
     # nlvr: the tower learns to tell objects apart in its tokens, then the text side learns the
     # statements over its frozen tokens (reference/perception.py, reference/statements.py).
     "nlvr": Recipe("nlvr", (Phase(224, 1500, 1e-3, 150, data="objects", batch_size=32),
-                            Phase(224, 5000, 5e-4, 500, data="tokens", scenes=32000)), start="seg"),
+                            Phase(224, 500, 5e-4, 50, data="finding", batch_size=32),
+                            Phase(224, 4000, 5e-4, 400, data="tokens", scenes=32000)), start="seg"),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
                         attributes=True),
 }

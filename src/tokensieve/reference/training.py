@@ -26,6 +26,7 @@ from tokensieve.reference.models import (
     build_segmenter,
 )
 from tokensieve.reference.perception import (
+    FindingReadouts,
     NlvrObjects,
     ObjectReadouts,
     readout_accuracy,
@@ -33,7 +34,13 @@ from tokensieve.reference.perception import (
     readouts_collate,
 )
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
-from tokensieve.reference.statements import StatementReader, TowerTokens, statements_collate, statements_loss
+from tokensieve.reference.statements import (
+    NlvrGrounded,
+    StatementReader,
+    TowerTokens,
+    statements_collate,
+    statements_loss,
+)
 from tokensieve.reference.store import load_reference, save_reference
 from tokensieve.reference.tos import TosModel, build_tos
 from tokensieve.reference.transfer import start_from_seg
@@ -64,7 +71,7 @@ from tokensieve.train import (
 from tokensieve.train.checkpoint import read_metadata
 
 VALIDATION_SAMPLES = 500  # a validation subset scored at the end of each phase, in the run's log
-READOUT_VALIDATION_SCENES = 128  # the scenes an "objects" phase's readouts are scored on
+READOUT_VALIDATION_SCENES = 128  # the scenes an "objects" or "finding" phase's readouts are scored on
 VL_TASKS = ("nlvr", "retrieval")
 
 
@@ -110,12 +117,14 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
         # (a phase with another wrapper shares `model`, which the last phase's fit left trained)
         config = _phase_config(recipe, phase, number, phase_dir, progress)
         batch_size = recipe.batch_size_of(phase)
-        if phase.data == "objects":
-            fit(trained, NlvrObjects("train", size=phase.steps * batch_size, image_size=phase.image_size),
-                readout_loss, config, collate_fn=readouts_collate, evaluate=_readout_validation,
-                logits_of=_whole_output)
+        if phase.data in ("objects", "finding"):
+            scenes = NlvrObjects("train", size=phase.steps * batch_size, image_size=phase.image_size,
+                                 patch=model.config.vision_config.patch_size)
+            fit(trained, scenes, readout_loss, config, collate_fn=readouts_collate,
+                evaluate=_readout_validation, logits_of=_whole_output)
         elif phase.data == "tokens":
-            statements = make_dataset(task, "train", size=phase.scenes, image_size=phase.image_size)
+            statements = NlvrGrounded("train", size=phase.scenes, image_size=phase.image_size,
+                                      patch=model.config.vision_config.patch_size)
             data = TowerTokens(statements, model.vision_model, progress=progress)
             with _frozen(model.vision_model):
                 fit(trained, data, statements_loss, config, collate_fn=statements_collate,
@@ -133,10 +142,11 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
 
 
 def _phase_module(model: nn.Module, phase: Phase, with_head: nn.Module) -> nn.Module:
-    """What a phase's fit trains: the vision tower with its object readouts ("objects"), the
+    """What a phase's fit trains: the vision tower with its object readouts ("objects"; and
+    the finding readout, "finding"), the
     text side over given image tokens ("tokens"), else the model (with its attribute head if
     the recipe has one)."""
-    if phase.data in ("objects", "tokens"):
+    if phase.data in ("objects", "finding", "tokens"):
         if not isinstance(model, transformers.BlipForImageTextRetrieval):
             raise ValueError(f"{phase.data!r} phases train the nlvr model (BLIP), not {type(model).__name__}")
         native = model.config.vision_config.image_size
@@ -145,6 +155,8 @@ def _phase_module(model: nn.Module, phase: Phase, with_head: nn.Module) -> nn.Mo
                              f"not {phase.image_size}")
     if phase.data == "objects":
         return ObjectReadouts(model.vision_model)
+    if phase.data == "finding":
+        return FindingReadouts(model.vision_model)
     if phase.data == "tokens":
         return StatementReader(model)
     return with_head
@@ -165,15 +177,16 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 def load_recipe_phase(model: nn.Module, phase_dir: str | os.PathLike) -> nn.Module:
     """Load the latest checkpoint of a recipe phase (`runs/TASK/phase-…`) into `model`, a fresh
     reference model of the task, whether the phase trained it alone or wrapped for training
-    (AttributeHead, ObjectReadouts, StatementReader; the wrapper is then dropped). For looking at
-    a run before it ships; returns `model`."""
+    (AttributeHead, ObjectReadouts, FindingReadouts, StatementReader; the wrapper is then
+    dropped). For looking at a run before it ships; returns `model`."""
     checkpoint = latest_checkpoint(phase_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint in {phase_dir}")
     host = json.loads(read_metadata(checkpoint)["host"])["class"]
     wrappers: dict[type, Callable[[nn.Module], nn.Module]] = {
         AttributeHead: AttributeHead, StatementReader: StatementReader,
-        ObjectReadouts: lambda blip: ObjectReadouts(blip.vision_model)}
+        ObjectReadouts: lambda blip: ObjectReadouts(blip.vision_model),
+        FindingReadouts: lambda blip: FindingReadouts(blip.vision_model)}
     wrap = next((make for kind, make in wrappers.items() if host == f"{kind.__module__}.{kind.__qualname__}"),
                 None)
     load_trained(wrap(model) if wrap else model, phase_dir)
@@ -304,8 +317,9 @@ def _vl_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[dict
     return collate
 
 
-def _readout_validation(readouts: nn.Module) -> dict[str, float]:
-    data = NlvrObjects("val", size=READOUT_VALIDATION_SCENES, image_size=IMAGE_SIZES["nlvr"])
+def _readout_validation(readouts: ObjectReadouts) -> dict[str, float]:
+    data = NlvrObjects("val", size=READOUT_VALIDATION_SCENES, image_size=IMAGE_SIZES["nlvr"],
+                       patch=readouts.tower.config.patch_size)
     return readout_accuracy(readouts, [data[i] for i in range(len(data))])
 
 

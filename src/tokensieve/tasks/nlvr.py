@@ -27,6 +27,7 @@ from tokensieve.tasks.language import noun_phrase, tokenize
 from tokensieve.tasks.relations import OPPOSITE, RELATIONS, holds
 from tokensieve.tasks.scenes import (
     ObjectSpec,
+    Rendering,
     Scene,
     SceneObject,
     attribute_map,
@@ -214,7 +215,10 @@ class NlvrDataset(SyntheticDataset):
 
     def sample(self, index: int) -> dict:
         scene, statement = self.scene(index)
-        rendering = render(scene)
+        return self.sample_of(scene, statement, render(scene))
+
+    def sample_of(self, scene: Scene, statement: Statement, rendering: Rendering) -> dict:
+        """The sample of a scene already drawn and rendered (for subclasses that add to it)."""
         return {"image": torch.from_numpy(rendering.image), "text": statement.text,
                 "tokens": tokenize(statement.text), "label": torch.tensor(int(statement.truth)),
                 "attributes": torch.from_numpy(attribute_map(scene, rendering)),
