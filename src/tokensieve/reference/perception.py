@@ -22,8 +22,9 @@ A cross-attention must also find what a statement names among all the tokens, by
 per head: `FindingReadouts` adds a fourth readout, one learned query per kind a statement can
 name ("red circle", "circle", "red shape") attending over all the tokens with one linear key,
 taught to put weight 1 on the class token (a sink) and 1 on each object of the kind, spread over
-its patches (`kind_targets`): a text encoder whose attention is set to these targets reads the
-statements well, and one left to find them by the tokens of ObjectReadouts alone does not.
+its patches (`kind_targets`), so that a head of the text encoder's cross-attention can find
+them by one linear key too (`benchmarks/nlvr_grounding.py` asks how well a reader does when its
+attention is set to these targets, and when it must learn them).
 
 The readouts are dropped when the model ships; `NlvrObjects` gives the scenes they learn from.
 """

@@ -8,10 +8,10 @@ chance even on perfect object tokens. `StatementReader` therefore also reads the
 further right and lower), answers that each follow from the image once the statement's words have
 found their objects. The head is dropped when the model ships.
 
-Those answers are in the tower's tokens: given the tokens of the two objects a relation names, a
-linear probe tells which lies further right 0.98 of the time, yet the reader stays at chance on
-relations, because its cross-attention never learns where the named objects are. So two heads of
-its [ENC] token's cross-attention are also taught where to look (`grounding_targets`): head 0 on
+The perception phase teaches the tower's tokens where each object lies, yet the reader stayed at
+chance on relations and counts (docs/reference.md): its cross-attention must first learn where the
+named objects are. So two heads of its [ENC] token's cross-attention are also taught where to
+look (`grounding_targets`): head 0 on
 the objects of the first kind the statement names, head 1 on those of the second, each object
 with weight 1 spread over its patches, and the class token (a sink) with weight 1. The sink's
 share, 1/(n + 1), says how many objects match, and an object's mean token says where it is.
