@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from test_reference_vl import tiny
 
 from tokensieve.reference.perception import (
+    KINDS,
     MAX_OBJECTS,
+    FindingReadouts,
     NlvrObjects,
     ObjectReadouts,
     ReadoutLogits,
@@ -20,8 +24,8 @@ from tokensieve.tasks.nlvr import IGNORED
 from tokensieve.tasks.scenes import ATTRIBUTE_CLASSES, attribute_class
 
 
-def _samples(count: int = 3) -> list[dict]:
-    data = NlvrObjects("val", size=count)
+def _samples(count: int = 3, patch: int = 16) -> list[dict]:
+    data = NlvrObjects("val", size=count, patch=patch)
     return [data[i] for i in range(count)]
 
 
@@ -89,3 +93,23 @@ def test_the_readout_loss_trains_the_tower_and_perfect_logits_score_one():
 
     scores = readout_accuracy(Oracle(), samples)
     assert scores == {"objects_named": 1.0, "shapes_named": 1.0, "centres_found": 1.0, "centre_error": 0.0}
+
+
+def test_the_finding_readout_attends_over_every_token_and_its_loss_is_least_at_the_targets():
+    readouts = FindingReadouts(tiny("nlvr").vision_model)
+    patch = readouts.tower.config.patch_size
+    inputs, targets = readouts_collate(_samples(2, patch))
+    logits = readouts(**inputs)
+    tokens = 1 + (224 // patch) ** 2
+    assert logits.finding.shape == (2, len(KINDS), tokens) == targets["finding"].shape
+    assert torch.allclose(logits.finding.exp().sum(-1), torch.ones(2, len(KINDS)), atol=1e-5)
+    assert torch.allclose(targets["finding"].sum(-1), torch.ones(2, len(KINDS)))
+
+    without = readout_loss(replace(logits, finding=None), targets)
+    at_targets = replace(logits, finding=targets["finding"].clamp_min(1e-12).log())
+    elsewhere = replace(logits, finding=targets["finding"].flip(-1).clamp_min(1e-12).log_softmax(-1))
+    entropy = -(targets["finding"] * targets["finding"].clamp_min(1e-12).log()).sum(-1).mean()
+    assert torch.allclose(readout_loss(at_targets, targets) - without, entropy, atol=1e-5)
+    assert readout_loss(elsewhere, targets) > readout_loss(at_targets, targets)
+    readout_loss(logits, targets).backward()
+    assert readouts.finding_queries.grad.abs().sum() > 0 and readouts.finding_keys.weight.grad.abs().sum() > 0
