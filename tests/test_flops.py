@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from torch.utils.flop_counter import FlopCounterMode
+from flop_counting import counted_macs
 from transformers import (
     BlipVisionConfig,
     BlipVisionModel,
@@ -49,12 +49,6 @@ def test_deit_small_backbone_macs_match_published(deit_small, method, gmacs):
     report = ts.flops(deit_small, torch.randn(1, 3, 224, 224))
     assert report.backbone_macs / 1e9 == pytest.approx(gmacs, rel=0.02)
     assert report.macs == pytest.approx(report.backbone_macs + report.overhead_macs)
-
-
-def _counted_macs(model, inputs, batch):
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return counter.get_total_flops() / 2 / batch
 
 
 def _small_timm():
@@ -99,7 +93,7 @@ def test_report_agrees_with_flop_counter_mode(family, method, attention):
     report = ts.flops(model, inputs)
     assert report.macs < report.dense_macs  # pruning happened
     assert report.overhead_macs > 0
-    assert report.macs == pytest.approx(_counted_macs(model, inputs, batch=2), rel=0.01)
+    assert report.macs == pytest.approx(counted_macs(model, inputs, batch=2), rel=0.01)
 
 
 def test_dense_report_of_unpatched_model_agrees_with_flop_counter_mode():
@@ -107,7 +101,7 @@ def test_dense_report_of_unpatched_model_agrees_with_flop_counter_mode():
     pixels = torch.randn(1, 3, 96, 96)
     report = ts.flops(model, pixels)
     assert not ts.is_patched(model)
-    assert report.macs == report.dense_macs == pytest.approx(_counted_macs(model, pixels, 1), rel=1e-9)
+    assert report.macs == report.dense_macs == pytest.approx(counted_macs(model, pixels, 1), rel=1e-9)
 
 
 def test_ragged_report_counts_each_sample_by_its_own_tokens():

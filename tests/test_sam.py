@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flop_counting import counted_macs
 from models import (
     DEPTH,
     IMAGE,
@@ -15,7 +16,6 @@ from models import (
     sam_model,
 )
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokensieve as ts
 
@@ -273,12 +273,6 @@ def test_unpatch_restores_the_sam_encoder():
 # --- FLOPs --------------------------------------------------------------------------------------
 
 
-def _counted_macs(model: nn.Module, x: Tensor) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(pixel_values=x)
-    return counter.get_total_flops() / 2 / x.shape[0]
-
-
 @pytest.mark.parametrize(("method", "attention", "overrides"), [
     (ts.Method(), "eager", {}),
     (ts.Method(), "sdpa", {}),
@@ -293,7 +287,7 @@ def test_sam_flops_agree_with_flop_counter_mode(method, attention, overrides):
     x = images(2)
     ts.patch(model, method, attention=attention)
     report = ts.flops(model, x)
-    assert report.macs == pytest.approx(_counted_macs(model, x), rel=0.01)
+    assert report.macs == pytest.approx(counted_macs(model, {"pixel_values": x}, x.shape[0]), rel=0.01)
     if method is PRUNED:
         assert report.macs < 0.8 * report.dense_macs
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flop_counting import counted_macs
 from models import (
     TEXT_EOS,
     blip_retrieval,
@@ -13,7 +14,6 @@ from models import (
     sharpen_attention,
     texts,
 )
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokensieve as ts
 from tokensieve import ops
@@ -256,12 +256,6 @@ def test_blip_text_evit_keeps_the_first_token_and_fuses_per_text():
 
 # --- FLOPs -------------------------------------------------------------------------------------------
 
-def _counted_macs(model, inputs: dict, batch: int) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(**inputs)
-    return counter.get_total_flops() / 2 / batch
-
-
 CLIP_FLOPS = [(ts.TopK(keep=0.5, layers=(1,)), "sdpa"), (ts.DynamicViT(keep=0.6, layers=(1,)), "sdpa"),
               (ts.EViT(keep=0.5, layers=(0, 2), fuse=False), "eager")]
 BLIP_FLOPS = [(ts.TopK(keep=0.5, layers=(1,)), "eager"), (ts.EViT(keep=0.5, layers=(0, 2)), "sdpa")]
@@ -274,7 +268,7 @@ def test_clip_text_flops_agree_with_flop_counter_mode(method, attention):
     ts.patch(model, method, attention=attention)
     report = ts.flops(model, {"input_ids": ids})
     assert report.macs < report.dense_macs
-    assert report.macs == pytest.approx(_counted_macs(model, {"input_ids": ids}, batch=2), rel=0.01)
+    assert report.macs == pytest.approx(counted_macs(model, {"input_ids": ids}, batch=2), rel=0.01)
 
 
 @pytest.mark.parametrize(("method", "attention"), BLIP_FLOPS, ids=str)
@@ -285,11 +279,11 @@ def test_blip_text_flops_with_cross_attention_agree_with_flop_counter_mode(metho
     ts.patch(encoder, method, attention=attention)
     report = ts.flops(encoder, inputs)
     assert report.macs < report.dense_macs
-    assert report.macs == pytest.approx(_counted_macs(encoder, inputs, batch=2), rel=0.01)
+    assert report.macs == pytest.approx(counted_macs(encoder, inputs, batch=2), rel=0.01)
     ts.unpatch(encoder)
     dense = ts.flops(encoder, inputs)  # the host itself, counted without pruning
     assert dense.macs == pytest.approx(report.dense_macs, rel=1e-9)
-    assert dense.macs == pytest.approx(_counted_macs(encoder, inputs, batch=2), rel=1e-6)
+    assert dense.macs == pytest.approx(counted_macs(encoder, inputs, batch=2), rel=1e-6)
 
 
 def test_padded_text_flops_count_each_text_by_its_own_tokens():
