@@ -172,8 +172,8 @@ def test_pruned_sam_encoder_equals_a_plain_window_by_window_reference(method):
     active = _active_cells(traces[0])
     kept = [len(cells) for cells in active[2]]
     assert max(kept) < GRID * GRID  # the windowed layer 2 ran on a pruned map
-    if method.dynamic:
-        assert len(set(kept)) > 1  # a ragged batch
+    if method.dynamic:  # a ragged batch: the images kept different counts at some layer
+        assert any(len({len(cells) for cells in layer}) > 1 for layer in active)
     torch.testing.assert_close(pruned, reference_encoder(model, x, active), atol=TOLERANCE, rtol=0)
     assert (pruned - dense).abs().max() > 1e-2  # pruning changed the embeddings
     # The host's zero-padding cells are keys of the windows at the map's edge.
