@@ -56,6 +56,7 @@ def main() -> None:
             ratio = ts.flops(model, pixels).macs / ts.flops(patched, pixels).macs
             rows.append((method, ratio, seconds))
     table = _table(rows, args)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "block_scaling.md").write_text(table)
     print(table)
 
