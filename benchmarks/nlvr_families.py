@@ -7,6 +7,9 @@ an earlier recipe's warm-up. With `--facts`, a statements phase's facts head
 
     python benchmarks/nlvr_families.py --run runs/nlvr/phase-2-112px --size 112
     python benchmarks/nlvr_families.py --run runs/nlvr/phase-1-224px --samples 500 --facts
+    python benchmarks/nlvr_families.py --samples 1000 --method "random:keep=0.5,layers=(3,)"
+
+`--method` scores the model with its vision tower pruned (reference.patch_reference).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from collections import defaultdict
 import torch
 from torch.utils.data import DataLoader
 
-from tokensieve.reference import build_model, load_recipe_phase, load_reference
+from tokensieve.loading import parse_method
+from tokensieve.reference import build_model, load_recipe_phase, load_reference, patch_reference
 from tokensieve.reference.statements import StatementReader, asked_facts
 from tokensieve.reference.vl import match_logits, text_inputs
 from tokensieve.tasks import collate, make_dataset
@@ -33,8 +37,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=400, help="validation statements and matching pairs")
     parser.add_argument("--facts", action="store_true",
                         help="also score the facts head of a statements phase")
+    parser.add_argument("--method", default=None, help="prune the vision tower, e.g. 'evit:keep=0.7'")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.method and args.facts:
+        parser.error("--facts reads the unpatched tower's tokens; score --method without it")
     torch.set_num_threads(args.threads)
     reader = None
     if args.facts:
@@ -47,6 +54,8 @@ def main() -> None:
     else:
         model = load_recipe_phase(build_model("nlvr"), args.run) if args.run else load_reference("nlvr")
     model.eval()
+    if args.method:
+        patch_reference(model, parse_method(args.method))
     stated: dict[str, list[bool]] = defaultdict(list)
     statements = make_dataset("nlvr", "val", size=args.samples, image_size=args.size)
     matching = MatchingDataset("val", size=args.samples, image_size=args.size)
@@ -67,7 +76,9 @@ def main() -> None:
             if reader is not None and "facts" in batch:
                 for fact, logits, truth in asked_facts(output.fact_logits, batch["facts"]):
                     stated[fact] += (logits.argmax(-1) == truth).tolist()
-    print(f"nlvr: validation at {args.size} px, {'run ' + args.run if args.run else 'shipped weights'}")
+    weights = "run " + args.run if args.run else "shipped weights"
+    pruned = f", vision tower pruned by {args.method}" if args.method else ""
+    print(f"nlvr: validation at {args.size} px, {weights}{pruned}")
     print(f"{'family':12s} {'count':>6s} {'accuracy':>9s}")
     for family in sorted(right, key=lambda name: (name == "match", name)):
         print(f"{family:12s} {len(right[family]):6d} {sum(right[family]) / len(right[family]):9.4f}")

@@ -10,6 +10,10 @@ writes the curve to benchmarks/results/nlvr_grounding-{learned,targets}.json.
 
     python benchmarks/nlvr_grounding.py --run runs/nlvr/phase-1-224px --attention targets
     python benchmarks/nlvr_grounding.py --run runs/nlvr/phase-1-224px --attention learned
+    python benchmarks/nlvr_grounding.py --run runs/nlvr/phase-1-224px --attention learned --seed-keys
+
+`--seed-keys` starts the grounded heads' keys from the run's finding readout, as the recipe's
+statements phase does (statements.seed_grounding); the curve goes to nlvr_grounding-learned-seeded.json.
 """
 
 from __future__ import annotations
@@ -25,18 +29,20 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tokensieve.reference.perception import FindingReadouts
 from tokensieve.reference.statements import (
     GROUNDED_KINDS,
     GROUNDING_LAYERS,
     NlvrGrounded,
     StatementReader,
     TowerTokens,
+    seed_grounding,
     statements_collate,
     statements_loss,
 )
 from tokensieve.reference.training import load_recipe_phase
 from tokensieve.reference.vl import build_nlvr
-from tokensieve.train import warmup_cosine
+from tokensieve.train import load_trained, warmup_cosine
 
 BATCH = 64
 
@@ -74,6 +80,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a recipe phase whose tower is read")
     parser.add_argument("--attention", choices=("learned", "targets"), default="targets")
+    parser.add_argument("--seed-keys", action="store_true",
+                        help="start the grounded heads' keys from the run's finding readout "
+                             "(statements.seed_grounding)")
     parser.add_argument("--scenes", type=int, default=24_000, help="training scenes (tokens computed once)")
     parser.add_argument("--validation", type=int, default=1_000)
     parser.add_argument("--steps", type=int, default=1_500)
@@ -93,6 +102,10 @@ def main() -> None:
     torch.manual_seed(0)
     reader = StatementReader(build_nlvr())  # a fresh text side over the run's frozen tower
     reader.model.vision_model.requires_grad_(False)
+    if args.seed_keys:
+        finding = FindingReadouts(build_nlvr().vision_model)
+        load_trained(finding, args.run)
+        seed_grounding(reader, finding)
     trained = [p for p in reader.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05)
     schedule = warmup_cosine(optimizer, args.steps, warmup_steps=args.steps // 10)
@@ -116,9 +129,11 @@ def main() -> None:
                 curve.append({"step": step, **scores})
                 tqdm.write(json.dumps(curve[-1]))
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"run": str(args.run), "attention": args.attention, "scenes": args.scenes,
-              "validation": args.validation, "steps": args.steps, "lr": args.lr, "curve": curve}
-    (args.out / f"nlvr_grounding-{args.attention}.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = {"run": str(args.run), "attention": args.attention, "seed_keys": args.seed_keys,
+              "scenes": args.scenes, "validation": args.validation, "steps": args.steps, "lr": args.lr,
+              "curve": curve}
+    name = f"{args.attention}-seeded" if args.seed_keys else args.attention
+    (args.out / f"nlvr_grounding-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 @torch.no_grad()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from test_reference_vl import tiny
+from test_reference_vl import TINY_TEXT, TINY_VISION, tiny
 
+from tokensieve.reference.perception import FindingReadouts
 from tokensieve.reference.statements import (
     FACTS_WEIGHT,
     GROUNDED_KINDS,
@@ -16,10 +18,11 @@ from tokensieve.reference.statements import (
     TowerTokens,
     facts_loss,
     grounding_loss,
+    seed_grounding,
     statements_collate,
     statements_loss,
 )
-from tokensieve.reference.vl import VL_PATCH_SIZE, match_logits
+from tokensieve.reference.vl import VL_PATCH_SIZE, build_nlvr, match_logits, nlvr_config
 from tokensieve.tasks import make_dataset
 from tokensieve.tasks.nlvr import FACTS, IGNORED
 from tokensieve.tasks.scenes import render
@@ -116,3 +119,24 @@ def test_the_facts_loss_counts_only_the_facts_a_statement_asks():
     count, colour = logits[:, :5], logits[:, 10:16]
     expected = F.cross_entropy(count[:1], torch.tensor([2])) + F.cross_entropy(colour[1:], torch.tensor([5]))
     torch.testing.assert_close(facts_loss(logits, facts), expected)
+
+
+def test_seeded_grounded_heads_score_the_tokens_as_the_finding_readout_does():
+    torch.manual_seed(0)  # four heads: two grounded, two left alone
+    model = build_nlvr(nlvr_config(vision=TINY_VISION, text={**TINY_TEXT, "num_attention_heads": 4},
+                                   projection=16))
+    reader = StatementReader(model)
+    attention = model.text_encoder.encoder.layer[GROUNDING_LAYERS[0]].crossattention.self
+    width = attention.attention_head_size
+    finding = FindingReadouts(model.vision_model, key_width=width)
+    tokens = torch.randn(2, 5, model.config.vision_config.hidden_size)
+    before = attention.key(tokens)
+    seed_grounding(reader, finding)
+    keys = attention.key(tokens).view(2, 5, -1, width)
+    for head in range(GROUNDED_KINDS):
+        torch.testing.assert_close(keys[:, :, head], finding.finding_keys(tokens))
+    # the other heads keep their own keys
+    torch.testing.assert_close(keys[:, :, GROUNDED_KINDS:].flatten(2),
+                               before.view(2, 5, -1, width)[:, :, GROUNDED_KINDS:].flatten(2))
+    with pytest.raises(ValueError, match="key_width"):
+        seed_grounding(reader, FindingReadouts(model.vision_model, key_width=width + 1))

@@ -11,6 +11,7 @@ import torch
 import transformers
 from click.testing import CliRunner
 from models import sharpen_attention
+from safetensors.torch import load_file
 
 import tokensieve as ts
 from tokensieve.cli import main as cli
@@ -46,7 +47,7 @@ from tokensieve.tasks import (
     retrieval_gallery,
     tokenize,
 )
-from tokensieve.train import contrastive_loss
+from tokensieve.train import contrastive_loss, latest_checkpoint
 
 # Test sizes: width 32, two layers, patches of 32 px (a 7×7 grid at the native 224×224).
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -208,10 +209,10 @@ def test_the_retrieval_recipe_resizes_progressively_and_nlvr_sees_then_reads():
     sizes = [phase.image_size for phase in phases]
     assert sizes == sorted(sizes) and sizes[0] == 112 and sizes[-1] == 224
     assert sum(phase.steps for phase in phases[:-1]) > 10 * phases[-1].steps
-    # nlvr: the tower at its native size, first on objects, then on being found, then frozen
-    # under the statements
+    # nlvr: the tower at its native size, first on objects, then on being found (in two runs of
+    # the readouts, the second continuing the first), then frozen under the statements
     assert [(phase.data, phase.image_size) for phase in RECIPES["nlvr"].phases] == [
-        ("objects", 224), ("finding", 224), ("tokens", 224)]
+        ("objects", 224), ("finding", 224), ("finding", 224), ("tokens", 224)]
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -363,6 +364,17 @@ def test_nlvr_learns_to_see_objects_then_states_facts_over_the_frozen_towers_tok
     assert set(logs[0][-1]["eval"]) == readouts and set(logs[1][-1]["eval"]) == readouts | {"kinds_found"}
     assert set(logs[2][-1]["eval"]) == {"accuracy"}
     assert [line["epoch"] for line in logs[2]] == [0, 1]  # 3 cached scenes make one batch: steps cycle them
+
+
+def test_a_phase_with_the_last_ones_readouts_continues_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(reference_training, "READOUT_VALIDATION_SCENES", 2)
+    # the second phase does not move (lr 0), so it holds what it started from
+    recipe = Recipe("nlvr", (Phase(224, 2, 1e-3, 0, data="finding", batch_size=2),
+                             Phase(224, 1, 0.0, 0, data="finding", batch_size=2)))
+    train_reference("nlvr", tmp_path / "run", recipe=recipe, progress=False, model=tiny("nlvr"))
+    first, second = (load_file(latest_checkpoint(tmp_path / "run" / f"phase-{n}-224px")) for n in (0, 1))
+    for name in ("model.finding_queries", "model.finding_keys.weight", "model.queries"):
+        assert torch.equal(first[name], second[name]), name
 
 
 def test_perception_and_statement_phases_need_blip_at_its_native_size(tmp_path):

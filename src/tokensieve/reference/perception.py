@@ -161,17 +161,16 @@ class FindingReadouts(ObjectReadouts):
     """ObjectReadouts and the finding readout: a learned query per kind of `KINDS` attending over
     all the tower's tokens by one linear key, as a head of a text encoder's cross-attention does."""
 
-    def __init__(self, tower: nn.Module) -> None:
+    def __init__(self, tower: nn.Module, key_width: int = FINDING_WIDTH) -> None:
         super().__init__(tower)
-        width = tower.config.hidden_size
-        self.finding_keys = nn.Linear(width, FINDING_WIDTH)
-        self.finding_queries = nn.Parameter(torch.randn(len(KINDS), FINDING_WIDTH) / FINDING_WIDTH**0.5)
+        self.finding_keys = nn.Linear(tower.config.hidden_size, key_width)
+        self.finding_queries = nn.Parameter(torch.randn(len(KINDS), key_width) / key_width**0.5)
 
     def forward(self, pixel_values: Tensor, instances: Tensor) -> ReadoutLogits:
         hidden = self.tower(pixel_values=pixel_values).last_hidden_state
         logits = self.read(hidden, instances)
         scores = torch.einsum("bnc,kc->bkn", self.finding_keys(hidden), self.finding_queries)
-        logits.finding = (scores / FINDING_WIDTH**0.5).log_softmax(dim=-1)
+        logits.finding = (scores / self.finding_keys.out_features**0.5).log_softmax(dim=-1)
         return logits
 
 

@@ -19,9 +19,10 @@ training + generating a batch: 1.10 + 0.17 at 112 px and 4.70 + 0.32 at 224 px. 
 minutes and ~1 more of validation.
 
 nlvr (BLIP) stays at 224×224, where its statements' shapes survive: 1 500 steps of 32 training
-the tower on object readouts (~1.1 s a step on two threads alone), then its frozen tokens for
-32 000 scenes computed once (~9 minutes alone) and 5 000 steps of 64 training the text side on
-them (~0.25 s a step): ~28 + 9 + 21 minutes and ~3 of validation (docs/reference.md).
+the tower on object readouts and 1 500 on those and the finding readout (~1.1–1.5 s a step on
+two threads alone), then its frozen tokens for 32 000 scenes computed once (~12 minutes) and
+4 000 steps of 64 training the text side on them (~0.3 s a step): ~39 + 38 + 12 + 21 minutes
+and a few of validation (docs/reference.md).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ RECIPES: dict[str, Recipe] = {
     # statements over its frozen tokens (reference/perception.py, reference/statements.py).
     "nlvr": Recipe("nlvr", (Phase(224, 1500, 1e-3, 150, data="objects", batch_size=32),
                             Phase(224, 500, 5e-4, 50, data="finding", batch_size=32),
+                            Phase(224, 1000, 5e-4, 100, data="finding", batch_size=32),
                             Phase(224, 4000, 5e-4, 400, data="tokens", scenes=32000)), start="seg"),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
                         attributes=True),

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from tokensieve.reference.perception import kind_targets
+from tokensieve.reference.perception import FindingReadouts, kind_targets
 from tokensieve.reference.vl import VL_PATCH_SIZE, text_inputs
 from tokensieve.tasks import collate as collate_samples
 from tokensieve.tasks.nlvr import FACTS, IGNORED, NlvrDataset, Statement
@@ -74,6 +74,23 @@ class StatementReader(nn.Module):
                                  for layer in GROUNDING_LAYERS], dim=1)
         return StatementOutput(itm_score=self.model.itm_head(text), fact_logits=self.facts(text),
                                grounding=grounding)
+
+
+def seed_grounding(reader: StatementReader, finding: FindingReadouts) -> None:
+    """Start the grounded heads' keys from the finding readout's (`perception.FindingReadouts`),
+    trained on the same tower to find every kind by one linear key of a head's width: the heads
+    then only have to learn the query of the kind a statement names."""
+    attention = reader.model.text_encoder.encoder.layer[GROUNDING_LAYERS[0]].crossattention.self
+    width = attention.attention_head_size
+    if finding.finding_keys.out_features != width:
+        raise ValueError(f"the finding readout's keys are {finding.finding_keys.out_features} wide, the "
+                         f"grounded heads' {width}: train it with key_width={width}")
+    with torch.no_grad():
+        for layer in GROUNDING_LAYERS:
+            key = reader.model.text_encoder.encoder.layer[layer].crossattention.self.key
+            for head in range(GROUNDED_KINDS):
+                key.weight[head * width:(head + 1) * width] = finding.finding_keys.weight
+                key.bias[head * width:(head + 1) * width] = finding.finding_keys.bias
 
 
 def statements_loss(output: StatementOutput, targets: dict) -> Tensor:

@@ -38,6 +38,7 @@ from tokensieve.reference.statements import (
     NlvrGrounded,
     StatementReader,
     TowerTokens,
+    seed_grounding,
     statements_collate,
     statements_loss,
 )
@@ -112,7 +113,8 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
     for number, phase in enumerate(recipe.phases):
         phase_dir = run_dir / f"phase-{number}-{phase.image_size}px"
         trained = _phase_module(model, phase, with_head)
-        if previous is not None and previous[0] is trained and latest_checkpoint(phase_dir) is None:
+        fresh = latest_checkpoint(phase_dir) is None
+        if previous is not None and type(previous[0]) is type(trained) and fresh:
             load_trained(trained, previous[1])  # a new phase starts from the last one's weights
         # (a phase with another wrapper shares `model`, which the last phase's fit left trained)
         config = _phase_config(recipe, phase, number, phase_dir, progress)
@@ -126,6 +128,8 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
             statements = NlvrGrounded("train", size=phase.scenes, image_size=phase.image_size,
                                       patch=model.config.vision_config.patch_size)
             data = TowerTokens(statements, model.vision_model, progress=progress)
+            if previous is not None and isinstance(previous[0], FindingReadouts) and fresh:
+                seed_grounding(trained, previous[0])  # a fresh reader's grounded heads start from its keys
             with _frozen(model.vision_model):
                 fit(trained, data, statements_loss, config, collate_fn=statements_collate,
                     evaluate=_validation(task, phase.image_size), logits_of=_whole_output)
@@ -156,10 +160,17 @@ def _phase_module(model: nn.Module, phase: Phase, with_head: nn.Module) -> nn.Mo
     if phase.data == "objects":
         return ObjectReadouts(model.vision_model)
     if phase.data == "finding":
-        return FindingReadouts(model.vision_model)
+        return finding_readouts(model)
     if phase.data == "tokens":
         return StatementReader(model)
     return with_head
+
+
+def finding_readouts(model: transformers.BlipForImageTextRetrieval) -> FindingReadouts:
+    """The nlvr tower with its finding readout, whose keys are as wide as a head of the text
+    encoder's cross-attention: the statements phase starts its grounded heads from them."""
+    text = model.config.text_config
+    return FindingReadouts(model.vision_model, key_width=text.hidden_size // text.num_attention_heads)
 
 
 @contextmanager
@@ -186,7 +197,7 @@ def load_recipe_phase(model: nn.Module, phase_dir: str | os.PathLike) -> nn.Modu
     wrappers: dict[type, Callable[[nn.Module], nn.Module]] = {
         AttributeHead: AttributeHead, StatementReader: StatementReader,
         ObjectReadouts: lambda blip: ObjectReadouts(blip.vision_model),
-        FindingReadouts: lambda blip: FindingReadouts(blip.vision_model)}
+        FindingReadouts: finding_readouts}
     wrap = next((make for kind, make in wrappers.items() if host == f"{kind.__module__}.{kind.__qualname__}"),
                 None)
     load_trained(wrap(model) if wrap else model, phase_dir)
