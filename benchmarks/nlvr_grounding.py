@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tokensieve.reference.perception import FindingReadouts
 from tokensieve.reference.statements import (
     GROUNDED_KINDS,
     GROUNDING_LAYERS,
@@ -40,7 +39,7 @@ from tokensieve.reference.statements import (
     statements_collate,
     statements_loss,
 )
-from tokensieve.reference.training import load_recipe_phase
+from tokensieve.reference.training import finding_readouts, load_recipe_phase
 from tokensieve.reference.vl import build_nlvr
 from tokensieve.train import load_trained, warmup_cosine
 
@@ -103,7 +102,7 @@ def main() -> None:
     reader = StatementReader(build_nlvr())  # a fresh text side over the run's frozen tower
     reader.model.vision_model.requires_grad_(False)
     if args.seed_keys:
-        finding = FindingReadouts(build_nlvr().vision_model)
+        finding = finding_readouts(build_nlvr())
         load_trained(finding, args.run)
         seed_grounding(reader, finding)
     trained = [p for p in reader.parameters() if p.requires_grad]

@@ -80,14 +80,13 @@ def seed_grounding(reader: StatementReader, finding: FindingReadouts) -> None:
     """Start the grounded heads' keys from the finding readout's (`perception.FindingReadouts`),
     trained on the same tower to find every kind by one linear key of a head's width: the heads
     then only have to learn the query of the kind a statement names."""
-    attention = reader.model.text_encoder.encoder.layer[GROUNDING_LAYERS[0]].crossattention.self
-    width = attention.attention_head_size
-    if finding.finding_keys.out_features != width:
-        raise ValueError(f"the finding readout's keys are {finding.finding_keys.out_features} wide, the "
-                         f"grounded heads' {width}: train it with key_width={width}")
-    with torch.no_grad():
-        for layer in GROUNDING_LAYERS:
-            key = reader.model.text_encoder.encoder.layer[layer].crossattention.self.key
+    for layer in GROUNDING_LAYERS:
+        attention = reader.model.text_encoder.encoder.layer[layer].crossattention.self
+        width, key = attention.attention_head_size, attention.key
+        if finding.finding_keys.out_features != width:
+            raise ValueError(f"the finding readout's keys are {finding.finding_keys.out_features} wide, "
+                             f"the grounded heads' {width}: train it with key_width={width}")
+        with torch.no_grad():
             for head in range(GROUNDED_KINDS):
                 key.weight[head * width:(head + 1) * width] = finding.finding_keys.weight
                 key.bias[head * width:(head + 1) * width] = finding.finding_keys.bias
