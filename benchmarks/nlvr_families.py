@@ -70,9 +70,10 @@ def main() -> None:
     statements = make_dataset("nlvr", "val", size=args.samples, image_size=args.size)
     matching = MatchingDataset("val", size=args.samples, image_size=args.size)
     right: dict[str, list[bool]] = defaultdict(list)
-    groups = iter([_smallest_named(statements, index) for index in range(len(statements))]
-                  if args.by == "size" else [])
     for data in (statements, matching):
+        # --by size: each statement's group, in the (unshuffled) loader's order
+        sizes = (iter([_smallest_named(data, index) for index in range(len(data))])
+                 if args.by == "size" and data is statements else None)
         for batch in DataLoader(data, batch_size=50, collate_fn=collate):
             input_ids, attention_mask = text_inputs(batch["tokens"], batch["attention_mask"])
             with torch.no_grad():
@@ -84,7 +85,7 @@ def main() -> None:
                     output = reader(image, input_ids, attention_mask)
                     answers = output.itm_score.argmax(-1)
             for family, correct in zip(batch["family"], (answers == batch["label"]).tolist(), strict=True):
-                right[next(groups) if args.by == "size" and family != "match" else family].append(correct)
+                right[next(sizes) if sizes else family].append(correct)
             if reader is not None and "facts" in batch:
                 for fact, logits, truth in asked_facts(output.fact_logits, batch["facts"]):
                     stated[fact] += (logits.argmax(-1) == truth).tolist()
@@ -99,9 +100,9 @@ def main() -> None:
     for fact, hits in stated.items():
         print(f"{'fact ' + fact:18s} {len(hits):6d} {sum(hits) / len(hits):9.4f}")
     if args.json:
-        table = {group: {"statements": len(values), "accuracy": sum(values) / len(values)}
+        table = {group: {"count": len(values), "accuracy": sum(values) / len(values)}
                  for group, values in right.items()}
-        table["statements"] = {"statements": len(every), "accuracy": sum(every) / len(every)}
+        table["statements"] = {"count": len(every), "accuracy": sum(every) / len(every)}
         args.json.write_text(json.dumps({"run": args.run, "method": args.method, "by": args.by,
                                          "samples": args.samples, "size": args.size, "groups": table},
                                         indent=2) + "\n")
