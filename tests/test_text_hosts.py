@@ -14,9 +14,11 @@ from models import (
     sharpen_attention,
     texts,
 )
+from torch import nn
 
 import tokensieve as ts
 from tokensieve import ops
+from tokensieve.hosts.hf_blip_text import keep_cross_attention_mask
 
 TOLERANCE = 1e-5
 LENGTHS = [12, 9, 5]  # three texts, padded to 12 tokens
@@ -123,6 +125,21 @@ def test_blip_text_encoder_with_padded_image_tokens_and_pruning_off_equals_host_
                encoder_attention_mask=memory_mask)["last_hidden_state"]
     for i in range(3):  # every position, the text's padding included
         torch.testing.assert_close(got[i], expected[i], atol=TOLERANCE, rtol=0)
+
+
+def test_keep_cross_attention_mask_makes_the_unpatched_blip_text_encoder_skip_image_padding():
+    encoder = keep_cross_attention_mask(keep_cross_attention_mask(blip_retrieval().text_encoder))
+    ids, mask = texts(LENGTHS)
+    counts = [17, 11, 6]
+    memory, memory_mask = _image_tokens(3, counts)
+    got = _run(encoder, input_ids=ids, attention_mask=mask, encoder_hidden_states=memory,
+               encoder_attention_mask=memory_mask)["last_hidden_state"]
+    for i, count in enumerate(counts):
+        alone = _run(encoder, input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1],
+                     encoder_hidden_states=memory[i : i + 1, :count])["last_hidden_state"][0]
+        torch.testing.assert_close(got[i], alone, atol=TOLERANCE, rtol=0)
+    with pytest.raises(TypeError, match="BlipTextModel"):
+        keep_cross_attention_mask(nn.Linear(2, 2))
 
 
 # --- pruned runs against slow references -----------------------------------------------------------

@@ -115,6 +115,31 @@ def read_call(x: Tensor, args: tuple, kwargs: dict, entry: Any) -> BlockCall:
     return BlockCall(key_mask=valid, memory=memory, memory_mask=memory_mask)
 
 
+def keep_cross_attention_mask(text_encoder: nn.Module) -> nn.Module:
+    """Make an unpatched BlipTextModel apply `encoder_attention_mask` in its cross-attention, so a
+    ragged image batch's padding is not attended; returns `text_encoder`. Idempotent.
+
+    transformers' BlipTextLayer hands its cross-attention the mask as `attention_mask`, and
+    BlipTextSelfAttention then reads `encoder_attention_mask` (None) in its place. A pre-hook on
+    each cross-attention passes the mask under the name it is read by; where transformers passes
+    it itself, the hook changes nothing. A patched encoder applies the mask on its own."""
+    if not matches(text_encoder):
+        raise TypeError(f"keep_cross_attention_mask takes a transformers BlipTextModel, got "
+                        f"{type(text_encoder).__name__}")
+    for layer in text_encoder.encoder.layer:
+        inner = getattr(getattr(layer, "crossattention", None), "self", None)
+        if inner is not None and not getattr(inner, "_tokensieve_passes_mask", False):
+            inner.register_forward_pre_hook(_pass_cross_attention_mask, with_kwargs=True)
+            inner._tokensieve_passes_mask = True
+    return text_encoder
+
+
+def _pass_cross_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if kwargs.get("encoder_hidden_states") is None or kwargs.get("encoder_attention_mask") is not None:
+        return None
+    return args, {**kwargs, "encoder_attention_mask": kwargs.get("attention_mask")}
+
+
 def resolve(model: nn.Module) -> Host:
     layers = list(model.encoder.layer)
     views = [BlipTextLayerView(layer) for layer in layers]

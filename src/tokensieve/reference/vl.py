@@ -29,6 +29,7 @@ import transformers
 from torch import Tensor, nn
 
 import tokensieve as ts
+from tokensieve.hosts.hf_blip_text import keep_cross_attention_mask
 from tokensieve.tasks import PAD_ID, VOCABULARY
 
 VL_IMAGE_SIZE = 224
@@ -84,8 +85,10 @@ def retrieval_config(vision: dict | None = None, text: dict | None = None,
 
 
 def build_nlvr(config: transformers.BlipConfig | None = None) -> transformers.BlipForImageTextRetrieval:
-    """A fresh nlvr model (default: `nlvr_config()`)."""
-    return transformers.BlipForImageTextRetrieval(config or nlvr_config())
+    """A fresh nlvr model (default: `nlvr_config()`), its text encoder applying the image mask."""
+    model = transformers.BlipForImageTextRetrieval(config or nlvr_config())
+    keep_cross_attention_mask(model.text_encoder)
+    return model
 
 
 def build_retrieval(config: transformers.CLIPConfig | None = None) -> transformers.CLIPModel:
@@ -122,9 +125,12 @@ def match_logits(model: transformers.BlipForImageTextRetrieval, pixel_values: Te
     """ITM logits [B, 2] (false, true), as `model(...).itm_score`, except that the text encoder
     cross-attends only to the image tokens a patched vision tower really returned: a method
     that keeps a different count per image pads its output, and transformers' BLIP forward
-    would attend to that padding."""
+    would attend to that padding (and its unpatched text encoder drops the mask:
+    `hosts.hf_blip_text.keep_cross_attention_mask`)."""
     interpolate = pixel_values.shape[-1] != model.config.vision_config.image_size
     vision = model.vision_model
+    if not ts.is_patched(model.text_encoder):
+        keep_cross_attention_mask(model.text_encoder)
     if ts.is_patched(vision):
         with ts.trace(vision) as traces:
             image = vision(pixel_values=pixel_values, interpolate_pos_encoding=interpolate).last_hidden_state
