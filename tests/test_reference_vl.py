@@ -209,10 +209,10 @@ def test_the_retrieval_recipe_resizes_progressively_and_nlvr_sees_then_reads():
     sizes = [phase.image_size for phase in phases]
     assert sizes == sorted(sizes) and sizes[0] == 112 and sizes[-1] == 224
     assert sum(phase.steps for phase in phases[:-1]) > 10 * phases[-1].steps
-    # nlvr: the tower at its native size, first on objects, then on being found (in two runs of
-    # the readouts, the second continuing the first), then frozen under the statements
+    # nlvr: the tower at its native size, first on objects, then on being found, then frozen
+    # under the statements
     assert [(phase.data, phase.image_size) for phase in RECIPES["nlvr"].phases] == [
-        ("objects", 224), ("finding", 224), ("finding", 224), ("tokens", 224)]
+        ("objects", 224), ("finding", 224), ("tokens", 224)]
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -304,6 +304,22 @@ def test_a_ragged_vision_tower_is_cross_attended_only_where_it_kept_tokens():
     for i in range(3):
         alone = {key: batch[key][i : i + 1] for key in ("image", "input_ids", "text_mask")}
         torch.testing.assert_close(logits[i : i + 1], _outputs("nlvr", model, alone), atol=1e-5, rtol=0)
+
+
+def test_the_loaded_nlvr_model_cross_attends_past_image_padding_without_tokensieve(tmp_path):
+    save_reference(tiny("nlvr"), tmp_path / "nlvr")
+    text_encoder = load_reference("nlvr", tmp_path / "nlvr").text_encoder
+    batch = _batch("nlvr", 1)
+    torch.manual_seed(1)
+    image = torch.randn(1, 5, text_encoder.config.encoder_hidden_size)
+    padded = torch.cat([image, 50 * torch.randn(1, 3, image.shape[-1])], dim=1)
+    with torch.no_grad():
+        alone = text_encoder(input_ids=batch["input_ids"], attention_mask=batch["text_mask"],
+                             encoder_hidden_states=image).last_hidden_state
+        masked = text_encoder(input_ids=batch["input_ids"], attention_mask=batch["text_mask"],
+                              encoder_hidden_states=padded,
+                              encoder_attention_mask=torch.tensor([[1] * 5 + [0] * 3])).last_hidden_state
+    torch.testing.assert_close(masked, alone, atol=1e-5, rtol=0)
 
 
 def test_tokensieve_eval_scores_the_vl_models_dense_and_pruned(tmp_path):

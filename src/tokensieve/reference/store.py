@@ -18,6 +18,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tokensieve.hosts.hf_blip_text import keep_cross_attention_mask
 from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import SegmentationViT
 from tokensieve.reference.tos import TosModel
@@ -79,7 +80,10 @@ def _load_plain(task: str, path: Path) -> transformers.PreTrainedModel:
     if stored != cls.config_class.model_type:  # from_pretrained would warn and load random weights
         raise ValueError(f"{path} holds a {stored!r} model, not the {task} reference model "
                          f"({cls.__name__}); pass the directory `tokensieve train {task} --out` wrote")
-    return cls.from_pretrained(path, dtype=torch.float32)
+    model = cls.from_pretrained(path, dtype=torch.float32)
+    if task == "nlvr":  # as build_nlvr: cross-attention skips a ragged tower's padding
+        keep_cross_attention_mask(model.text_encoder)
+    return model
 
 
 def _save_tos(model: TosModel, directory: Path) -> Path:
