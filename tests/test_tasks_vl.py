@@ -115,6 +115,26 @@ def test_nlvr_family_weights_select_families():
     assert {data.scene(i)[1].family for i in range(20)} == {"relation"}
 
 
+def test_nlvr_names_small_objects_by_default_and_named_sizes_chooses_others():
+    def named_sizes(config: NlvrConfig | None) -> set[str]:
+        data = make_dataset("nlvr", "val", size=40, config=config)
+        sizes = set()
+        for index in range(40):
+            scene, statement = data.scene(index)
+            sizes |= {scene.objects[i].size_class for kind in statement.about for i in scene.indices(*kind)}
+        return sizes
+
+    assert named_sizes(None) == {"small"}
+    assert named_sizes(NlvrConfig(named_sizes={"large": 1.0})) == {"large"}
+    assert named_sizes(NlvrConfig(named_sizes=None)) == {"small", "medium", "large"}
+
+
+def test_nlvr_draws_counts_most_often():
+    data = make_dataset("nlvr", "train", size=600)
+    families = Counter(data.scene(index)[1].family for index in range(600))
+    assert families["count"] > families["exists"] > max(families["colour"], families["relation"])
+
+
 def _caption_holds(scene, caption: str) -> bool:
     inventory, relation = caption.split(" , with the ")
     items = re.split(r" , | and ", inventory)

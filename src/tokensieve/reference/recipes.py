@@ -90,10 +90,9 @@ RECIPES: dict[str, Recipe] = {
                   start="seg", attributes=True),
     # nlvr: the tower learns to tell objects apart in its tokens, then the text side learns the
     # statements over its frozen tokens (reference/perception.py, reference/statements.py).
-    "nlvr": Recipe("nlvr", (Phase(224, 1500, 1e-3, 150, data="objects", batch_size=32),
-                            Phase(224, 500, 5e-4, 50, data="finding", batch_size=32),
-                            Phase(224, 1000, 5e-4, 100, data="finding", batch_size=32),
-                            Phase(224, 4000, 5e-4, 400, data="tokens", scenes=32000)), start="seg"),
+    "nlvr": Recipe("nlvr", (Phase(224, 500, 1e-3, 50, data="objects", batch_size=32),
+                            Phase(224, 1100, 5e-4, 110, data="finding", batch_size=32),
+                            Phase(224, 3500, 5e-4, 350, data="tokens", scenes=28000)), start="seg"),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
                         attributes=True),
 }

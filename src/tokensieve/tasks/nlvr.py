@@ -48,8 +48,13 @@ class NlvrConfig:
 
     objects: tuple[int, int] = (3, 8)  # total objects per image (inclusive; raised if a family needs more)
     share: float = 0.7  # chance an extra object shares the colour or shape of a named type
-    family_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(NLVR_FAMILIES, 1.0))
+    # counts and existence weigh most: they are what losing a small object's tokens changes
+    family_weights: dict[str, float] = field(default_factory=lambda: {**dict.fromkeys(NLVR_FAMILIES, 1.0),
+                                                                      "count": 2.0, "exists": 1.5})
     size_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SIZE_WEIGHTS))
+    # The size mix of the objects the statement names (small: the answer rests on a few small
+    # objects, as cls's does); None: `size_weights`, as the other objects'.
+    named_sizes: dict[str, float] | None = field(default_factory=lambda: {"small": 1.0})
     clutter: float = 1.0
 
 
@@ -167,7 +172,8 @@ def sample_nlvr(rng: np.random.Generator, truth: bool, config: NlvrConfig, size:
         plan = make(rng, truth)
     low, high = config.objects
     total = max(int(rng.integers(low, high + 1)), len(plan.named))
-    named = [ObjectSpec(shape, colour, sample_size_class(rng, config.size_weights))
+    named_sizes = config.size_weights if config.named_sizes is None else config.named_sizes
+    named = [ObjectSpec(shape, colour, sample_size_class(rng, named_sizes))
              for colour, shape in plan.named]
     extra = related_specs(rng, total - len(named), config.share, config.size_weights, near=plan.near,
                           allowed=lambda c, s: not plan.avoid(c, s))
