@@ -89,7 +89,8 @@ RECIPES: dict[str, Recipe] = {
                   start="seg", attributes=True),
     # nlvr: the tower learns to tell objects apart in its tokens, then the text side learns the
     # statements over its frozen tokens (reference/perception.py, reference/statements.py).
-    # Perception takes steps more than images: 3 000 steps of 16 cost what 1 500 of 32 do.
+    # Perception in batches of 16: 3 000 steps named more shapes than 1 600 of 32 did in about
+    # the same time (docs/reference.md).
     "nlvr": Recipe("nlvr", (Phase(224, 1200, 1e-3, 120, data="objects", batch_size=16),
                             Phase(224, 1800, 5e-4, 180, data="finding", batch_size=16),
                             Phase(224, 4000, 5e-4, 400, data="tokens", scenes=24000)), start="seg"),
