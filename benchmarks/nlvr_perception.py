@@ -17,6 +17,7 @@ validation scenes every 100 steps, written to benchmarks/results/nlvr_perception
 
     python benchmarks/nlvr_perception.py --frozen --steps 500   # about 6 minutes on two threads
     python benchmarks/nlvr_perception.py --steps 1000           # about 24 minutes
+    python benchmarks/nlvr_perception.py --frozen --layers 12   # the whole seg backbone, probed
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tokensieve.reference.perception import (
     readouts_collate,
 )
 from tokensieve.reference.transfer import start_from_seg
-from tokensieve.reference.vl import build_nlvr
+from tokensieve.reference.vl import NLVR_VISION_LAYERS, build_nlvr, nlvr_config
 from tokensieve.tasks.attributes import SHAPES, SIZE_CLASSES
 
 SIZE = 224
@@ -89,6 +90,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=None, help="default: 3e-3 frozen, 5e-4 trained")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=NLVR_VISION_LAYERS,
+                        help="blocks of the tower: the first of the seg backbone's 12 (default: the nlvr "
+                             "model's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--save", type=Path, help="also write the tower's weights here (safetensors)")
     args = parser.parse_args()
@@ -96,7 +100,7 @@ def main() -> None:
     torch.manual_seed(0)
     lr = args.lr or (3e-3 if args.frozen else 5e-4)
 
-    model = build_nlvr()
+    model = build_nlvr(nlvr_config(vision={"num_hidden_layers": args.layers}))
     start_from_seg(model)
     readouts = ObjectReadouts(model.vision_model)
     readouts.tower.requires_grad_(not args.frozen)
@@ -124,9 +128,10 @@ def main() -> None:
             losses = []
             bar.write(json.dumps(point))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"nlvr_perception-{'frozen' if args.frozen else 'trained'}.json"
-    run = {"steps": args.steps, "batch": args.batch, "lr": lr, "size": SIZE, "validation_scenes": VALIDATION,
-           "chance": round(1 / len(SHAPES), 3), "curve": curve}
+    suffix = "" if args.layers == NLVR_VISION_LAYERS else f"-{args.layers}-layers"
+    path = args.out / f"nlvr_perception-{'frozen' if args.frozen else 'trained'}{suffix}.json"
+    run = {"layers": args.layers, "steps": args.steps, "batch": args.batch, "lr": lr, "size": SIZE,
+           "validation_scenes": VALIDATION, "chance": round(1 / len(SHAPES), 3), "curve": curve}
     path.write_text(json.dumps(run, indent=1))
     print(f"wrote {path}")
     if args.save:

@@ -40,6 +40,9 @@ def test_cached_tokens_are_the_towers_and_the_reader_scores_as_blip_does():
         tokens = model.vision_model.eval()(pixel_values=images).last_hidden_state
     torch.testing.assert_close(cached.tokens.float(), tokens, atol=2e-3, rtol=2e-3)
     assert torch.equal(cached[1]["facts"], statements[1]["facts"])
+    low = TowerTokens(statements, model.vision_model, progress=False, precision="bf16")
+    assert not torch.equal(low.tokens, cached.tokens)  # the tower ran in bfloat16
+    torch.testing.assert_close(low.tokens.float(), tokens, atol=0.1, rtol=0.05)
     plain = make_dataset("nlvr", "val", size=3)[1]  # the grounded samples are nlvr's, plus grounding
     assert plain["text"] == statements[1]["text"] and torch.equal(plain["image"], statements[1]["image"])
 

@@ -160,15 +160,18 @@ def asked_facts(logits: Tensor, facts: Tensor) -> Iterator[tuple[str, Tensor, Te
 
 class TowerTokens(Dataset):
     """`NlvrGrounded` samples with their image replaced by the frozen `tower`'s tokens, computed
-    once here: {"image_embeds": float16 [N, C], "tokens", "label", "facts", "grounding"}."""
+    once here: {"image_embeds": float16 [N, C], "tokens", "label", "facts", "grounding"}; with
+    `precision="bf16"` the tower runs under bfloat16 autocast."""
 
-    def __init__(self, statements: Dataset, tower: nn.Module, progress: bool = True) -> None:
+    def __init__(self, statements: Dataset, tower: nn.Module, progress: bool = True,
+                 precision: str = "fp32") -> None:
         self.samples: list[dict] = []
         chunks: list[Tensor] = []
         was_training = tower.training
         tower.eval()
         bar = tqdm(range(0, len(statements), CACHE_BATCH), desc="tower tokens", disable=not progress)
-        with torch.no_grad():
+        low = precision == "bf16"
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
             for start in bar:
                 batch = [statements[i] for i in range(start, min(len(statements), start + CACHE_BATCH))]
                 images = torch.stack([sample["image"] for sample in batch])

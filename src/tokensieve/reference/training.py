@@ -127,7 +127,7 @@ def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.Pat
         elif phase.data == "tokens":
             statements = NlvrGrounded("train", size=phase.scenes, image_size=phase.image_size,
                                       patch=model.config.vision_config.patch_size)
-            data = TowerTokens(statements, model.vision_model, progress=progress)
+            data = TowerTokens(statements, model.vision_model, progress=progress, precision=recipe.precision)
             if previous is not None and isinstance(previous[0], FindingReadouts) and fresh:
                 seed_grounding(trained, previous[0])  # a fresh reader's grounded heads start from its keys
             with _frozen(model.vision_model):
@@ -239,7 +239,7 @@ def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, pr
         warmup_steps=phase.warmup_steps, weight_decay=recipe.weight_decay, seed=recipe.seed + number,
         num_workers=1, checkpoint_dir=str(phase_dir), checkpoint_every=max(100, phase.steps // 30),
         keep_checkpoints=1, eval_every=max(250, phase.steps // 10), log_path=str(phase_dir / "log.jsonl"),
-        progress=progress,
+        progress=progress, precision=recipe.precision,
     )
 
 

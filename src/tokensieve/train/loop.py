@@ -172,7 +172,14 @@ class _TrainingStep:
                        seconds=0.0)
 
     def _losses(self, inputs: Any, targets: Any) -> tuple[dict[str, Tensor | None], list[Trace], list]:
-        """The weighted loss and its terms (None: not computed), the traces, the keep stages."""
+        """The weighted loss and its terms (None: not computed), the traces, the keep stages, under
+        the config's precision."""
+        low = self.config.precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):
+            return self._weighted_losses(inputs, targets)
+
+    def _weighted_losses(self, inputs: Any, targets: Any
+                         ) -> tuple[dict[str, Tensor | None], list[Trace], list]:
         config = self.config
         if self.patched is None:  # a dense model: the task loss alone
             task = self.task_loss(self.logits_of(_call(self.model, inputs)), targets)
