@@ -115,3 +115,10 @@ def test_train_cli_passes_the_host_lr_scale_to_a_method_run_only(monkeypatch):
     assert calls == [{"steps": 5, "model_lr_scale": 0.01}]
     result = runner.invoke(cli, ["train", "cls", "--model-lr-scale", "0.01"])
     assert result.exit_code != 0 and "give --method too" in result.output
+
+
+def test_the_shipped_nlvr_model_loads_and_judges_the_statements():
+    model = load_reference("nlvr")
+    data = make_dataset("nlvr", "val", size=100)
+    score = evaluate(model, "nlvr", data, batch_size=50, progress=False)["accuracy"]
+    assert score > 0.6  # a trained model (0.7 on 500 validation statements); chance is 0.5

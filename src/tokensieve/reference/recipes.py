@@ -19,10 +19,10 @@ training + generating a batch: 1.10 + 0.17 at 112 px and 4.70 + 0.32 at 224 px. 
 minutes and ~1 more of validation.
 
 nlvr (BLIP) stays at 224×224, where the small objects its statements name survive, and trains
-under bfloat16 autocast: 1 400 steps of 16 training the tower on object readouts and 2 200 on
-those and the finding readout (~0.58 s a step on two threads alone, ~1.15 s in fp32), then its
-frozen tokens for 24 000 scenes computed once and 4 000 steps of 64 training the text side on
-them (docs/reference.md has the measured runs).
+under bfloat16 autocast: 1 400 steps of 16 training the tower on object readouts and 2 400 on
+those and the finding readout (~0.5 s a step on two threads alone, ~1.15 s in fp32), then its
+frozen tokens for 28 000 scenes computed once and 6 000 steps of 64 training the text side on
+them (~0.19 s a step; docs/reference.md has the measured runs).
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ RECIPES: dict[str, Recipe] = {
     # statements over its frozen tokens (reference/perception.py, reference/statements.py).
     # Perception in batches of 16: 3 000 steps named more shapes than 1 600 of 32 did in about
     # the same time (docs/reference.md). bfloat16 autocast halves a step's time on this machine,
-    # which pays for 3 600 perception steps.
+    # which pays for 3 800 perception steps and 6 000 of statements.
     "nlvr": Recipe("nlvr", (Phase(224, 1400, 1e-3, 140, data="objects", batch_size=16),
-                            Phase(224, 2200, 5e-4, 220, data="finding", batch_size=16),
-                            Phase(224, 4000, 5e-4, 400, data="tokens", scenes=24000)), start="seg",
+                            Phase(224, 2400, 5e-4, 240, data="finding", batch_size=16),
+                            Phase(224, 6000, 5e-4, 600, data="tokens", scenes=28000)), start="seg",
                    precision="bf16"),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
                         attributes=True),
