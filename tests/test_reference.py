@@ -115,6 +115,12 @@ def test_train_cli_passes_the_host_lr_scale_to_a_method_run_only(monkeypatch):
     assert calls == [{"steps": 5, "model_lr_scale": 0.01}]
     result = runner.invoke(cli, ["train", "cls", "--model-lr-scale", "0.01"])
     assert result.exit_code != 0 and "give --method too" in result.output
+    result = runner.invoke(cli, ["train", "cls", "--method", "dynamicvit:keep=0.7", "--steps", "5",
+                                 "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert calls[-1] == {"steps": 5, "precision": "bf16"}
+    result = runner.invoke(cli, ["train", "cls", "--precision", "bf16"])
+    assert result.exit_code != 0 and "recipe's" in result.output
 
 
 def test_the_shipped_nlvr_model_loads_and_judges_the_statements():

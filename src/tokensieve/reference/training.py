@@ -346,11 +346,12 @@ def _validation(task: str, image_size: int) -> Callable[[nn.Module], dict[str, f
 
 def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 400,
                  batch_size: int = 32, lr: float = 1e-3, model_lr_scale: float = 0.01,
-                 progress: bool = True) -> nn.Module:
+                 precision: str = "fp32", progress: bool = True) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
     trained, and the method's predictors start random), task + keep-ratio + self-distillation
-    losses, at the native size (224×224; tos 256×256). Checkpoints and the JSONL log go to
+    losses, at the native size (224×224; tos 256×256), each step in `precision` ("bf16":
+    bfloat16 autocast, see TrainConfig). Checkpoints and the JSONL log go to
     `run_dir` (run again to resume). Returns the patched model in eval mode; load the run later
     with `load_trained`."""
     model = load_reference(task)
@@ -360,7 +361,7 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
         train="model", steps=steps, batch_size=batch_size, lr=lr, model_lr_scale=model_lr_scale,
         warmup_steps=max(1, steps // 20), num_workers=1, checkpoint_dir=os.fspath(run_dir),
         checkpoint_every=50, keep_checkpoints=1, log_path=os.fspath(Path(run_dir) / "log.jsonl"),
-        progress=progress,
+        precision=precision, progress=progress,
     )
     data = make_dataset(task, "train", size=steps * batch_size, image_size=size)
     fit(model, data, _task_loss(task), config, collate_fn=_collate(task, size),
