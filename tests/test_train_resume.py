@@ -1,11 +1,15 @@
 """Resume continues the same run: stopping, building everything anew and resuming gives the
 parameters and the logged losses of a run that never stopped."""
 
+import json
 import random
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_train_support import DYNAMICVIT, patched_model, quiet_config, random_dataset, trained_state
 
 from tokensieve.train import cross_entropy, fit, read_log
@@ -98,6 +102,23 @@ def test_a_changed_config_on_resume_is_named_in_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"lr: 0\.001 -> 0\.002"):
         changed = quiet_config(steps=4, lr=2e-3, checkpoint_dir=str(tmp_path))
         fit(patched_model(), data, cross_entropy, changed)
+
+
+def test_a_checkpoint_from_before_a_new_config_field_resumes_without_a_warning(tmp_path):
+    data = random_dataset(16)
+    result = fit(patched_model(), data, cross_entropy, quiet_config(steps=4, checkpoint_dir=str(tmp_path)),
+                 until=2)
+    tensors = load_file(result.checkpoint)
+    with safe_open(result.checkpoint, "pt") as stored:
+        metadata = stored.metadata()
+    older = json.loads(metadata["train_config"])
+    del older["precision"]  # as written before TrainConfig had it
+    save_file(tensors, result.checkpoint, metadata={**metadata, "train_config": json.dumps(older)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = fit(patched_model(), data, cross_entropy,
+                      quiet_config(steps=4, checkpoint_dir=str(tmp_path)))
+    assert resumed.resumed_from == result.checkpoint and resumed.step == 4
 
 
 def test_without_resume_a_run_starts_over(tmp_path):

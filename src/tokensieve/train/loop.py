@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -346,7 +347,9 @@ def _resume_point(config: TrainConfig) -> Path | None:
 
 def _warn_if_config_changed(path: Path, config: TrainConfig) -> None:
     metadata = read_metadata(path)
-    saved = json.loads(metadata["train_config"])
+    # A field added since the checkpoint was written ran at its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {**defaults, **json.loads(metadata["train_config"])}
     current = json.loads(config.to_json())
     changed = sorted(k for k in current if k not in ("resume", "progress") and saved.get(k) != current[k])
     if changed:
