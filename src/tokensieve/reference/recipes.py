@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokensieve.train.precision import Precision, check_precision
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -70,13 +72,12 @@ class Recipe:
     # Train with the dense colour×shape loss of reference/auxiliary.py beside the task's own.
     attributes: bool = False
     # "bf16": every phase's steps (and nlvr's tower tokens) under bfloat16 autocast (TrainConfig).
-    precision: str = "fp32"
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         if self.start not in (None, "seg"):
             raise ValueError(f"Recipe(start={self.start!r}): use 'seg' or None")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"Recipe(precision={self.precision!r}): use 'fp32' or 'bf16'")
+        check_precision(self.precision, "Recipe")
 
     @property
     def steps(self) -> int:

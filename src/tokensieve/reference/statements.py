@@ -39,6 +39,7 @@ from tokensieve.reference.vl import VL_PATCH_SIZE, text_inputs
 from tokensieve.tasks import collate as collate_samples
 from tokensieve.tasks.nlvr import FACTS, IGNORED, NlvrDataset, Statement
 from tokensieve.tasks.scenes import Rendering, Scene, render
+from tokensieve.train.precision import Precision, autocast, check_precision
 
 FACTS_WEIGHT = 1.0  # of the facts loss (summed over the facts a statement asks), against the ITM loss's 1
 GROUNDING_WEIGHT = 1.0  # of the grounding loss (summed over GROUNDING_LAYERS)
@@ -164,14 +165,15 @@ class TowerTokens(Dataset):
     `precision="bf16"` the tower runs under bfloat16 autocast."""
 
     def __init__(self, statements: Dataset, tower: nn.Module, progress: bool = True,
-                 precision: str = "fp32") -> None:
+                 precision: Precision = "fp32") -> None:
+        check_precision(precision, "TowerTokens")
         self.samples: list[dict] = []
         chunks: list[Tensor] = []
         was_training = tower.training
         tower.eval()
         bar = tqdm(range(0, len(statements), CACHE_BATCH), desc="tower tokens", disable=not progress)
-        low = precision == "bf16"
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        device = next(tower.parameters()).device
+        with torch.no_grad(), autocast(precision, device):
             for start in bar:
                 batch = [statements[i] for i in range(start, min(len(statements), start + CACHE_BATCH))]
                 images = torch.stack([sample["image"] for sample in batch])

@@ -70,6 +70,7 @@ from tokensieve.train import (
     pixel_cross_entropy,
 )
 from tokensieve.train.checkpoint import read_metadata
+from tokensieve.train.precision import Precision
 
 VALIDATION_SAMPLES = 500  # a validation subset scored at the end of each phase, in the run's log
 READOUT_VALIDATION_SCENES = 128  # the scenes an "objects" or "finding" phase's readouts are scored on
@@ -346,7 +347,7 @@ def _validation(task: str, image_size: int) -> Callable[[nn.Module], dict[str, f
 
 def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 400,
                  batch_size: int = 32, lr: float = 1e-3, model_lr_scale: float = 0.01,
-                 precision: str = "fp32", progress: bool = True) -> nn.Module:
+                 precision: Precision = "fp32", progress: bool = True) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
     trained, and the method's predictors start random), task + keep-ratio + self-distillation

@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from tokensieve.train.precision import Precision, check_precision
+
 Trained = Literal["method", "model"]
-Precision = Literal["fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,7 @@ class TrainConfig:
                              "only) or 'model' (host and method)")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("TrainConfig: give exactly one of steps=... or epochs=...")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"TrainConfig(precision={self.precision!r}): use 'fp32' or 'bf16' (bfloat16 "
-                             "autocast of the forward and losses)")
+        check_precision(self.precision, "TrainConfig")
         for name in ("steps", "epochs", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

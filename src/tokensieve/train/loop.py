@@ -27,6 +27,7 @@ from tokensieve.train.data import epoch_batches, steps_per_epoch, to_device
 from tokensieve.train.identity import weights_fingerprint
 from tokensieve.train.log import JsonlLog, StepLog
 from tokensieve.train.losses import distillation_loss, keep_ratio_loss, keep_ratio_stages, logits_of
+from tokensieve.train.precision import autocast
 from tokensieve.train.rng import capture_rng, derived_seed, restore_rng, seed_everything
 from tokensieve.train.schedule import warmup_cosine
 
@@ -175,8 +176,7 @@ class _TrainingStep:
     def _losses(self, inputs: Any, targets: Any) -> tuple[dict[str, Tensor | None], list[Trace], list]:
         """The weighted loss and its terms (None: not computed), the traces, the keep stages, under
         the config's precision."""
-        low = self.config.precision == "bf16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=low):
+        with autocast(self.config.precision, self.device):
             return self._weighted_losses(inputs, targets)
 
     def _weighted_losses(self, inputs: Any, targets: Any
