@@ -136,7 +136,8 @@ def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, tokens
     size = torch.randint(1, 5, (batch, tokens), generator=generator).float()
     r = data.draw(st.integers(0, (tokens + 1) // 2))
 
-    merge, survivors, destinations = ops.bipartite_merge(metric, r)
+    plan = ops.bipartite_merge(metric, r)
+    merge, survivors, destinations = plan.sum, plan.survivors, plan.destinations
     merged_size = merge(size)
     assert merged_size.shape == (batch, tokens - r)
     assert torch.equal(merged_size.sum(dim=1), size.sum(dim=1))
@@ -155,6 +156,14 @@ def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, tokens
         assert all(membership[b, j, p] == 1 for j, p in enumerate(row))
         gone = set(range(tokens)) - set(row)
         assert len(gone) == r and all(p % 2 == 0 for p in gone)  # only set-A (even) tokens merge away
+
+    # The size-weighted mean, computed on the moved rows only, equals sum(s x) / sum(s) per slot.
+    mean, mean_size = plan.average(x, size)
+    assert torch.equal(mean_size, merged_size)
+    torch.testing.assert_close(mean, merged_sum / merged_size[..., None], atol=1e-5, rtol=1e-5)
+    ones_mean, ones_size = plan.average(x, None)
+    torch.testing.assert_close(ones_mean, merge(x) / merge(torch.ones(batch, tokens))[..., None])
+    assert torch.equal(ones_size, merge(torch.ones(batch, tokens)))
 
 
 @given(tokens=st.integers(1, 300), keep=st.floats(1e-6, 1.0))

@@ -115,7 +115,7 @@ class Runner:
                 heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
             batch, heads, tokens, dim = heads_out.shape
             heads_out = heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim)
-        x = block_input + view.attention_branch(heads_out)
+        x = _residual(block_input, view.attention_branch(heads_out))
         state = state.replace(x=_norm_after(view, "attention", x))
         attn = AttentionView(q, k, bias, view.scale, state)
         state = self._call_method(method.after_attention, layer, state, attn, ctx)
@@ -129,7 +129,7 @@ class Runner:
             state = state.replace(x=self._cross_attend(view, state.x, call))
             mask = call.memory_mask
             record.memory_tokens = call.memory.shape[1] if mask is None else mask.sum(dim=1)
-        x = _norm_after(view, "mlp", state.x + view.mlp_branch(state.x))
+        x = _norm_after(view, "mlp", _residual(state.x, view.mlp_branch(state.x)))
         if state.keep is not None:  # mask mode: pruned tokens pass through the block unchanged
             keep = state.keep[..., None]
             x = keep * x + (1.0 - keep) * block_input
@@ -207,6 +207,15 @@ def _norm_after(view: BlockView, step: Step, x: Tensor) -> Tensor:
     """Post-norm (BERT-style) blocks normalise after each residual add; pre-norm views have no such step."""
     norm = getattr(view, "norm_after", None)
     return x if norm is None else norm(step, x)
+
+
+def _residual(x: Tensor, update: Tensor) -> Tensor:
+    """x + update; written into `update` (a fresh branch output) when no gradient is recorded,
+    which saves a buffer per block. Addition commutes, so the result is the same to the bit."""
+    if (not torch.is_grad_enabled() and update.shape == x.shape and update.dtype == x.dtype
+            and update.is_contiguous() and update.data_ptr() != x.data_ptr()):
+        return update.add_(x)
+    return x + update
 
 
 def _refuse_attention_maps(kwargs: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from tokensieve.hosts import calls
 from tokensieve.hosts.base import Host, linear_macs
 from tokensieve.spec import ModelSpec
 
@@ -25,6 +26,7 @@ class TimmBlockView:
         if getattr(attn, "gate", None) is not None:
             raise TypeError("tokensieve does not support timm's gated attention")
         self.block, self.attn = block, attn
+        self.plain_mlp = type(block.mlp).__name__ == "Mlp"  # run piece by piece; other MLPs run whole
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.attention_linear_macs = linear_macs(attn)
         self.mlp_macs = linear_macs(block.mlp)
@@ -34,15 +36,23 @@ class TimmBlockView:
         qkv = self.attn.qkv(self.block.norm1(x))
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        return self.attn.q_norm(q), self.attn.k_norm(k), v
+        return calls.apply((self.attn.q_norm,), q), calls.apply((self.attn.k_norm,), k), v
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
         attn, block = self.attn, self.block
-        return block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(heads_out)))))
+        heads_out = calls.apply((attn.norm,), heads_out)
+        return calls.apply((attn.proj_drop, block.ls1, block.drop_path1), attn.proj(heads_out))
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         block = self.block
-        return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return calls.apply((block.ls2, block.drop_path2), self._mlp(block.norm2(x)))
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        mlp = self.block.mlp
+        if not self.plain_mlp or mlp._forward_hooks or mlp._forward_pre_hooks:
+            return mlp(x)
+        hidden = calls.apply((mlp.drop1, mlp.norm), calls.activate(mlp.act, mlp.fc1(x)))
+        return calls.apply((mlp.drop2,), mlp.fc2(hidden))
 
     def attention_dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from tokensieve import ops
@@ -94,21 +93,10 @@ class ToMe(Method):
             return state
         if state.trace is not None:
             state.trace.add_overhead("matching", matching_macs(tokens, attn.k.shape[-1]))
-        merge, survivors, destinations = ops.bipartite_merge(attn.key_metric(), r, state.prefix)
+        plan = ops.bipartite_merge(attn.key_metric(), r, state.prefix)
         # Sizes stay float32: in half precision, counts above 256 would no longer be exact.
-        if state.size is None:  # every token stands for itself: no weighting needed
-            size = state.x.new_ones(state.x.shape[0], state.tokens, 1, dtype=torch.float32)
-            weighted = state.x
-        else:
-            size = state.size[..., None]
-            weighted = state.x * size.to(state.x.dtype)
-        merged_size = merge(size)  # [B, N - r, 1]
+        x, size = plan.average(state.x, state.size)
         source = None
         if state.grid is not None:  # dense mode: follow every input position to its merged token
-            source = destinations().gather(1, state.sources())
-        return state.replace(
-            x=merge(weighted) / merged_size.to(state.x.dtype),
-            size=merged_size[..., 0],
-            index=state.index.gather(1, survivors),
-            source=source,
-        )
+            source = plan.destinations().gather(1, state.sources())
+        return state.replace(x=x, size=size, index=state.index.gather(1, plan.survivors), source=source)
