@@ -14,6 +14,7 @@ layer (3), EViT at layers 1, 3 and 5 (the depth fractions of DeiT's 3, 6, 9), To
     python benchmarks/tasks.py                         # every task with shipped weights
     python benchmarks/tasks.py --tasks tos             # rescore tos, keep the other tasks' rows
     python benchmarks/tasks.py --tasks cls --samples 500
+    python benchmarks/tasks.py --methods ToMe          # rescore dense and ToMe, keep the other rows
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                        help="rescore only these methods (class names, e.g. ToMe EViT) and dense; the "
+                             "other rows stay as the last run scored them")
     parser.add_argument("--samples", type=int, default=None, help="first N test samples (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -59,6 +63,10 @@ def main() -> None:
             method, run = TRAINED[task]
             methods.append(method)
             trained[str(method)] = str(run)
+        if args.methods is not None:
+            methods = _chosen(methods, args.methods)
+            if not methods:  # nothing of this task's to rescore
+                continue
         rows += compare(task, methods, split="test", samples=args.samples, trained=trained)
     rows = _with_earlier_rows(rows, args.out / "tasks.json")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -67,12 +75,27 @@ def main() -> None:
     print((args.out / "tasks.md").read_text())
 
 
+def _chosen(methods: list[ts.Method], names: list[str]) -> list[ts.Method]:
+    known = {type(method).__name__.lower() for method in CONTROLS + VL_CONTROLS}
+    known |= {type(method).__name__.lower() for method, _ in TRAINED.values()}
+    unknown = [name for name in names if name.lower() not in known]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; the table scores "
+                         f"{', '.join(sorted(known))}")
+    wanted = {name.lower() for name in names}
+    return [method for method in methods if type(method).__name__.lower() in wanted]
+
+
 def _with_earlier_rows(rows: list[Row], earlier: Path) -> list[Row]:
-    """`rows`, plus the rows of the tasks they do not score from an earlier table, in TASKS order."""
-    scored = {row.task for row in rows}
-    if earlier.is_file():
-        rows = rows + [Row(**row) for row in json.loads(earlier.read_text()) if row["task"] not in scored]
-    return sorted(rows, key=lambda row: TASKS.index(row.task))  # stable: methods keep their order
+    """`rows`, plus the rows of an earlier table that they do not score, in the earlier table's
+    order (a rescored row takes its old row's place; new rows follow their task's)."""
+    if not earlier.is_file():
+        return sorted(rows, key=lambda row: TASKS.index(row.task))
+    fresh = {(row.task, row.method): row for row in rows}
+    merged = [fresh.pop((old["task"], old["method"]), None) or Row(**old)
+              for old in json.loads(earlier.read_text())]
+    merged += fresh.values()
+    return sorted(merged, key=lambda row: TASKS.index(row.task))  # stable: methods keep their order
 
 
 def _markdown(rows: list[Row], args: argparse.Namespace) -> str:
@@ -80,9 +103,9 @@ def _markdown(rows: list[Row], args: argparse.Namespace) -> str:
     lines = [
         "# Reference task models: dense and pruned",
         "",
-        f"Produced by `python benchmarks/tasks.py` ({split}, {args.threads} threads, fp32; a task's rows "
-        "come from the last run that scored it, `--tasks` rescoring only those). Scores: cls "
-        "accuracy, seg mIoU over the six shape classes, tos gIoU (mean per-sample IoU; cIoU, the "
+        f"Produced by `python benchmarks/tasks.py` ({split}, {args.threads} threads, fp32; each row "
+        "comes from the last run that scored it, `--tasks` and `--methods` rescoring only theirs). "
+        "Scores: cls accuracy, seg mIoU over the six shape classes, tos gIoU (mean per-sample IoU; cIoU, the "
         "split's total intersection over total union, under other scores), nlvr accuracy, retrieval "
         "R@1 (the mean of recall@1 image→text and text→image over the split as one gallery; each "
         "direction at 1 and 5 under other scores). `vs dense` is relative. GMACs are the (vision) "

@@ -1,7 +1,9 @@
 """Properties of the token primitives, checked on many random shapes (hypothesis)."""
 
+import dataclasses
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -199,3 +201,15 @@ def test_tome_sizes_always_sum_to_the_input_patch_count(schedule, batch, seed):
         real = state.index[:, prefix:]
         assert all(len(set(row.tolist())) == row.numel() for row in real)
     assert state.tokens - prefix >= 1
+
+
+def test_state_replace_changes_only_the_named_fields_and_refuses_unknown_ones():
+    state = TokenState.start(torch.randn(2, 5, 3), prefix=1)
+    size = torch.ones(2, 5)
+    changed = state.replace(size=size)
+    assert changed is not state and changed.size is size and state.size is None
+    assert all(getattr(changed, name) is getattr(state, name) for name in ("x", "index", "prefix", "trace"))
+    expected = dataclasses.replace(state, size=size)  # the dataclass' own replace
+    assert all(getattr(changed, f.name) is getattr(expected, f.name) for f in dataclasses.fields(TokenState))
+    with pytest.raises(TypeError, match="no field sizes"):
+        state.replace(sizes=size)

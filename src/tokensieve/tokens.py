@@ -151,7 +151,15 @@ class TokenState:
         return counts + self.prefix
 
     def replace(self, **changes) -> TokenState:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` applied. Called several times per block, so it copies the fields
+        directly: dataclasses.replace re-runs __init__, about three times slower (measured)."""
+        unknown = changes.keys() - _STATE_FIELDS
+        if unknown:
+            raise TypeError(f"TokenState has no field {', '.join(sorted(unknown))}")
+        state = object.__new__(type(self))
+        state.__dict__.update(self.__dict__)
+        state.__dict__.update(changes)
+        return state
 
     def gather(self, kept: Tensor, kept_valid: Tensor | None = None) -> TokenState:
         """Keep the prefix and the non-prefix tokens at `kept` ([B, K], positions after the prefix)."""
@@ -267,6 +275,9 @@ def _check_map_input(x: Tensor, prefix: int, dense: bool) -> tuple[int, int]:
         raise ValueError("blocks that take [B, rows, cols, C] maps must give back the whole map; "
                          "patch with dense=True")
     return x.shape[1], x.shape[2]
+
+
+_STATE_FIELDS = frozenset(f.name for f in dataclasses.fields(TokenState))
 
 
 def gather_tokens(x: Tensor, positions: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tokensieve.hosts import calls
+from tokensieve import calls
 from tokensieve.hosts.base import Host, linear_macs
 from tokensieve.spec import ModelSpec
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokensieve import ops
+from tokensieve import calls, ops
 from tokensieve.methods.base import Method, RunContext, check_keep, check_layers
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
@@ -104,7 +104,8 @@ class KeepPredictor(nn.Module):
 
     def forward(self, tokens: Tensor, weights: Tensor | None) -> Tensor:
         """tokens [B, N, C], weights [B, N] or None (all tokens count) -> logits [B, N, 2] (drop, keep)."""
-        features = self.embed(tokens)
+        norm, embed, activation = self.embed
+        features = calls.activate(activation, embed(norm(tokens)))
         half = features.shape[-1] // 2
         local, global_ = features[..., :half], features[..., half:]
         if weights is None:
@@ -117,7 +118,9 @@ class KeepPredictor(nn.Module):
         first = self.head[0]
         hidden = F.linear(local, first.weight[:, :half], first.bias)
         hidden = hidden + F.linear(pooled, first.weight[:, half:])[:, None]
-        return self.head[1:](hidden)
+        for layer in self.head[1:]:
+            hidden = calls.activate(layer, hidden) if isinstance(layer, nn.GELU) else layer(hidden)
+        return hidden
 
     def macs(self, tokens: int | Tensor) -> int | Tensor:
         """Matrix-product MACs of scoring `tokens` tokens of one image."""
