@@ -84,11 +84,13 @@ def _markdown(rows: list[dict], threads: int) -> str:
         "method overhead included. *Efficiency* is speedup / MACs ratio; *target* is the least "
         "efficiency asked of that setting, *overhead* the share of the pruned forward spent in the "
         "method's own steps (scoring, selection, merging, predictors). TopK(keep=1.0) prunes nothing: "
-        "its row is tokensieve's executor against the host's own forward.",
+        "its row is tokensieve's executor against the host's own forward. *Rounds 25-75%*: the "
+        "quartiles of the speedup of single rounds (one dense and one pruned forward back to back), "
+        "how far one comparison moves on this machine.",
         "",
-        "| model | batch | method | GMACs | MACs ratio | dense ms | pruned ms | speedup | efficiency "
-        "| target | overhead |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| model | batch | method | GMACs | MACs ratio | dense ms | pruned ms | speedup | rounds 25-75% "
+        "| efficiency | target | overhead |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         efficiency = r["speedup"] / r["flops_ratio"]
@@ -96,7 +98,8 @@ def _markdown(rows: list[dict], threads: int) -> str:
             f"≥ {r['target']:.2f} {'met' if efficiency >= r['target'] else 'MISSED'}")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['method']} | {r['gmacs']:.2f} | {r['flops_ratio']:.2f}x "
-            f"| {r['dense_ms']:.1f} | {r['pruned_ms']:.1f} | {r['speedup']:.2f}x | {efficiency:.2f} "
+            f"| {r['dense_ms']:.1f} | {r['pruned_ms']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}x | {efficiency:.2f} "
             f"| {target} | {r['overhead_share']:.1%} |"
         )
     return "\n".join(lines) + "\n"

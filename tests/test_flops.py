@@ -19,6 +19,7 @@ from transformers import (
 )
 
 import tokensieve as ts
+from tokensieve import bench
 from tokensieve.cli import main
 
 # Published DeiT-S backbone GMACs at 224x224 (DeiT, EViT, DynamicViT and ToMe papers).
@@ -148,6 +149,13 @@ def test_cli_bench_json_reports_ratios(tmp_path):
     assert row["flops_ratio"] > 1.5
     assert 0.0 <= row["overhead_share"] < 1.0
     assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
+    low, high = row["speedup_range"]  # quartiles of the two rounds' own ratios
+    assert 0.0 < low <= high
+
+
+def test_speedup_range_is_the_quartiles_of_the_rounds():
+    assert bench._quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    assert bench._quartiles([1.3]) == (1.3, 1.3)
 
 
 def test_cli_loads_a_saved_transformers_directory(tmp_path):

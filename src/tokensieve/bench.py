@@ -31,7 +31,10 @@ class BenchResult:
     repeats: int
     dense_ms: float
     pruned_ms: float
-    speedup: float  # dense time / pruned time
+    speedup: float  # dense time / pruned time (medians)
+    # Quartiles of the per-round ratios (dense / pruned, timed back to back): how much a single
+    # comparison moves on this machine, e.g. with other load on the memory bus.
+    speedup_range: tuple[float, float]
     flops_ratio: float  # dense MACs / pruned MACs (method overhead included)
     gmacs: float  # pruned, per sample
     dense_gmacs: float
@@ -69,6 +72,7 @@ def benchmark(model: nn.Module, method: Method, batch: int = 1, image_size: int 
             pair = ((dense, dense_times), (pruned, pruned_times))
             for net, times in pair if i % 2 == 0 else reversed(pair):
                 times.append(_time_one(net, pixels, device))
+        ratios = [d / p for d, p in zip(dense_times, pruned_times, strict=True)]
         runner = sieve_of(pruned).runner
         runner.method_seconds = 0.0
         timed = [_time_one(pruned, pixels, device) for _ in range(repeats)]
@@ -79,10 +83,18 @@ def benchmark(model: nn.Module, method: Method, batch: int = 1, image_size: int 
         method=str(method), batch=batch, image_size=size, threads=used,
         dtype=str(dtype).removeprefix("torch."), device=str(device), repeats=repeats,
         dense_ms=dense_ms, pruned_ms=pruned_ms,
-        speedup=dense_ms / pruned_ms, flops_ratio=dense_report.macs / report.macs,
+        speedup=dense_ms / pruned_ms, speedup_range=_quartiles(ratios),
+        flops_ratio=dense_report.macs / report.macs,
         gmacs=report.macs / 1e9, dense_gmacs=dense_report.macs / 1e9,
         overhead_share=(method_seconds / repeats) / statistics.median(timed),
     )
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, high
 
 
 def _dense_copy(model: nn.Module) -> nn.Module:

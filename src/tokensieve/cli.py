@@ -105,13 +105,17 @@ def bench(model: str, methods: tuple[str, ...], checkpoint: str | None, batch: i
     first = results[0]
     table = Table(title=f"{model}: batch {first.batch}, {first.image_size}px, {first.threads} threads, "
                         f"{first.dtype}, {first.device}; medians of {first.repeats}")
-    for column in ("method", "dense ms", "pruned ms", "speedup", "MACs ratio", "efficiency", "overhead"):
+    for column in ("method", "dense ms", "pruned ms", "speedup", "rounds 25-75%", "MACs ratio", "efficiency",
+                   "overhead"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for r in results:
+        low, high = r.speedup_range
         table.add_row(r.method, f"{r.dense_ms:.1f}", f"{r.pruned_ms:.1f}", f"{r.speedup:.2f}x",
-                      f"{r.flops_ratio:.2f}x", f"{r.speedup / r.flops_ratio:.2f}", f"{r.overhead_share:.1%}")
+                      f"{low:.2f}-{high:.2f}x", f"{r.flops_ratio:.2f}x", f"{r.speedup / r.flops_ratio:.2f}",
+                      f"{r.overhead_share:.1%}")
     _console().print(table)
-    click.echo("efficiency = speedup / MACs ratio; overhead = share of the pruned forward spent in the "
+    click.echo("efficiency = speedup / MACs ratio; rounds 25-75% = quartiles of the dense/pruned ratio "
+               "of single back-to-back rounds; overhead = share of the pruned forward spent in the "
                "method's own steps")
 
 
