@@ -1,0 +1,65 @@
+"""Skipped no-op sub-modules and in-place steps never change what the host's forward would do."""
+
+from __future__ import annotations
+
+import torch
+from models import forward, host_model, images, max_difference
+from torch import nn
+
+import tokensieve as ts
+from tokensieve import calls
+
+
+def test_only_hookless_identities_and_idle_dropouts_are_skipped():
+    identity, dropout, active = nn.Identity(), nn.Dropout(0.1).eval(), nn.Dropout(0.1).train()
+    assert calls.skippable(identity) and calls.skippable(dropout) and calls.skippable(nn.Dropout(0.0).train())
+    assert not calls.skippable(active) and not calls.skippable(nn.LayerNorm(4))
+    handle = identity.register_forward_hook(lambda module, args, out: None)
+    assert not calls.skippable(identity)
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert not calls.skippable(nn.Identity())  # a global hook sees every call
+    finally:
+        handle.remove()
+
+
+def test_gelu_runs_in_place_only_without_grad():
+    gelu, x = nn.GELU(), torch.randn(3, 5)
+    expected = gelu(x)
+    with torch.no_grad():
+        fresh = x.clone()
+        out = calls.activate(gelu, fresh)
+        assert out.data_ptr() == fresh.data_ptr() and torch.equal(out, expected)
+    recorded = x.clone().requires_grad_() * 1.0  # a gradient is recorded: the input stays as it was
+    out = calls.activate(gelu, recorded)
+    assert out.data_ptr() != recorded.data_ptr() and torch.equal(recorded.detach(), x)
+    assert torch.equal(out.detach(), expected)
+
+
+def test_hooks_on_skippable_sub_modules_of_a_patched_timm_model_still_fire():
+    model = host_model("timm-deit3")  # LayerScale, identity q/k norms, eval-mode dropouts
+    seen = []
+    for block in model.blocks:
+        block.attn.q_norm.register_forward_hook(lambda module, args, out: seen.append("q_norm"))
+        block.drop_path2.register_forward_pre_hook(lambda module, args: seen.append("drop_path2"))
+    pixels = images(2)
+    with torch.no_grad():
+        expected = forward(model, pixels)
+        calls_of_host = list(seen)
+        seen.clear()
+        ts.patch(model, ts.TopK(keep=1.0, layers=(1,)))
+        got = forward(model, pixels)
+    assert seen == calls_of_host and len(seen) == 2 * len(model.blocks)
+    assert max_difference(got, expected) <= 1e-5
+
+
+def test_train_mode_dropout_and_drop_path_still_run_in_the_patched_model():
+    model = host_model("timm-vit", proj_drop_rate=0.5, drop_path_rate=0.5).train()
+    ts.patch(model, ts.TopK(keep=1.0, layers=(1,)))
+    pixels = images(2)
+    with torch.no_grad():
+        first, second = forward(model, pixels), forward(model, pixels)
+        model.eval()
+        evaluated = forward(model, pixels)
+    assert max_difference(first, second) > 1e-3 and max_difference(first, evaluated) > 1e-3
