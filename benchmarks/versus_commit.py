@@ -26,12 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import timm
 import torch
 from tqdm import tqdm
 
 import tokensieve as ts
-from tokensieve.loading import parse_method
+from tokensieve.loading import load_model, parse_method
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD_NAME = "tokensieve_at_commit"
@@ -42,7 +41,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("commit", help="a git revision of this repository")
     parser.add_argument("methods", nargs="+", help="method specs, e.g. tome:r=13 evit:keep=0.7")
-    parser.add_argument("--model", default="deit_small_patch16_224", help="a timm model name")
+    parser.add_argument("--model", default="deit_small_patch16_224",
+                        help="a timm model name or a transformers model directory")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=100, help="timed rounds")
     parser.add_argument("--threads", type=int, default=2)
@@ -51,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         old = _import_at(args.commit, Path(tmp))
-        model = timm.create_model(args.model, pretrained=False).eval()
+        model = load_model(args.model).eval()
         pixels = torch.randn(args.batch, 3, 224, 224)
         forwards = {"dense": model}
         for spec in args.methods:

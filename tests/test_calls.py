@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from models import forward, host_model, images, max_difference
+from models import blocks_of, forward, host_model, images, max_difference
 from torch import nn
+from transformers.activations import ACT2FN, GELUActivation
 
 import tokensieve as ts
 from tokensieve import calls
@@ -63,3 +64,28 @@ def test_train_mode_dropout_and_drop_path_still_run_in_the_patched_model():
         model.eval()
         evaluated = forward(model, pixels)
     assert max_difference(first, second) > 1e-3 and max_difference(first, evaluated) > 1e-3
+
+
+def test_transformers_gelu_runs_in_place_only_when_it_is_torchs_gelu():
+    assert calls._gelu_mode(GELUActivation()) == "none"
+    assert calls._gelu_mode(GELUActivation(use_gelu_python=True)) is None  # its own formula
+    assert calls._gelu_mode(ACT2FN["gelu_new"]) is None  # the tanh form, computed differently
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert torch.equal(calls.activate(GELUActivation(), x.clone()), GELUActivation()(x))
+
+
+def test_a_hooked_transformers_mlp_runs_whole_in_a_patched_model():
+    model = host_model("ViTForImageClassification")
+    seen = []
+    for layer in blocks_of(model):
+        layer.mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    pixels = images(2)
+    with torch.no_grad():
+        expected = forward(model, pixels)
+        calls_of_host = list(seen)
+        seen.clear()
+        ts.patch(model, ts.TopK(keep=1.0, layers=(1,)))
+        got = forward(model, pixels)
+    assert seen == calls_of_host and len(seen) == len(blocks_of(model))
+    assert max_difference(got, expected) <= 1e-5

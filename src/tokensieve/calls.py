@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
-
-_DROPOUTS = ("Dropout", "DropPath")  # timm's DropPath, torch's Dropout
 
 
 def skippable(module: nn.Module) -> bool:
@@ -25,7 +24,8 @@ def skippable(module: nn.Module) -> bool:
         return False
     if type(module) is nn.Identity:
         return True
-    if type(module).__name__ in _DROPOUTS:
+    name = type(module).__name__
+    if name == "Dropout" or name.endswith("DropPath"):  # torch's; timm's, transformers' Dinov2DropPath
         rate = getattr(module, "p", getattr(module, "drop_prob", None))
         return rate is not None and (not module.training or rate == 0.0)
     return False
@@ -40,13 +40,37 @@ def apply(modules: Sequence[nn.Module], x: Tensor) -> Tensor:
 
 
 def activate(activation: nn.Module, x: Tensor) -> Tensor:
-    """`activation(x)`, computed in x's own storage when that is safe: a hookless nn.GELU while no
-    gradient is recorded (saves writing a new [tokens, hidden] buffer). `x` must be a fresh
-    tensor that no one else reads."""
-    if (type(activation) is nn.GELU and not torch.is_grad_enabled() and not activation._forward_hooks
+    """`activation(x)`, computed in x's own storage when that is safe: a hookless GELU (torch's, or
+    transformers' GELUActivation over torch's gelu) while no gradient is recorded, which saves
+    writing a new [tokens, hidden] buffer. `x` must be a fresh tensor that no one else reads."""
+    approximate = _gelu_mode(activation)
+    if (approximate is not None and not torch.is_grad_enabled() and not activation._forward_hooks
             and not activation._forward_pre_hooks and not _global_hooks()):
-        return torch.ops.aten.gelu_(x, approximate=activation.approximate)
+        return torch.ops.aten.gelu_(x, approximate=approximate)
     return activation(x)
+
+
+def mlp(module: nn.Module, x: Tensor) -> Tensor:
+    """`module(x)` for a transformers fc1 -> activation_fn -> fc2 MLP (ViT's, DINOv2's), run piece
+    by piece so the activation can run in place; any other MLP, or one with hooks, runs whole."""
+    if type(module).__name__ not in _PLAIN_MLPS or module._forward_hooks or module._forward_pre_hooks:
+        return module(x)
+    return module.fc2(activate(module.activation_fn, module.fc1(x)))
+
+
+_PLAIN_MLPS = ("ViTMLP", "DeiTMLP", "Dinov2MLP", "Dinov2WithRegistersMLP")
+
+
+def _gelu_mode(activation: nn.Module) -> str | None:
+    """The `approximate` argument with which torch's in-place gelu_ gives `activation`'s result,
+    or None when it is not such a GELU (a swapped-in forward, e.g. a hub kernel, is not)."""
+    cls = type(activation)
+    if cls is nn.GELU:
+        return activation.approximate
+    if (cls.__name__ == "GELUActivation" and cls.forward.__module__ == "transformers.activations"
+            and "forward" not in vars(activation) and getattr(activation, "act", None) is F.gelu):
+        return "none"
+    return None
 
 
 def _global_hooks() -> bool:
@@ -54,4 +78,4 @@ def _global_hooks() -> bool:
                 or getattr(torch_module, "_global_forward_pre_hooks", None))
 
 
-__all__ = ["activate", "apply", "skippable"]
+__all__ = ["activate", "apply", "mlp", "skippable"]

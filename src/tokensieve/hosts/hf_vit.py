@@ -6,6 +6,7 @@ import math
 
 from torch import Tensor, nn
 
+from tokensieve import calls
 from tokensieve.hosts.base import Host, linear_macs
 from tokensieve.hosts.hf_attention import HFAttentionPart
 from tokensieve.spec import ModelSpec
@@ -45,10 +46,11 @@ class ViTLayerView(HFAttentionPart):
         return self.project(self.layer.layernorm_before(x))
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
-        return self.layer.dropout(self.output_projection(heads_out))
+        return calls.apply((self.layer.dropout,), self.output_projection(heads_out))
 
     def mlp_branch(self, x: Tensor) -> Tensor:
-        return self.layer.dropout(self.layer.mlp(self.layer.layernorm_after(x)))
+        layer = self.layer
+        return calls.apply((layer.dropout,), calls.mlp(layer.mlp, layer.layernorm_after(x)))
 
 
 class Dinov2LayerView(HFAttentionPart):
@@ -64,11 +66,11 @@ class Dinov2LayerView(HFAttentionPart):
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
         layer = self.layer
-        return layer.drop_path(layer.layer_scale1(self.output_projection(heads_out)))
+        return calls.apply((layer.drop_path,), layer.layer_scale1(self.output_projection(heads_out)))
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         layer = self.layer
-        return layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+        return calls.apply((layer.drop_path,), layer.layer_scale2(calls.mlp(layer.mlp, layer.norm2(x))))
 
 
 def _find_layers(model: nn.Module) -> nn.ModuleList:
