@@ -38,21 +38,28 @@ def test_gelu_runs_in_place_only_without_grad():
     assert torch.equal(out.detach(), expected)
 
 
+def _hook_calls_host_then_patched(model: nn.Module, seen: list) -> tuple[list, list]:
+    """What the hooks appending to `seen` recorded in a host forward and then in a patched one
+    (pruning nothing), after checking that the two outputs agree."""
+    pixels = images(2)
+    with torch.no_grad():
+        expected = forward(model, pixels)
+        host_calls = list(seen)
+        seen.clear()
+        ts.patch(model, ts.TopK(keep=1.0, layers=(1,)))
+        got = forward(model, pixels)
+    assert max_difference(got, expected) <= 1e-5
+    return host_calls, list(seen)
+
+
 def test_hooks_on_skippable_sub_modules_of_a_patched_timm_model_still_fire():
     model = host_model("timm-deit3")  # LayerScale, identity q/k norms, eval-mode dropouts
     seen = []
     for block in model.blocks:
         block.attn.q_norm.register_forward_hook(lambda module, args, out: seen.append("q_norm"))
         block.drop_path2.register_forward_pre_hook(lambda module, args: seen.append("drop_path2"))
-    pixels = images(2)
-    with torch.no_grad():
-        expected = forward(model, pixels)
-        calls_of_host = list(seen)
-        seen.clear()
-        ts.patch(model, ts.TopK(keep=1.0, layers=(1,)))
-        got = forward(model, pixels)
-    assert seen == calls_of_host and len(seen) == 2 * len(model.blocks)
-    assert max_difference(got, expected) <= 1e-5
+    host_calls, patched_calls = _hook_calls_host_then_patched(model, seen)
+    assert patched_calls == host_calls and len(host_calls) == 2 * len(model.blocks)
 
 
 def test_train_mode_dropout_and_drop_path_still_run_in_the_patched_model():
@@ -80,12 +87,5 @@ def test_a_hooked_transformers_mlp_runs_whole_in_a_patched_model():
     seen = []
     for layer in blocks_of(model):
         layer.mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    pixels = images(2)
-    with torch.no_grad():
-        expected = forward(model, pixels)
-        calls_of_host = list(seen)
-        seen.clear()
-        ts.patch(model, ts.TopK(keep=1.0, layers=(1,)))
-        got = forward(model, pixels)
-    assert seen == calls_of_host and len(seen) == len(blocks_of(model))
-    assert max_difference(got, expected) <= 1e-5
+    host_calls, patched_calls = _hook_calls_host_then_patched(model, seen)
+    assert patched_calls == host_calls and len(host_calls) == len(blocks_of(model))
