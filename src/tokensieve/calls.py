@@ -51,14 +51,21 @@ def activate(activation: nn.Module, x: Tensor) -> Tensor:
 
 
 def mlp(module: nn.Module, x: Tensor) -> Tensor:
-    """`module(x)` for a transformers fc1 -> activation_fn -> fc2 MLP (ViT's, DINOv2's), run piece
-    by piece so the activation can run in place; any other MLP, or one with hooks, runs whole."""
-    if type(module).__name__ not in _PLAIN_MLPS or module._forward_hooks or module._forward_pre_hooks:
+    """`module(x)` for a plain fc1 -> activation -> fc2 MLP (timm's Mlp, with its dropouts and
+    norm; transformers' ViT, DeiT and DINOv2 MLPs), run piece by piece so the activation can run
+    in place and idle dropouts are skipped; any other MLP, or one with hooks, runs whole."""
+    activation = _PLAIN_MLPS.get(type(module).__name__)
+    if activation is None or module._forward_hooks or module._forward_pre_hooks:
         return module(x)
-    return module.fc2(activate(module.activation_fn, module.fc1(x)))
+    hidden = activate(getattr(module, activation), module.fc1(x))
+    hidden = apply([getattr(module, name) for name in ("drop1", "norm") if hasattr(module, name)], hidden)
+    out = module.fc2(hidden)
+    return apply((module.drop2,), out) if hasattr(module, "drop2") else out
 
 
-_PLAIN_MLPS = ("ViTMLP", "DeiTMLP", "Dinov2MLP", "Dinov2WithRegistersMLP")
+# class name -> its activation's attribute
+_PLAIN_MLPS = {"Mlp": "act", "ViTMLP": "activation_fn", "DeiTMLP": "activation_fn",
+               "Dinov2MLP": "activation_fn", "Dinov2WithRegistersMLP": "activation_fn"}
 
 
 def _gelu_mode(activation: nn.Module) -> str | None:

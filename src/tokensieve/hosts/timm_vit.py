@@ -26,7 +26,6 @@ class TimmBlockView:
         if getattr(attn, "gate", None) is not None:
             raise TypeError("tokensieve does not support timm's gated attention")
         self.block, self.attn = block, attn
-        self.plain_mlp = type(block.mlp).__name__ == "Mlp"  # run piece by piece; other MLPs run whole
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.attention_linear_macs = linear_macs(attn)
         self.mlp_macs = linear_macs(block.mlp)
@@ -45,14 +44,7 @@ class TimmBlockView:
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         block = self.block
-        return calls.apply((block.ls2, block.drop_path2), self._mlp(block.norm2(x)))
-
-    def _mlp(self, x: Tensor) -> Tensor:
-        mlp = self.block.mlp
-        if not self.plain_mlp or mlp._forward_hooks or mlp._forward_pre_hooks:
-            return mlp(x)
-        hidden = calls.apply((mlp.drop1, mlp.norm), calls.activate(mlp.act, mlp.fc1(x)))
-        return calls.apply((mlp.drop2,), mlp.fc2(hidden))
+        return calls.apply((block.ls2, block.drop_path2), calls.mlp(block.mlp, block.norm2(x)))
 
     def attention_dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0

@@ -27,9 +27,9 @@ def bipartite_merge(metric: Tensor, r: int, prefix: int = 0) -> MergePlan:
 
     The other tokens alternate between sets A (even) and B (odd); each A token finds its most
     similar B token (cosine), and the r A tokens with the best matches go into their partners.
-    Output order: prefix, unmerged A tokens, B tokens, each in input order. `plan.average(x, size)` gives the
-    size-weighted mean features [B, N - r, C] and the sizes [B, N - r] (float32) of the merged
-    tokens, `size` [B, N] being how many input tokens each token stands for (None: one each).
+    Output order: prefix, unmerged A tokens, B tokens, each in input order. `plan.average(x, size)`
+    gives the size-weighted mean features [B, N - r, C] and the sizes [B, N - r] (float32) of the
+    merged tokens, `size` [B, N] being how many input tokens each token stands for (None: one each).
     """
     batch, tokens = metric.shape[:2]
     candidates = metric[:, prefix:]
