@@ -5,6 +5,7 @@ dense and pruned forwards interleaved in this process, after warm-up, medians ov
 
     python benchmarks/speed.py                # the full table (about 30 minutes on 2 quiet cores)
     python benchmarks/speed.py --quick        # DeiT-S at batch 1 only
+    python benchmarks/speed.py --quick --batch 32   # DeiT-S at batch 32 only (about 6 minutes)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import timm
@@ -52,12 +54,13 @@ def target_efficiency(model: str, method: ts.Method, batch: int) -> float | None
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="DeiT-S at batch 1 only")
+    parser.add_argument("--quick", action="store_true", help="DeiT-S only, at batch 1 unless --batch")
+    parser.add_argument("--batch", type=int, choices=sorted(REPEATS), help="this batch size only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     models = {"DeiT-S": MODELS["DeiT-S"]} if args.quick else MODELS
-    batches = (1,) if args.quick else (1, 32)
+    batches = (args.batch,) if args.batch else (1,) if args.quick else tuple(REPEATS)
     runs = [(m, b, method) for m in models for b in batches for method in METHODS]
     torch.manual_seed(0)
     built = {name: timm.create_model(arch, pretrained=False).eval() for name, arch in models.items()}
@@ -67,17 +70,18 @@ def main() -> None:
                               warmup=WARMUP[batch], threads=args.threads)
         rows.append({"model": name, "target": target_efficiency(name, method, batch), **result.to_dict()})
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + (f"-batch{args.batch}" if args.batch else "")
     (args.out / f"speed{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / f"speed{suffix}.md").write_text(_markdown(rows, args.threads))
-    print(_markdown(rows, args.threads))
+    table = _markdown(rows, args.threads, " ".join(["python benchmarks/speed.py", *sys.argv[1:]]))
+    (args.out / f"speed{suffix}.md").write_text(table)
+    print(table)
 
 
-def _markdown(rows: list[dict], threads: int) -> str:
+def _markdown(rows: list[dict], threads: int, command: str) -> str:
     lines = [
         "# Speed: pruned vs dense, same process",
         "",
-        f"Produced by `python benchmarks/speed.py`. CPU: {platform.processor() or platform.machine()}, "
+        f"Produced by `{command}`. CPU: {platform.processor() or platform.machine()}, "
         f"{threads} threads, torch {torch.__version__}, timm {timm.__version__}; random weights, fp32, "
         "224x224. Dense and pruned forwards interleaved after warm-up; medians of "
         f"{REPEATS[1]} repeats at batch 1 and {REPEATS[32]} at batch 32. MACs per image (FLOPs = 2 x MACs), "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from models import blocks_of, forward, host_model, images, max_difference
 from torch import nn
 from transformers.activations import ACT2FN, GELUActivation
@@ -89,3 +90,41 @@ def test_a_hooked_transformers_mlp_runs_whole_in_a_patched_model():
         layer.mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     host_calls, patched_calls = _hook_calls_host_then_patched(model, seen)
     assert patched_calls == host_calls and len(host_calls) == len(blocks_of(model))
+
+
+def test_packed_linear_equals_the_plain_product_and_follows_every_weight_change():
+    torch.manual_seed(0)
+    linear, x = nn.Linear(16, 24), torch.randn(2, 5, 16)
+    with torch.inference_mode():
+        assert _gap(calls.linear(linear, x), linear(x)) <= 1e-5
+        assert linear in calls._PACKED  # the packed path ran, not the fallback
+    with torch.no_grad():
+        linear.weight.mul_(-2.0)  # in place: same storage, new version
+        assert _gap(calls.linear(linear, x), F.linear(x, linear.weight, linear.bias)) <= 1e-5
+        linear.load_state_dict({"weight": torch.randn(24, 16), "bias": torch.randn(24)})
+        assert _gap(calls.linear(linear, x), F.linear(x, linear.weight, linear.bias)) <= 1e-5
+    linear.weight = nn.Parameter(torch.randn(24, 16))  # a new tensor altogether
+    with torch.no_grad():
+        assert _gap(calls.linear(linear, x), F.linear(x, linear.weight, linear.bias)) <= 1e-5
+
+
+def test_linear_takes_the_plain_path_for_gradients_hooks_and_other_dtypes():
+    linear, x = nn.Linear(8, 4), torch.randn(3, 8)
+    out = calls.linear(linear, x)  # a gradient is recorded: the host's own call
+    assert out.requires_grad and linear not in calls._PACKED
+    out.sum().backward()
+    assert linear.weight.grad is not None
+    seen = []
+    linear.register_forward_hook(lambda module, args, out: seen.append("linear"))
+    with torch.no_grad():
+        calls.linear(linear, x)
+    assert seen == ["linear"] and linear not in calls._PACKED
+    half = nn.Linear(8, 4).to(torch.bfloat16)
+    with torch.no_grad():
+        out = calls.linear(half, x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and half not in calls._PACKED
+
+
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()

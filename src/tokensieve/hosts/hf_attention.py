@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from tokensieve import calls
 from tokensieve.hosts.base import linear_macs
 
 
@@ -30,8 +31,8 @@ class HFAttentionPart:
         batch, tokens, _ = h.shape
         a = self.attention
         shape = (batch, tokens, self.num_heads, self.head_dim)
-        return (a.q_proj(h).view(shape).transpose(1, 2), a.k_proj(h).view(shape).transpose(1, 2),
-                a.v_proj(h).view(shape).transpose(1, 2))
+        return tuple(calls.linear(linear, h).view(shape).transpose(1, 2)
+                     for linear in (a.q_proj, a.k_proj, a.v_proj))
 
     def attention_dropout(self) -> float:
         return self._dropout if self.attention.training else 0.0

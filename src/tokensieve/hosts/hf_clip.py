@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from tokensieve import calls
 from tokensieve.hosts.base import Host, linear_macs
 from tokensieve.hosts.hf_attention import HFAttentionPart
 from tokensieve.spec import ModelSpec
@@ -29,7 +30,7 @@ class CLIPLayerView(HFAttentionPart):
         return self.project(self.layer.layer_norm1(x))
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
-        return self.output_projection(heads_out)
+        return calls.linear(self.output_projection, heads_out)
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         return self.layer.mlp(self.layer.layer_norm2(x))

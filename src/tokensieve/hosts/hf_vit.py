@@ -46,7 +46,7 @@ class ViTLayerView(HFAttentionPart):
         return self.project(self.layer.layernorm_before(x))
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
-        return calls.apply((self.layer.dropout,), self.output_projection(heads_out))
+        return calls.apply((self.layer.dropout,), calls.linear(self.output_projection, heads_out))
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         layer = self.layer
@@ -66,7 +66,8 @@ class Dinov2LayerView(HFAttentionPart):
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
         layer = self.layer
-        return calls.apply((layer.drop_path,), layer.layer_scale1(self.output_projection(heads_out)))
+        projected = calls.linear(self.output_projection, heads_out)
+        return calls.apply((layer.drop_path,), layer.layer_scale1(projected))
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         layer = self.layer

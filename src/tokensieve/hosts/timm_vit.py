@@ -32,7 +32,7 @@ class TimmBlockView:
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, tokens, _ = x.shape
-        qkv = self.attn.qkv(self.block.norm1(x))
+        qkv = calls.linear(self.attn.qkv, self.block.norm1(x))
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         return calls.apply((self.attn.q_norm,), q), calls.apply((self.attn.k_norm,), k), v
@@ -40,7 +40,7 @@ class TimmBlockView:
     def attention_branch(self, heads_out: Tensor) -> Tensor:
         attn, block = self.attn, self.block
         heads_out = calls.apply((attn.norm,), heads_out)
-        return calls.apply((attn.proj_drop, block.ls1, block.drop_path1), attn.proj(heads_out))
+        return calls.apply((attn.proj_drop, block.ls1, block.drop_path1), calls.linear(attn.proj, heads_out))
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         block = self.block
