@@ -84,20 +84,21 @@ def _packable(module: nn.Module, x: Tensor) -> bool:
 
 def _packed_weight(module: nn.Linear, x: Tensor) -> Tensor:
     weight = module.weight
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
     cached = _PACKED.get(module)
-    if cached is None or cached[0] != key:
+    # the tensor itself (a freed weight's address is soon reused), its storage and its version
+    if cached is None or cached[0]() is not weight or cached[1] != (weight.data_ptr(), weight._version):
         rows = x.numel() // x.shape[-1]  # a layout hint only: the packed weight serves any row count
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        cached = (weakref.ref(weight), (weight.data_ptr(), weight._version), packed)
         _PACKED[module] = cached
-    return cached[1]
+    return cached[2]
 
 
 _HAS_PACKED_LINEAR = (torch.backends.mkldnn.is_available()
                       and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                       and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-# module -> (the weight's identity and version when packed, its packed copy); dies with the module
-_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
+# module -> (its weight, that weight's address and version when packed, the packed copy)
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 # class name -> its activation's attribute
 _PLAIN_MLPS = {"Mlp": "act", "ViTMLP": "activation_fn", "DeiTMLP": "activation_fn",
