@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from models import blocks_of, forward, host_model, images, max_difference
@@ -134,4 +136,20 @@ def test_linear_takes_the_plain_path_for_gradients_hooks_and_other_dtypes():
     with torch.no_grad():
         out = calls.linear(half, x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and half not in calls._PACKED
+
+
+def test_a_model_copied_in_inference_mode_runs_its_linears_plainly():
+    host = host_model("timm-vit").eval()
+    pixels = images(2)
+    with torch.inference_mode():
+        made_here = copy.deepcopy(host)  # inference tensors: no version counter to check
+        ts.patch(made_here, ts.TopK(keep=1.0, layers=(1,)))
+        patched = made_here(pixels)
+        expected = host(pixels)
+        assert not host.blocks[0].attn.qkv.weight.is_inference()  # the host's own stay normal
+        made_here.blocks[0].attn.qkv.weight.mul_(2.0)  # an in-place change a cache would miss
+        changed = made_here(pixels)
+    assert made_here.blocks[0].attn.qkv not in calls._PACKED
+    assert (patched - expected).abs().max().item() <= 1e-5
+    assert (changed - expected).abs().max().item() > 1e-3
 

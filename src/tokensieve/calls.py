@@ -69,7 +69,8 @@ def linear(module: nn.Module, x: Tensor) -> Tensor:
     """`module(x)`; for a hookless fp32 `nn.Linear` on a CPU while no gradient is recorded, computed
     on a prepacked copy of its weight (the same product, summed in another order: ~1e-6 apart).
     The copy costs one more weight's memory per layer and is rebuilt whenever the weight changes
-    (an in-place update, `load_state_dict`, `.to`)."""
+    (an in-place update, `load_state_dict`, `.to`). A weight made inside `torch.inference_mode()`
+    has no version counter to tell such a change by, so it takes the plain call."""
     if not _packable(module, x):
         return module(x)
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(module, x), module.bias, "none", [], "")
@@ -79,6 +80,8 @@ def _packable(module: nn.Module, x: Tensor) -> bool:
     return (_HAS_PACKED_LINEAR and type(module) is nn.Linear and "forward" not in vars(module)
             and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
             and module.weight.dtype == torch.float32 and x.dim() >= 2 and x.is_contiguous()
+            # a weight made in inference mode has no version counter to tell when it changes
+            and not module.weight.is_inference()
             and not module._forward_hooks and not module._forward_pre_hooks and not _global_hooks())
 
 
