@@ -152,4 +152,3 @@ def test_a_model_copied_in_inference_mode_runs_its_linears_plainly():
     assert made_here.blocks[0].attn.qkv not in calls._PACKED
     assert (patched - expected).abs().max().item() <= 1e-5
     assert (changed - expected).abs().max().item() > 1e-3
-

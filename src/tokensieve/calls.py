@@ -80,7 +80,6 @@ def _packable(module: nn.Module, x: Tensor) -> bool:
     return (_HAS_PACKED_LINEAR and type(module) is nn.Linear and "forward" not in vars(module)
             and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
             and module.weight.dtype == torch.float32 and x.dim() >= 2 and x.is_contiguous()
-            # a weight made in inference mode has no version counter to tell when it changes
             and not module.weight.is_inference()
             and not module._forward_hooks and not module._forward_pre_hooks and not _global_hooks())
 
