@@ -41,7 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     ts.patch(model, ts.ToMe(r=args.r))
-    method = ts.sieve_of(model).runner.method
+    method = ts.sieve_of(model).method
     step = method.after_attention
     pixels = torch.randn(1, 3, 224, 224)
     calls: dict[int, tuple] = {}

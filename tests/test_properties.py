@@ -11,8 +11,8 @@ from models import host_model
 
 import tokensieve as ts
 from tokensieve import ops
-from tokensieve.methods import AttentionView, RunContext
-from tokensieve.tokens import TokenState, scatter_tokens
+from tokensieve.methods import AttentionView, MethodRun
+from tokensieve.tokens import TokenState, write_tokens
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -28,23 +28,23 @@ def _subset(data, tokens: int, k: int) -> list[int]:
 
 @given(batch=st.integers(1, 3), prefix=st.integers(0, 3), tokens=st.integers(1, 12),
        channels=st.integers(1, 4), seed=seeds, data=st.data())
-def test_gather_then_scatter_back_restores_kept_rows_and_leaves_the_rest(batch, prefix, tokens, channels,
-                                                                        seed, data):
+def test_select_then_write_back_restores_kept_rows_and_leaves_the_rest(batch, prefix, tokens, channels,
+                                                                       seed, data):
     generator = _generator(seed)
     x = torch.randn(batch, prefix + tokens, channels, generator=generator)
     size = torch.randint(1, 5, (batch, prefix + tokens), generator=generator).float()
     k = data.draw(st.integers(1, tokens))
     kept = torch.tensor([_subset(data, tokens, k) for _ in range(batch)])  # [B, k]
-    state = TokenState.start(x, prefix).replace(size=size).gather(kept)
-
     positions = torch.cat([torch.arange(prefix).expand(batch, prefix), kept + prefix], dim=1)
+    state = TokenState.start(x, prefix).replace(size=size).select(positions)
+
     assert torch.equal(state.index, positions)
     assert torch.equal(state.x, torch.stack([x[b, positions[b]] for b in range(batch)]))
     assert torch.equal(state.size, size.gather(1, positions))
     assert state.prefix == prefix and state.valid is None
 
     grid = torch.randn(x.shape, generator=generator)
-    restored = scatter_tokens(grid, state.index, state.x)
+    restored = write_tokens(grid.clone(), state.index, state.x)
     chosen = torch.zeros(batch, prefix + tokens, dtype=torch.bool)
     chosen.scatter_(1, positions, True)
     assert torch.equal(restored[chosen], x[chosen])
@@ -59,7 +59,8 @@ def test_fuse_rest_appends_the_weighted_mean_of_the_dropped_tokens(batch, prefix
     weights = torch.rand(batch, tokens, generator=generator) + 0.1
     k = data.draw(st.integers(1, tokens - 1))
     kept = torch.tensor([_subset(data, tokens, k) for _ in range(batch)])
-    state = TokenState.start(x, prefix).fuse_rest(kept, weights)
+    positions = torch.cat([torch.arange(prefix).expand(batch, prefix), kept + prefix], dim=1)
+    state = TokenState.start(x, prefix).fuse_rest(positions, weights)
 
     assert state.x.shape == (batch, prefix + k + 1, 3)
     assert (state.index[:, -1] == -1).all()
@@ -73,34 +74,60 @@ def test_fuse_rest_appends_the_weighted_mean_of_the_dropped_tokens(batch, prefix
 
 @given(batch=st.integers(1, 3), prefix=st.integers(0, 2), tokens=st.integers(2, 12), seed=seeds,
        data=st.data())
-def test_select_and_fuse_equals_gathering_then_fusing_the_rest(batch, prefix, tokens, seed, data):
+def test_fuse_rest_of_an_equal_count_selection_equals_the_ragged_path(batch, prefix, tokens, seed, data):
     generator = _generator(seed)
     x = torch.randn(batch, prefix + tokens, 3, generator=generator)
     size = torch.randint(1, 5, (batch, prefix + tokens), generator=generator).float()
-    weights = torch.rand(batch, prefix + tokens, generator=generator) + 0.1
+    weights = torch.rand(batch, tokens, generator=generator) + 0.1
     k = data.draw(st.integers(1, tokens - 1))
-    kept = torch.tensor([_subset(data, tokens, k) for _ in range(batch)])
-    positions = torch.cat([torch.arange(prefix).expand(batch, prefix), kept + prefix], dim=1)
+    scores = torch.rand(batch, tokens, generator=generator)
     start = TokenState.start(x, prefix).replace(size=size)
 
-    fast = start.select_and_fuse(positions, weights)
-    reference = start.fuse_rest(kept, weights[:, prefix:])
-    torch.testing.assert_close(fast.x, reference.x, atol=1e-6, rtol=1e-6)
-    assert torch.equal(fast.index, reference.index)
-    assert torch.equal(fast.size, reference.size)
-    assert torch.equal(fast.size.sum(dim=1), size.sum(dim=1))  # every input token counted once
+    slots, valid = ops.keep_top(scores, k, prefix)
+    equal = start.fuse_rest(slots, weights, valid)
+    slots, valid = ops.keep_top(scores, torch.full((batch,), k), prefix)
+    ragged = start.fuse_rest(slots, weights, valid)
+    torch.testing.assert_close(equal.x, ragged.x, atol=1e-6, rtol=1e-6)
+    assert torch.equal(equal.index, ragged.index)
+    assert ragged.valid.all() and equal.valid is None
+    assert torch.equal(equal.size, ragged.size)
+    assert torch.equal(equal.size.sum(dim=1), size.sum(dim=1))  # every input token counted once
 
 
 @given(batch=st.integers(1, 3), prefix=st.integers(0, 3), tokens=st.integers(1, 12), seed=seeds,
        data=st.data())
-def test_top_positions_with_prefix_puts_the_prefix_first_then_the_top_k(batch, prefix, tokens, seed, data):
+def test_keep_top_puts_the_prefix_first_then_the_top_k_and_leaves_the_scores(batch, prefix, tokens, seed,
+                                                                            data):
     generator = _generator(seed)
-    # distinct scores, so "the top k" is one set; the prefix ranks first whatever its own scores
-    scores = torch.stack([torch.randperm(prefix + tokens, generator=generator) for _ in range(batch)]).float()
+    # distinct scores, so "the top k" is one set
+    scores = torch.stack([torch.randperm(tokens, generator=generator) for _ in range(batch)]).float()
+    before = scores.clone()
     k = data.draw(st.integers(1, tokens))
     expected = torch.cat([torch.arange(prefix).expand(batch, prefix),
-                          ops.top_positions(scores[:, prefix:], k) + prefix], dim=1)
-    assert torch.equal(ops.top_positions_with_prefix(scores.clone(), prefix, k), expected)
+                          ops.top_positions(scores, k) + prefix], dim=1)
+    slots, valid = ops.keep_top(scores, k, prefix)
+    assert torch.equal(slots, expected) and valid is None
+    assert torch.equal(scores, before)
+
+
+@given(batch=st.integers(1, 3), prefix=st.integers(0, 2), tokens=st.integers(2, 12), seed=seeds,
+       data=st.data())
+def test_activate_brings_frozen_tokens_back_with_the_features_they_had_when_frozen(batch, prefix, tokens,
+                                                                                   seed, data):
+    generator = _generator(seed)
+    x = torch.randn(batch, prefix + tokens, 3, generator=generator)
+    everyone = torch.arange(prefix + tokens).expand(batch, -1)
+    k = data.draw(st.integers(1, tokens - 1))
+    kept = torch.tensor([_subset(data, tokens, k) for _ in range(batch)])
+    positions = torch.cat([torch.arange(prefix).expand(batch, prefix), kept + prefix], dim=1)
+    state = TokenState.start(x, prefix, grid=True).activate(positions)  # the others are frozen now
+    state = state.replace(x=state.x + 1.0)  # a block changes the active tokens
+    state = state.activate(everyone)  # every frozen token comes back
+
+    assert torch.equal(state.index, everyone)
+    active = torch.zeros(batch, prefix + tokens, dtype=torch.bool).scatter_(1, positions, True)
+    assert torch.equal(state.x[active], x[active] + 1.0)
+    assert torch.equal(state.x[~active], x[~active])
 
 
 @given(batch=st.integers(1, 4), tokens=st.integers(1, 12), masked=st.booleans(), seed=seeds, data=st.data())
@@ -187,10 +214,10 @@ def test_tome_sizes_always_sum_to_the_input_patch_count(schedule, batch, seed):
     generator = _generator(seed)
     x = torch.randn(batch, prefix + patches, 8, generator=generator)
     state = TokenState.start(x, prefix).replace(trace=None)  # called outside a traced forward
-    context = RunContext(spec, None, False)
+    run = MethodRun(spec, None, None, False, {}, None)
     for layer in range(spec.depth):
         keys = torch.randn(batch, 2, state.tokens, 4, generator=generator)  # [B, H, N, d]
-        state = method.after_attention(layer, state, AttentionView(keys, keys, None, 0.5, state), context)
+        state = method.after_attention(layer, state, AttentionView(keys, keys, None, 0.5, state), run)
         if state.size is None:
             assert state.tokens == prefix + patches
             continue

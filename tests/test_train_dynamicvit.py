@@ -16,7 +16,7 @@ TARGETS = torch.tensor([DYNAMICVIT.keep, DYNAMICVIT.keep**2])  # stages at layer
 def _train(keep_ratio_weight: float):
     model = patched_model(method_seed=1)
     with torch.no_grad():  # start the predictors far below the target: most tokens dropped
-        for predictor in ts.sieve_of(model).parts.values():
+        for predictor in ts.sieve_of(model).parts[0].values():
             predictor.head[-1].bias.copy_(torch.tensor([1.0, -1.0]))  # (drop, keep) logits
     # The predictors learn at lr, the host at a fifth of it, as DynamicViT trains its predictors faster.
     config = quiet_config(train="model", steps=STEPS, batch_size=16, lr=1e-2, model_lr_scale=0.2,

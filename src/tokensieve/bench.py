@@ -15,7 +15,7 @@ from torch import nn
 from tokensieve.flops import flops
 from tokensieve.hosts import resolve_host
 from tokensieve.methods import Method
-from tokensieve.patch import patch, sieve_of, unpatch
+from tokensieve.patch import method_timing, patch, unpatch
 
 
 @dataclass
@@ -73,10 +73,8 @@ def benchmark(model: nn.Module, method: Method, batch: int = 1, image_size: int 
             for net, times in pair if i % 2 == 0 else reversed(pair):
                 times.append(_time_one(net, pixels, device))
         ratios = [d / p for d, p in zip(dense_times, pruned_times, strict=True)]
-        runner = sieve_of(pruned).runner
-        runner.method_seconds = 0.0
-        timed = [_time_one(pruned, pixels, device) for _ in range(repeats)]
-        method_seconds, runner.method_seconds = runner.method_seconds, None
+        with method_timing(pruned) as method_seconds:
+            timed = [_time_one(pruned, pixels, device) for _ in range(repeats)]
     dense_ms = statistics.median(dense_times) * 1e3
     pruned_ms = statistics.median(pruned_times) * 1e3
     return BenchResult(
@@ -86,7 +84,7 @@ def benchmark(model: nn.Module, method: Method, batch: int = 1, image_size: int 
         speedup=dense_ms / pruned_ms, speedup_range=_quartiles(ratios),
         flops_ratio=dense_report.macs / report.macs,
         gmacs=report.macs / 1e9, dense_gmacs=dense_report.macs / 1e9,
-        overhead_share=(method_seconds / repeats) / statistics.median(timed),
+        overhead_share=(method_seconds[0] / repeats) / statistics.median(timed),
     )
 
 

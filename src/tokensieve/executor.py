@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,24 +14,52 @@ from torch import Tensor, nn
 from tokensieve import ops
 from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.hosts.base import BlockCall, BlockView, Step
-from tokensieve.methods import AttentionView, Method, RunContext
+from tokensieve.methods import AttentionView, Method, MethodRun
+from tokensieve.methods.run import check_inputs
 from tokensieve.tokens import LayerRecord, TokenState, Trace, repeat_by_size
 
 
+@dataclass
+class CallScope:
+    """Everything per thread about one patched module's calls: the switches and collectors the
+    user's context managers set, the call being run (handed from block to block), and what the
+    entry module saw of it."""
+
+    pruning: bool = True  # False inside `tokensieve.pruning_disabled`
+    collectors: list[list[Trace]] = field(default_factory=list)  # open `tokensieve.trace` scopes
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # open `tokensieve.inputs` scopes, inner last
+    method_seconds: float | None = None  # set to 0.0 to time the method's own steps
+    entry: tuple[Tensor, Any] | None = None  # (entry module's output, what the host read from its inputs)
+    call: _Call | None = None  # the call under way, and the tensor its last block returned
+    out: Tensor | None = None
+
+
+@dataclass
+class _Call:
+    """One forward call under way: its state, what the host's block call carries, the method's run."""
+
+    state: TokenState
+    block_call: BlockCall
+    method: Method
+    run: MethodRun
+
+
 class Runner:
-    """Stands in for each block's forward. Block i hands its TokenState to block i+1 through a
-    per-thread relay keyed on the tensor it returned, so the host's own loop over blocks (and
-    whatever entry point started it) drives the pruned forward; the state dies with the call.
+    """Stands in for each block's forward. Block i hands the call to block i+1 through the
+    per-thread scope, keyed on the tensor it returned, so the host's own loop over blocks (and
+    whatever entry point started it) drives the pruned forward; the call's state and the method's
+    run die with the call.
     """
 
     def __init__(self, host: Host, method: Method, parts: nn.Module | None, eager: bool,
-                 dense: bool = False) -> None:
+                 dense: bool = False, shared: nn.Module | None = None, module: int = 0) -> None:
         self.host, self.method, self.parts, self.eager, self.dense = host, method, parts, eager, dense
+        self.shared, self.module = shared, module
+        self.patched: nn.Module | None = None  # the module whose blocks this runner stands in for
         self.last_layer = len(host.blocks) - 1
-        self.method_seconds: float | None = None  # set to 0.0 to time the method's own steps
         self.replaced: dict[int, Callable | None] = {}  # layer -> instance forward found at patch time
         self.replaced_entry: Callable | None = None  # the same, for the host's entry module
-        self._local = threading.local()  # relay and trace collectors, one set per thread
+        self._local = threading.local()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -41,74 +70,72 @@ class Runner:
         self.__dict__.update(state)
         self._local = threading.local()
 
-    @property
-    def pruning(self) -> bool:
-        """False inside a `tokensieve.pruning_disabled` scope of this thread."""
-        return getattr(self._local, "pruning", True)
-
-    @pruning.setter
-    def pruning(self, enabled: bool) -> None:
-        self._local.pruning = enabled
-
-    @property
-    def collectors(self) -> list[list[Trace]]:
-        """The open `tokensieve.trace` scopes of this thread."""
-        local = self._local
-        if not hasattr(local, "collectors"):
-            local.collectors = []
-        return local.collectors
+    def scope(self) -> CallScope:
+        """This thread's CallScope."""
+        scope = getattr(self._local, "scope", None)
+        if scope is None:
+            scope = self._local.scope = CallScope()
+        return scope
 
     def run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Block `layer`'s forward. `x` is [B, N, C] tokens, or a [B, H, W, C] map (SAM) that the
         first block flattens into tokens and the last block gives back whole (dense mode)."""
         _refuse_attention_maps(kwargs)
-        relay = self._local
-        continuing = layer > 0 and getattr(relay, "out", None) is x
-        state = getattr(relay, "state", None) if continuing else None
-        call = getattr(relay, "call", None) if continuing else None
-        relay.state = relay.out = relay.call = None
-        if state is None:
-            # The host's masks and memory are read once per forward: every block of a call gets the same.
-            call = self.host.read_call(x, args, kwargs, self._entry_inputs(x))
-            self._follow_input(x)
-            state = TokenState.start(x, self.host.spec.prefix, dense=self.dense, valid=call.key_mask,
-                                     order=call.order)
-        state = self._run_block(layer, state, call)
+        scope = self.scope()
+        call = scope.call if layer > 0 and scope.out is x else None  # else: a new call starts here
+        scope.call = scope.out = None
+        if call is None:
+            call = self._start(x, args, kwargs, scope)
+        call.state = self._run_block(layer, call, scope)
         if layer == self.last_layer:
-            return self._finish(state)
-        relay.state, relay.out, relay.call = state, state.x, call
-        return state.x
+            return self._finish(call, scope)
+        scope.call, scope.out = call, call.state.x
+        return call.state.x
 
     def enter(self, forward: Callable, *args: Any, **kwargs: Any) -> Tensor:
         """Stands in for the host's entry module (the module whose output enters the first block):
         runs it, and keeps what the host reads from its inputs for the first block of this call."""
         out = forward(*args, **kwargs)
-        self._local.entry = (out, self.host.read_entry(args, kwargs))
+        self.scope().entry = (out, self.host.read_entry(args, kwargs))
         return out
 
-    def _entry_inputs(self, x: Tensor) -> Any:
-        """What the entry module's call that produced `x` carried (e.g. token ids), else None."""
-        entry = getattr(self._local, "entry", None)
-        self._local.entry = None
-        return entry[1] if entry is not None and entry[0] is x else None
+    def _start(self, x: Tensor, args: tuple, kwargs: dict, scope: CallScope) -> _Call:
+        """A new call: the host's masks and memory (read once: every block of a call gets the same),
+        the first TokenState, and the method's run with the call's inputs."""
+        entry, scope.entry = scope.entry, None
+        entry_inputs = entry[1] if entry is not None and entry[0] is x else None  # not another call's
+        block_call = self.host.read_call(x, args, kwargs, entry_inputs)
+        self._follow_input(x)
+        method, inputs = _DENSE, {}
+        if scope.pruning:
+            method = self.method
+            given = scope.inputs[-1] if scope.inputs else {}
+            inputs = check_inputs(method.call_inputs(self.host.spec), given, x.shape[0], str(method))
+        state = TokenState.start(x, self.host.spec.prefix, grid=self.dense or method.uses_grid,
+                                 valid=block_call.key_mask, order=block_call.order)
+        state.trace.module = self.module
+        run = MethodRun(self.host.spec, self.parts, self.shared, self.host.blocks[0].training, inputs,
+                        state.trace, self.module)
+        state = self._step(scope, method.start, state, run)
+        return _Call(state, block_call, method, run)
 
-    def _run_block(self, layer: int, state: TokenState, call: BlockCall) -> TokenState:
-        method = self.method if self.pruning else _DENSE
+    def _run_block(self, layer: int, call: _Call, scope: CallScope) -> TokenState:
+        method, run, state = call.method, call.run, call.state
         view = self.host.views[layer]
-        ctx = RunContext(self.host.spec, self.parts, self.host.blocks[layer].training)
         record = LayerRecord(layer, 0, 0, state.index, state.valid)
         if state.trace is not None:
             state.trace.layers.append(record)
-        state = self._call_method(method.before_block, layer, state, ctx)
+        state = self._step(scope, method.before_block, layer, state, run)
         block_input = state.x
         record.attention_tokens = state.token_counts()
-        if runs_own_attention(view):  # windows or relative positions: the view places the tokens
+        own_attention = runs_own_attention(view)
+        if own_attention:  # windows or relative positions: the view places the tokens
             heads_out, q, k = view.attend(block_input, state, self.eager)  # [B, N, H*d]
-            record.attention_macs = view.attention_macs(state.index, state.valid, state.map_size)
-            bias = _attention_bias(state, q.dtype, call.causal)
+            record.attention_index, record.attention_valid = state.index, state.valid
+            bias = _attention_bias(state, q.dtype, call.block_call.causal)
         else:
             q, k, v = view.qkv(block_input)
-            bias = _attention_bias(state, q.dtype, call.causal)
+            bias = _attention_bias(state, q.dtype, call.block_call.causal)
             if state.keep is not None:
                 heads_out = ops.policy_attention(q, k, v, state.keep, view.scale, bias)
             else:
@@ -117,18 +144,19 @@ class Runner:
             heads_out = heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim)
         x = _residual(block_input, view.attention_branch(heads_out))
         state = state.replace(x=_norm_after(view, "attention", x))
-        attn = AttentionView(q, k, bias, view.scale, state)
-        state = self._call_method(method.after_attention, layer, state, attn, ctx)
+        attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention)
+        state = self._step(scope, method.after_attention, layer, state, attn, run)
         # Free the attention's buffers before the MLP allocates its own, as the host's block does:
         # a larger live set makes the allocator return and re-fault pages on every call.
         attn = q = k = v = heads_out = x = None
         if state.keep is None:
             block_input = None
         record.mlp_tokens = state.token_counts()
-        if call.memory is not None:
-            state = state.replace(x=self._cross_attend(view, state.x, call))
-            mask = call.memory_mask
-            record.memory_tokens = call.memory.shape[1] if mask is None else mask.sum(dim=1)
+        block_call = call.block_call
+        if block_call.memory is not None:
+            state = state.replace(x=self._cross_attend(view, state.x, block_call))
+            mask = block_call.memory_mask
+            record.memory_tokens = block_call.memory.shape[1] if mask is None else mask.sum(dim=1)
         x = _norm_after(view, "mlp", _residual(state.x, view.mlp_branch(state.x)))
         if state.keep is not None:  # mask mode: pruned tokens pass through the block unchanged
             keep = state.keep[..., None]
@@ -150,18 +178,19 @@ class Runner:
         x = x + cross.branch(heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim))
         return _norm_after(view, "cross_attention", x)
 
-    def _call_method(self, step: Callable[..., TokenState], *args: Any) -> TokenState:
-        if self.method_seconds is None:
+    def _step(self, scope: CallScope, step: Callable[..., TokenState], *args: Any) -> TokenState:
+        if scope.method_seconds is None:
             return step(*args)
         start = time.perf_counter()
         state = step(*args)
-        self.method_seconds += time.perf_counter() - start
+        scope.method_seconds += time.perf_counter() - start
         return state
 
-    def _finish(self, state: TokenState) -> Tensor:
-        for traces in self.collectors:
+    def _finish(self, call: _Call, scope: CallScope) -> Tensor:
+        state = self._step(scope, call.method.finish, call.state, call.run)
+        for traces in scope.collectors:
             traces.append(state.trace)
-        if state.grid is not None:  # every input position; only the input's own padding is padding
+        if self.dense:  # every input position; only the input's own padding is padding
             out, valid = state.dense_output(), state.trace.input_valid
         elif self.host.mean_pooled and state.size is not None:
             out, valid = repeat_by_size(state), None
@@ -174,11 +203,10 @@ class Runner:
 
     def _follow_input(self, x: Tensor) -> None:
         """Keep the method's own parameters on the device and dtype of the activations."""
-        if self.parts is None:
-            return
-        param = next(self.parts.parameters(), None)
-        if param is not None and (param.device != x.device or param.dtype != x.dtype):
-            self.parts.to(device=x.device, dtype=x.dtype)
+        for parts in (self.parts, self.shared):
+            param = None if parts is None else next(parts.parameters(), None)
+            if param is not None and (param.device != x.device or param.dtype != x.dtype):
+                parts.to(device=x.device, dtype=x.dtype)
 
 
 _DENSE = Method()  # does nothing at any layer

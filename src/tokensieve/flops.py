@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.methods import Method
-from tokensieve.patch import is_patched, patch, sieve_of, trace, unpatch
+from tokensieve.patch import is_patched, patch, runner_of, trace, unpatch
 from tokensieve.tokens import Trace
 from tokensieve.tokens import per_sample as per_sample_counts
 
@@ -102,7 +102,11 @@ def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     for layer_record, n_attn, n_mlp in zip(record.layers, attention_counts, mlp_counts, strict=True):
         view = host.views[layer_record.layer]
         n_memory = per_sample_counts(layer_record.memory_tokens, batch, torch.float64)
-        block = _block_macs(view, n_attn, n_mlp, n_memory, layer_record.attention_macs)
+        attention_macs = None
+        if layer_record.attention_index is not None:  # the view ran attention itself: count where it ran
+            attention_macs = view.attention_macs(layer_record.attention_index, layer_record.attention_valid,
+                                                 record.map_size).cpu()
+        block = _block_macs(view, n_attn, n_mlp, n_memory, attention_macs)
         dense += _dense_block_macs(view, record, input_counts, n_memory)
         backbone += block
         layer_overhead = {}
@@ -145,7 +149,7 @@ def _dense_block_macs(view, record: Trace, input_tokens: Tensor, memory_tokens: 
     attention_macs = None
     if runs_own_attention(view):
         index = torch.arange(record.input_tokens)[None]
-        attention_macs = view.attention_macs(index, None, record.map_size)[0]
+        attention_macs = view.attention_macs(index, None, record.map_size)[0].cpu()
     return _block_macs(view, input_tokens, input_tokens, memory_tokens, attention_macs)
 
 
@@ -157,10 +161,10 @@ def _call(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:
 def _patched(model: nn.Module) -> Iterator[Host]:
     """The model's host; a model that is not patched is patched with no method for the call."""
     if is_patched(model):
-        yield sieve_of(model).runner.host
+        yield runner_of(model).host
         return
     sieve = patch(model, Method())
     try:
-        yield sieve.runner.host
+        yield sieve.runners[0].host
     finally:
         unpatch(model)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from tokensieve.executor import Runner
-from tokensieve.hosts import resolve_host
+from tokensieve.hosts import Host, resolve_host
 from tokensieve.methods import Method
+from tokensieve.methods.run import refuse_unknown
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import Trace
 
@@ -19,26 +20,50 @@ _ATTRIBUTE = "_tokensieve"
 
 
 class Sieve(nn.Module):
-    """The handle of a patched model: the method, and its learnable parts as this module's
-    parameters (kept off the host's state dict, so checkpoints of either stay separate)."""
+    """The handle of a patch: the method, and its learnable parts as this module's parameters
+    (kept off the hosts' state dicts, so checkpoints of either stay separate). `parts[i]` are the
+    parts of the i-th patched module (an empty module when it has none), `shared` those every
+    patched module uses (None: none)."""
 
-    def __init__(self, method: Method, runner: Runner) -> None:
+    def __init__(self, method: Method, runners: Sequence[Runner], shared: nn.Module | None) -> None:
         super().__init__()
         self.method = method
-        self.parts = runner.parts
-        self.runner = runner
+        self.parts = nn.ModuleList(r.parts if r.parts is not None else nn.Module() for r in runners)
+        self.shared = shared
+        self.runners = list(runners)
+
+    @property
+    def specs(self) -> list[ModelSpec]:
+        """The ModelSpec of each patched module, in patch order."""
+        return [runner.host.spec for runner in self.runners]
 
     @property
     def spec(self) -> ModelSpec:
-        return self.runner.host.spec
+        """The patched module's ModelSpec (a handle of one module)."""
+        if len(self.runners) > 1:
+            raise ValueError(f"this handle spans {len(self.runners)} modules; read .specs")
+        return self.runners[0].host.spec
+
+    @property
+    def runner(self) -> Runner:
+        """The Runner of the patched module (a handle of one module)."""
+        if len(self.runners) > 1:
+            raise ValueError(f"this handle spans {len(self.runners)} modules; use runner_of(module)")
+        return self.runners[0]
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, host={self.spec.family!r}"
+        families = ", ".join(repr(spec.family) for spec in self.specs)
+        return f"method={self.method!r}, hosts=[{families}]"
 
 
-def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] = "sdpa",
-          dense: bool = False) -> Sieve:
+def patch(model: nn.Module | Sequence[nn.Module], method: Method,
+          attention: Literal["sdpa", "eager"] = "sdpa", dense: bool = False) -> Sieve:
     """Run `model`'s blocks through tokensieve with `method`; weights and state-dict keys stay.
+
+    `model` may be a list of modules (e.g. `[blip.vision_model, blip.text_encoder]`): the method is
+    patched onto each, and the handle returned spans them all: its parameters are each module's
+    parts and the parts they share (`Method.bind_shared`), each module records its own trace, and
+    `unpatch` on any of them takes the method off all of them.
 
     Patching a patched model replaces its method. `attention="eager"` spells attention out as
     matmuls (for FLOP counters); the default uses PyTorch's fused kernel. With `dense`, the
@@ -52,6 +77,26 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
         raise TypeError(f"expected a tokensieve method such as EViT(keep=0.7), got {type(method).__name__}")
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention={attention!r}: use 'sdpa' or 'eager'")
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models or len({id(m) for m in models}) != len(models):
+        raise ValueError("patch takes a module, or a list of distinct modules")
+    hosts = [_checked_host(m, method) for m in models]
+    parts = [method.bind(host.spec) for host in hosts]
+    shared = method.bind_shared([host.spec for host in hosts])
+    for m in models:
+        unpatch(m)
+    runners = [Runner(host, method, module_parts, eager=attention == "eager",
+                      dense=dense or host.spec.dense_only, shared=shared, module=i)
+               for i, (host, module_parts) in enumerate(zip(hosts, parts, strict=True))]
+    sieve = Sieve(method, runners, shared)
+    for m, runner in zip(models, runners, strict=True):
+        _attach(runner)
+        object.__setattr__(m, _ATTRIBUTE, sieve)  # not a submodule: the state dict stays the host's
+        runner.patched = m
+    return sieve
+
+
+def _checked_host(model: nn.Module, method: Method) -> Host:
     host = resolve_host(model)
     if method.ragged and host.mean_pooled:
         raise ValueError(f"{method} keeps a different token count per image, and this model's head "
@@ -60,27 +105,31 @@ def patch(model: nn.Module, method: Method, attention: Literal["sdpa", "eager"] 
         raise ValueError(f"{method} merges tokens, and {host.spec.family} needs the features of every "
                          "position (its output is read by position); use a method that drops or freezes "
                          "tokens (DynamicViT, or TopK and EViT where there is a class token)")
-    dense = dense or host.spec.dense_only
-    parts = method.bind(host.spec)
-    unpatch(model)
-    runner = Runner(host, method, parts, eager=attention == "eager", dense=dense)
+    return host
+
+
+def _attach(runner: Runner) -> None:
+    host = runner.host
     for layer, block in enumerate(host.blocks):
         runner.replaced[layer] = block.__dict__.get("forward")
         block.forward = functools.partial(runner.run, layer)
     if host.entry is not None:
         runner.replaced_entry = host.entry.__dict__.get("forward")
         host.entry.forward = functools.partial(runner.enter, host.entry.forward)
-    sieve = Sieve(method, runner)
-    object.__setattr__(model, _ATTRIBUTE, sieve)  # not a submodule: the state dict stays the host's
-    return sieve
 
 
 def unpatch(model: nn.Module) -> None:
-    """Restore the model's own block forwards. A no-op on a model that is not patched."""
-    sieve = model.__dict__.pop(_ATTRIBUTE, None)
+    """Restore the model's own block forwards (and those of every module patched with it by the
+    same `patch` call). A no-op on a model that is not patched."""
+    sieve = model.__dict__.get(_ATTRIBUTE)
     if sieve is None:
         return
-    runner = sieve.runner
+    for runner in sieve.runners:
+        runner.patched.__dict__.pop(_ATTRIBUTE, None)
+        _detach(runner)
+
+
+def _detach(runner: Runner) -> None:
     for layer, block in enumerate(runner.host.blocks):
         block.__dict__.pop("forward", None)
         if runner.replaced.get(layer) is not None:  # an instance forward that was there before us
@@ -104,17 +153,26 @@ def sieve_of(model: nn.Module) -> Sieve:
     return sieve
 
 
+def runner_of(model: nn.Module) -> Runner:
+    """The Runner that stands in for the blocks of the patched `model`."""
+    sieve = sieve_of(model)
+    for runner in sieve.runners:
+        if runner.patched is model:
+            return runner
+    raise ValueError("this model's handle does not run it")  # cannot happen: patch links both ways
+
+
 @contextlib.contextmanager
 def pruning_disabled(model: nn.Module) -> Iterator[None]:
     """Run the patched `model` dense inside the block (this thread only): the host's output,
     from the same weights. Used as the teacher in self-distillation."""
-    runner = sieve_of(model).runner
-    before = runner.pruning
-    runner.pruning = False
+    scope = runner_of(model).scope()
+    before = scope.pruning
+    scope.pruning = False
     try:
         yield
     finally:
-        runner.pruning = before
+        scope.pruning = before
 
 
 @contextlib.contextmanager
@@ -122,9 +180,46 @@ def trace(model: nn.Module) -> Iterator[list[Trace]]:
     """Collect the Trace of every forward of `model` inside the block: kept tokens per layer
     per sample, the positions kept, and each method's extra MACs."""
     collector: list[Trace] = []
-    runner = sieve_of(model).runner
-    runner.collectors.append(collector)
+    scope = runner_of(model).scope()
+    scope.collectors.append(collector)
     try:
         yield collector
     finally:
-        runner.collectors.remove(collector)
+        scope.collectors.remove(collector)
+
+
+@contextlib.contextmanager
+def inputs(model: nn.Module, **tensors: Tensor) -> Iterator[None]:
+    """Give every forward call of `model` inside the block the per-call inputs its method reads
+    (`Method.call_inputs`), e.g. `with ts.inputs(model, guidance=g): model(x)`. `model` is a
+    patched module or a model that contains patched modules (each gets the inputs). Checked when
+    each call starts (missing, wrong width or batch size: ValueError); this thread only; nothing
+    stays on the model after the block."""
+    runners = [runner_of(m) for m in model.modules() if is_patched(m)]
+    if not runners:
+        raise ValueError("this model is not patched and contains no patched module; call "
+                         "tokensieve.patch(model, method) first")
+    for runner in runners:
+        refuse_unknown(runner.method.call_inputs(runner.host.spec), tensors, str(runner.method))
+    scopes = [runner.scope() for runner in runners]
+    for scope in scopes:
+        scope.inputs.append(dict(tensors))
+    try:
+        yield
+    finally:
+        for scope in scopes:
+            scope.inputs.pop()
+
+
+@contextlib.contextmanager
+def method_timing(model: nn.Module) -> Iterator[list[float]]:
+    """Time the method's own steps in `model`'s forwards inside the block (this thread only): the
+    list yielded holds their total seconds once the block ends."""
+    scope = runner_of(model).scope()
+    seconds: list[float] = []
+    before, scope.method_seconds = scope.method_seconds, 0.0
+    try:
+        yield seconds
+    finally:
+        seconds.append(scope.method_seconds)
+        scope.method_seconds = before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,9 +24,11 @@ class LayerRecord:
     valid: Tensor | None  # [B, N'] ragged padding mask after the block
     overhead: dict[str, int | Tensor] = field(default_factory=dict)  # name -> MACs per sample
     memory_tokens: int | Tensor = 0  # tokens of the other modality cross-attended, int or [B]
-    # [B] MACs of the attention products when the block's view ran attention itself (windows,
-    # relative positions); None: the plain 2 * N^2 * width of global attention.
-    attention_macs: Tensor | None = None
+    # Positions [B, N] (and ragged validity) of the tokens that entered attention, when the block's
+    # view ran attention itself (windows, relative positions): its MACs depend on where they sit,
+    # and are counted from these when asked (`flops`), not on the forward's path.
+    attention_index: Tensor | None = None
+    attention_valid: Tensor | None = None
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Trace:
     map_size: tuple[int, int] | None = None  # (rows, cols) when the blocks take [B, rows, cols, C] maps
     input_valid: Tensor | None = None  # [B, N0] False on the input's padding (padded text), None: none
     output_valid: Tensor | None = None  # [B, N_out] False on the returned rows that are padding
+    module: int = 0  # which of its handle's patched modules ran (e.g. 0: image tower, 1: text tower)
+    reports: dict[str, Any] = field(default_factory=dict)  # what the method's run reported, for its losses
 
     def input_counts(self) -> Tensor:
         """[B] tokens of each sample entering the first block, its padding excluded."""
@@ -110,20 +115,22 @@ class TokenState:
     map_size: tuple[int, int] | None = None
 
     @classmethod
-    def start(cls, x: Tensor, prefix: int, dense: bool = False, valid: Tensor | None = None,
+    def start(cls, x: Tensor, prefix: int, grid: bool = False, valid: Tensor | None = None,
               order: Tensor | None = None) -> TokenState:
         """The state entering the first block: `x` is [B, N, C] tokens, or a [B, rows, cols, C] map.
+        With `grid`, the state keeps the last features of every input position (dense output, and
+        methods that work on the whole grid).
         `valid` [B, N] marks the input's padding (False), which is never attended as a key; `order`
         [B, N] lists input positions in the order the state holds them (a host whose pooled token
         is not first puts it first, so it can score the others)."""
         map_size = None
         if x.dim() == 4:
-            map_size = _check_map_input(x, prefix, dense)
+            map_size = _check_map_input(x, prefix, grid)
             x = x.flatten(1, 2)
         batch, tokens, _ = x.shape
         # The grid's extra last row is a sink for tokens that have no input position of their own
         # (fused tokens, ragged padding), so every active token can be written back in one scatter.
-        grid = torch.cat([x, x.new_zeros(batch, 1, x.shape[-1])], dim=1) if dense else None
+        grid_tensor = torch.cat([x, x.new_zeros(batch, 1, x.shape[-1])], dim=1) if grid else None
         trace = Trace(batch, tokens, prefix, map_size=map_size, input_valid=valid)
         if order is None:
             index = torch.arange(tokens, device=x.device).expand(batch, tokens)
@@ -133,7 +140,8 @@ class TokenState:
         if valid is not None and not bool(valid[:, :prefix].all()):
             raise ValueError(f"the first {prefix} token(s) are protected from pruning and must not be "
                              "padding: pad sequences on the right")
-        return cls(x=x, index=index, prefix=prefix, valid=valid, grid=grid, trace=trace, map_size=map_size)
+        return cls(x=x, index=index, prefix=prefix, valid=valid, grid=grid_tensor, trace=trace,
+                   map_size=map_size)
 
     @property
     def tokens(self) -> int:
@@ -144,6 +152,10 @@ class TokenState:
         if self.valid is None:
             return self.tokens - self.prefix
         return self.valid[:, self.prefix :].sum(dim=1)
+
+    def patch_valid(self) -> Tensor | None:
+        """[B, N - prefix] False on the non-prefix rows that are padding; None: none are."""
+        return None if self.valid is None else self.valid[:, self.prefix :]
 
     def token_counts(self) -> int | Tensor:
         """Tokens per sample, prefix included: an int, or [B] for a ragged batch."""
@@ -161,50 +173,73 @@ class TokenState:
         state.__dict__.update(changes)
         return state
 
-    def gather(self, kept: Tensor, kept_valid: Tensor | None = None) -> TokenState:
-        """Keep the prefix and the non-prefix tokens at `kept` ([B, K], positions after the prefix)."""
-        batch = kept.shape[0]
-        prefix_positions = torch.arange(self.prefix, device=kept.device).expand(batch, self.prefix)
-        positions = torch.cat([prefix_positions, kept + self.prefix], dim=1)
-        valid = None
-        if kept_valid is not None:
-            prefix_valid = torch.ones(batch, self.prefix, dtype=torch.bool, device=kept.device)
-            valid = torch.cat([prefix_valid, kept_valid], dim=1)
-        return self.select(positions, valid)
-
-    def select(self, positions: Tensor, valid: Tensor | None = None) -> TokenState:
-        """Keep the tokens at `positions` ([B, K] over all tokens; the prefix's own positions
-        included, first). `valid` [B, K] marks the rows of a ragged selection that are padding."""
+    def select(self, slots: Tensor, valid: Tensor | None = None) -> TokenState:
+        """Keep the tokens at `slots` [B, K]: positions in the current token sequence, the prefix's
+        own first (as `ops.keep_top` gives them). `valid` [B, K] marks the padding rows of a ragged
+        selection. In a state with a grid, the tokens dropped keep their current features there."""
         if self.source is not None:
             raise ValueError("tokens cannot be dropped after they were merged in dense mode")
-        index = self.index.gather(1, positions)
+        index = self.index.gather(1, slots)
         if valid is not None:
             index = index.masked_fill(~valid, NO_POSITION)  # padding rows stand for no position
         return self.replace(
-            x=gather_tokens(self.x, positions),
+            x=gather_tokens(self.x, slots),
             index=index,
-            size=None if self.size is None else self.size.gather(1, positions),
+            size=None if self.size is None else self.size.gather(1, slots),
             valid=valid,
-            keep=None if self.keep is None else self.keep.gather(1, positions),
-            grid=self.stored_grid(),  # dropped tokens keep the features they have now
+            keep=None if self.keep is None else self.keep.gather(1, slots),
+            grid=self.written_grid(),
         )
 
-    def stored_grid(self) -> Tensor | None:
-        """Dense mode: the grid with the active tokens' current features written at their positions."""
+    def fuse_rest(self, slots: Tensor, weights: Tensor, valid: Tensor | None = None) -> TokenState:
+        """Keep the tokens at `slots` (as `select`) and fuse every other non-prefix token into one
+        appended token: their sum weighted by `weights` [B, N - prefix] (one weight per non-prefix
+        token), divided by the weights' sum. Padding is never fused; a sample of a ragged selection
+        that keeps all its tokens gets a fused row marked as padding."""
+        rest = weights if self.valid is None else weights * self.valid[:, self.prefix :]
+        kept = slots[:, self.prefix :] - self.prefix
+        # Zero the kept tokens' weights; a ragged selection's padding rows point at tokens not kept.
+        kept_rest = 0.0 if valid is None else rest.gather(1, kept).masked_fill(valid[:, self.prefix :], 0.0)
+        rest = rest.scatter(1, kept, kept_rest)
+        fused = torch.bmm(rest[:, None], self.x[:, self.prefix :])  # [B, 1, C]
+        return self.select(slots, valid)._append_fused(fused, rest.sum(dim=1), self.size)
+
+    def activate(self, positions: Tensor, valid: Tensor | None = None) -> TokenState:
+        """Make the tokens at input `positions` [B, K] (the prefix's own first) the active set. The
+        active tokens' features are written back into the grid and the new set is read from it, so a
+        token frozen by an earlier step comes back with the features it had then. `valid` [B, K]
+        marks padding rows (their position is not read). Needs a grid (`Method.uses_grid`)."""
+        if self.grid is None:
+            raise ValueError("activating tokens by position needs the token grid: declare uses_grid = True "
+                             "on the method")
+        if self.size is not None or self.keep is not None:
+            raise ValueError("activate works on dropped tokens only: not after merging, not in mask mode "
+                             "(where every token stays active and `keep` decides)")
+        grid = self.written_grid()
+        rows = positions if valid is None else positions.masked_fill(~valid, grid.shape[1] - 1)
+        return self.replace(
+            x=gather_tokens(grid, rows),
+            index=positions if valid is None else positions.masked_fill(~valid, NO_POSITION),
+            valid=valid,
+            grid=grid,
+        )
+
+    def written_grid(self) -> Tensor | None:
+        """The grid with the active tokens' current features written at their positions; in place
+        when no gradient is recorded (no copy of the grid), else a new tensor autograd can follow."""
         if self.grid is None:
             return None
         # Padding of the input (padded text) has a position and is written back, as the host computes
-        # it too; padding rows of a ragged selection have none (`gather` marks them) and go to the sink.
-        has_position = self.index >= 0
-        positions = torch.where(has_position, self.index, self.grid.shape[1] - 1)  # else: the sink row
-        return scatter_tokens(self.grid, positions, self.x)
+        # it too; rows with no position (fused tokens, ragged padding) go to the sink row.
+        rows = torch.where(self.index >= 0, self.index, self.grid.shape[1] - 1)
+        return write_tokens(self.grid, rows, self.x)
 
     def dense_output(self) -> Tensor:
         """Dense mode: every input token in input order [B, N0, C], pruned ones with their last
         features, merged ones with the features of the token they were merged into; in the input's
         own layout [B, rows, cols, C] when the blocks take maps."""
         merged = self.source is not None
-        tokens = gather_tokens(self.x, self.source) if merged else self.stored_grid()[:, :-1]
+        tokens = gather_tokens(self.x, self.source) if merged else self.written_grid()[:, :-1]
         if self.map_size is None:
             return tokens
         return tokens.reshape(tokens.shape[0], *self.map_size, tokens.shape[-1])
@@ -216,37 +251,6 @@ class TokenState:
         if self.grid is None or self.tokens != self.grid.shape[1] - 1 or self.valid is not None:
             raise ValueError("merging in dense mode needs every input token still active")
         return self.index
-
-    def fuse_rest(self, kept: Tensor, weights: Tensor, kept_valid: Tensor | None = None) -> TokenState:
-        """Keep the tokens at `kept` and fuse all other non-prefix tokens into one appended token.
-
-        The fused token is the `weights`-weighted average of the tokens it replaces. In a ragged batch
-        (`kept_valid` from `ops.select_by_count`), padding is never fused, and a sample that keeps all
-        its tokens gets a fused token marked as padding.
-        """
-        if (self.valid is None) != (kept_valid is None):
-            raise ValueError("a ragged batch fuses with the validity of its kept tokens, and only it does")
-        rest_weights = weights
-        if kept_valid is None:
-            rest_weights = rest_weights.scatter(1, kept, 0.0)  # [B, Np], zero on the kept tokens
-        else:
-            rest_weights = rest_weights * self.valid[:, self.prefix :]
-            kept_weights = rest_weights.gather(1, kept).masked_fill(kept_valid, 0.0)  # padding rows: not kept
-            rest_weights = rest_weights.scatter(1, kept, kept_weights)
-        total = rest_weights.sum(dim=1)
-        fused = torch.bmm(rest_weights[:, None], self.x[:, self.prefix :])  # [B, 1, C]
-        return self.gather(kept, kept_valid)._append_fused(fused, total, self.size)
-
-    def select_and_fuse(self, positions: Tensor, weights: Tensor) -> TokenState:
-        """Keep the tokens at `positions` ([B, K] over all tokens, the prefix's own first) and fuse
-        all others into one appended token, their `weights`-weighted average. `weights` [B, N] covers
-        every token; the entries at `positions` are not read. The fast path of an equal-count batch:
-        one selection, no index arithmetic."""
-        if self.valid is not None:
-            raise ValueError("a ragged batch fuses through fuse_rest, with the validity of its kept tokens")
-        rest_weights = weights.scatter(1, positions, 0.0)  # [B, N], zero on the kept tokens
-        fused = torch.bmm(rest_weights[:, None], self.x)  # [B, 1, C]
-        return self.select(positions)._append_fused(fused, rest_weights.sum(dim=1), self.size)
 
     def _append_fused(self, weighted_sum: Tensor, total: Tensor, size_before: Tensor | None) -> TokenState:
         """This state with one more token, `weighted_sum` [B, 1, C] / `total` [B]; a sample whose
@@ -267,11 +271,11 @@ class TokenState:
         )
 
 
-def _check_map_input(x: Tensor, prefix: int, dense: bool) -> tuple[int, int]:
+def _check_map_input(x: Tensor, prefix: int, grid: bool) -> tuple[int, int]:
     """(rows, cols) of a [B, rows, cols, C] block input, which only dense runs can hand back whole."""
     if prefix:
         raise ValueError("a block input shaped as a [B, rows, cols, C] map cannot carry prefix tokens")
-    if not dense:
+    if not grid:
         raise ValueError("blocks that take [B, rows, cols, C] maps must give back the whole map; "
                          "patch with dense=True")
     return x.shape[1], x.shape[2]
@@ -292,9 +296,13 @@ def gather_tokens(x: Tensor, positions: Tensor) -> Tensor:
     return x.reshape(batch * tokens, channels).index_select(0, rows.flatten()).view(batch, -1, channels)
 
 
-def scatter_tokens(grid: Tensor, positions: Tensor, tokens: Tensor) -> Tensor:
-    """A copy of `grid` [B, N, C] with `tokens` [B, K, C] written at `positions` [B, K]."""
-    return grid.scatter(1, positions.unsqueeze(-1).expand(-1, -1, grid.shape[-1]), tokens)
+def write_tokens(grid: Tensor, positions: Tensor, tokens: Tensor) -> Tensor:
+    """`grid` [B, N, C] with `tokens` [B, K, C] written at `positions` [B, K]: in place when no
+    gradient is recorded through either, else a copy."""
+    rows = positions.unsqueeze(-1).expand(-1, -1, grid.shape[-1])
+    if torch.is_grad_enabled() and (grid.requires_grad or tokens.requires_grad):
+        return grid.scatter(1, rows, tokens)
+    return grid.scatter_(1, rows, tokens)
 
 
 def repeat_by_size(state: TokenState) -> Tensor:

@@ -93,7 +93,7 @@ class SamLayerView:
         macs = 2 * pairs * width  # scores and weighted values
         if self.attn.use_rel_pos:
             macs = macs + queries * bias_span * width
-        return macs.cpu()
+        return macs
 
     # attention over the active tokens
 

@@ -1,10 +1,12 @@
 """One file per method: its config, its learnable parts, and score -> select -> reduce."""
 
-from tokensieve.methods.base import AttentionView, Method, RunContext
+from tokensieve.methods.base import AttentionView, Method
 from tokensieve.methods.dynamicvit import DynamicViT
 from tokensieve.methods.evit import EViT
 from tokensieve.methods.random_drop import RandomDrop
+from tokensieve.methods.run import CallInput, MethodRun
 from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopK
 
-__all__ = ["AttentionView", "DynamicViT", "EViT", "Method", "RandomDrop", "RunContext", "ToMe", "TopK"]
+__all__ = ["AttentionView", "CallInput", "DynamicViT", "EViT", "Method", "MethodRun", "RandomDrop", "ToMe",
+           "TopK"]

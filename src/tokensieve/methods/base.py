@@ -9,23 +9,30 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from tokensieve import ops
+from tokensieve.methods.run import CallInput, MethodRun
 from tokensieve.spec import ModelSpec
-from tokensieve.tokens import TokenState
+from tokensieve.tokens import TokenState, Trace
 
 
 @dataclass
 class AttentionView:
-    """The attention inputs of the block being run, for methods that score tokens from them."""
+    """The attention inputs of the block being run, for methods that score tokens from them.
+
+    `exact` is False where the block's attention is not `softmax(q k^T * scale + bias)` over these
+    tokens (SAM's windows and relative positions): scores read from attention are refused there.
+    """
 
     q: Tensor  # [B, H, N, d]
     k: Tensor  # [B, H, N, d]
-    bias: Tensor | None  # mask or additive bias on keys, [B, 1, 1, N]
+    bias: Tensor | None  # mask or additive bias on keys, [B, 1, 1, N] ([B, 1, N, N] when causal)
     scale: float
     state: TokenState
+    exact: bool = True
 
     def class_attention(self, include_prefix: bool = False) -> Tensor:
         """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix];
         with `include_prefix`, to every token: [B, N]."""
+        self._require_exact("class attention")
         state = self.state
         if state.trace is not None:  # one query row against every key, in every head
             width = self.k.shape[1] * self.k.shape[3]
@@ -33,21 +40,44 @@ class AttentionView:
         scores = ops.class_attention(self.q, self.k, self.bias, self.scale)
         return scores if include_prefix else scores[:, state.prefix :]
 
+    def received_attention(self) -> Tensor:
+        """How much attention each non-prefix token receives: the mean over the real queries of each
+        head's attention to it, max over heads, [B, N - prefix]. Costs the whole attention map."""
+        self._require_exact("attention received")
+        state = self.state
+        if state.trace is not None:
+            width = self.k.shape[1] * self.k.shape[3]
+            state.trace.add_overhead("received_attention", state.token_counts() ** 2 * width)
+        weights = ops.attention_weights(self.q, self.k, self.bias, self.scale)  # [B, H, N, N]
+        if state.valid is None:
+            received = weights.mean(dim=2)
+        else:  # padding rows make no queries
+            queries = state.valid[:, None, :, None].to(weights.dtype)
+            received = (weights * queries).sum(dim=2) / queries.sum(dim=2).clamp_min(1.0)
+        return received.amax(dim=1)[:, state.prefix :]
+
     def key_metric(self) -> Tensor:
         """Keys summed over heads: [B, N, d], the similarity metric of token merging (ToMe's mean
         over heads up to a constant factor, which cosine similarity ignores; the sum is one op less)."""
         return self.k.sum(dim=1)
 
-
-@dataclass(frozen=True)
-class RunContext:
-    spec: ModelSpec
-    parts: nn.Module | None  # the method's learnable modules, if any
-    training: bool  # mask mode: differentiable decisions, dense compute
+    def _require_exact(self, what: str) -> None:
+        if not self.exact:
+            raise ValueError(f"this layer attends within windows or with relative positions, and {what} "
+                             "read from its plain q and k would score an attention that never ran; score "
+                             "tokens from their features (as DynamicViT does)")
 
 
 class Method:
-    """Base of all methods. Subclasses are frozen dataclasses holding only configuration."""
+    """Base of all methods. Subclasses are frozen dataclasses holding only configuration.
+
+    A forward call of a patched module is one run (`MethodRun`): `start` when the call enters the
+    first block, then for each block `before_block` and `after_attention`, and `finish` when the
+    last block is done. Each step takes and returns the call's TokenState. Learnable parts are
+    built by `bind` (per patched module) and `bind_shared` (once, shared by every module patched
+    together); per-call inputs are declared by `call_inputs`; `losses` turns what the runs of one
+    training step reported into named loss terms.
+    """
 
     def __str__(self) -> str:
         """Short form: the first setting (keep or r), then those that differ from the defaults."""
@@ -67,16 +97,41 @@ class Method:
         """Whether every active token continues one input position (needed by dense mode)."""
         return True
 
+    @property
+    def uses_grid(self) -> bool:
+        """Whether the method works on the full token grid: frozen tokens stay there with their last
+        features and a later step may bring them back (`TokenState.activate`)."""
+        return False
+
+    def call_inputs(self, spec: ModelSpec) -> tuple[CallInput, ...]:
+        """The tensors the method reads from every forward call (`tokensieve.inputs`)."""
+        return ()
+
     def bind(self, spec: ModelSpec) -> nn.Module | None:
-        """Check the config against the model and build the method's learnable parts."""
+        """Check the config against the model and build the method's learnable parts for it."""
         return None
 
-    def before_block(self, layer: int, state: TokenState, ctx: RunContext) -> TokenState:
+    def bind_shared(self, specs: Sequence[ModelSpec]) -> nn.Module | None:
+        """The learnable parts shared by every module patched together (e.g. an image and a text tower)."""
+        return None
+
+    def start(self, state: TokenState, run: MethodRun) -> TokenState:
+        return state
+
+    def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
         return state
 
     def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
-                        ctx: RunContext) -> TokenState:
+                        run: MethodRun) -> TokenState:
         return state
+
+    def finish(self, state: TokenState, run: MethodRun) -> TokenState:
+        return state
+
+    def losses(self, traces: Sequence[Trace]) -> dict[str, Tensor]:
+        """Named loss terms, already weighted, from the traces of one training step's forward calls
+        (one per patched module and call; `trace.module`, `trace.reports`). `fit` adds them."""
+        return {}
 
 
 def check_keep(keep: float, name: str) -> None:

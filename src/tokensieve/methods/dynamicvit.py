@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokensieve import calls, ops
-from tokensieve.methods.base import Method, RunContext, check_keep, check_layers
+from tokensieve.methods.base import Method, MethodRun, check_keep, check_layers
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 
@@ -40,34 +40,33 @@ class DynamicViT(Method):
         """keep ** s at the s-th pruning layer (s = 1, 2, ...)."""
         return self.keep ** (sorted(set(self.layers)).index(layer) + 1)
 
-    def before_block(self, layer: int, state: TokenState, ctx: RunContext) -> TokenState:
+    def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
         if layer not in self.layers:
             return state
-        predictor = ctx.parts[str(layer)]
+        predictor = run.parts[str(layer)]
         patches = state.x[:, state.prefix :]
         weights = _patch_weights(state)
         logits = predictor(patches, weights)  # [B, Np, 2]: (drop, keep)
         if state.trace is not None:
             state.trace.add_overhead("predictor", predictor.macs(state.patch_counts()))
-        if ctx.training:
+        if run.training:
             return _mask_mode_step(state, logits, self.stage_keep(layer))
-        input_patches = state.trace.input_tokens - state.prefix if state.trace else patches.shape[1]
         keep_scores = logits[..., 1] - logits[..., 0]
         if self.dynamic:
             keep_votes = keep_scores > 0
             if weights is not None:
                 keep_votes = keep_votes & (weights > 0)
-            counts = keep_votes.sum(dim=1)
-            counts = counts.clamp(ops.MIN_KEPT_TOKENS, patches.shape[1])
-            valid = None if state.valid is None else state.valid[:, state.prefix :]
-            return state.gather(*ops.select_by_count(keep_scores, counts, valid))
-        k = max(ops.MIN_KEPT_TOKENS, min(patches.shape[1], int(input_patches * self.stage_keep(layer))))
-        if state.valid is not None:
-            raise ValueError("DynamicViT with a fixed keep rate cannot run on a padded batch or follow a "
-                             "ragged selection; use dynamic=True")
-        if k == patches.shape[1]:
-            return state
-        return state.gather(ops.top_positions(keep_scores, k))
+            kept = keep_votes.sum(dim=1).clamp(ops.MIN_KEPT_TOKENS, patches.shape[1])
+        else:
+            if state.valid is not None:
+                raise ValueError("DynamicViT with a fixed keep rate cannot run on a padded batch or follow a "
+                                 "ragged selection; use dynamic=True")
+            input_patches = state.trace.input_tokens - state.prefix if state.trace else patches.shape[1]
+            target = int(input_patches * self.stage_keep(layer))
+            kept = max(ops.MIN_KEPT_TOKENS, min(patches.shape[1], target))
+            if kept == patches.shape[1]:
+                return state
+        return state.select(*ops.keep_top(keep_scores, kept, state.prefix, state.patch_valid()))
 
 
 def _patch_weights(state: TokenState) -> Tensor | None:

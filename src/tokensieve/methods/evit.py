@@ -10,7 +10,7 @@ from tokensieve import ops
 from tokensieve.methods.base import (
     AttentionView,
     Method,
-    RunContext,
+    MethodRun,
     check_keep,
     check_layers,
     needs_class_token,
@@ -36,33 +36,17 @@ class EViT(Method):
         return None
 
     def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
-                        ctx: RunContext) -> TokenState:
+                        run: MethodRun) -> TokenState:
         if layer not in self.layers:
             return state
-        if state.valid is not None:
-            return self._reduce_ragged(state, attn)
-        tokens = state.tokens - state.prefix
-        k = ops.keep_count(tokens, self.keep)
-        if k == tokens:
-            return state
-        scores = attn.class_attention(include_prefix=True)  # [B, N]
-        positions = ops.top_positions_with_prefix(scores, state.prefix, k)
-        if not self.fuse:
-            return state.select(positions)
-        if state.trace is not None:
-            state.trace.add_overhead("fuse", tokens * state.x.shape[-1])
-        return state.select_and_fuse(positions, scores)
-
-    def _reduce_ragged(self, state: TokenState, attn: AttentionView) -> TokenState:
-        """Padded batches (e.g. padded text): each sample keeps its own share of its own tokens."""
         counts = state.patch_counts()
-        kept_counts = ops.keep_count(counts, self.keep)
-        if bool((kept_counts == counts).all()):  # nothing to prune: padding rows stay as they are
+        kept = ops.keep_count(counts, self.keep)
+        if not ops.prunes(counts, kept):
             return state
         scores = attn.class_attention()  # [B, Np]
-        kept, kept_valid = ops.select_by_count(scores, kept_counts, state.valid[:, state.prefix :])
+        slots, valid = ops.keep_top(scores, kept, state.prefix, state.patch_valid())
         if not self.fuse:
-            return state.gather(kept, kept_valid)
+            return state.select(slots, valid)
         if state.trace is not None:
             state.trace.add_overhead("fuse", counts * state.x.shape[-1])
-        return state.fuse_rest(kept, scores, kept_valid)
+        return state.fuse_rest(slots, scores, valid)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tokensieve import ops
-from tokensieve.methods.base import Method, RunContext, check_keep, check_layers
+from tokensieve.methods.base import Method, MethodRun, check_keep, check_layers
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 
@@ -31,17 +31,17 @@ class RandomDrop(Method):
         check_layers(self.layers, spec.depth, type(self).__name__)
         return None
 
-    def before_block(self, layer: int, state: TokenState, ctx: RunContext) -> TokenState:
+    def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
         if layer not in self.layers:
             return state
         counts = state.patch_counts()
+        kept = ops.keep_count(counts, self.keep)
+        if not ops.prunes(counts, kept):
+            return state
         batch, tokens = state.x.shape[0], state.x.shape[1] - state.prefix
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
         scores = torch.rand(batch, tokens, generator=generator).to(state.x.device)
-        kept = ops.keep_count(counts, self.keep)
-        if isinstance(counts, int):
-            return state if kept == counts else state.gather(ops.top_positions(scores, kept))
-        return state.gather(*ops.select_by_count(scores, kept, state.valid[:, state.prefix :]))
+        return state.select(*ops.keep_top(scores, kept, state.prefix, state.patch_valid()))
 
 
 __all__ = ["RandomDrop"]

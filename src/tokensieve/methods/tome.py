@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tokensieve import ops
-from tokensieve.methods.base import AttentionView, Method, RunContext, check_layers
+from tokensieve.methods.base import AttentionView, Method, MethodRun, check_layers
 from tokensieve.ops.matching import matching_macs
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
@@ -77,8 +77,8 @@ class ToMe(Method):
                              f"{tokens} input tokens; lower r to at most {max_merge(tokens)}")
 
     def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
-                        ctx: RunContext) -> TokenState:
-        per_layer = self.schedule(ctx.spec.depth)
+                        run: MethodRun) -> TokenState:
+        per_layer = self.schedule(run.spec.depth)
         r = per_layer[layer]
         if r == 0:
             return state

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tokensieve import ops
 from tokensieve.methods.base import (
     AttentionView,
     Method,
-    RunContext,
+    MethodRun,
     check_keep,
     check_layers,
     needs_class_token,
@@ -45,39 +45,36 @@ class TopK(Method):
         return None
 
     def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
-                        ctx: RunContext) -> TokenState:
+                        run: MethodRun) -> TokenState:
         if layer not in self.layers:
             return state
-        if self.mass is not None:
-            return _keep_attention_mass(state, attn, self.mass)
         counts = state.patch_counts()
-        kept = ops.keep_count(counts, self.keep)
-        if isinstance(counts, int):  # equal counts: one top-k and one selection
-            if kept == counts:
+        if self.mass is None:
+            kept = ops.keep_count(counts, self.keep)
+            if not ops.prunes(counts, kept):
                 return state
-            scores = attn.class_attention(include_prefix=True)
-            return state.select(ops.top_positions_with_prefix(scores, state.prefix, kept))
-        if bool((kept == counts).all()):  # nothing to prune: padding rows stay as they are
-            return state
-        valid = state.valid[:, state.prefix :]
-        return state.gather(*ops.select_by_count(attn.class_attention(), kept, valid))
+            scores = attn.class_attention()  # [B, Np]
+        else:
+            scores = attn.class_attention()
+            kept = _attention_mass_counts(state, scores, self.mass)
+            if not ops.prunes(counts, kept):
+                return state
+        return state.select(*ops.keep_top(scores, kept, state.prefix, state.patch_valid()))
 
 
-def _keep_attention_mass(state: TokenState, attn: AttentionView, mass: float) -> TokenState:
-    scores = attn.class_attention()  # [B, Np]
-    if state.valid is not None:
-        scores = scores * state.valid[:, state.prefix :]
+def _attention_mass_counts(state: TokenState, scores: Tensor, mass: float) -> Tensor:
+    """[B] the fewest tokens of each sample that together hold `mass` of its class attention."""
+    valid = state.patch_valid()
+    if valid is not None:
+        scores = scores * valid
     shares = scores / scores.sum(dim=1, keepdim=True)
     ranked = shares.sort(dim=1, descending=True).values
     # Tokens needed: 1 + how many best-first prefixes still fall short of the mass.
     counts = (ranked.cumsum(dim=1) < mass - 1e-6).sum(dim=1) + 1
     counts = counts.clamp(ops.MIN_KEPT_TOKENS, scores.shape[1])
-    valid = None if state.valid is None else state.valid[:, state.prefix :]
     if valid is not None:  # rounding must not count padding in
         counts = torch.minimum(counts, valid.sum(dim=1))
-    if bool((counts == state.patch_counts()).all()):  # nothing to prune
-        return state
-    return state.gather(*ops.select_by_count(scores, counts, valid))
+    return counts
 
 
 __all__ = ["TopK"]

@@ -17,11 +17,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
     """
     if not eager:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    weights = F.dropout(attention_weights(q, k, bias, scale), p=dropout, training=dropout > 0)
+    return weights @ v
+
+
+def attention_weights(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """The softmax attention map [B, H, N, N] (`bias` as in `attention`)."""
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits.masked_fill(~bias, -torch.inf) if bias.dtype == torch.bool else logits + bias
-    weights = F.dropout(logits.softmax(dim=-1), p=dropout, training=dropout > 0)
-    return weights @ v
+    return logits.softmax(dim=-1)
 
 
 def class_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:

@@ -25,19 +25,36 @@ def top_positions(scores: Tensor, k: int) -> Tensor:
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
-def top_positions_with_prefix(scores: Tensor, prefix: int, k: int) -> Tensor:
-    """Positions [B, prefix + k] over all tokens: the `prefix` leading tokens, then the k
-    best-scoring tokens after them, in original order.
+def keep_top(scores: Tensor, counts: int | Tensor, prefix: int = 0,
+             valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The tokens to keep, as slots of the current token sequence: the `prefix` leading tokens,
+    then each row's `counts` best-scoring non-prefix tokens in their original order.
 
-    `scores` [B, N] covers every token. Its prefix entries are overwritten with +inf in place, which
-    puts the prefix first in one top-k (no index arithmetic; a fresh tensor is copied only when it
-    carries gradient).
+    `scores` [B, N - prefix] scores the non-prefix tokens; `counts` is one count for every sample
+    (int) or one per sample [B]; `valid` [B, N - prefix] is False on padding, which is never kept.
+    Returns slots [B, prefix + K] and their validity [B, prefix + K] (None when every row keeps the
+    same count of real tokens: the equal-count fast path, one top-k and no reordering).
     """
-    if prefix:
-        if scores.requires_grad:
-            scores = scores.detach().clone()
-        scores[:, :prefix] = torch.inf
-    return top_positions(scores, prefix + k)
+    if isinstance(counts, int) and valid is None:
+        kept, kept_valid = top_positions(scores, counts), None
+    else:
+        if isinstance(counts, int):
+            counts = torch.full((scores.shape[0],), counts, device=scores.device)
+        kept, kept_valid = select_by_count(scores, counts, valid)
+    if not prefix:
+        return kept, kept_valid
+    batch = scores.shape[0]
+    slots = torch.cat([torch.arange(prefix, device=kept.device).expand(batch, prefix), kept + prefix], dim=1)
+    if kept_valid is not None:
+        kept_valid = torch.cat([kept_valid.new_ones(batch, prefix), kept_valid], dim=1)
+    return slots, kept_valid
+
+
+def prunes(counts: int | Tensor, kept: int | Tensor) -> bool:
+    """Whether keeping `kept` of `counts` tokens (ints, or per-sample [B]) drops any."""
+    if isinstance(counts, Tensor) or isinstance(kept, Tensor):
+        return bool((kept < counts).any())
+    return kept < counts
 
 
 def select_by_count(scores: Tensor, counts: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
