@@ -9,7 +9,7 @@ from tokensieve.train import LOG_FIELDS, WarmupCosine, cross_entropy, fit, read_
 
 # The fields docs/training.md lists; changing them is a change of the log format.
 DOCUMENTED_FIELDS = ("step", "epoch", "lr", "loss", "loss_task", "loss_keep_ratio", "loss_distill",
-                     "kept_rate", "keep_per_stage", "grad_norm", "seconds", "eval")
+                     "kept_rate", "keep_per_stage", "grad_norm", "seconds", "eval", "method_losses")
 
 
 def test_the_log_has_one_line_per_step_with_the_documented_fields(tmp_path):

@@ -2,18 +2,20 @@
 
 from tokensieve.bench import BenchResult, benchmark
 from tokensieve.flops import FlopsReport, flops
-from tokensieve.methods import DynamicViT, EViT, Method, RandomDrop, ToMe, TopK
-from tokensieve.patch import Sieve, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
+from tokensieve.methods import CallInput, DynamicViT, EViT, Method, MethodRun, RandomDrop, ToMe, TopK
+from tokensieve.patch import Sieve, inputs, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
 from tokensieve.tokens import TokenState, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BenchResult",
+    "CallInput",
     "DynamicViT",
     "EViT",
     "FlopsReport",
     "Method",
+    "MethodRun",
     "RandomDrop",
     "Sieve",
     "ToMe",
@@ -22,6 +24,7 @@ __all__ = [
     "Trace",
     "benchmark",
     "flops",
+    "inputs",
     "is_patched",
     "patch",
     "pruning_disabled",

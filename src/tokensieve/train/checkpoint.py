@@ -219,7 +219,7 @@ def _check_identity(metadata: dict[str, str], model: nn.Module, sieve: Sieve | N
 
 
 def _host_identity(model: nn.Module, sieve: Sieve | None) -> dict[str, Any]:
-    return host_identity(model, sieve.spec if sieve is not None else None)
+    return host_identity(model, sieve.specs if sieve is not None else None)
 
 
 def _method_config(sieve: Sieve | None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,14 +17,15 @@ from tokensieve.spec import ModelSpec
 SHORT_HASH = 16  # hex digits kept of a sha256
 
 
-def host_identity(model: nn.Module, spec: ModelSpec | None) -> dict[str, Any]:
-    """Class, ModelSpec (None for a model trained unpatched) and a short hash of the parameter
-    names and shapes: equal for two builds of the same architecture, different for another model
-    or another size."""
+def host_identity(model: nn.Module, specs: Sequence[ModelSpec] | None) -> dict[str, Any]:
+    """Class, the ModelSpec of each patched module (None for a model trained unpatched; one spec
+    alone for one module) and a short hash of the parameter names and shapes: equal for two builds
+    of the same architecture, different for another model or another size."""
     layout = "\n".join(f"{name}:{tuple(param.shape)}" for name, param in model.named_parameters())
+    described = None if specs is None else [dataclasses.asdict(spec) for spec in specs]
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "spec": dataclasses.asdict(spec) if spec is not None else None,
+        "spec": described[0] if described is not None and len(described) == 1 else described,
         "parameters": hashlib.sha256(layout.encode()).hexdigest()[:SHORT_HASH],
     }
 

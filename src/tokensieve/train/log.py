@@ -29,6 +29,7 @@ class StepLog:
     grad_norm: float  # global gradient norm before clipping
     seconds: float  # wall-clock time of the step, data loading included
     eval: dict[str, float] | None = None  # what fit's `evaluate` returned at this step
+    method_losses: dict[str, float] | None = None  # the method's own loss terms (Method.losses), by name
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

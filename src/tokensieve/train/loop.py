@@ -32,6 +32,7 @@ from tokensieve.train.rng import capture_rng, derived_seed, restore_rng, seed_ev
 from tokensieve.train.schedule import warmup_cosine
 
 TaskLoss = Callable[[Tensor, Any], Tensor]  # (logits, targets) -> scalar
+_FIXED_TERMS = ("loss", "loss_task", "loss_keep_ratio", "loss_distill")  # the terms fit computes itself
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
@@ -52,12 +53,16 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
     Each step runs the model in training mode (mask mode for learnable methods) and minimises
     task_weight · task_loss(logits, targets) + keep_ratio_weight · keep-ratio loss (methods with
     keep decisions) + distill_weight · KL to the same model run dense (pruning off, eval mode,
-    no gradient). `data` is a Dataset of (input, target) samples (fit shuffles it from the seed;
-    exact resume), an iterable of (inputs, targets) batches, or a function epoch -> such an
-    iterable; dict inputs are passed as keyword arguments. With `checkpoint_dir` set the run
-    checkpoints there and, with `resume`, continues from its latest checkpoint. `until` stops
-    after that many steps of the run (the schedule still spans the whole run), to continue later.
-    `sieve` picks the method when several modules of `model` are patched. `evaluate(model)` runs
+    no gradient) + the loss terms the method reports for the step's forward calls
+    (`Method.losses`, e.g. an alignment loss over an image and a text tower patched together;
+    logged by name). The patched part may be several modules of `model` patched by one call
+    (`tokensieve.patch([vision, text], method)`): they train as one handle. `data` is a Dataset
+    of (input, target) samples (fit shuffles it from the seed; exact resume), an iterable of
+    (inputs, targets) batches, or a function epoch -> such an iterable; dict inputs are passed as
+    keyword arguments. With `checkpoint_dir` set the run checkpoints there and, with `resume`,
+    continues from its latest checkpoint. `until` stops after that many steps of the run (the
+    schedule still spans the whole run), to continue later. `sieve` picks the method when modules
+    of `model` are patched by several calls. `evaluate(model)` runs
     in eval mode without gradient every `eval_every` steps and at the run's end (on every rank).
     After fit, `.grad` of the trained parameters holds the last step's averaged, clipped gradient.
     """
@@ -109,7 +114,9 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
                 result.history.append(record)
                 if log is not None:
                     log.write(record)
-                bar.set_postfix(loss=f"{record.loss:.4f}", kept=f"{record.kept_rate:.3f}", refresh=False)
+                shown = {name: f"{value:.4f}" for name, value in (record.method_losses or {}).items()}
+                bar.set_postfix(loss=f"{record.loss:.4f}", kept=f"{record.kept_rate:.3f}", **shown,
+                                refresh=False)
                 bar.update(1)
                 if config.checkpoint_dir is not None and (
                         _due(position.step, config.checkpoint_every, total) or position.step == stop):
@@ -147,7 +154,7 @@ class _TrainingStep:
     gradient averaging over ranks, clipping, update. Returns the step's StepLog (step and
     seconds filled in by the caller)."""
 
-    def __init__(self, model: nn.Module, patched: nn.Module | None, sieve: Sieve | None,
+    def __init__(self, model: nn.Module, patched: list[nn.Module] | None, sieve: Sieve | None,
                  task_loss: TaskLoss, logits_of: Callable[[Any], Tensor], config: TrainConfig,
                  parameters: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
                  device: torch.device) -> None:
@@ -168,10 +175,12 @@ class _TrainingStep:
         reduced = dist.mean_over_ranks(torch.stack(values)).tolist()
         means = dict(zip(names, reduced[: len(names)], strict=True))
         stage_shares = reduced[len(names) :] if stages else None
+        method_losses = {name.removeprefix("loss_"): means[name] for name in losses
+                         if name not in _FIXED_TERMS} or None
         return StepLog(step=0, epoch=epoch, lr=lr, loss=means["loss"], loss_task=means["loss_task"],
                        loss_keep_ratio=means.get("loss_keep_ratio"), loss_distill=means.get("loss_distill"),
                        kept_rate=means["kept_rate"], keep_per_stage=stage_shares, grad_norm=float(grad_norm),
-                       seconds=0.0)
+                       seconds=0.0, method_losses=method_losses)
 
     def _losses(self, inputs: Any, targets: Any) -> tuple[dict[str, Tensor | None], list[Trace], list]:
         """The weighted loss and its terms (None: not computed), the traces, the keep stages, under
@@ -187,8 +196,10 @@ class _TrainingStep:
             return {"loss": config.task_weight * task, "loss_task": task, "loss_keep_ratio": None,
                     "loss_distill": None}, [], []
         teacher = self._teacher_logits(inputs) if config.distill_weight > 0 else None
-        with ts.trace(self.patched) as traces:
+        with contextlib.ExitStack() as stack:
+            collected = [stack.enter_context(ts.trace(module)) for module in self.patched]
             logits = self.logits_of(_call(self.model, inputs))
+        traces = [trace for collector in collected for trace in collector]
         if not traces:
             raise ValueError("the model's forward did not run the patched blocks; pass the model whose "
                              "forward uses them (or sieve=... for the patched part)")
@@ -202,6 +213,14 @@ class _TrainingStep:
         if distill is not None:
             loss = loss + config.distill_weight * distill
         terms = {"loss": loss, "loss_task": task, "loss_keep_ratio": keep, "loss_distill": distill}
+        for name, value in self.sieve.method.losses(traces).items():
+            key = f"loss_{name}"
+            if key in terms:
+                raise ValueError(f"{self.sieve.method} reports a loss named {name!r}, which fit computes "
+                                 "itself; give it another name")
+            loss = loss + value
+            terms[key] = value
+        terms["loss"] = loss
         return terms, traces, stages
 
     def _update(self, loss: Tensor) -> Tensor:
@@ -219,7 +238,9 @@ class _TrainingStep:
         """The same weights run dense in eval mode: a deterministic target that draws no random numbers."""
         self.model.eval()
         try:
-            with ts.pruning_disabled(self.patched):
+            with contextlib.ExitStack() as stack:
+                for module in self.patched:
+                    stack.enter_context(ts.pruning_disabled(module))
                 return self.logits_of(_call(self.model, inputs)).detach()
         finally:
             self.model.train()
@@ -245,9 +266,10 @@ def _kept_rate(traces: list[Trace]) -> Tensor:
 
 
 def _find_patched(model: nn.Module, sieve: Sieve | None,
-                  config: TrainConfig) -> tuple[nn.Module | None, Sieve | None]:
-    """The patched module inside `model` (itself, or e.g. the vision encoder of a task model), or
-    (None, None) for a model that is not patched, trained whole and dense."""
+                  config: TrainConfig) -> tuple[list[nn.Module] | None, Sieve | None]:
+    """The patched modules inside `model` (itself, or e.g. the towers of a task model) that one
+    handle spans, and that handle; (None, None) for a model that is not patched, trained whole
+    and dense."""
     patched = [m for m in model.modules() if ts.is_patched(m)]
     if sieve is not None:
         patched = [m for m in patched if ts.sieve_of(m) is sieve]
@@ -258,10 +280,12 @@ def _find_patched(model: nn.Module, sieve: Sieve | None,
     if not patched:
         raise ValueError("this model is not patched; call tokensieve.patch(model, method) before training "
                          "its method, or use TrainConfig(train='model') to train the model dense")
-    if len(patched) > 1:
-        raise ValueError(f"{len(patched)} modules of this model are patched; pass sieve=... to say which "
-                         "method to train")
-    return patched[0], ts.sieve_of(patched[0])
+    handles = {id(ts.sieve_of(m)) for m in patched}
+    if len(handles) > 1:
+        raise ValueError(f"modules of this model are patched by {len(handles)} separate patch calls; pass "
+                         "sieve=... to say which method to train (or patch them in one call to train one "
+                         "method over all of them)")
+    return patched, ts.sieve_of(patched[0])
 
 
 def _trained_parameters(model: nn.Module, sieve: Sieve | None,
