@@ -14,18 +14,11 @@ See docs/reference.md.
 from tokensieve.reference.evaluation import METRICS, evaluate, retrieval_scores
 from tokensieve.reference.guidance import MiniLMGuidance, TextGuidance, WordEncoder, build_guidance
 from tokensieve.reference.models import IMAGE_SIZES, SegmentationViT, build_classifier, build_segmenter
+from tokensieve.reference.patching import image_encoder, patch_reference, text_encoder
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
 from tokensieve.reference.store import TASKS, load_reference, save_reference, shipped_weights
 from tokensieve.reference.tos import TosModel, TosOutput, build_tos
-from tokensieve.reference.training import (
-    build_model,
-    image_encoder,
-    load_recipe_phase,
-    patch_reference,
-    text_encoder,
-    train_method,
-    train_reference,
-)
+from tokensieve.reference.training import build_model, load_recipe_phase, train_method, train_reference
 from tokensieve.reference.vl import (
     END_ID,
     START_ID,

@@ -13,18 +13,11 @@ import transformers
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-import tokensieve as ts
 from tokensieve.methods import Method
-from tokensieve.patch import Sieve
 from tokensieve.reference.auxiliary import AttributeHead, with_attributes
 from tokensieve.reference.evaluation import evaluate
-from tokensieve.reference.models import (
-    IMAGE_SIZE,
-    IMAGE_SIZES,
-    SegmentationViT,
-    build_classifier,
-    build_segmenter,
-)
+from tokensieve.reference.models import IMAGE_SIZE, IMAGE_SIZES, build_classifier, build_segmenter
+from tokensieve.reference.patching import patch_reference
 from tokensieve.reference.perception import (
     FindingReadouts,
     NlvrObjects,
@@ -43,13 +36,12 @@ from tokensieve.reference.statements import (
     statements_loss,
 )
 from tokensieve.reference.store import load_reference, save_reference
-from tokensieve.reference.tos import TosModel, build_tos
+from tokensieve.reference.tos import build_tos
 from tokensieve.reference.transfer import start_from_seg
 from tokensieve.reference.vl import (
     build_nlvr,
     build_retrieval,
     contrastive_logits,
-    is_vl_model,
     itc_logits,
     itm_logits,
     text_inputs,
@@ -368,37 +360,3 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     fit(model, data, _task_loss(task), config, collate_fn=_collate(task, size),
         evaluate=_validation(task, size), logits_of=_logits_of(task))
     return model.eval()
-
-
-def patch_reference(model: nn.Module, method: Method) -> Sieve:
-    """Patch a reference model with `method`: the classifier whole; the seg model's backbone and
-    the tos model's SAM vision encoder in dense mode (pruned tokens stay in place, so the head,
-    the neck and the mask decoder see every position); the vision tower of the nlvr (BLIP) and
-    retrieval (CLIP) models as it is (BLIP's text encoder cross-attends to the kept image tokens,
-    CLIP pools the class token). Their text encoders are patched on their own:
-    `ts.patch(text_encoder(model), method)`."""
-    if isinstance(model, (SegmentationViT, TosModel)):
-        return ts.patch(image_encoder(model), method, dense=True)
-    if is_vl_model(model):
-        return ts.patch(image_encoder(model), method)
-    return ts.patch(model, method)
-
-
-def image_encoder(model: nn.Module) -> nn.Module:
-    """The module a reference model's pruning patches, and whose MACs are reported."""
-    if isinstance(model, SegmentationViT):
-        return model.backbone
-    if isinstance(model, TosModel):
-        return model.sam.vision_encoder
-    if is_vl_model(model):
-        return model.vision_model
-    return model
-
-
-def text_encoder(model: nn.Module) -> nn.Module:
-    """The text tower of a vision-language reference model: BLIP's `text_encoder` (nlvr), CLIP's
-    `text_model` (retrieval)."""
-    if not is_vl_model(model):
-        raise TypeError(f"{type(model).__name__} has no text encoder tokensieve patches; the nlvr (BLIP) "
-                        "and retrieval (CLIP) reference models have one")
-    return model.text_encoder if hasattr(model, "text_encoder") else model.text_model
