@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tokensieve.reference.statements import (
+from tokensieve.reference.recipes.nlvr.statements import (
     GROUNDED_KINDS,
     GROUNDING_LAYERS,
     NlvrGrounded,

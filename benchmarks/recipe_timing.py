@@ -19,7 +19,7 @@ import time
 import torch
 
 from tokensieve.reference import RECIPES, Phase, build_model
-from tokensieve.reference.auxiliary import AttributeHead
+from tokensieve.reference.recipes.auxiliary import AttributeHead
 from tokensieve.reference.training import _phase_data, phase_objective  # the recipe's own step
 
 TWO_CORES = 1.7  # an estimated speed-up of two threads over one on this machine, not measured

@@ -14,11 +14,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from tokensieve.methods import Method
-from tokensieve.reference.auxiliary import AttributeHead, with_attributes
 from tokensieve.reference.evaluation import evaluate
 from tokensieve.reference.models import IMAGE_SIZE, IMAGE_SIZES, build_classifier, build_segmenter
 from tokensieve.reference.patching import patch_reference
-from tokensieve.reference.perception import (
+from tokensieve.reference.recipes import RECIPES, Phase, Recipe
+from tokensieve.reference.recipes.auxiliary import AttributeHead, with_attributes
+from tokensieve.reference.recipes.nlvr.perception import (
     FindingReadouts,
     NlvrObjects,
     ObjectReadouts,
@@ -26,8 +27,7 @@ from tokensieve.reference.perception import (
     readout_loss,
     readouts_collate,
 )
-from tokensieve.reference.recipes import RECIPES, Phase, Recipe
-from tokensieve.reference.statements import (
+from tokensieve.reference.recipes.nlvr.statements import (
     NlvrGrounded,
     StatementReader,
     TowerTokens,
