@@ -6,4 +6,6 @@ plain BlipForImageTextRetrieval.
                    cross-attention find them (the "objects" and "finding" phases)
     statements.py  BLIP's text side learns the statements over the frozen tower's tokens (the
                    "tokens" phase)
+    phases.py      what each of those phases trains and on which data, as train_reference runs
+                   them
 """
