@@ -8,7 +8,9 @@ backbone), shipped as fp16 weights, loaded with `from_pretrained`.
     >>> ts.patch(model.backbone, ts.EViT(keep=0.7, fuse=False), dense=True)
     >>> evaluate(model, "seg", make_dataset("seg", "test"))
 
-See docs/reference.md.
+What only training uses (the phases' objectives and batching, the attribute head, the nlvr
+recipe's readouts and statement reader) lives in `tokensieve.reference.recipes` and is not
+exported here. See docs/reference.md.
 """
 
 from tokensieve.reference.evaluation import METRICS, evaluate, retrieval_scores
