@@ -17,7 +17,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from tokensieve.reference.training import _collate, build_model, load_recipe_phase
+from tokensieve.reference import build_model, load_recipe_phase
+from tokensieve.reference.recipes.batches import task_collate
 from tokensieve.reference.transfer import start_from_seg
 from tokensieve.reference.vl import match_logits
 from tokensieve.tasks import make_dataset
@@ -34,7 +35,7 @@ def main() -> None:
     for run in args.run:
         models[run] = load_recipe_phase(build_model(args.task), run)
     data = make_dataset(args.task, "val", size=16, image_size=112)
-    inputs, _ = _collate(args.task, 112)([data[i] for i in range(16)])
+    inputs, _ = task_collate(args.task, 112)([data[i] for i in range(16)])
     print(f"{'model':40s} {'tokens of an image':>20s} {'images':>8s} {'ITM spread':>11s}")
     for name, model in models.items():
         with torch.no_grad():

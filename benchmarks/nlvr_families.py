@@ -3,7 +3,8 @@
 Scores a run's phase (or the shipped weights) on validation statements, family by family, and on
 validation caption matching (tasks.matching: an image with its own caption or another scene's),
 an earlier recipe's warm-up. With `--facts`, a statements phase's facts head
-(reference/statements.py) is scored too: the share of statements asking each fact that it states.
+(reference/recipes/nlvr/statements.py) is scored too: the share of statements asking each fact
+that it states.
 
     python benchmarks/nlvr_families.py --run runs/nlvr/phase-2-112px --size 112
     python benchmarks/nlvr_families.py --run runs/nlvr/phase-1-224px --samples 500 --facts
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from tokensieve.loading import parse_method
 from tokensieve.reference import build_model, load_recipe_phase, load_reference, patch_reference
-from tokensieve.reference.statements import StatementReader, asked_facts
+from tokensieve.reference.recipes.nlvr.statements import StatementReader, asked_facts
 from tokensieve.reference.vl import match_logits, text_inputs
 from tokensieve.tasks import SIZE_CLASSES, collate, make_dataset
 from tokensieve.tasks.matching import MatchingDataset

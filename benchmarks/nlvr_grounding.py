@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tokensieve.reference.statements import (
+from tokensieve.reference import load_recipe_phase
+from tokensieve.reference.recipes.nlvr.phases import finding_readouts
+from tokensieve.reference.recipes.nlvr.statements import (
     GROUNDED_KINDS,
     GROUNDING_LAYERS,
     NlvrGrounded,
@@ -39,7 +41,6 @@ from tokensieve.reference.statements import (
     statements_collate,
     statements_loss,
 )
-from tokensieve.reference.training import finding_readouts, load_recipe_phase
 from tokensieve.reference.vl import build_nlvr
 from tokensieve.train import load_trained, warmup_cosine
 

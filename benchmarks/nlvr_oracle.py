@@ -3,8 +3,9 @@
 The image is replaced by one token per object, its colour, shape, centre and size embedded (the
 vision tower is skipped), and the nlvr reference model's own text encoder and ITM head
 (`build_nlvr`) train on fresh training statements: with the ITM loss alone, or with the facts
-head of reference/statements.py beside it (`--facts`). Prints validation accuracy per statement
-family every 250 steps and writes the curve to benchmarks/results/nlvr_oracle-{itm,facts}.json.
+head of reference/recipes/nlvr/statements.py beside it (`--facts`). Prints validation accuracy
+per statement family every 250 steps and writes the curve to
+benchmarks/results/nlvr_oracle-{itm,facts}.json.
 
     python benchmarks/nlvr_oracle.py            # the ITM loss alone (about 15 minutes, one thread)
     python benchmarks/nlvr_oracle.py --facts    # ITM + facts
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tokensieve.reference.statements import facts_loss
+from tokensieve.reference.recipes.nlvr.statements import facts_loss
 from tokensieve.reference.vl import build_nlvr, text_inputs
 from tokensieve.tasks import COLOUR_NAMES, SHAPES, collate, make_dataset
 from tokensieve.tasks.language import tokenize

@@ -8,9 +8,9 @@ token's neighbours through two 3×3 convolutions; this script asks the tokens th
 
 The nlvr model's vision tower (`build_nlvr`, its six blocks started from the seg backbone as the
 nlvr recipe starts) is read on nlvr training scenes at 224×224 by the three colour×shape readouts
-of `reference.perception.ObjectReadouts` (per position, the object mean, attention over the
-object), trained on their class losses (`class_loss`); a position readout names an object's
-shape right when the shape painted most over the object is its own.
+of `reference.recipes.nlvr.perception.ObjectReadouts` (per position, the object mean, attention
+over the object), trained on their class losses (`class_loss`); a position readout names an
+object's shape right when the shape painted most over the object is its own.
 With `--frozen` only the heads train (probes of the tokens the recipes start from); without it
 the tower trains too, on these three losses alone. Shape accuracy per size class on 64
 validation scenes every 100 steps, written to benchmarks/results/nlvr_perception-{frozen,trained}.json.
@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from tokensieve.reference.perception import (
+from tokensieve.reference.recipes.nlvr.perception import (
     MAX_OBJECTS,
     NlvrObjects,
     ObjectReadouts,

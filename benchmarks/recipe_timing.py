@@ -19,8 +19,8 @@ import time
 import torch
 
 from tokensieve.reference import RECIPES, Phase, build_model
-from tokensieve.reference.auxiliary import AttributeHead
-from tokensieve.reference.training import _phase_data, phase_objective  # the recipe's own step
+from tokensieve.reference.recipes.auxiliary import AttributeHead
+from tokensieve.reference.recipes.phases import phase_data, phase_objective  # the recipe's own step
 
 TWO_CORES = 1.7  # an estimated speed-up of two threads over one on this machine, not measured
 
@@ -37,7 +37,7 @@ def time_size(task: str, size: int, steps: int, data: str | None) -> tuple[float
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     phase = Phase(size, steps + 1, 1e-4, 0, data=data)
-    samples = _phase_data(task, phase, (steps + 1) * batch_size)
+    samples = phase_data(task, phase, (steps + 1) * batch_size)
     loss_fn, logits_of, collate = phase_objective(task, phase, recipe.attributes)
     start = time.process_time()
     batches = [collate([samples[i] for i in range(b * batch_size, (b + 1) * batch_size)])

@@ -103,6 +103,18 @@ def test_the_shipped_retrieval_model_loads_and_finds_the_captions():
     assert score > 0.5  # a trained model (0.69 in a validation gallery of 500); chance is 1/32
 
 
+def test_the_public_api_leaves_the_recipes_training_scaffolding_out():
+    import tokensieve.reference as reference
+
+    modules = {name: getattr(getattr(reference, name), "__module__", "") for name in reference.__all__}
+    recipes = "tokensieve.reference.recipes."
+    training_only = {name for name, module in modules.items()
+                     if module.startswith(recipes) and module != recipes + "definitions"}
+    assert not training_only
+    assert {"RECIPES", "Phase", "Recipe", "train_reference", "load_reference", "patch_reference",
+            "evaluate"} <= set(reference.__all__)
+
+
 def test_train_cli_passes_the_host_lr_scale_to_a_method_run_only(monkeypatch):
     import tokensieve.reference as reference
 

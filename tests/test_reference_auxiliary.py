@@ -7,7 +7,7 @@ import torch
 from test_reference_tos import tiny_tos
 from test_reference_vl import tiny
 
-from tokensieve.reference.auxiliary import (
+from tokensieve.reference.recipes.auxiliary import (
     ATTRIBUTE_WEIGHT,
     AttributeHead,
     attribute_loss,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_reference_vl import tiny
 
-from tokensieve.reference.perception import (
+from tokensieve.reference.recipes.nlvr.perception import (
     KINDS,
     MAX_OBJECTS,
     FindingReadouts,

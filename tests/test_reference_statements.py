@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from test_reference_vl import TINY_TEXT, TINY_VISION, tiny
 
-from tokensieve.reference.perception import FindingReadouts
-from tokensieve.reference.statements import (
+from tokensieve.reference.recipes.nlvr.perception import FindingReadouts
+from tokensieve.reference.recipes.nlvr.statements import (
     FACTS_WEIGHT,
     GROUNDED_KINDS,
     GROUNDING_LAYERS,

@@ -25,7 +25,7 @@ from tokensieve.reference import (
     save_reference,
     train_reference,
 )
-from tokensieve.reference import training as reference_training
+from tokensieve.reference.recipes import phases as recipe_phases
 from tokensieve.reference.tos import encode_resized
 from tokensieve.tasks import ciou, collate, giou, intersection_union, make_dataset
 from tokensieve.train import mask_bce_dice
@@ -127,7 +127,7 @@ def _iou(predicted, targets):
 
 
 def test_a_tiny_recipe_trains_by_phases_ships_fp16_and_reloads_to_the_same_masks(tmp_path, monkeypatch):
-    monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
+    monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
     recipe = Recipe("tos", (Phase(64, 2, 1e-3, 1), Phase(96, 2, 5e-4, 0)), batch_size=4, attributes=True)
     torch.manual_seed(0)
     model = train_reference("tos", tmp_path / "run", tmp_path / "out", recipe=recipe, progress=False,

@@ -36,7 +36,8 @@ from tokensieve.reference import (
     text_inputs,
     train_reference,
 )
-from tokensieve.reference import training as reference_training
+from tokensieve.reference.recipes import phases as recipe_phases
+from tokensieve.reference.recipes.nlvr import phases as nlvr_phases
 from tokensieve.reference.vl import MAX_TEXT_TOKENS, VL_VOCABULARY, nlvr_config, retrieval_config
 from tokensieve.tasks import (
     PAD_ID,
@@ -172,7 +173,7 @@ def test_clip_pools_each_caption_at_its_end_token_whatever_the_padding():
 ])
 def test_a_tiny_recipe_trains_by_phases_ships_fp16_and_reloads_to_the_same_outputs(tmp_path, monkeypatch,
                                                                                   task, scores):
-    monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
+    monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
     before = {name: p.clone() for name, p in tiny(task).named_parameters()}
     model = train_reference(task, tmp_path / "run", tmp_path / "out", recipe=TINY_RECIPE[task],
                             progress=False, model=tiny(task))
@@ -334,7 +335,7 @@ def test_tokensieve_eval_scores_the_vl_models_dense_and_pruned(tmp_path):
 
 
 def test_nlvr_warm_ups_train_blips_contrast_then_its_matching_head(tmp_path, monkeypatch):
-    monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
+    monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
     recipe = Recipe("nlvr", (Phase(64, 2, 1e-3, 0, data="captions"), Phase(64, 2, 1e-3, 0, data="matching"),
                              Phase(64, 2, 1e-3, 0)), batch_size=4, attributes=True)
     before = {name: p.clone() for name, p in tiny("nlvr").named_parameters()}
@@ -352,8 +353,8 @@ def test_nlvr_warm_ups_train_blips_contrast_then_its_matching_head(tmp_path, mon
 
 
 def test_nlvr_learns_to_see_objects_then_states_facts_over_the_frozen_towers_tokens(tmp_path, monkeypatch):
-    monkeypatch.setattr(reference_training, "VALIDATION_SAMPLES", 4)
-    monkeypatch.setattr(reference_training, "READOUT_VALIDATION_SCENES", 4)
+    monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
+    monkeypatch.setattr(nlvr_phases, "READOUT_VALIDATION_SCENES", 4)
     recipe = Recipe("nlvr", (Phase(224, 2, 1e-3, 0, data="objects", batch_size=2),
                              Phase(224, 2, 1e-3, 0, data="finding", batch_size=2),
                              Phase(224, 2, 1e-3, 0, data="tokens", scenes=3, batch_size=2)))
@@ -383,7 +384,7 @@ def test_nlvr_learns_to_see_objects_then_states_facts_over_the_frozen_towers_tok
 
 
 def test_a_phase_with_the_last_ones_readouts_continues_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(reference_training, "READOUT_VALIDATION_SCENES", 2)
+    monkeypatch.setattr(nlvr_phases, "READOUT_VALIDATION_SCENES", 2)
     # the second phase does not move (lr 0), so it holds what it started from
     recipe = Recipe("nlvr", (Phase(224, 2, 1e-3, 0, data="finding", batch_size=2),
                              Phase(224, 1, 0.0, 0, data="finding", batch_size=2)))

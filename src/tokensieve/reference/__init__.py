@@ -8,24 +8,19 @@ backbone), shipped as fp16 weights, loaded with `from_pretrained`.
     >>> ts.patch(model.backbone, ts.EViT(keep=0.7, fuse=False), dense=True)
     >>> evaluate(model, "seg", make_dataset("seg", "test"))
 
-See docs/reference.md.
+What only training uses (the phases' objectives and batching, the attribute head, the nlvr
+recipe's readouts and statement reader) lives in `tokensieve.reference.recipes` and is not
+exported here. See docs/reference.md.
 """
 
 from tokensieve.reference.evaluation import METRICS, evaluate, retrieval_scores
 from tokensieve.reference.guidance import MiniLMGuidance, TextGuidance, WordEncoder, build_guidance
 from tokensieve.reference.models import IMAGE_SIZES, SegmentationViT, build_classifier, build_segmenter
+from tokensieve.reference.patching import image_encoder, patch_reference, text_encoder
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
 from tokensieve.reference.store import TASKS, load_reference, save_reference, shipped_weights
 from tokensieve.reference.tos import TosModel, TosOutput, build_tos
-from tokensieve.reference.training import (
-    build_model,
-    image_encoder,
-    load_recipe_phase,
-    patch_reference,
-    text_encoder,
-    train_method,
-    train_reference,
-)
+from tokensieve.reference.training import build_model, load_recipe_phase, train_method, train_reference
 from tokensieve.reference.vl import (
     END_ID,
     START_ID,

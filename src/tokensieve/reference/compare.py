@@ -12,8 +12,8 @@ import tokensieve as ts
 from tokensieve.methods import Method
 from tokensieve.reference.evaluation import METRICS, evaluate
 from tokensieve.reference.models import IMAGE_SIZES
+from tokensieve.reference.patching import image_encoder, patch_reference
 from tokensieve.reference.store import load_reference
-from tokensieve.reference.training import image_encoder, patch_reference
 from tokensieve.tasks import make_dataset
 from tokensieve.train import load_trained
 

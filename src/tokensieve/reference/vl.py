@@ -48,7 +48,6 @@ NLVR_TEXT = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, nu
 RETRIEVAL_VISION_LAYERS = 6
 RETRIEVAL_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2)
 PROJECTION = 128  # the shared image–text embedding width (CLIP's projection_dim, BLIP's ITC width)
-ITC_TEMPERATURE = 0.07  # BLIP's initial contrastive temperature (fixed here: transformers' BLIP has none)
 
 
 def nlvr_config(vision: dict | None = None, text: dict | None = None,
@@ -154,22 +153,6 @@ def text_embeddings(model: transformers.CLIPModel, input_ids: Tensor, attention_
     """CLIP's L2-normalised text embeddings [B, projection], pooled at END_ID."""
     features = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
     return F.normalize(features.pooler_output, dim=-1)
-
-
-def itm_logits(output: transformers.utils.ModelOutput) -> Tensor:
-    """The logits `fit` trains a BLIP ITM model on: its `itm_score` [B, 2]."""
-    return output.itm_score
-
-
-def itc_logits(output: transformers.utils.ModelOutput) -> Tensor:
-    """The logits `fit` trains BLIP's image–text contrast on: with `use_itm_head=False`, BLIP's
-    `itm_score` is the cosine similarity [B images, B texts], divided here by ITC_TEMPERATURE."""
-    return output.itm_score / ITC_TEMPERATURE
-
-
-def contrastive_logits(output: transformers.utils.ModelOutput) -> Tensor:
-    """The logits `fit` trains CLIP on: `logits_per_image` [B images, B texts], already scaled."""
-    return output.logits_per_image
 
 
 def is_vl_model(model: nn.Module) -> bool:

@@ -16,10 +16,10 @@ the objects of the first kind the statement names, head 1 on those of the second
 with weight 1 spread over its patches, and the class token (a sink) with weight 1. The sink's
 share, 1/(n + 1), says how many objects match, and an object's mean token says where it is.
 
-Once the tower carries what the statements name (reference/perception.py), it is frozen and its
-tokens are computed once for a set of training scenes (`TowerTokens`): a step then costs the text
-encoder alone, several times less than a step through the tower, and the text side, which learns
-slowly, gets that many more steps.
+Once the tower carries what the statements name (perception.py, beside this file), it is frozen
+and its tokens are computed once for a set of training scenes (`TowerTokens`): a step then costs
+the text encoder alone, several times less than a step through the tower, and the text side,
+which learns slowly, gets that many more steps.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from tokensieve.reference.perception import FindingReadouts, kind_targets
+from tokensieve.reference.recipes.nlvr.perception import FindingReadouts, kind_targets
 from tokensieve.reference.vl import VL_PATCH_SIZE, text_inputs
 from tokensieve.tasks import collate as collate_samples
 from tokensieve.tasks.nlvr import FACTS, IGNORED, NlvrDataset, Statement

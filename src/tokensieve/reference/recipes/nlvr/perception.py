@@ -7,7 +7,7 @@ tokens of a tower trained for segmentation hardly do (`benchmarks/nlvr_perceptio
 head sees each token's neighbours, the text encoder does not). `ObjectReadouts` wraps the tower
 with three readouts of each object's colour×shape class, whose losses teach the tokens to carry it:
 
-    positions  a 1×1 head on every token (reference/auxiliary.py's attribute loss)
+    positions  a 1×1 head on every token (reference/recipes/auxiliary.py's attribute loss)
     mean       the tokens averaged over the object's visible part, a linear class
     attention  OBJECT_QUERIES learned queries attend over the object's tokens (by linear keys,
                weighted by how much of each patch the object covers) and a linear head reads
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokensieve.reference.auxiliary import attribute_loss
+from tokensieve.reference.recipes.auxiliary import attribute_loss
 from tokensieve.tasks.attributes import COLOUR_NAMES, SHAPES, SIZE_CLASSES
 from tokensieve.tasks.nlvr import IGNORED, NlvrDataset
 from tokensieve.tasks.scenes import (

@@ -41,9 +41,10 @@ class Phase:
     # What the phase trains on: None, the task's own train split; nlvr's: "captions", BLIP's
     # image–text contrast on the retrieval captions; "matching", caption matching
     # (tokensieve.tasks.matching) with the ITM head; "objects", the vision tower alone learning
-    # each object's colour×shape (reference/perception.py); "finding", that and being found by
-    # the kinds statements name (perception.FindingReadouts); "tokens", the text side learning the
-    # statements over the frozen tower's tokens of `scenes` training scenes (reference/statements.py).
+    # each object's colour×shape (reference/recipes/nlvr/perception.py); "finding", that and
+    # being found by the kinds statements name (perception.FindingReadouts); "tokens", the text
+    # side learning the statements over the frozen tower's tokens of `scenes` training scenes
+    # (reference/recipes/nlvr/statements.py).
     data: str | None = None
     scenes: int | None = None  # "tokens" phases: how many training scenes' tokens are computed once
     batch_size: int | None = None  # samples a step; None: the recipe's
@@ -69,7 +70,8 @@ class Recipe:
     # "seg": the image encoder starts from the shipped seg backbone (reference/transfer.py), as
     # models for these tasks start from a pretrained ViT; None: from scratch.
     start: str | None = None
-    # Train with the dense colour×shape loss of reference/auxiliary.py beside the task's own.
+    # Train with the dense colour×shape loss of reference/recipes/auxiliary.py beside the task's
+    # own.
     attributes: bool = False
     # "bf16": every phase's steps (and nlvr's tower tokens) under bfloat16 autocast (TrainConfig).
     precision: Precision = "fp32"
@@ -94,7 +96,7 @@ RECIPES: dict[str, Recipe] = {
     "tos": Recipe("tos", (Phase(128, 1600, 1e-3, 160), Phase(256, 300, 2.5e-4, 30)), batch_size=32,
                   start="seg", attributes=True),
     # nlvr: the tower learns to tell objects apart in its tokens, then the text side learns the
-    # statements over its frozen tokens (reference/perception.py, reference/statements.py).
+    # statements over its frozen tokens (reference/recipes/nlvr/: perception.py, statements.py).
     # Perception in batches of 16: 3 000 steps named more shapes than 1 600 of 32 did in about
     # the same time (docs/reference.md). bfloat16 autocast halves a step's time on this machine,
     # which pays for 3 800 perception steps and 6 000 of statements.

@@ -1,0 +1,46 @@
+"""Patching a reference model with a pruning method: which of its modules the method prunes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+import tokensieve as ts
+from tokensieve.methods import Method
+from tokensieve.patch import Sieve
+from tokensieve.reference.models import SegmentationViT
+from tokensieve.reference.tos import TosModel
+from tokensieve.reference.vl import is_vl_model
+
+
+def patch_reference(model: nn.Module, method: Method) -> Sieve:
+    """Patch a reference model with `method`: the classifier whole; the seg model's backbone and
+    the tos model's SAM vision encoder in dense mode (pruned tokens stay in place, so the head,
+    the neck and the mask decoder see every position); the vision tower of the nlvr (BLIP) and
+    retrieval (CLIP) models as it is (BLIP's text encoder cross-attends to the kept image tokens,
+    CLIP pools the class token). Their text encoders are patched on their own:
+    `ts.patch(text_encoder(model), method)`."""
+    if isinstance(model, (SegmentationViT, TosModel)):
+        return ts.patch(image_encoder(model), method, dense=True)
+    if is_vl_model(model):
+        return ts.patch(image_encoder(model), method)
+    return ts.patch(model, method)
+
+
+def image_encoder(model: nn.Module) -> nn.Module:
+    """The module a reference model's pruning patches, and whose MACs are reported."""
+    if isinstance(model, SegmentationViT):
+        return model.backbone
+    if isinstance(model, TosModel):
+        return model.sam.vision_encoder
+    if is_vl_model(model):
+        return model.vision_model
+    return model
+
+
+def text_encoder(model: nn.Module) -> nn.Module:
+    """The text tower of a vision-language reference model: BLIP's `text_encoder` (nlvr), CLIP's
+    `text_model` (retrieval)."""
+    if not is_vl_model(model):
+        raise TypeError(f"{type(model).__name__} has no text encoder tokensieve patches; the nlvr (BLIP) "
+                        "and retrieval (CLIP) reference models have one")
+    return model.text_encoder if hasattr(model, "text_encoder") else model.text_model
