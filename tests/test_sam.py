@@ -15,6 +15,7 @@ from models import (
     images,
     sam_model,
 )
+from registry import REGISTRY, SAM, methods
 from torch import Tensor, nn
 
 import tokensieve as ts
@@ -32,13 +33,14 @@ def _embeddings(model: nn.Module, x: Tensor) -> Tensor:
 # --- pruning off: the host's output ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", methods("off", host=SAM))
 @pytest.mark.parametrize("class_name", ["SamVisionEncoder", "SamVisionModel"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_patched_sam_encoder_with_pruning_off_equals_host(class_name, attention):
+def test_patched_sam_encoder_with_pruning_off_equals_host(class_name, attention, method):
     model = sam_model(class_name)
     x = images(2)
     expected = _embeddings(model, x)
-    ts.patch(model, ts.DynamicViT(keep=1.0, layers=(1, 2)), attention=attention)
+    ts.patch(model, method, attention=attention)
     assert (_embeddings(model, x) - expected).abs().max() <= TOLERANCE
 
 
@@ -231,16 +233,18 @@ def test_sam_encoder_always_runs_dense_and_gives_the_neck_a_full_map():
     assert out.shape == (3, SAM_CHANNELS, GRID, GRID) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("method", [ts.TopK(keep=0.5, layers=(1,)), ts.EViT(keep=0.5, layers=(1,))],
-                         ids=["topk", "evit"])
+@pytest.mark.parametrize("method", [pytest.param(entry.pruned, id=entry.name)
+                                    for entry in REGISTRY if entry.class_attention])
 def test_class_attention_methods_on_sam_are_refused_naming_dynamicvit(method):
     with pytest.raises(ValueError, match="no class token; use DynamicViT instead"):
         ts.patch(sam_model(), method)
 
 
-def test_token_merging_on_sam_is_refused():
+@pytest.mark.parametrize("method", [pytest.param(entry.pruned, id=entry.name) for entry in REGISTRY
+                                    if entry.fuses and not entry.class_attention])
+def test_token_merging_on_sam_is_refused(method):
     with pytest.raises(ValueError, match=r"merges tokens.*needs the features of every position"):
-        ts.patch(sam_model(), ts.ToMe(r=4))
+        ts.patch(sam_model(), method)
 
 
 def test_whole_sam_model_is_refused_naming_its_vision_encoder():
