@@ -32,6 +32,7 @@ class Entry:
     class_attention: bool = False  # scores by class attention: needs a class token
     fuses: bool = False  # makes tokens of no single input position (fused, merged): not on positional hosts
     equal_counts: bool = False  # pruned and off need equal counts per image: not on padded batches
+    overhead: bool = True  # spends MACs outside the host's own layers (scores, matching), as FLOPs count
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ KEEP_ALL = {"keep": 1.0}  # pruning off, for methods with a keep share
 
 
 def _entry(name: str, pruned: Method, off: dict[str, Any] = KEEP_ALL, ragged: dict[str, Any] | None = None,
-           **needs: bool) -> Entry:
+           **flags: bool) -> Entry:
     """`off` and `ragged` name only the settings that differ from `pruned`; pruning off is keep=1.0
     unless `off` says otherwise."""
     ragged_method = None if ragged is None else dataclasses.replace(pruned, **ragged)
-    return Entry(name, pruned, dataclasses.replace(pruned, **off), ragged_method, **needs)
+    return Entry(name, pruned, dataclasses.replace(pruned, **off), ragged_method, **flags)
 
 
 L = (1, 2)  # pruning layers of the 4-block hosts
@@ -73,7 +74,7 @@ REGISTRY: tuple[Entry, ...] = (
     _entry("evit-nofuse", EViT(keep=0.5, layers=L, fuse=False), class_attention=True),
     _entry("dynamicvit", DynamicViT(keep=0.5, layers=L), ragged={"dynamic": True}, equal_counts=True),
     _entry("tome", ToMe(r=4), off={"r": 0}, fuses=True, equal_counts=True),
-    _entry("randomdrop", RandomDrop(keep=0.5, layers=L)),
+    _entry("randomdrop", RandomDrop(keep=0.5, layers=L), overhead=False),
 )
 
 # What each host of models.py asks (the timm and transformers image towers), and the other families.
