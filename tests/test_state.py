@@ -4,7 +4,7 @@ change the next call's result."""
 import pytest
 import torch
 from models import blocks_of, forward, host_model, images, patched_copy, strengthen
-from registry import host_methods
+from registry import host_methods, methods
 
 import tokensieve as ts
 
@@ -64,9 +64,9 @@ def test_a_call_after_a_failed_call_is_correct(host, method):
     _assert_equal(forward(model, x), forward(patched_copy(host, model, **overrides), x))
 
 
-@pytest.mark.parametrize("host", HOSTS)
-def test_a_call_after_a_forward_that_failed_between_blocks_is_correct_and_traced_once(host):
-    model, overrides, _ = _patched(host, ts.TopK(mass=0.6, layers=(1, 2)))
+@pytest.mark.parametrize(("host", "method"), host_methods(HOSTS, "pruned", "ragged"))
+def test_a_call_after_a_forward_that_failed_between_blocks_is_correct_and_traced_once(host, method):
+    model, overrides, _ = _patched(host, method)
     reference = patched_copy(host, model, **overrides)
     x = images(3)
 
@@ -88,8 +88,10 @@ def test_a_call_after_a_forward_that_failed_between_blocks_is_correct_and_traced
     assert traces[0].kept_tokens().tolist() == expected_traces[0].kept_tokens().tolist()
 
 
-def test_a_forward_that_stops_early_leaves_nothing_for_the_next_call():
-    model, _, _ = _patched("timm-vit", ts.EViT(keep=0.5, layers=(0, 2)))
+@pytest.mark.parametrize("method", [*methods("pruned", "ragged"),
+                                    pytest.param(ts.EViT(keep=0.5, layers=(0, 2)), id="evit-from-block-0")])
+def test_a_forward_that_stops_early_leaves_nothing_for_the_next_call(method):
+    model, _, _ = _patched("timm-vit", method)
     reference = patched_copy("timm-vit", model)
     x = images(2)
     with torch.no_grad():
