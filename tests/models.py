@@ -193,9 +193,10 @@ def max_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     return max((a[key] - b[key]).abs().max().item() for key in a)
 
 
-def calibrate_predictors(model: nn.Module, x: Tensor) -> None:
+def calibrate_predictors(model: nn.Module, *inputs, **named_inputs) -> None:
     """Shift each DynamicViT predictor so that about half of the batch's tokens score above zero
-    (random predictors keep all or none), so that images keep different counts."""
+    (random predictors keep all or none), so that images keep different counts. The inputs are the
+    model's (a batch of images, or named inputs such as input_ids)."""
     sieve = ts.sieve_of(model)
     for predictor in predictors(sieve):
         scores: list[Tensor] = []
@@ -208,7 +209,7 @@ def calibrate_predictors(model: nn.Module, x: Tensor) -> None:
         handle = predictor.register_forward_hook(record)
         try:
             with torch.no_grad():
-                model(x)
+                model(*inputs, **named_inputs)
         finally:
             handle.remove()
         with torch.no_grad():

@@ -3,16 +3,18 @@
 import pytest
 import torch
 from models import PATCHES, distinct_images, forward, host_model, images, max_difference, strengthen
+from registry import host_methods, methods
 
 import tokensieve as ts
 
 
-@pytest.mark.parametrize("host", ["timm-deit3", "Dinov2WithRegistersModel", "CLIPVisionModel"])
-def test_dense_patched_with_pruning_off_equals_host(host):
+@pytest.mark.parametrize(("host", "method"), host_methods(
+    ["timm-deit3", "Dinov2WithRegistersModel", "CLIPVisionModel"], "off"))
+def test_dense_patched_with_pruning_off_equals_host(host, method):
     model = host_model(host)
     x = images(2)
     expected = forward(model, x)
-    ts.patch(model, ts.TopK(keep=1.0, layers=(1, 2)), dense=True)
+    ts.patch(model, method, dense=True)
     assert max_difference(forward(model, x), expected) <= 1e-5
 
 
@@ -21,10 +23,13 @@ def _features(model, x):
         return model.forward_features(x)
 
 
-@pytest.mark.parametrize("method", [
-    ts.TopK(keep=0.5, layers=(1, 2)), ts.EViT(keep=0.5, layers=(1,)), ts.DynamicViT(keep=0.6, layers=(1, 3)),
-    ts.TopK(mass=0.4, layers=(1,)),
-], ids=["topk", "evit", "dynamicvit", "topk-ragged"])
+KEEPING_POSITIONS = [  # every registered method whose tokens each continue one input position (ToMe: below)
+    *[param for param in methods("pruned", "ragged") if param.values[0].keeps_positions],
+    pytest.param(ts.DynamicViT(keep=0.6, layers=(1, 3)), id="dynamicvit-before-the-last-block"),
+]
+
+
+@pytest.mark.parametrize("method", KEEPING_POSITIONS)
 def test_dense_output_holds_the_active_tokens_of_the_pruned_run_at_their_positions(method):
     model = strengthen(host_model("timm-vit"))
     x = distinct_images()

@@ -2,31 +2,15 @@
 
 import pytest
 import torch
-from models import HF_CLASSES, forward, host_model, images, max_difference
+from models import forward, host_model, images, max_difference
+from registry import HOSTS, host_methods
 
 import tokensieve as ts
 
 TOLERANCE = 1e-5
 
-PRUNING_OFF = {
-    "topk": ts.TopK(keep=1.0, layers=(1, 2)),
-    "evit": ts.EViT(keep=1.0, layers=(1, 2)),
-    "tome": ts.ToMe(r=0),
-    "dynamicvit": ts.DynamicViT(keep=1.0, layers=(1, 2)),
-}
 
-HOSTS = [
-    "timm-vit",
-    "timm-vit-qknorm",
-    "timm-deit-distilled",
-    "timm-deit3",
-    "timm-reg-gap",
-    *HF_CLASSES,
-]
-
-
-@pytest.mark.parametrize("method", PRUNING_OFF.values(), ids=PRUNING_OFF.keys())
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize(("host", "method"), host_methods(HOSTS, "off"))
 def test_patched_with_pruning_off_equals_host(host, method):
     model = host_model(host)
     x = images(2)

@@ -8,6 +8,7 @@ import timm
 import torch
 import transformers
 from models import DEPTH, PATCHES, forward, host_model, images, predictors
+from registry import REGISTRY, Host, methods
 
 import tokensieve as ts
 
@@ -110,17 +111,16 @@ def test_tome_schedule_longer_than_the_model_is_a_value_error():
         ts.patch(host_model("timm-vit"), ts.ToMe(r=[1] * (DEPTH + 1)))
 
 
-@pytest.mark.parametrize("method", [ts.TopK(layers=(1,)), ts.EViT(layers=(1,))], ids=["topk", "evit"])
+@pytest.mark.parametrize("method", [pytest.param(entry.pruned, id=entry.name)
+                                    for entry in REGISTRY if entry.class_attention])
 def test_class_attention_methods_on_a_model_without_class_token_are_a_value_error(method):
     model = host_model("timm-vit", class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="class token"):
         ts.patch(model, method)
 
 
-@pytest.mark.parametrize(
-    "method", [ts.ToMe(r=4), ts.DynamicViT(keep=0.5, layers=(1,))], ids=["tome", "dynamicvit"]
-)
-def test_methods_suggested_for_models_without_class_token_run_on_them(method):
+@pytest.mark.parametrize("method", methods(host=Host(class_token=False, mean_pooled=True)))
+def test_methods_that_need_no_class_token_run_on_a_model_without_one(method):
     model = host_model("timm-vit", class_token=False, reg_tokens=2, global_pool="avg")
     x = images(2)
     ts.patch(model, method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import timm
 import torch
 from click.testing import CliRunner
 from flop_counting import counted_macs
+from registry import REGISTRY
 from transformers import (
     BlipVisionConfig,
     BlipVisionModel,
@@ -32,8 +34,10 @@ PUBLISHED_DEIT_S = [
     (ts.ToMe(r=13), 2.7),
     (ts.ToMe(r=16), 2.3),
 ]
-METHODS = [ts.TopK(keep=0.6), ts.EViT(keep=0.6), ts.EViT(keep=0.6, fuse=False), ts.DynamicViT(keep=0.6),
-           ts.ToMe(r=3), ts.ToMe(r=(3, -0.5))]
+# (method, whether it spends MACs outside the host's layers): every registered method, and a ToMe schedule
+METHODS = [pytest.param(entry.pruned, entry.overhead, id=entry.name) for entry in REGISTRY] + [
+    pytest.param(ts.ToMe(r=(3, -0.5)), True, id="tome-inflect"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +83,20 @@ SMALL_MODELS = {"timm": _small_timm, "transformers": _small_hf, "clip": _small_c
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-@pytest.mark.parametrize("method", METHODS, ids=str)
+@pytest.mark.parametrize(("method", "overhead"), METHODS)
 @pytest.mark.parametrize("family", SMALL_MODELS)
-def test_report_agrees_with_flop_counter_mode(family, method, attention):
+def test_report_agrees_with_flop_counter_mode(family, method, overhead, attention):
     torch.manual_seed(0)
     model = SMALL_MODELS[family]()
     size = 96 if family == "timm" else 64
     pixels = torch.randn(2, 3, size, size)
     inputs = pixels if family == "timm" else {"pixel_values": pixels}
-    layers = tuple(i for i in (1, 3, 4))
-    if hasattr(method, "layers") and not isinstance(method, ts.ToMe):
-        method = type(method)(**{**vars(method), "layers": layers})
+    if getattr(method, "layers", None) is not None:  # the 6-block models prune at three layers
+        method = dataclasses.replace(method, layers=(1, 3, 4))
     ts.patch(model, method, attention=attention)
     report = ts.flops(model, inputs)
     assert report.macs < report.dense_macs  # pruning happened
-    assert report.overhead_macs > 0
+    assert (report.overhead_macs > 0) == overhead
     assert report.macs == pytest.approx(counted_macs(model, inputs, batch=2), rel=0.01)
 
 

@@ -5,10 +5,12 @@ import copy
 import pytest
 import torch
 from models import blocks_of, forward, host_model, images, max_difference
+from registry import host_methods
 
 import tokensieve as ts
 
 HOSTS = ["timm-deit3", "DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersForImageClassification"]
+COPY_HOSTS = ["timm-vit", "ViTForImageClassification"]
 
 
 def _snapshot(model):
@@ -22,12 +24,18 @@ def _assert_same_state(model, snapshot):
         assert torch.equal(value, snapshot[key]), key
 
 
-@pytest.mark.parametrize("host", HOSTS)
-def test_patch_then_unpatch_restores_the_model_exactly(host):
+def _assert_equal(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize(("host", "method"), host_methods(HOSTS, "pruned", "ragged"))
+def test_patch_then_unpatch_restores_the_model_exactly(host, method):
     model = host_model(host)
     x = images(2)
     before, expected = _snapshot(model), forward(model, x)
-    ts.patch(model, ts.DynamicViT(keep=0.5, layers=(1, 2)))
+    ts.patch(model, method)
     assert ts.is_patched(model)
     _assert_same_state(model, before)  # patching adds no state-dict keys, not even the predictors'
     assert forward(model, x).keys() == expected.keys()
@@ -126,16 +134,47 @@ def test_unpatch_restores_a_block_forward_that_was_there_before():
     assert calls == [1]
 
 
-def test_a_deep_copy_of_a_patched_model_is_patched_alike_and_independent():
-    model = host_model("timm-vit")
-    ts.patch(model, ts.EViT(keep=0.5, layers=(1,)))
+@pytest.mark.parametrize(("host", "method"), host_methods(COPY_HOSTS, "pruned", "ragged"))
+def test_a_deep_copy_of_a_patched_model_is_patched_alike_and_independent(host, method):
+    model = host_model(host)
+    sieve = ts.patch(model, method)
     x = images(2)
+    expected = forward(model, x)
     clone = copy.deepcopy(model)
-    assert ts.is_patched(clone)
-    assert torch.equal(forward(clone, x)["out"], forward(model, x)["out"])
+    assert ts.is_patched(clone) and ts.sieve_of(clone).method == method
+    _assert_equal(forward(clone, x), expected)
+    assert not set(map(id, ts.sieve_of(clone).parameters())) & set(map(id, sieve.parameters()))
+    with torch.no_grad():  # the copy runs its own weights, and the model keeps its own
+        for param in [*blocks_of(clone)[-1].parameters(), *ts.sieve_of(clone).parameters()]:
+            param.mul_(2.0)
+    assert max_difference(forward(clone, x), expected) > 1e-4
+    _assert_equal(forward(model, x), expected)
     ts.unpatch(clone)
     assert ts.is_patched(model)
     assert all("forward" not in vars(block) for block in blocks_of(clone))
+    _assert_equal(forward(model, x), expected)
+
+
+@pytest.mark.parametrize(("host", "method"), host_methods(COPY_HOSTS, "pruned", "ragged"))
+def test_host_and_method_state_dicts_stay_apart_and_reload(host, method):
+    model = host_model(host)
+    keys = list(model.state_dict())
+    sieve = ts.patch(model, method)
+    assert list(model.state_dict()) == keys  # the host's checkpoints keep their keys
+    state = sieve.state_dict()
+    own = {name for name, _ in sieve.named_parameters()} | {name for name, _ in sieve.named_buffers()}
+    assert set(state) == own  # the method's parameters only, none of the host's
+    host_tensors = {tensor.data_ptr() for tensor in model.state_dict().values()}
+    assert not any(tensor.data_ptr() in host_tensors for tensor in state.values())
+    x = images(2)
+    expected = forward(model, x)
+    fresh = host_model(host, seed=1)
+    fresh.load_state_dict(model.state_dict())
+    fresh_sieve = ts.patch(fresh, method)
+    if state:  # a fresh patch draws its own parameters, so reloading has something to do
+        assert any(not torch.equal(value, fresh_sieve.state_dict()[key]) for key, value in state.items())
+    fresh_sieve.load_state_dict(state)
+    _assert_equal(forward(fresh, x), expected)
 
 
 def test_pruning_disabled_gives_the_host_output_and_restores_pruning():

@@ -1,10 +1,12 @@
 """A pruning setting really runs fewer tokens, by the documented counts, and changes the output."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from models import PATCHES, forward, host_model, images, max_difference, strengthen
+from models import DEPTH, PATCHES, forward, host_model, images, max_difference, strengthen
+from registry import methods
 
 import tokensieve as ts
 
@@ -13,50 +15,61 @@ PREFIX = {"timm-vit": 1, "timm-reg-gap": 5, "ViTForImageClassification": 1,
           "Dinov2WithRegistersForImageClassification": 5}
 
 
-def _topk_counts(prefix: int) -> tuple[list[int], list[int]]:
-    """TopK(keep=0.5, layers=(1, 2)): keep ceil(n/2) of the n patch tokens after attention."""
-    after_1 = math.ceil(PATCHES / 2)
-    after_2 = math.ceil(after_1 / 2)
-    kept = [PATCHES, after_1, after_2, after_2]
-    attention = [PATCHES, PATCHES, after_1, after_2]
-    return [prefix + k for k in kept], [prefix + k for k in attention]
+def _class_attention_counts(method: ts.Method, prefix: int, fused: int = 0) -> tuple[list[int], list[int]]:
+    """TopK, EViT: after attention in each of `layers`, keep ceil(keep * n) of the n non-prefix tokens
+    (EViT fusing the rest into one extra token)."""
+    tokens, kept, attention = PATCHES, [], []
+    for layer in range(DEPTH):
+        attention.append(tokens)
+        if layer in method.layers:
+            tokens = math.ceil(tokens * method.keep) + fused
+        kept.append(tokens)
+    return [prefix + k for k in kept], [prefix + a for a in attention]
 
 
-def _evit_counts(prefix: int) -> tuple[list[int], list[int]]:
-    """EViT(keep=0.5, layers=(1, 2)): keep ceil(n/2) and fuse the rest into one extra token."""
-    after_1 = math.ceil(PATCHES / 2) + 1
-    after_2 = math.ceil(after_1 / 2) + 1
-    kept = [PATCHES, after_1, after_2, after_2]
-    attention = [PATCHES, PATCHES, after_1, after_2]
-    return [prefix + k for k in kept], [prefix + k for k in attention]
+def _evit_counts(method: ts.EViT, prefix: int) -> tuple[list[int], list[int]]:
+    return _class_attention_counts(method, prefix, fused=1 if method.fuse else 0)
 
 
-def _dynamicvit_counts(prefix: int) -> tuple[list[int], list[int]]:
-    """DynamicViT(keep=0.5, layers=(1, 2)): before block layers[s], keep 0.5**(s+1) of the input."""
-    stage_1, stage_2 = int(PATCHES * 0.5), int(PATCHES * 0.25)
-    kept = [PATCHES, stage_1, stage_2, stage_2]
+def _dynamicvit_counts(method: ts.DynamicViT, prefix: int) -> tuple[list[int], list[int]]:
+    """DynamicViT: before block layers[s], keep keep**(s+1) of the input patches."""
+    tokens, kept = PATCHES, []
+    for layer in range(DEPTH):
+        if layer in method.layers:
+            tokens = int(PATCHES * method.keep ** (sorted(method.layers).index(layer) + 1))
+        kept.append(tokens)
     return [prefix + k for k in kept], [prefix + k for k in kept]
 
 
-def _tome_counts(prefix: int) -> tuple[list[int], list[int]]:
-    """ToMe(r=8): every block merges 8 tokens between attention and MLP."""
-    kept = [PATCHES - 8 * (i + 1) for i in range(4)]
-    attention = [PATCHES - 8 * i for i in range(4)]
-    return [prefix + k for k in kept], [prefix + k for k in attention]
+def _tome_counts(method: ts.ToMe, prefix: int) -> tuple[list[int], list[int]]:
+    """ToMe(r): every block merges r tokens between attention and MLP."""
+    kept = [PATCHES - method.r * (i + 1) for i in range(DEPTH)]
+    attention = [PATCHES - method.r * i for i in range(DEPTH)]
+    return [prefix + k for k in kept], [prefix + a for a in attention]
 
 
-METHODS = {
-    "topk": (ts.TopK(keep=0.5, layers=(1, 2)), _topk_counts),
-    "evit": (ts.EViT(keep=0.5, layers=(1, 2)), _evit_counts),
-    "dynamicvit": (ts.DynamicViT(keep=0.5, layers=(1, 2)), _dynamicvit_counts),
-    "tome": (ts.ToMe(r=8), _tome_counts),
+def _random_drop_counts(method: ts.RandomDrop, prefix: int) -> tuple[list[int], list[int]]:
+    """RandomDrop: before each of `layers`, keep ceil(keep * n) of the n non-prefix tokens."""
+    tokens, kept = PATCHES, []
+    for layer in range(DEPTH):
+        if layer in method.layers:
+            tokens = math.ceil(tokens * method.keep)
+        kept.append(tokens)
+    return [prefix + k for k in kept], [prefix + k for k in kept]
+
+
+COUNTS = {  # the documented token counts of each method, for its settings
+    ts.TopK: _class_attention_counts,
+    ts.EViT: _evit_counts,
+    ts.DynamicViT: _dynamicvit_counts,
+    ts.ToMe: _tome_counts,
+    ts.RandomDrop: _random_drop_counts,
 }
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("method", methods())
 @pytest.mark.parametrize("host", HOSTS)
-def test_pruning_runs_the_documented_token_counts_and_changes_the_output(host, name):
-    method, counts = METHODS[name]
+def test_pruning_runs_the_documented_token_counts_and_changes_the_output(host, method):
     model = strengthen(host_model(host))
     x = images(2)
     dense = forward(model, x)
@@ -65,16 +78,18 @@ def test_pruning_runs_the_documented_token_counts_and_changes_the_output(host, n
         pruned = forward(model, x)
     assert len(traces) == 1
     trace = traces[0]
-    kept, attention = counts(PREFIX[host])
-    assert trace.kept_tokens().tolist() == [[k, k] for k in kept]
-    assert trace.attention_tokens().tolist() == [[a, a] for a in attention]
+    if type(method) in COUNTS:
+        kept, attention = COUNTS[type(method)](method, PREFIX[host])
+        assert trace.kept_tokens().tolist() == [[k, k] for k in kept]
+        assert trace.attention_tokens().tolist() == [[a, a] for a in attention]
+    else:  # a method without documented counts: fewer tokens at the end than at the start
+        assert trace.kept_tokens()[-1].max() < trace.input_tokens
     assert trace.input_tokens == PREFIX[host] + PATCHES
     assert max_difference(pruned, dense) > 1e-4  # far above the 1e-7 rounding of an equal run
 
 
-@pytest.mark.parametrize("name", ["topk", "evit", "dynamicvit", "tome"])
-def test_trace_index_names_distinct_input_positions_with_the_prefix_first(name):
-    method, _ = METHODS[name]
+@pytest.mark.parametrize("method", methods())
+def test_trace_index_names_distinct_input_positions_with_the_prefix_first(method):
     model = host_model("timm-reg-gap")
     ts.patch(model, method)
     with ts.trace(model) as traces:
@@ -112,10 +127,7 @@ def test_trace_collects_one_trace_per_forward():
     assert len(traces) == 2
 
 
-@pytest.mark.parametrize("method", [
-    ts.EViT(keep=0.5, layers=(1, 2)), ts.ToMe(r=8), ts.TopK(mass=0.6, layers=(1, 2)),
-    ts.DynamicViT(keep=0.7, layers=(1, 2), dynamic=True),
-], ids=["evit", "tome", "topk-mass", "dynamicvit-dynamic"])
+@pytest.mark.parametrize("method", methods("pruned", "ragged"))
 def test_eager_attention_gives_the_sdpa_result_when_pruning(method):
     # Registers and a class-token head (ragged methods are refused on mean-pooling heads).
     model = strengthen(host_model("timm-vit", reg_tokens=4))
@@ -127,17 +139,15 @@ def test_eager_attention_gives_the_sdpa_result_when_pruning(method):
     assert max_difference(forward(model, x), expected) <= 1e-5
 
 
-@pytest.mark.parametrize(("method", "layers"), [
-    (ts.TopK, (2, 1)), (ts.TopK, (1, 1, 2)), (ts.EViT, (2, 1)), (ts.EViT, (1, 1, 2)),
-    (ts.DynamicViT, (2, 1)), (ts.DynamicViT, (1, 1, 2)),
-], ids=["topk-unsorted", "topk-repeated", "evit-unsorted", "evit-repeated", "dynamicvit-unsorted",
-        "dynamicvit-repeated"])
+@pytest.mark.parametrize("layers", [(2, 1), (1, 1, 2)], ids=["unsorted", "repeated"])
+@pytest.mark.parametrize("method", [param for param in methods()
+                                    if "layers" in {f.name for f in dataclasses.fields(param.values[0])}])
 def test_pruning_layers_are_a_set(method, layers):
     model = host_model("timm-vit")
-    ts.patch(model, method(keep=0.5, layers=(1, 2)))
+    ts.patch(model, dataclasses.replace(method, layers=(1, 2)))
     with ts.trace(model) as expected:
         forward(model, images(1))
-    ts.patch(model, method(keep=0.5, layers=layers))
+    ts.patch(model, dataclasses.replace(method, layers=layers))
     with ts.trace(model) as traces:
         forward(model, images(1))
     assert traces[0].kept_tokens().tolist() == expected[0].kept_tokens().tolist()

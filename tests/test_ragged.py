@@ -3,22 +3,19 @@
 import pytest
 import torch
 from models import calibrate_predictors, distinct_images, forward, host_model, is_hf, strengthen
+from registry import HOSTS, host_methods, methods
 
 import tokensieve as ts
 
 TOLERANCE = 1e-5
 
-RAGGED = {
-    "topk-mass": ts.TopK(mass=0.6, layers=(1, 2)),
-    "dynamicvit-dynamic": ts.DynamicViT(keep=0.7, layers=(1, 2), dynamic=True),
-}
-
-HOSTS = [
+RAGGED_HOSTS = [
     "timm-vit",
     "timm-deit-distilled",
     "ViTForImageClassification",
     "DeiTForImageClassificationWithTeacher",
 ]
+MEAN_POOLED = [host for host, traits in HOSTS.items() if traits.mean_pooled]
 
 
 def _ragged_model(host: str, method: ts.Method, x: torch.Tensor, attention: str = "sdpa"):
@@ -58,21 +55,20 @@ def _assert_ragged_batch_equals_each_image_alone(model, x):
             torch.testing.assert_close(batch[key][i], alone[key][0], atol=TOLERANCE, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize("method", RAGGED.values(), ids=RAGGED.keys())
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize(("host", "method"), host_methods(RAGGED_HOSTS, "ragged"))
 def test_ragged_batch_equals_each_image_alone(host, method):
     x = distinct_images()
     _assert_ragged_batch_equals_each_image_alone(_ragged_model(host, method, x), x)
 
 
-@pytest.mark.parametrize("method", RAGGED.values(), ids=RAGGED.keys())
+@pytest.mark.parametrize("method", methods("ragged"))
 def test_ragged_batch_equals_each_image_alone_with_eager_attention(method):
     x = distinct_images()
     _assert_ragged_batch_equals_each_image_alone(_ragged_model("timm-vit", method, x, "eager"), x)
 
 
-@pytest.mark.parametrize("method", RAGGED.values(), ids=RAGGED.keys())
-@pytest.mark.parametrize("host", ["timm-reg-gap", "Dinov2WithRegistersForImageClassification"])
+@pytest.mark.parametrize("method", methods("ragged"))
+@pytest.mark.parametrize("host", MEAN_POOLED)
 def test_ragged_methods_are_refused_on_mean_pooled_heads(host, method):
     """A head that averages the tokens would average the padding of a ragged batch in."""
     with pytest.raises(ValueError, match="fixed keep rate"):

@@ -15,6 +15,7 @@ from models import (
     images,
     sam_model,
 )
+from registry import REGISTRY, SAM, methods
 from torch import Tensor, nn
 
 import tokensieve as ts
@@ -32,13 +33,14 @@ def _embeddings(model: nn.Module, x: Tensor) -> Tensor:
 # --- pruning off: the host's output ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", methods("off", host=SAM))
 @pytest.mark.parametrize("class_name", ["SamVisionEncoder", "SamVisionModel"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_patched_sam_encoder_with_pruning_off_equals_host(class_name, attention):
+def test_patched_sam_encoder_with_pruning_off_equals_host(class_name, attention, method):
     model = sam_model(class_name)
     x = images(2)
     expected = _embeddings(model, x)
-    ts.patch(model, ts.DynamicViT(keep=1.0, layers=(1, 2)), attention=attention)
+    ts.patch(model, method, attention=attention)
     assert (_embeddings(model, x) - expected).abs().max() <= TOLERANCE
 
 
@@ -231,16 +233,18 @@ def test_sam_encoder_always_runs_dense_and_gives_the_neck_a_full_map():
     assert out.shape == (3, SAM_CHANNELS, GRID, GRID) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("method", [ts.TopK(keep=0.5, layers=(1,)), ts.EViT(keep=0.5, layers=(1,))],
-                         ids=["topk", "evit"])
+@pytest.mark.parametrize("method", [pytest.param(entry.pruned, id=entry.name)
+                                    for entry in REGISTRY if entry.class_attention])
 def test_class_attention_methods_on_sam_are_refused_naming_dynamicvit(method):
     with pytest.raises(ValueError, match="no class token; use DynamicViT instead"):
         ts.patch(sam_model(), method)
 
 
-def test_token_merging_on_sam_is_refused():
+@pytest.mark.parametrize("method", [pytest.param(entry.pruned, id=entry.name) for entry in REGISTRY
+                                    if entry.fuses and not entry.class_attention])
+def test_token_merging_on_sam_is_refused(method):
     with pytest.raises(ValueError, match=r"merges tokens.*needs the features of every position"):
-        ts.patch(sam_model(), ts.ToMe(r=4))
+        ts.patch(sam_model(), method)
 
 
 def test_whole_sam_model_is_refused_naming_its_vision_encoder():
@@ -273,22 +277,24 @@ def test_unpatch_restores_the_sam_encoder():
 # --- FLOPs --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "attention", "overrides"), [
-    (ts.Method(), "eager", {}),
-    (ts.Method(), "sdpa", {}),
-    (PRUNED, "eager", {}),
-    (PRUNED, "sdpa", {}),
-    (PRUNED, "eager", VARIANTS["no-relative-positions"]),
-    (PRUNED, "eager", VARIANTS["map-of-whole-windows"]),
-], ids=["dense-eager", "dense-sdpa", "pruned-eager", "pruned-sdpa", "pruned-no-rel-pos",
-        "pruned-whole-windows"])
+FLOPS_CASES = [
+    pytest.param(ts.Method(), "eager", {}, id="dense-eager"),
+    pytest.param(ts.Method(), "sdpa", {}, id="dense-sdpa"),
+    *[pytest.param(*param.values, attention, {}, id=f"{param.id}-{attention}")
+      for param in methods(host=SAM) for attention in ("eager", "sdpa")],
+    pytest.param(PRUNED, "eager", VARIANTS["no-relative-positions"], id="pruned-no-rel-pos"),
+    pytest.param(PRUNED, "eager", VARIANTS["map-of-whole-windows"], id="pruned-whole-windows"),
+]
+
+
+@pytest.mark.parametrize(("method", "attention", "overrides"), FLOPS_CASES)
 def test_sam_flops_agree_with_flop_counter_mode(method, attention, overrides):
     model = sam_model(**overrides)
     x = images(2)
     ts.patch(model, method, attention=attention)
     report = ts.flops(model, x)
     assert report.macs == pytest.approx(counted_macs(model, {"pixel_values": x}, x.shape[0]), rel=0.01)
-    if method is PRUNED:
+    if type(method) is not ts.Method:  # a pruning method
         assert report.macs < 0.8 * report.dense_macs
     else:
         assert report.macs == report.dense_macs

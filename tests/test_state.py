@@ -4,16 +4,9 @@ change the next call's result."""
 import pytest
 import torch
 from models import blocks_of, forward, host_model, images, patched_copy, strengthen
+from registry import host_methods, methods
 
 import tokensieve as ts
-
-METHODS = {
-    "evit": ts.EViT(keep=0.5, layers=(1, 2)),
-    "topk-mass": ts.TopK(mass=0.6, layers=(1, 2)),
-    "tome": ts.ToMe(r=4),
-    "dynamicvit": ts.DynamicViT(keep=0.5, layers=(1, 2)),
-    "dynamicvit-dynamic": ts.DynamicViT(keep=0.7, layers=(1, 2), dynamic=True),
-}
 
 # (batch, height, width, entry point): alternating shapes and entry points
 CALLS = [(1, 64, 64, 0), (3, 48, 80, 1), (2, 80, 48, 0), (3, 64, 64, 1), (1, 48, 48, 0), (2, 64, 64, 1)]
@@ -49,8 +42,7 @@ def _assert_equal(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
 
 
-@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize(("host", "method"), host_methods(HOSTS, "pruned", "ragged"))
 def test_each_call_equals_a_fresh_patched_copy_whatever_came_before(host, method):
     model, overrides, entries = _patched(host, method)
     for seed, (batch, height, width, entry) in enumerate(CALLS):
@@ -62,8 +54,7 @@ def test_each_call_equals_a_fresh_patched_copy_whatever_came_before(host, method
         _assert_equal(got, expected)
 
 
-@pytest.mark.parametrize("method", [METHODS["evit"], METHODS["dynamicvit-dynamic"]], ids=["evit", "dynamic"])
-@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize(("host", "method"), host_methods(HOSTS, "pruned", "ragged"))
 def test_a_call_after_a_failed_call_is_correct(host, method):
     model, overrides, _ = _patched(host, method)
     x = images(2)
@@ -73,9 +64,9 @@ def test_a_call_after_a_failed_call_is_correct(host, method):
     _assert_equal(forward(model, x), forward(patched_copy(host, model, **overrides), x))
 
 
-@pytest.mark.parametrize("host", HOSTS)
-def test_a_call_after_a_forward_that_failed_between_blocks_is_correct_and_traced_once(host):
-    model, overrides, _ = _patched(host, ts.TopK(mass=0.6, layers=(1, 2)))
+@pytest.mark.parametrize(("host", "method"), host_methods(HOSTS, "pruned", "ragged"))
+def test_a_call_after_a_forward_that_failed_between_blocks_is_correct_and_traced_once(host, method):
+    model, overrides, _ = _patched(host, method)
     reference = patched_copy(host, model, **overrides)
     x = images(3)
 
@@ -97,8 +88,10 @@ def test_a_call_after_a_forward_that_failed_between_blocks_is_correct_and_traced
     assert traces[0].kept_tokens().tolist() == expected_traces[0].kept_tokens().tolist()
 
 
-def test_a_forward_that_stops_early_leaves_nothing_for_the_next_call():
-    model, _, _ = _patched("timm-vit", ts.EViT(keep=0.5, layers=(0, 2)))
+@pytest.mark.parametrize("method", [*methods("pruned", "ragged"),
+                                    pytest.param(ts.EViT(keep=0.5, layers=(0, 2)), id="evit-from-block-0")])
+def test_a_forward_that_stops_early_leaves_nothing_for_the_next_call(method):
+    model, _, _ = _patched("timm-vit", method)
     reference = patched_copy("timm-vit", model)
     x = images(2)
     with torch.no_grad():
