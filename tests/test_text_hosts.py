@@ -52,10 +52,7 @@ CLIP_OFF = [  # (class, the host's attention implementation, padded texts)
     ("CLIPTextModelWithProjection", "sdpa", True),
     ("CLIPTextModelWithProjection", "eager", False),
 ]
-# Known defects: each promise below runs every registered method, these fail for RandomDrop.
-RANDOM_DROP_REDRAWS_PADDING = pytest.mark.xfail(strict=True, reason=(
-    "RandomDrop(keep=1.0) is not a no-op on a padded batch: it still gathers each text's real tokens, "
-    "so a dense-only host's padding positions lose the host's features"))
+# A known defect: each promise below runs every registered method, this one fails for RandomDrop.
 RANDOM_DROP_DRAWS_PER_BATCH = pytest.mark.xfail(strict=True, reason=(
     "RandomDrop draws one [batch, width] table of scores per call, so a text's choice depends on its "
     "row and on the batch's width: a padded batch does not give each text's result alone"))
@@ -70,8 +67,7 @@ def _clip_off_cases() -> list:
     cases = []
     for host, attention, padded in CLIP_OFF:
         for param in methods("off", host=dataclasses.replace(CLIP_TEXT, padded=padded)):
-            marks = RANDOM_DROP_REDRAWS_PADDING if padded and param.id == "randomdrop" else ()
-            cases.append(pytest.param(host, attention, padded, *param.values, marks=marks,
+            cases.append(pytest.param(host, attention, padded, *param.values,
                                       id=f"{host}-{attention}-{'padded' if padded else 'full'}-{param.id}"))
     return cases
 
