@@ -376,3 +376,42 @@ def test_a_shared_parts_run_checkpoints_loads_and_resumes_as_if_it_never_stopped
     load_trained(loaded, run_dir, sieve=loaded_sieve)
     for key, value in loaded_sieve.state_dict().items():
         assert torch.equal(value, actual[key]), key
+
+
+# --- attention views: the attention that ran, or a refusal -----------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordReceived(Method):
+    """Keeps every token; records the attention each token receives at `layer`."""
+
+    layer: int = 0
+
+    def after_attention(self, layer: int, state: TokenState, attn, run: MethodRun) -> TokenState:
+        if layer == self.layer:
+            run.report("received", attn.received_attention())
+        return state
+
+
+def test_received_attention_is_the_mean_over_queries_of_the_hosts_attention_max_over_heads():
+    host = host_model("timm-vit")
+    model = copy.deepcopy(host)
+    ts.patch(model, RecordReceived())
+    x = images(2)
+    with torch.no_grad(), ts.trace(model) as traces:
+        model(x)
+        tokens = host.norm_pre(host._pos_embed(host.patch_embed(x)))
+        attn = host.blocks[0].attn
+        batch, count, _ = tokens.shape
+        qkv = attn.qkv(host.blocks[0].norm1(tokens)).reshape(batch, count, 3, attn.num_heads, -1)
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # [B, H, N, d]
+        weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+        expected = weights.mean(dim=2).amax(dim=1)[:, host.num_prefix_tokens :]
+    torch.testing.assert_close(traces[0].reports["received"], expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_attention_scores_are_refused_where_the_view_runs_its_own_attention():
+    model = sam_model()
+    ts.patch(model, RecordReceived(layer=1))
+    with pytest.raises(ValueError, match="attention received read from its plain q and k"):
+        model(pixel_values=images(1))

@@ -29,16 +29,14 @@ class AttentionView:
     state: TokenState
     exact: bool = True
 
-    def class_attention(self, include_prefix: bool = False) -> Tensor:
-        """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix];
-        with `include_prefix`, to every token: [B, N]."""
+    def class_attention(self) -> Tensor:
+        """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix]."""
         self._require_exact("class attention")
         state = self.state
         if state.trace is not None:  # one query row against every key, in every head
             width = self.k.shape[1] * self.k.shape[3]
             state.trace.add_overhead("class_attention", state.token_counts() * width)
-        scores = ops.class_attention(self.q, self.k, self.bias, self.scale)
-        return scores if include_prefix else scores[:, state.prefix :]
+        return ops.class_attention(self.q, self.k, self.bias, self.scale)[:, state.prefix :]
 
     def received_attention(self) -> Tensor:
         """How much attention each non-prefix token receives: the mean over the real queries of each
