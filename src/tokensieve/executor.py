@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,10 +16,10 @@ from torch import Tensor, nn
 
 from tokensieve import ops
 from tokensieve.hosts import Host, runs_own_attention
-from tokensieve.hosts.base import BlockCall, BlockView, Step
+from tokensieve.hosts.base import BlockCall, BlockView, Step, layer_checkpointing
 from tokensieve.methods import AttentionView, Method, MethodRun
 from tokensieve.methods.run import check_inputs
-from tokensieve.tokens import LayerRecord, TokenState, Trace, repeat_by_size
+from tokensieve.tokens import LayerRecord, TokenState, Trace, gather_tokens, repeat_by_size
 
 
 @dataclass
@@ -30,25 +33,57 @@ class CallScope:
     inputs: list[dict[str, Any]] = field(default_factory=list)  # open `tokensieve.inputs` scopes, inner last
     method_seconds: float | None = None  # set to 0.0 to time the method's own steps
     entry: tuple[Tensor, Any] | None = None  # (entry module's output, what the host read from its inputs)
-    call: _Call | None = None  # the call under way, and the tensor its last block returned
-    out: Tensor | None = None
+    handoff: _Handoff | None = None  # what the last block run in this thread handed to the next
+
+
+@dataclass
+class _Opening:
+    """What a call reads once, at its first block: what the host's block call carries (masks,
+    memory), the method that runs (none with pruning off), the call's inputs, the mode."""
+
+    block_call: BlockCall
+    method: Method
+    inputs: dict[str, Tensor]
+    training: bool
 
 
 @dataclass
 class _Call:
-    """One forward call under way: its state, what the host's block call carries, the method's run."""
+    """One forward call under way: its state, what it read at its first block, the method's run."""
 
     state: TokenState
-    block_call: BlockCall
-    method: Method
+    opening: _Opening
     run: MethodRun
+
+
+@dataclass
+class _Handoff:
+    """Block `layer` of `call` returned `out`; the next block continues the call with what it is given."""
+
+    call: _Call
+    layer: int
+    out: Tensor
+
+
+@dataclass
+class _BlockStart:
+    """How a block of a call began, kept while its input tensor lives: activation checkpointing
+    runs the block again in the backward pass, where it must run as it did in the forward."""
+
+    opening: _Opening
+    state: TokenState | None  # as the previous block left it (None: the first block); sparse: without x
+    replaced: bool  # the input is not what the previous block returned (a forward hook replaced it)
+    scratch: dict[str, Any]  # the method's scratch as the block began
+    trace: Trace  # a blank trace of the call's shape, copied for each rerun to write into
 
 
 class Runner:
     """Stands in for each block's forward. Block i hands the call to block i+1 through the
-    per-thread scope, keyed on the tensor it returned, so the host's own loop over blocks (and
-    whatever entry point started it) drives the pruned forward; the call's state and the method's
-    run die with the call.
+    per-thread scope, and block i+1 takes the tensor it is given as block i's output (a forward
+    hook may have replaced it), so the host's own loop over blocks (and whatever entry point
+    started it) drives the pruned forward; the call's state and the method's run die with the
+    call. A block run again in the backward pass (activation checkpointing) reruns from how it
+    began in the forward, kept while its input tensor lives.
     """
 
     def __init__(self, host: Host, method: Method, parts: nn.Module | None, eager: bool,
@@ -60,15 +95,18 @@ class Runner:
         self.replaced: dict[int, Callable | None] = {}  # layer -> instance forward found at patch time
         self.replaced_entry: Callable | None = None  # the same, for the host's entry module
         self._local = threading.local()
+        # (layer, id of its input) -> (weak reference to the input, how the block began): for reruns
+        self._starts: dict[tuple[int, int], tuple[weakref.ref, _BlockStart]] = {}
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_local"] = None  # per-call data is never copied
+        state["_local"] = state["_starts"] = None  # per-call data is never copied
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._starts = {}
 
     def scope(self) -> CallScope:
         """This thread's CallScope."""
@@ -79,18 +117,37 @@ class Runner:
 
     def run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Block `layer`'s forward. `x` is [B, N, C] tokens, or a [B, H, W, C] map (SAM) that the
-        first block flattens into tokens and the last block gives back whole (dense mode)."""
+        first block flattens into tokens and dense blocks give back whole."""
+        checkpoint = layer_checkpointing(self.host.blocks[layer])
+        if checkpoint is not None:  # transformers checkpoints in the layer's forward, which this one replaces
+            return checkpoint(functools.partial(self._run, layer, **kwargs), x, *args)
+        return self._run(layer, x, *args, **kwargs)
+
+    def _run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         _refuse_attention_maps(kwargs)
+        if x.requires_grad and not torch.is_grad_enabled():  # inside a reentrant checkpoint's forward
+            raise ValueError(_REENTRANT_CHECKPOINTING)
+        if _in_backward():
+            return self._rerun(layer, x)
         scope = self.scope()
-        call = scope.call if layer > 0 and scope.out is x else None  # else: a new call starts here
-        scope.call = scope.out = None
-        if call is None:
-            call = self._start(x, args, kwargs, scope)
+        handoff, scope.handoff = scope.handoff, None
+        previous, replaced = None, False
+        if layer > 0 and handoff is not None and handoff.layer == layer - 1:  # the next block of the call
+            call, previous = handoff.call, handoff.call.state
+            replaced = x is not handoff.out
+            if replaced:
+                _check_replacement(layer, x, handoff.out)
+                call.state = self._adopt(previous, x)
+        else:  # a new call starts here
+            call = self._begin(x, self._open(x, args, kwargs, scope), scope)
+        if torch.is_grad_enabled():
+            self._remember(layer, x, call, previous, replaced)
         call.state = self._run_block(layer, call, scope)
         if layer == self.last_layer:
             return self._finish(call, scope)
-        scope.call, scope.out = call, call.state.x
-        return call.state.x
+        out = self._block_output(call.state)
+        scope.handoff = _Handoff(call, layer, out)
+        return out
 
     def enter(self, forward: Callable, *args: Any, **kwargs: Any) -> Tensor:
         """Stands in for the host's entry module (the module whose output enters the first block):
@@ -99,9 +156,9 @@ class Runner:
         self.scope().entry = (out, self.host.read_entry(args, kwargs))
         return out
 
-    def _start(self, x: Tensor, args: tuple, kwargs: dict, scope: CallScope) -> _Call:
-        """A new call: the host's masks and memory (read once: every block of a call gets the same),
-        the first TokenState, and the method's run with the call's inputs."""
+    def _open(self, x: Tensor, args: tuple, kwargs: dict, scope: CallScope) -> _Opening:
+        """What a new call reads once: the host's masks and memory (every block of a call gets the
+        same), the method (none with pruning off) and the call's inputs."""
         entry, scope.entry = scope.entry, None
         entry_inputs = entry[1] if entry is not None and entry[0] is x else None  # not another call's
         block_call = self.host.read_call(x, args, kwargs, entry_inputs)
@@ -111,16 +168,76 @@ class Runner:
             method = self.method
             given = scope.inputs[-1] if scope.inputs else {}
             inputs = check_inputs(method.call_inputs(self.host.spec), given, x.shape[0], str(method))
+        return _Opening(block_call, method, inputs, self.host.blocks[0].training)
+
+    def _begin(self, x: Tensor, opening: _Opening, scope: CallScope) -> _Call:
+        """The call's first TokenState, and the method's run started on it."""
+        block_call, method = opening.block_call, opening.method
         state = TokenState.start(x, self.host.spec.prefix, grid=self.dense or method.uses_grid,
                                  valid=block_call.key_mask, order=block_call.order)
         state.trace.module = self.module
-        run = MethodRun(self.host.spec, self.parts, self.shared, self.host.blocks[0].training, inputs,
+        run = MethodRun(self.host.spec, self.parts, self.shared, opening.training, opening.inputs,
                         state.trace, self.module)
         state = self._step(scope, method.start, state, run)
-        return _Call(state, block_call, method, run)
+        return _Call(state, opening, run)
+
+    def _adopt(self, state: TokenState, given: Tensor) -> TokenState:
+        """The state taking its tokens' values from `given`, a replacement of what the previous
+        block returned (same shape)."""
+        return _adopt_dense(state, given) if self.dense else state.replace(x=given)
+
+    def _block_output(self, state: TokenState) -> Tensor:
+        """What a block before the last returns: its tokens; in dense mode every input position, as
+        the last block returns them, so the host's intermediate outputs and forward hooks see the
+        whole grid."""
+        if not self.dense:
+            return state.x
+        if state.source is None:  # dense_output writes the active tokens into the grid, in place without grad
+            state = state.replace(grid=state.grid.clone())
+        return state.dense_output()
+
+    def _remember(self, layer: int, x: Tensor, call: _Call, previous: TokenState | None,
+                  replaced: bool) -> None:
+        """Keep how block `layer` begins on `x` while `x` lives, for activation checkpointing to run
+        it again. What is kept was made before `x` (nothing that holds `x`), so it dies with `x`."""
+        state = None
+        if previous is not None:  # sparse: the tokens are `x` itself, given again to the rerun
+            state = previous.replace(trace=None) if self.dense else previous.replace(x=None, trace=None)
+        trace = call.run.trace
+        blank = dataclasses.replace(trace, layers=[], keep_decisions=[], reports={}, output_valid=None)
+        start = _BlockStart(call.opening, state, replaced, dict(call.run.scratch), blank)
+        key = (layer, id(x))
+        starts = self._starts
+        starts[key] = (weakref.ref(x, lambda _, key=key: starts.pop(key, None)), start)
+
+    def _rerun(self, layer: int, x: Tensor) -> Tensor:
+        """Block `layer` run again in the backward pass (activation checkpointing), as the forward
+        ran it: from the state it began with, leaving nothing behind (no trace, no collected call)."""
+        found = self._starts.get((layer, id(x)))
+        if found is None or found[0]() is not x:
+            raise ValueError(_UNPLACED_RERUN.format(layer=layer))
+        start = found[1]
+        scope = CallScope()  # no collectors, no timing
+        if start.state is None:
+            call = self._begin(x, start.opening, scope)
+        else:
+            trace = dataclasses.replace(start.trace, layers=[], keep_decisions=[], reports={})
+            opening = start.opening
+            run = MethodRun(self.host.spec, self.parts, self.shared, opening.training, opening.inputs, trace,
+                            self.module, dict(start.scratch))
+            state = start.state.replace(trace=trace)
+            if start.replaced or not self.dense:
+                state = self._adopt(state, x)
+            call = _Call(state, opening, run)
+        call.state = self._run_block(layer, call, scope)
+        if layer == self.last_layer:
+            return self._finish(call, scope)
+        out = self._block_output(call.state)
+        self._remember(layer + 1, out, call, call.state, False)  # the next block, if checkpointed with it
+        return out
 
     def _run_block(self, layer: int, call: _Call, scope: CallScope) -> TokenState:
-        method, run, state = call.method, call.run, call.state
+        method, run, state = call.opening.method, call.run, call.state
         view = self.host.views[layer]
         record = LayerRecord(layer, 0, 0, state.index, state.valid)
         if state.trace is not None:
@@ -132,10 +249,10 @@ class Runner:
         if own_attention:  # windows or relative positions: the view places the tokens
             heads_out, q, k = view.attend(block_input, state, self.eager)  # [B, N, H*d]
             record.attention_index, record.attention_valid = state.index, state.valid
-            bias = _attention_bias(state, q.dtype, call.block_call.causal)
+            bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
         else:
             q, k, v = view.qkv(block_input)
-            bias = _attention_bias(state, q.dtype, call.block_call.causal)
+            bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
             if state.keep is not None:
                 heads_out = ops.policy_attention(q, k, v, state.keep, view.scale, bias)
             else:
@@ -152,7 +269,7 @@ class Runner:
         if state.keep is None:
             block_input = None
         record.mlp_tokens = state.token_counts()
-        block_call = call.block_call
+        block_call = call.opening.block_call
         if block_call.memory is not None:
             state = state.replace(x=self._cross_attend(view, state.x, block_call))
             mask = block_call.memory_mask
@@ -187,7 +304,7 @@ class Runner:
         return state
 
     def _finish(self, call: _Call, scope: CallScope) -> Tensor:
-        state = self._step(scope, call.method.finish, call.state, call.run)
+        state = self._step(scope, call.opening.method.finish, call.state, call.run)
         for traces in scope.collectors:
             traces.append(state.trace)
         if self.dense:  # every input position; only the input's own padding is padding
@@ -210,6 +327,42 @@ class Runner:
 
 
 _DENSE = Method()  # does nothing at any layer
+
+_REENTRANT_CHECKPOINTING = (
+    "this model checkpoints its blocks with reentrant activation checkpointing, which runs each block "
+    "without the token state tokensieve hands from block to block; use non-reentrant checkpointing (timm: "
+    "timm.layers.set_reentrant_ckpt(False); transformers: model.activation_checkpointing_enable("
+    "activation_checkpointing_kwargs={'use_reentrant': False})), or turn checkpointing off "
+    "(timm: model.set_grad_checkpointing(False); transformers: model.activation_checkpointing_disable())")
+_UNPLACED_RERUN = (
+    "block {layer} runs again in the backward pass (activation checkpointing) on tokens it was not given in "
+    "the forward: a checkpoint that makes the blocks' input anew cannot be rerun with the token state; "
+    "checkpoint each block (timm: model.set_grad_checkpointing(); transformers: "
+    "model.activation_checkpointing_enable()), or the blocks from the first one on, with non-reentrant "
+    "checkpointing")
+
+
+def _in_backward() -> bool:
+    """Whether this thread runs a backward pass, where activation checkpointing runs blocks again."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _check_replacement(layer: int, given: Tensor, out: Tensor) -> None:
+    if given.shape != out.shape:
+        raise ValueError(f"block {layer - 1} returned {tuple(out.shape)} and block {layer} is given "
+                         f"{tuple(given.shape)}: a forward hook on a patched block (or the host, between "
+                         "blocks) may change the tokens' values, not their shape")
+
+
+def _adopt_dense(state: TokenState, given: Tensor) -> TokenState:
+    """The state taking its values from `given`, every input position in input order (what a dense
+    block returns): each token reads its own position (a merged token the position it is kept at;
+    a fused token and ragged padding have none and keep theirs), the grid the rest."""
+    tokens = given.flatten(1, 2) if state.map_size is not None else given  # [B, N0, C]
+    positioned = (state.index >= 0)[..., None]
+    x = torch.where(positioned, gather_tokens(tokens, state.index.clamp_min(0)), state.x)
+    grid = None if state.grid is None else torch.cat([tokens, state.grid[:, -1:]], dim=1)
+    return state.replace(x=x, grid=grid)
 
 
 def _attention_bias(state: TokenState, dtype: torch.dtype, causal: bool = False) -> Tensor | None:

@@ -66,12 +66,14 @@ def patch(model: nn.Module | Sequence[nn.Module], method: Method,
     `unpatch` on any of them takes the method off all of them.
 
     Patching a patched model replaces its method. `attention="eager"` spells attention out as
-    matmuls (for FLOP counters); the default uses PyTorch's fused kernel. With `dense`, the
-    last block returns every input token in input order, pruned ones holding the features they
-    had when pruned and merged ones (ToMe) the features of the token they were merged into, so
-    necks, mask decoders and heads that reshape tokens into a map work. Hosts whose output is read
-    by input position (SAM's image encoder feeds its neck; CLIP's text tower pools each text's end
-    token) always run dense, whatever `dense` says.
+    matmuls (for FLOP counters); the default uses PyTorch's fused kernel. With `dense`, every
+    block returns every input token in input order, pruned ones holding the features they had
+    when pruned and merged ones (ToMe) the features of the token they were merged into, so necks,
+    mask decoders and heads that reshape tokens into a map work, and so do intermediate features
+    (timm's `forward_intermediates`, which a sparse patch refuses; transformers'
+    `output_hidden_states`). Hosts whose output is read by input position (SAM's image encoder
+    feeds its neck; CLIP's text tower pools each text's end token) always run dense, whatever
+    `dense` says.
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokensieve method such as EViT(keep=0.7), got {type(method).__name__}")
@@ -90,9 +92,9 @@ def patch(model: nn.Module | Sequence[nn.Module], method: Method,
                for i, (host, module_parts) in enumerate(zip(hosts, parts, strict=True))]
     sieve = Sieve(method, runners, shared)
     for m, runner in zip(models, runners, strict=True):
+        runner.patched = m
         _attach(runner)
         object.__setattr__(m, _ATTRIBUTE, sieve)  # not a submodule: the state dict stays the host's
-        runner.patched = m
     return sieve
 
 
@@ -116,6 +118,15 @@ def _attach(runner: Runner) -> None:
     if host.entry is not None:
         runner.replaced_entry = host.entry.__dict__.get("forward")
         host.entry.forward = functools.partial(runner.enter, host.entry.forward)
+    if not runner.dense:
+        for name in host.intermediates:
+            setattr(runner.patched, name, functools.partial(_refuse_sparse_intermediates, name))
+
+
+def _refuse_sparse_intermediates(name: str, *args: object, **kwargs: object) -> None:
+    raise ValueError(f"{name} reads every block's output as the whole token grid, and the blocks of a sparse "
+                     "patch return only the tokens they keep; patch with dense=True (each block then returns "
+                     "every input position, pruned ones with the features they had when pruned)")
 
 
 def unpatch(model: nn.Module) -> None:
@@ -139,6 +150,9 @@ def _detach(runner: Runner) -> None:
         entry.__dict__.pop("forward", None)
         if runner.replaced_entry is not None:
             entry.forward = runner.replaced_entry
+    if not runner.dense:
+        for name in runner.host.intermediates:
+            runner.patched.__dict__.pop(name, None)
 
 
 def is_patched(model: nn.Module) -> bool:

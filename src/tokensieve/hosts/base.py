@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from tokensieve.spec import ModelSpec
@@ -127,6 +128,18 @@ class Host:
     # what the blocks do not see (CLIP's token ids, for the end-of-text position).
     entry: nn.Module | None = None
     read_entry: Callable[[tuple, dict], Any] | None = None
+    # Methods of the model that read every block's output as the whole token grid (timm's
+    # forward_intermediates): a sparse patch, whose blocks return the kept tokens only, refuses them.
+    intermediates: tuple[str, ...] = ()
+
+
+def layer_checkpointing(block: nn.Module) -> Callable[..., Tensor] | None:
+    """The function transformers runs `block` through when its activation checkpointing is on
+    (`gradient_checkpointing_enable`), or None. transformers checkpoints inside the layer class's
+    forward, which a patched block's forward replaces, so the patch calls it itself."""
+    if getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled():
+        return getattr(block, "_gradient_checkpointing_func", None)
+    return None
 
 
 def linear_macs(module: nn.Module) -> int:

@@ -71,6 +71,7 @@ def resolve(model: nn.Module) -> Host:
         mean_pooled=pool in ("avg", "avgmax", "max"),
         embed_macs_per_patch=conv.weight.numel(),
         head_macs=_head_macs(model),
+        intermediates=("forward_intermediates",),  # get_intermediate_layers calls it too
     )
 
 

@@ -1,0 +1,187 @@
+"""Activation checkpointing: a patched model whose host recomputes its blocks in the backward pass
+(timm's set_grad_checkpointing, transformers' activation_checkpointing_enable) gets the gradients
+of the run without checkpointing; reentrant checkpointing, which runs each block without the
+token state, is refused naming the fix."""
+
+import contextlib
+
+import pytest
+import timm.layers
+import torch
+from models import blocks_of, clip_text_model, hf_model, images, strengthen, texts, timm_model
+from registry import methods
+from timm.models import checkpoint_seq
+
+import tokensieve as ts
+
+TRAINED = methods("pruned", "ragged")  # every registered method and variant, under model.train()
+
+
+@contextlib.contextmanager
+def _timm_reentrant(reentrant: bool):
+    """timm's checkpointing mode (a process-wide setting), restored afterwards."""
+    before = timm.layers.use_reentrant_ckpt()
+    timm.layers.set_reentrant_ckpt(reentrant)
+    try:
+        yield
+    finally:
+        timm.layers.set_reentrant_ckpt(before)
+
+
+def _trained(model):
+    """`model` in training mode; its dropouts off, so that runs are comparable."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _gradients(model, run, seed=0):
+    """Every gradient of one backward of `run(model)` plus the method's keep decisions (the
+    keep-ratio loss reads them from the trace), by parameter name, and the output."""
+    sieve = ts.sieve_of(model)
+    model.zero_grad(set_to_none=True)
+    sieve.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # DynamicViT's Gumbel noise, RandomDrop's draw
+    with ts.trace(model) as traces:
+        out = run(model)
+    loss = out.square().mean()
+    for decision in traces[0].keep_decisions:
+        loss = loss + decision.decisions.mean()
+    loss.backward()
+    named = [*model.named_parameters(), *(("sieve." + n, p) for n, p in sieve.named_parameters())]
+    return out.detach(), {name: p.grad.clone() for name, p in named if p.grad is not None}
+
+
+def _assert_same_gradients(got, expected):
+    (out, grads), (expected_out, expected_grads) = got, expected
+    torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        error = (grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+
+
+def _block_runs(model):
+    """A counter of how often the blocks' first norm runs (twice per block when checkpointed)."""
+    runs = []
+    for block in blocks_of(model):
+        norm = getattr(block, "norm1", None) or getattr(block, "layernorm_before", None) or block.layer_norm1
+        norm.register_forward_hook(lambda module, args, out: runs.append(1))
+    return runs
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("method", TRAINED)
+def test_timm_checkpointed_blocks_give_the_gradients_of_the_run_without(method, dense):
+    model = _trained(strengthen(timm_model("timm-vit")))
+    ts.patch(model, method, dense=dense)
+    x = images(2)
+    expected = _gradients(model, lambda m: m(x) if not dense else m.forward_features(x))
+    runs = _block_runs(model)
+    model.set_grad_checkpointing(True)
+    with _timm_reentrant(False):
+        got = _gradients(model, lambda m: m(x) if not dense else m.forward_features(x))
+    assert len(runs) == 2 * len(blocks_of(model))  # each block ran again in the backward pass
+    _assert_same_gradients(got, expected)
+
+
+@pytest.mark.parametrize("method", methods("pruned"))
+def test_checkpointing_several_blocks_at_once_gives_the_gradients_of_the_run_without(method):
+    model = _trained(strengthen(timm_model("timm-vit")))
+    ts.patch(model, method)
+
+    def features(m, every):
+        tokens = m.norm_pre(m._pos_embed(m.patch_embed(images(2))))
+        if every == 0:
+            return m.blocks(tokens)
+        return checkpoint_seq(m.blocks, tokens, every=every, use_reentrant=False)
+
+    expected = _gradients(model, lambda m: features(m, 0))
+    _assert_same_gradients(_gradients(model, lambda m: features(m, 2)), expected)
+
+
+@pytest.mark.parametrize("host", ["ViTForImageClassification", "Dinov2Model", "CLIPVisionModel"])
+@pytest.mark.parametrize("method", methods("pruned"))
+def test_transformers_checkpointed_layers_give_the_gradients_of_the_run_without(host, method):
+    model = _trained(strengthen(hf_model(host)))
+    ts.patch(model, method)
+    x = images(2)
+
+    def run(m):
+        out = m(pixel_values=x)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    expected = _gradients(model, run)
+    runs = _block_runs(model)
+    model.activation_checkpointing_enable()
+    got = _gradients(model, run)
+    assert len(runs) == 2 * len(blocks_of(model))  # the patch runs the layers through their checkpoint
+    _assert_same_gradients(got, expected)
+
+
+@pytest.mark.parametrize("method", [ts.TopK(keep=0.5, layers=(1,)), ts.DynamicViT(keep=0.5, layers=(1,),
+                                                                                   dynamic=True)])
+def test_checkpointed_clip_text_tower_gives_the_gradients_of_the_run_without(method):
+    model = _trained(clip_text_model())
+    ts.patch(model, method)
+    ids, mask = texts([7, 12, 5])
+    run = lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+    expected = _gradients(model, run)
+    runs = _block_runs(model)
+    model.activation_checkpointing_enable()
+    got = _gradients(model, run)
+    assert len(runs) == 2 * len(blocks_of(model))
+    _assert_same_gradients(got, expected)
+
+
+def test_timm_reentrant_checkpointing_is_refused_naming_the_fix():
+    model = _trained(timm_model("timm-vit"))
+    ts.patch(model, ts.ToMe(r=4))
+    model.set_grad_checkpointing(True)
+    with _timm_reentrant(True), pytest.raises(ValueError, match=r"set_reentrant_ckpt\(False\)") as refusal:
+        model(images(2))
+    assert "set_grad_checkpointing(False)" in str(refusal.value)
+
+
+def test_transformers_reentrant_checkpointing_is_refused_naming_the_fix():
+    model = _trained(hf_model("ViTModel"))
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1, 2)))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model(pixel_values=images(2))
+
+
+def test_a_checkpointed_model_under_no_grad_runs_as_without_checkpointing():
+    model = _trained(timm_model("timm-vit"))
+    ts.patch(model, ts.EViT(keep=0.5, layers=(1, 2)), dense=True)
+    x = images(2)
+    with torch.no_grad():
+        expected = model(x)
+        model.set_grad_checkpointing(True)
+        for reentrant in (False, True):
+            with _timm_reentrant(reentrant):
+                torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
+
+
+def test_a_block_run_again_on_tokens_it_never_saw_is_refused_in_the_backward_pass():
+    model = _trained(timm_model("timm-vit"))
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1, 2)))
+
+    def whole(pixels):  # checkpoints the embedding too: the blocks' input is made anew in the backward pass
+        return model.forward_features(pixels)
+
+    out = torch.utils.checkpoint.checkpoint(whole, images(2), use_reentrant=False)
+    with pytest.raises(ValueError, match="checkpoint each block"):
+        out.sum().backward()
+
+
+def test_the_backward_pass_of_a_checkpointed_model_adds_no_trace():
+    model = _trained(timm_model("timm-vit"))
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1, 2)))
+    model.set_grad_checkpointing(True)
+    with _timm_reentrant(False), ts.trace(model) as traces:
+        model(images(2)).sum().backward()
+    assert len(traces) == 1
+    assert [record.layer for record in traces[0].layers] == [0, 1, 2, 3]
