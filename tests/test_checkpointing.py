@@ -8,7 +8,17 @@ import contextlib
 import pytest
 import timm.layers
 import torch
-from models import blocks_of, clip_text_model, hf_model, images, strengthen, texts, timm_model
+from models import (
+    blip_retrieval,
+    blocks_of,
+    clip_text_model,
+    hf_model,
+    images,
+    sam_model,
+    strengthen,
+    texts,
+    timm_model,
+)
 from registry import methods
 from timm.models import checkpoint_seq
 
@@ -121,8 +131,10 @@ def test_transformers_checkpointed_layers_give_the_gradients_of_the_run_without(
     _assert_same_gradients(got, expected)
 
 
-@pytest.mark.parametrize("method", [ts.TopK(keep=0.5, layers=(1,)), ts.DynamicViT(keep=0.5, layers=(1,),
-                                                                                   dynamic=True)])
+@pytest.mark.parametrize("method", [
+    pytest.param(ts.TopK(keep=0.5, layers=(1,)), id="topk"),
+    pytest.param(ts.DynamicViT(keep=0.5, layers=(1,), dynamic=True), id="dynamicvit"),
+])
 def test_checkpointed_clip_text_tower_gives_the_gradients_of_the_run_without(method):
     model = _trained(clip_text_model())
     ts.patch(model, method)
@@ -133,6 +145,38 @@ def test_checkpointed_clip_text_tower_gives_the_gradients_of_the_run_without(met
     model.activation_checkpointing_enable()
     got = _gradients(model, run)
     assert len(runs) == 2 * len(blocks_of(model))
+    _assert_same_gradients(got, expected)
+
+
+def test_checkpointed_sam_encoder_gives_the_gradients_of_the_run_without():
+    model = _trained(sam_model())
+    ts.patch(model, ts.DynamicViT(keep=0.5, layers=(1, 2)))
+    run = lambda m: m(pixel_values=images(2)).last_hidden_state  # noqa: E731
+    expected = _gradients(model, run)
+    runs = _block_runs(model)
+    model.activation_checkpointing_enable()
+    got = _gradients(model, run)
+    assert len(runs) == 2 * len(blocks_of(model))
+    _assert_same_gradients(got, expected)
+
+
+def test_checkpointed_blip_text_encoder_with_image_tokens_gives_the_gradients_of_the_run_without():
+    retrieval = _trained(blip_retrieval())
+    encoder = retrieval.text_encoder
+    ts.patch(encoder, ts.EViT(keep=0.5, layers=(1,)))
+    ids, mask = texts([7, 12, 5])
+    memory = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1))
+
+    def run(m):
+        return m(input_ids=ids, attention_mask=mask, encoder_hidden_states=memory).last_hidden_state
+
+    expected = _gradients(encoder, run)
+    runs = []
+    for layer in blocks_of(encoder):
+        layer.attention.self.query.register_forward_hook(lambda module, args, out: runs.append(1))
+    retrieval.activation_checkpointing_enable()  # BlipTextModel has no switch of its own
+    got = _gradients(encoder, run)
+    assert len(runs) == 2 * len(blocks_of(encoder))
     _assert_same_gradients(got, expected)
 
 
