@@ -197,6 +197,7 @@ def test_transformers_reentrant_checkpointing_is_refused_naming_the_fix():
         model(pixel_values=images(2))
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
 def test_a_checkpointed_model_under_no_grad_runs_as_without_checkpointing():
     model = _trained(timm_model("timm-vit"))
     ts.patch(model, ts.EViT(keep=0.5, layers=(1, 2)), dense=True)
