@@ -22,8 +22,10 @@ from tokensieve.tokens import TokenState
 @dataclass(frozen=True)
 class EViT(Method):
     """At each of `layers`, keep ceil(keep * n) of the n non-prefix tokens by class attention
-    (mean over heads); with `fuse`, the others become one attention-weighted token. In a padded
-    batch (padded text), n counts each sample's own tokens."""
+    (mean over heads); with `fuse`, the others become one token placed after the kept ones, their
+    sum weighted by that attention (as the authors fuse them: not divided by the weights' sum). A
+    fused token counts among the n of a later layer. In a padded batch (padded text), n counts
+    each sample's own tokens."""
 
     keep: float = 0.7
     layers: tuple[int, ...] = (3, 6, 9)

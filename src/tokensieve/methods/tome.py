@@ -45,10 +45,15 @@ def max_merge(tokens: int) -> int:
 class ToMe(Method):
     """Bipartite soft matching on the keys (mean over heads) in each of `layers` (default: all).
 
+    As in the authors' code, the whole sequence alternates between sets A (even positions) and
+    B (odd), the class token included, so behind one class token the patch tokens at odd positions
+    form B. Every prefix token (class, distillation, registers) sits in the set its position puts
+    it in and takes part in no match, and the prefix stays first: for DeiT's class and
+    distillation tokens this is what the authors do; registers are protected the same way.
     Merged tokens are size-weighted averages; attention adds log(size) to the keys
     (proportional attention), and heads that average the patch tokens weight them by size.
-    As in ToMe, a block merges at most half of its tokens, so late blocks of a large constant
-    r merge fewer.
+    As in ToMe, a block merges at most half of its unprotected tokens, so late blocks of a large
+    constant r merge fewer.
     """
 
     r: Schedule = 8
