@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.methods import Method
+from tokensieve.modes import in_mode
 from tokensieve.patch import is_patched, patch, runner_of, trace, unpatch
 from tokensieve.tokens import Trace
 from tokensieve.tokens import per_sample as per_sample_counts
@@ -73,16 +74,11 @@ class FlopsReport:
 def flops(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> FlopsReport:
     """Count the MACs of `model` on `inputs` (a pixel tensor, or keyword inputs for transformers).
 
-    Counts inference: the model runs in eval mode for the call. An unpatched model is counted as
-    it is (dense).
+    Counts inference: the model runs in eval mode for the call (each sub-module's mode is given
+    back afterwards). An unpatched model is counted as it is (dense).
     """
-    training = model.training
-    model.eval()
-    try:
-        with _patched(model) as host, torch.no_grad(), trace(model) as traces:
-            _call(model, inputs)
-    finally:
-        model.train(training)
+    with in_mode(model, training=False), _patched(model) as host, torch.no_grad(), trace(model) as traces:
+        _call(model, inputs)
     return report_from_trace(host, traces[-1])
 
 

@@ -72,8 +72,8 @@ def load_reference(task: str, directory: str | os.PathLike | None = None) -> nn.
     held = _stored_task(path)
     if held is not None and held != task:
         raise ValueError(f"{path} holds the {held} reference model, not the {task} one; load it with "
-                         f"load_reference('{held}', ...), or pass the directory `tokensieve train {task} --out` "
-                         "wrote")
+                         f"load_reference('{held}', ...), or pass the directory "
+                         f"`tokensieve train {task} --out` wrote")
     if task in _PLAIN:
         model = _load_plain(task, path)
     elif task == "tos":

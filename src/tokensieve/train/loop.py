@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import tokensieve as ts
+from tokensieve.modes import in_mode
 from tokensieve.patch import Sieve
 from tokensieve.tokens import Trace
 from tokensieve.train import distributed as dist
@@ -134,19 +135,18 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
 @contextlib.contextmanager
 def _training_mode(model: nn.Module, freeze_host: bool) -> Iterator[None]:
     """The model in training mode (mask mode for learnable methods), its parameters frozen when
-    only the method trains; both restored afterwards, even after an error."""
+    only the method trains; each parameter's flag and each sub-module's mode restored afterwards,
+    even after an error."""
     requires_grad = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     try:
         if freeze_host:
             for param in requires_grad:
                 param.requires_grad_(False)
-        model.train()
-        yield
+        with in_mode(model, training=True):
+            yield
     finally:
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
-        model.train(was_training)
 
 
 class _TrainingStep:
@@ -236,14 +236,10 @@ class _TrainingStep:
     @torch.no_grad()
     def _teacher_logits(self, inputs: Any) -> Tensor:
         """The same weights run dense in eval mode: a deterministic target that draws no random numbers."""
-        self.model.eval()
-        try:
-            with contextlib.ExitStack() as stack:
-                for module in self.patched:
-                    stack.enter_context(ts.pruning_disabled(module))
-                return self.logits_of(_call(self.model, inputs)).detach()
-        finally:
-            self.model.train()
+        with in_mode(self.model, training=False), contextlib.ExitStack() as stack:
+            for module in self.patched:
+                stack.enter_context(ts.pruning_disabled(module))
+            return self.logits_of(_call(self.model, inputs)).detach()
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -355,12 +351,8 @@ def _due(step: int, every: int, total: int) -> bool:
 
 
 def _evaluate(model: nn.Module, evaluate: Evaluate) -> dict[str, float]:
-    model.eval()
-    try:
-        with torch.no_grad():
-            return {key: float(value) for key, value in evaluate(model).items()}
-    finally:
-        model.train()
+    with in_mode(model, training=False), torch.no_grad():
+        return {key: float(value) for key, value in evaluate(model).items()}
 
 
 def _resume_point(config: TrainConfig) -> Path | None:
