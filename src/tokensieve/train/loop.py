@@ -22,7 +22,14 @@ from tokensieve.modes import in_mode
 from tokensieve.patch import Sieve
 from tokensieve.tokens import Trace
 from tokensieve.train import distributed as dist
-from tokensieve.train.checkpoint import RunPosition, latest_checkpoint, load_run, read_metadata, save_run
+from tokensieve.train.checkpoint import (
+    RunPosition,
+    check_checkpoint_dir,
+    load_run,
+    read_metadata,
+    resume_checkpoint,
+    save_run,
+)
 from tokensieve.train.config import TrainConfig
 from tokensieve.train.data import epoch_batches, steps_per_epoch, to_device
 from tokensieve.train.identity import weights_fingerprint
@@ -67,6 +74,8 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
     in eval mode without gradient every `eval_every` steps and at the run's end (on every rank).
     After fit, `.grad` of the trained parameters holds the last step's averaged, clipped gradient.
     """
+    if config.checkpoint_dir is not None:
+        check_checkpoint_dir(config.checkpoint_dir)
     patched, sieve = _find_patched(model, sieve, config)
     parameters = _trained_parameters(model, sieve, config)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -318,7 +327,12 @@ def _total_steps(config: TrainConfig, epoch_length: int | None) -> int:
     if epoch_length is None:
         raise ValueError("TrainConfig(epochs=...) needs data of known length (a Dataset, or an iterable "
                          "with len); give steps=... instead")
-    return config.epochs * epoch_length
+    total = config.epochs * epoch_length
+    if config.warmup_steps > total:  # TrainConfig checks this when given steps
+        raise ValueError(f"TrainConfig(warmup_steps={config.warmup_steps}): use at most the run's "
+                         f"{total} steps ({config.epochs} epochs of {epoch_length}); a longer warm-up never "
+                         "reaches lr")
+    return total
 
 
 def _batches(data: Any, position: RunPosition, epoch_length: int | None, stop: int, config: TrainConfig,
@@ -358,7 +372,7 @@ def _evaluate(model: nn.Module, evaluate: Evaluate) -> dict[str, float]:
 def _resume_point(config: TrainConfig) -> Path | None:
     if config.checkpoint_dir is None or not config.resume:
         return None
-    return latest_checkpoint(config.checkpoint_dir)
+    return resume_checkpoint(config.checkpoint_dir)
 
 
 def _warn_if_config_changed(path: Path, config: TrainConfig) -> None:
