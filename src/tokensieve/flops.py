@@ -74,8 +74,8 @@ class FlopsReport:
 def flops(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> FlopsReport:
     """Count the MACs of `model` on `inputs` (a pixel tensor, or keyword inputs for transformers).
 
-    Counts inference: the model runs in eval mode for the call (each sub-module's mode is given
-    back afterwards). An unpatched model is counted as it is (dense).
+    Counts inference: the model runs in eval mode for the call. An unpatched model is counted as
+    it is (dense).
     """
     with in_mode(model, training=False), _patched(model) as host, torch.no_grad(), trace(model) as traces:
         _call(model, inputs)
