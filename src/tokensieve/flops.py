@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.methods import Method
+from tokensieve.modes import in_mode
 from tokensieve.patch import is_patched, patch, runner_of, trace, unpatch
 from tokensieve.tokens import Trace
 from tokensieve.tokens import per_sample as per_sample_counts
@@ -76,13 +77,8 @@ def flops(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> FlopsRepor
     Counts inference: the model runs in eval mode for the call. An unpatched model is counted as
     it is (dense).
     """
-    training = model.training
-    model.eval()
-    try:
-        with _patched(model) as host, torch.no_grad(), trace(model) as traces:
-            _call(model, inputs)
-    finally:
-        model.train(training)
+    with in_mode(model, training=False), _patched(model) as host, torch.no_grad(), trace(model) as traces:
+        _call(model, inputs)
     return report_from_trace(host, traces[-1])
 
 
