@@ -25,10 +25,7 @@ TOLERANCE = 1e-5
 LENGTHS = [12, 9, 5]
 WIDTH = max(LENGTHS)
 PADDED = dataclasses.replace(CLIP_TEXT, padded=True)
-# RandomDrop's choice in a padded batch is checked against each text alone in test_text_hosts.py,
-# where the promise is marked by the state of its draw; which side the padding is on changes nothing
-# for it, since the state holds every text's real tokens first.
-PER_TEXT = [param for param in methods("pruned", "ragged", host=PADDED) if param.id != "randomdrop"]
+PER_TEXT = methods("pruned", "ragged", host=PADDED)
 
 
 def left_padded_texts() -> tuple[torch.Tensor, torch.Tensor]:
