@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -44,7 +45,12 @@ def _load_transformers(path: Path) -> nn.Module:
 
 
 def parse_method(spec: str) -> Method:
-    """'evit:keep=0.7,fuse=False' -> EViT(keep=0.7, fuse=False)."""
+    """'evit:keep=0.7,fuse=False' -> EViT(keep=0.7, fuse=False).
+
+    Each value is read as a Python literal (a number, a tuple or list, True/False, None; the last
+    three in any case), never as a string of characters, and the method then checks and normalises
+    it as it does for any caller: a TypeError or ValueError says what to write instead.
+    """
     name, _, arguments = spec.partition(":")
     cls = METHODS.get(name.strip().lower())
     if cls is None:
@@ -56,19 +62,23 @@ def parse_method(spec: str) -> Method:
         key = key.strip()
         if not equals or key not in fields:
             raise ValueError(f"{spec!r}: {cls.__name__} takes {', '.join(sorted(fields))} as key=value")
-        kwargs[key] = _value(value.strip())
-    if isinstance(kwargs.get("layers"), list):
-        kwargs["layers"] = tuple(kwargs["layers"])
+        if key in kwargs:
+            raise ValueError(f"{spec!r}: {key} is given twice; give it once")
+        kwargs[key] = _value(key, value.strip())
     return cls(**kwargs)
 
 
-def _value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
+_WORDS = {"true": True, "false": False, "none": None}
+
+
+def _value(key: str, text: str) -> Any:
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError) as error:
-        raise ValueError(f"cannot read the value {text!r}") from error
+        raise ValueError(f"cannot read {key}={text}: write a number, True, False, None, or a tuple or list "
+                         f"of numbers, e.g. keep=0.7 or layers=(3,6)") from error
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -132,22 +132,6 @@ class Method:
         return {}
 
 
-def check_keep(keep: float, name: str) -> None:
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"{name}(keep={keep}): keep is the fraction of tokens kept; use a value in (0, 1]")
-
-
-def check_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int, ...]:
-    layers = tuple(sorted(set(int(i) for i in layers)))
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise ValueError(
-            f"{name}(layers={layers}): layer {bad[0]} is past this model's {depth} blocks; "
-            f"use indices 0..{depth - 1}"
-        )
-    return layers
-
-
 def needs_class_token(spec: ModelSpec, name: str) -> None:
     if not spec.has_class_token:
         # Merging cannot serve a model whose output must keep every position.

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokensieve import calls, ops
-from tokensieve.methods.base import Method, MethodRun, check_keep, check_layers
+from tokensieve.methods.base import Method, MethodRun
+from tokensieve.methods.fields import check_layers, flag, layer_indices, settle, share
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 
@@ -27,12 +28,14 @@ class DynamicViT(Method):
     layers: tuple[int, ...] = (3, 6, 9)
     dynamic: bool = False
 
+    def __post_init__(self) -> None:
+        settle(self, keep=share, layers=layer_indices, dynamic=flag)
+
     @property
     def ragged(self) -> bool:
         return self.dynamic
 
     def bind(self, spec: ModelSpec) -> nn.Module:
-        check_keep(self.keep, "DynamicViT")
         layers = check_layers(self.layers, spec.depth, "DynamicViT")
         return nn.ModuleDict({str(layer): KeepPredictor(spec.dim) for layer in layers})
 

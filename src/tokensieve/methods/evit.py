@@ -7,14 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from tokensieve import ops
-from tokensieve.methods.base import (
-    AttentionView,
-    Method,
-    MethodRun,
-    check_keep,
-    check_layers,
-    needs_class_token,
-)
+from tokensieve.methods.base import AttentionView, Method, MethodRun, needs_class_token
+from tokensieve.methods.fields import check_layers, flag, layer_indices, settle, share
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 
@@ -31,8 +25,10 @@ class EViT(Method):
     layers: tuple[int, ...] = (3, 6, 9)
     fuse: bool = True
 
+    def __post_init__(self) -> None:
+        settle(self, keep=share, layers=layer_indices, fuse=flag)
+
     def bind(self, spec: ModelSpec) -> nn.Module | None:
-        check_keep(self.keep, "EViT")
         check_layers(self.layers, spec.depth, "EViT")
         needs_class_token(spec, "EViT")
         return None

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from tokensieve import ops
-from tokensieve.methods.base import Method, MethodRun, check_keep, check_layers
+from tokensieve.methods.base import Method, MethodRun
+from tokensieve.methods.fields import check_layers, layer_indices, settle, share, whole
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 
@@ -30,8 +31,10 @@ class RandomDrop(Method):
     layers: tuple[int, ...] = (6,)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        settle(self, keep=share, layers=layer_indices, seed=whole)
+
     def bind(self, spec: ModelSpec) -> nn.Module | None:
-        check_keep(self.keep, type(self).__name__)
         check_layers(self.layers, spec.depth, type(self).__name__)
         return None
 
