@@ -22,6 +22,7 @@ class DynamicViT(Method):
     Training (model.train()) runs in mask mode: hard Gumbel-softmax decisions with straight-through
     gradients, pruned tokens masked out as keys. Inference gathers the top-scoring tokens; with
     `dynamic`, each image keeps the tokens its predictor rates above one half (a ragged batch).
+    keep=1.0 prunes nothing, in training as in inference: the model runs as the host.
     """
 
     keep: float = 0.7
@@ -44,7 +45,9 @@ class DynamicViT(Method):
         return self.keep ** (sorted(set(self.layers)).index(layer) + 1)
 
     def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
-        if layer not in self.layers:
+        if layer not in self.layers or self.keep == 1.0:
+            # keep=1.0 prunes nothing in any mode: a mask-mode step would still drop the tokens its
+            # sampled decisions reject, and a target of 1.0 leaves the predictor nothing to learn.
             return state
         predictor = run.parts[str(layer)]
         patches = state.x[:, state.prefix :]
