@@ -75,7 +75,7 @@ def flops(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> FlopsRepor
     """Count the MACs of `model` on `inputs` (a pixel tensor, or keyword inputs for transformers).
 
     Counts inference: the model runs in eval mode for the call. An unpatched model is counted as
-    it is (dense).
+    it is (dense). A batch of no samples is refused with a ValueError: every figure is per sample.
     """
     with in_mode(model, training=False), _patched(model) as host, torch.no_grad(), trace(model) as traces:
         _call(model, inputs)
@@ -85,6 +85,8 @@ def flops(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> FlopsRepor
 def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     """The FlopsReport of one traced forward of a model resolved as `host`."""
     batch = record.batch
+    if batch == 0:  # every figure is a mean per sample, and there is none
+        raise ValueError("FLOPs are counted per sample, and this batch has no samples; pass at least one")
     patches = record.input_tokens - record.prefix
     fixed = patches * host.embed_macs_per_patch + host.head_macs
     backbone = torch.full((batch,), float(fixed), dtype=torch.float64)
