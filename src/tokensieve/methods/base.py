@@ -67,7 +67,8 @@ class AttentionView:
 
 
 class Method:
-    """Base of all methods. Subclasses are frozen dataclasses holding only configuration.
+    """Base of all methods. Subclasses are frozen dataclasses holding only configuration, each field
+    read into its one type when the method is made (`__post_init__` with `fields.settle`).
 
     A forward call of a patched module is one run (`MethodRun`): `start` when the call enters the
     first block, then for each block `before_block` and `after_attention`, and `finish` when the
