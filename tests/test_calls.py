@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from models import blocks_of, forward, host_model, images, max_difference
+from registry import HOSTS
 from torch import nn
 from transformers.activations import ACT2FN, GELUActivation
 
@@ -94,7 +96,7 @@ def test_a_hooked_transformers_mlp_runs_whole_in_a_patched_model():
     assert patched_calls == host_calls and len(host_calls) == len(blocks_of(model))
 
 
-def test_packed_linear_equals_the_plain_product_and_follows_every_weight_change():
+def test_packed_linear_equals_the_plain_product_and_follows_every_versioned_weight_change():
     torch.manual_seed(0)
     linear, x = nn.Linear(16, 24), torch.randn(2, 5, 16)
 
@@ -102,40 +104,42 @@ def test_packed_linear_equals_the_plain_product_and_follows_every_weight_change(
         expected = F.linear(x, linear.weight, linear.bias)
         torch.testing.assert_close(calls.linear(linear, x), expected, atol=1e-5, rtol=0)
 
-    with torch.inference_mode():
-        check()
-        assert linear in calls._PACKED  # the packed path ran, not the fallback
-    with torch.no_grad():
-        linear.weight.mul_(-2.0)  # in place: same storage, new version
-        check()
-        linear.load_state_dict({"weight": torch.randn(24, 16), "bias": torch.randn(24)})
-        check()
-    reused = 0
-    for _ in range(20):  # a new weight, often at the freed one's address with the same version
-        address = linear.weight.data_ptr()
-        del linear.weight
-        linear.weight = nn.Parameter(torch.randn(24, 16))
-        reused += linear.weight.data_ptr() == address
-        with torch.no_grad():
+    with ts.prepacked(linear):
+        with torch.inference_mode():
             check()
+            assert linear in calls._PACKED  # the packed path ran, not the fallback
+        with torch.no_grad():
+            linear.weight.mul_(-2.0)  # in place: same storage, new version
+            check()
+            linear.load_state_dict({"weight": torch.randn(24, 16), "bias": torch.randn(24)})
+            check()
+        reused = 0
+        for _ in range(20):  # a new weight, often at the freed one's address with the same version
+            address = linear.weight.data_ptr()
+            del linear.weight
+            linear.weight = nn.Parameter(torch.randn(24, 16))
+            reused += linear.weight.data_ptr() == address
+            with torch.no_grad():
+                check()
     assert reused  # the allocator did hand an address back, so the identity check was exercised
 
 
 def test_linear_takes_the_plain_path_for_gradients_hooks_and_other_dtypes():
     linear, x = nn.Linear(8, 4), torch.randn(3, 8)
-    out = calls.linear(linear, x)  # a gradient is recorded: the host's own call
-    assert out.requires_grad and linear not in calls._PACKED
-    out.sum().backward()
-    assert linear.weight.grad is not None
-    seen = []
-    linear.register_forward_hook(lambda module, args, out: seen.append("linear"))
-    with torch.no_grad():
-        calls.linear(linear, x)
-    assert seen == ["linear"] and linear not in calls._PACKED
     half = nn.Linear(8, 4).to(torch.bfloat16)
-    with torch.no_grad():
-        out = calls.linear(half, x.to(torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and half not in calls._PACKED
+    with ts.prepacked(linear, half):
+        out = calls.linear(linear, x)  # a gradient is recorded: the host's own call
+        assert out.requires_grad and linear not in calls._PACKED
+        out.sum().backward()
+        assert linear.weight.grad is not None
+        seen = []
+        linear.register_forward_hook(lambda module, args, out: seen.append("linear"))
+        with torch.no_grad():
+            calls.linear(linear, x)
+        assert seen == ["linear"] and linear not in calls._PACKED
+        with torch.no_grad():
+            out = calls.linear(half, x.to(torch.bfloat16))
+        assert out.dtype == torch.bfloat16 and half not in calls._PACKED
 
 
 def test_a_model_copied_in_inference_mode_runs_its_linears_plainly():
@@ -144,11 +148,66 @@ def test_a_model_copied_in_inference_mode_runs_its_linears_plainly():
     with torch.inference_mode():
         made_here = copy.deepcopy(host)  # inference tensors: no version counter to check
         ts.patch(made_here, ts.TopK(keep=1.0, layers=(1,)))
-        patched = made_here(pixels)
-        expected = host(pixels)
-        assert not host.blocks[0].attn.qkv.weight.is_inference()  # the host's own stay normal
-        made_here.blocks[0].attn.qkv.weight.mul_(2.0)  # an in-place change a cache would miss
-        changed = made_here(pixels)
-    assert made_here.blocks[0].attn.qkv not in calls._PACKED
+        with ts.prepacked(made_here):
+            patched = made_here(pixels)
+            expected = host(pixels)
+            assert not host.blocks[0].attn.qkv.weight.is_inference()  # the host's own stay normal
+            made_here.blocks[0].attn.qkv.weight.mul_(2.0)  # an in-place change a cache would miss
+            changed = made_here(pixels)
+            assert made_here.blocks[0].attn.qkv not in calls._PACKED
     assert (patched - expected).abs().max().item() <= 1e-5
     assert (changed - expected).abs().max().item() > 1e-3
+
+
+def _halve_weights(model: nn.Module) -> None:
+    for parameter in model.parameters():
+        parameter.data.mul_(0.5)  # through `.data`: the parameter's version counter does not move
+
+
+def test_weights_changed_through_data_are_never_served_stale():
+    host = host_model("timm-vit").eval()
+    pixels = images(2)
+    patched = copy.deepcopy(host)
+    ts.patch(patched, ts.TopK(keep=1.0, layers=(1,)))
+    teacher = copy.deepcopy(host)
+    with torch.no_grad():
+        patched(pixels)  # a first call, as a cache would see it
+        _halve_weights(host)
+        _halve_weights(patched)
+        assert (patched(pixels) - host(pixels)).abs().max().item() <= 1e-5
+        for mine, theirs in zip(patched.parameters(), teacher.parameters(), strict=True):
+            mine.data.copy_(theirs.data)  # the mean-teacher / EMA copy
+        assert (patched(pixels) - teacher(pixels)).abs().max().item() <= 1e-5
+
+
+def test_prepacked_weights_serve_only_inside_the_block_that_promises_them():
+    host = host_model("timm-vit").eval()
+    pixels = images(2)
+    patched = copy.deepcopy(host)
+    ts.patch(patched, ts.TopK(keep=1.0, layers=(1,)))
+    qkv = patched.blocks[0].attn.qkv
+    with torch.no_grad():
+        with ts.prepacked(patched):
+            inside = patched(pixels)
+            assert qkv in calls._PACKED  # the packed path ran
+            with ts.prepacked(patched):  # nested: the outer block still holds the copies after this
+                patched(pixels)
+            assert qkv in calls._PACKED
+        assert qkv not in calls._PACKED  # leaving the block drops the copies
+        assert (inside - host(pixels)).abs().max().item() <= 1e-5
+        _halve_weights(host)
+        _halve_weights(patched)
+        assert (patched(pixels) - host(pixels)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(HOSTS))
+def test_prepacked_linears_keep_every_host_equal_to_its_own_forward(name):
+    host = host_model(name).eval()
+    pixels = images(2)
+    patched = copy.deepcopy(host)
+    ts.patch(patched, ts.TopK(keep=1.0, layers=(1,)))
+    with torch.no_grad(), ts.prepacked(patched):
+        difference = max_difference(forward(patched, pixels), forward(host, pixels))
+        if name != "BlipVisionModel":  # BLIP's view calls its attention's linears whole
+            assert calls._PACKED  # some linear of the host ran packed
+    assert difference <= 1e-4

@@ -19,6 +19,17 @@ def test_patched_with_pruning_off_equals_host(host, method):
     assert max_difference(forward(model, x), expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize(("host", "method"), host_methods(["timm-vit", "ViTForImageClassification"], "off"))
+def test_patched_with_pruning_off_in_train_mode_equals_host_in_train_mode(host, method):
+    # The small hosts have no dropout or drop-path, so train mode is deterministic; a learnable
+    # method's mask mode runs there, and with pruning off it must mask nothing.
+    model = host_model(host).train()
+    x = images(2)
+    expected = forward(model, x)
+    ts.patch(model, method)
+    assert max_difference(forward(model, x), expected) <= TOLERANCE
+
+
 @pytest.mark.parametrize("host", ["Dinov2ForImageClassification", "Dinov2WithRegistersModel"])
 def test_patched_swiglu_dinov2_with_pruning_off_equals_host(host):
     model = host_model(host, use_swiglu_ffn=True)

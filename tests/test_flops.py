@@ -140,7 +140,7 @@ def test_cli_rejects_unknown_model_and_bad_method_settings():
     unknown = runner.invoke(main, ["flops", "no_such_model_anywhere"])
     assert unknown.exit_code != 0 and "neither a transformers model directory nor a timm" in unknown.output
     bad = runner.invoke(main, ["flops", "deit_tiny_patch16_224", "evit:keep=1.5"])
-    assert bad.exit_code != 0 and "(0, 1]" in str(bad.exception or bad.output)
+    assert bad.exit_code == 2 and "(0, 1]" in bad.output
 
 
 def test_cli_bench_json_reports_ratios(tmp_path):
@@ -151,9 +151,21 @@ def test_cli_bench_json_reports_ratios(tmp_path):
     assert row["threads"] == 1 and row["batch"] == 1 and row["dtype"] == "float32"
     assert row["flops_ratio"] > 1.5
     assert 0.0 <= row["overhead_share"] < 1.0
-    assert row["speedup"] == pytest.approx(row["dense_ms"] / row["pruned_ms"])
-    low, high = row["speedup_range"]  # quartiles of the two rounds' own ratios
-    assert 0.0 < low <= high
+    assert row["speedup"] == pytest.approx(row["host_ms"] / row["pruned_ms"])
+    assert row["pruning_speedup"] == pytest.approx(row["unpruned_ms"] / row["pruned_ms"])
+    assert row["efficiency"] == pytest.approx(row["pruning_speedup"] / row["flops_ratio"])
+    for name in ("speedup_range", "pruning_speedup_range"):
+        low, high = row[name]  # quartiles of the two rounds' own ratios
+        assert 0.0 < low <= high
+    assert row["prepacked"] is False
+
+
+def test_cli_bench_table_shows_the_speedup_over_the_host_and_pruning_own(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "deit_tiny_patch16_224", "topk:keep=0.5", "--repeats", "1",
+                                       "--warmup", "0", "--threads", "1", "--prepack"])
+    assert result.exit_code == 0, result.output
+    for heading in ("host ms", "unpruned ms", "pruned ms", "speedup", "pruning speedup", "prepacked"):
+        assert heading in result.output
 
 
 def test_speedup_range_is_the_quartiles_of_the_rounds():

@@ -53,7 +53,7 @@ def test_select_then_write_back_restores_kept_rows_and_leaves_the_rest(batch, pr
 
 @given(batch=st.integers(1, 3), prefix=st.integers(0, 2), tokens=st.integers(2, 12), seed=seeds,
        data=st.data())
-def test_fuse_rest_appends_the_weighted_mean_of_the_dropped_tokens(batch, prefix, tokens, seed, data):
+def test_fuse_rest_appends_the_weighted_sum_of_the_dropped_tokens(batch, prefix, tokens, seed, data):
     generator = _generator(seed)
     x = torch.randn(batch, prefix + tokens, 3, generator=generator)
     weights = torch.rand(batch, tokens, generator=generator) + 0.1
@@ -67,7 +67,7 @@ def test_fuse_rest_appends_the_weighted_mean_of_the_dropped_tokens(batch, prefix
     for b in range(batch):
         dropped = sorted(set(range(tokens)) - set(kept[b].tolist()))
         w = weights[b, dropped]
-        expected = (w[:, None] * x[b, [prefix + d for d in dropped]]).sum(0) / w.sum()
+        expected = (w[:, None] * x[b, [prefix + d for d in dropped]]).sum(0)  # as EViT: not over w.sum()
         torch.testing.assert_close(state.x[b, -1], expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(state.x[b, : prefix + k], x[b, state.index[b, :-1]])
 
@@ -157,15 +157,18 @@ def test_select_by_count_keeps_each_rows_top_scores_in_position_order_valid_firs
         assert ((positions[b] >= 0) & (positions[b] < tokens)).all()
 
 
-@given(batch=st.integers(1, 3), tokens=st.integers(2, 16), dim=st.integers(1, 4), seed=seeds, data=st.data())
-def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, tokens, dim, seed, data):
+@given(batch=st.integers(1, 3), prefix=st.integers(0, 3), patches=st.integers(2, 16), dim=st.integers(1, 4),
+       seed=seeds, data=st.data())
+def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, prefix, patches, dim, seed, data):
     generator = _generator(seed)
+    tokens = prefix + patches
     metric = torch.randn(batch, tokens, dim, generator=generator)
     x = torch.randn(batch, tokens, 3, generator=generator)
     size = torch.randint(1, 5, (batch, tokens), generator=generator).float()
-    r = data.draw(st.integers(0, (tokens + 1) // 2))
+    mergeable = len([p for p in range(0, tokens, 2) if p >= prefix])  # the unprotected A (even) tokens
+    r = data.draw(st.integers(0, mergeable))
 
-    plan = ops.bipartite_merge(metric, r)
+    plan = ops.bipartite_merge(metric, r, prefix)
     merge, survivors, destinations = plan.sum, plan.survivors, plan.destinations
     merged_size = merge(size)
     assert merged_size.shape == (batch, tokens - r)
@@ -175,6 +178,7 @@ def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, tokens
     torch.testing.assert_close(merged_sum.sum(dim=1), (x * size[..., None]).sum(dim=1), atol=1e-5, rtol=1e-5)
 
     assert survivors.shape == (batch, tokens - r)
+    assert torch.equal(survivors[:, :prefix], torch.arange(prefix).expand(batch, prefix))  # the prefix first
     # every input token lands in exactly one output slot, and slot j holds survivors[:, j]
     membership = merge(torch.eye(tokens).expand(batch, tokens, tokens))  # [B, N - r, N]
     assert torch.equal(membership.sum(dim=1), torch.ones(batch, tokens))
@@ -183,8 +187,11 @@ def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, tokens
         row = survivors[b].tolist()
         assert len(set(row)) == len(row) and all(0 <= p < tokens for p in row)
         assert all(membership[b, j, p] == 1 for j, p in enumerate(row))
+        assert (membership[b, :prefix, :prefix] == torch.eye(prefix)).all()  # protected: merged into nothing
+        assert membership[b, :prefix].sum() == prefix  # ...and nothing merged into them
         gone = set(range(tokens)) - set(row)
-        assert len(gone) == r and all(p % 2 == 0 for p in gone)  # only set-A (even) tokens merge away
+        # only set-A tokens (even positions of the whole sequence) past the prefix merge away
+        assert len(gone) == r and all(p % 2 == 0 and p >= prefix for p in gone)
 
     # The size-weighted mean, computed on the moved rows only, equals sum(s x) / sum(s) per slot.
     mean, mean_size = plan.average(x, size)

@@ -26,10 +26,31 @@ def test_random_drop_keeps_half_of_the_patches_from_its_layer_on_and_repeats_its
     assert kept[2:].eq(PATCHES // 2 + 1).all()
     again, _ = _kept_positions(model, x)
     assert torch.equal(first, again)  # the same choice at every call
-    assert not torch.equal(first[0], first[1])  # each image its own choice
+    # the draw depends on the seed, the layer and the image's own tokens, not on its row in the batch
+    assert torch.equal(first[0], first[1])
     ts.patch(model, ts.RandomDrop(keep=0.5, layers=(2,), seed=1))
     other, _ = _kept_positions(model, x)
     assert not torch.equal(first, other)
+
+
+def test_random_drop_gives_each_image_of_a_batch_the_output_it_gets_alone():
+    model = host_model("ViTForImageClassification")
+    ts.patch(model, METHOD)
+    x = images(3)
+    batch = forward(model, x)["logits"]
+    for i in range(len(x)):
+        alone = forward(model, x[i : i + 1])["logits"]
+        torch.testing.assert_close(batch[i], alone[0], atol=1e-5, rtol=0)
+
+
+def test_random_drop_draws_the_same_tokens_in_training_as_in_eval():
+    model = host_model("ViTModel")
+    ts.patch(model, METHOD)
+    x = images(2)
+    evaluated, _ = _kept_positions(model, x)
+    model.train()
+    trained, _ = _kept_positions(model, x)
+    assert torch.equal(trained, evaluated)
 
 
 def test_random_drop_in_dense_mode_freezes_the_dropped_tokens_in_place():

@@ -201,7 +201,7 @@ def test_a_tiny_recipe_trains_by_phases_ships_fp16_and_reloads_to_the_same_outpu
 
 def test_weights_of_another_task_are_refused(tmp_path):
     save_reference(tiny("retrieval"), tmp_path / "clip")
-    with pytest.raises(ValueError, match="'clip' model, not the nlvr reference model"):
+    with pytest.raises(ValueError, match="holds the retrieval reference model, not the nlvr one"):
         load_reference("nlvr", tmp_path / "clip")
 
 

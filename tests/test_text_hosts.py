@@ -52,17 +52,6 @@ CLIP_OFF = [  # (class, the host's attention implementation, padded texts)
     ("CLIPTextModelWithProjection", "sdpa", True),
     ("CLIPTextModelWithProjection", "eager", False),
 ]
-# A known defect: each promise below runs every registered method, this one fails for RandomDrop.
-RANDOM_DROP_DRAWS_PER_BATCH = pytest.mark.xfail(strict=True, reason=(
-    "RandomDrop draws one [batch, width] table of scores per call, so a text's choice depends on its "
-    "row and on the batch's width: a padded batch does not give each text's result alone"))
-
-
-def _marked(params: list, marks: dict) -> list:
-    """`params` with the marks of `marks` (by id) added."""
-    return [pytest.param(*param.values, id=param.id, marks=marks.get(param.id, ())) for param in params]
-
-
 def _clip_off_cases() -> list:
     cases = []
     for host, attention, padded in CLIP_OFF:
@@ -173,8 +162,7 @@ def _clip_alone(model, ids, mask, i):
 
 
 @pytest.mark.parametrize("method", [
-    *_marked(methods("pruned", "ragged", host=dataclasses.replace(CLIP_TEXT, padded=True)),
-             {"randomdrop": RANDOM_DROP_DRAWS_PER_BATCH}),
+    *methods("pruned", "ragged", host=dataclasses.replace(CLIP_TEXT, padded=True)),
     pytest.param(ts.TopK(keep=0.5, layers=(0, 2)), id="topk-first-layer"),
     pytest.param(ts.EViT(keep=0.4, layers=(1,), fuse=False), id="evit-nofuse-one-layer"),
 ])
@@ -232,8 +220,7 @@ def test_clip_text_pruned_run_equals_a_masked_reference(attention):
 
 @pytest.mark.parametrize("dense", [False, True], ids=["gather", "dense"])
 @pytest.mark.parametrize("method", [
-    *_marked(methods("pruned", "ragged", host=dataclasses.replace(BLIP_TEXT, padded=True)),
-             {"randomdrop": RANDOM_DROP_DRAWS_PER_BATCH}),
+    *methods("pruned", "ragged", host=dataclasses.replace(BLIP_TEXT, padded=True)),
     pytest.param(ts.TopK(keep=0.5, layers=(0, 2)), id="topk-first-layer"),
 ])
 def test_blip_text_padded_batch_with_padded_image_tokens_equals_each_sample_alone(method, dense):

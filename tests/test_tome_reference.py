@@ -11,13 +11,15 @@ import tokensieve as ts
 
 
 def _plain_merge(tokens: Tensor, size: Tensor, keys: Tensor, r: int, prefix: int) -> tuple[Tensor, Tensor]:
-    """Bipartite soft matching as the ToMe paper states it, for one sample [N, C]. The order of the
-    result decides the next block's A/B alternation: the prefix, the unmerged A tokens, then the B
-    tokens, each in the order they came (as the authors' code orders them behind a class token)."""
+    """Bipartite soft matching as the ToMe paper states it, for one sample [N, C]: the whole sequence
+    alternates between A (even positions) and B (odd), and the `prefix` tokens, wherever they fall,
+    match nothing. The order of the result decides the next block's A/B alternation: the prefix, the
+    unmerged A tokens, then the B tokens, each in the order they came (as the authors' code orders
+    them behind a class token)."""
     metric = keys.mean(dim=0)  # [N, d], mean over heads
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    a_set = list(range(prefix, len(tokens), 2))
-    b_set = list(range(prefix + 1, len(tokens), 2))
+    a_set = [i for i in range(0, len(tokens), 2) if i >= prefix]
+    b_set = [i for i in range(1, len(tokens), 2) if i >= prefix]
     best = {}
     for a in a_set:
         scores = [float(metric[a] @ metric[b]) for b in b_set]

@@ -2,6 +2,7 @@
 model or another method."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -180,3 +181,56 @@ def test_a_file_that_is_not_a_training_checkpoint_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="not a tokensieve training checkpoint"):
         load_trained(patched_model(), path)
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\0" * 64 + data[64:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt"])
+def test_resuming_past_a_damaged_latest_checkpoint_takes_the_previous_one_with_a_warning(tmp_path, how):
+    _train(tmp_path, until=3, checkpoint_every=1)  # keeps steps 2 and 3
+    _damage(tmp_path / "step-00000003.safetensors", how)
+    with pytest.warns(UserWarning, match=r"step-00000003\.safetensors cannot be read.*resuming from "
+                                         r".*step-00000002\.safetensors"):
+        _, result = _train(tmp_path, checkpoint_every=1)
+    assert result.resumed_from == tmp_path / "step-00000002.safetensors"
+    assert [record.step for record in result.history] == [3, 4] and result.step == 4
+    assert read_checkpoint(tmp_path / "step-00000003.safetensors")[1]["step"] == "3"  # written again
+
+
+def test_a_damaged_checkpoint_is_named_when_it_is_loaded(tmp_path):
+    _, result = _train(tmp_path, until=2)
+    _damage(result.checkpoint, "truncated")
+    named = rf"{re.escape(str(result.checkpoint))} cannot be read: it is truncated or corrupt"
+    with pytest.raises(ValueError, match=named):
+        load_trained(patched_model(), tmp_path)
+    with pytest.raises(ValueError, match=named):
+        read_checkpoint(result.checkpoint)
+
+
+def test_resuming_where_no_checkpoint_can_be_read_is_refused_naming_them(tmp_path):
+    _train(tmp_path, until=2, checkpoint_every=1)
+    for name in ("step-00000001.safetensors", "step-00000002.safetensors"):
+        _damage(tmp_path / name, "truncated")
+    with pytest.raises(ValueError, match=r"no checkpoint in .* can be read \(step-00000002\.safetensors, "
+                                         r"step-00000001\.safetensors\).*resume=False"):
+        _train(tmp_path)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_any_step(tmp_path, inside):
+    afile = tmp_path / "run"
+    afile.write_text("not a directory")
+    steps = []
+
+    def counting_loss(logits, targets):
+        steps.append(1)
+        return cross_entropy(logits, targets)
+
+    directory = afile / "sub" if inside else afile
+    with pytest.raises(ValueError, match=rf"{re.escape(str(afile))} is a file.*pass a directory"):
+        fit(patched_model(), random_dataset(16), counting_loss,
+            quiet_config(steps=2, checkpoint_dir=str(directory)))
+    assert steps == []

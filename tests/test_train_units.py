@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from test_train_support import PATCHES, patched_model, random_dataset, tiny_model
@@ -137,13 +138,48 @@ def test_shard_batch_cuts_tensors_and_lists_and_walks_into_dicts():
     ({}, "exactly one of steps"),
     ({"steps": 1, "epochs": 1}, "exactly one of steps"),
     ({"steps": 1, "train": "head"}, "use 'method'"),
-    ({"steps": 0}, "positive integer"),
+    ({"steps": 0}, r"steps=0\): use a whole number >= 1"),
     ({"steps": 1, "min_lr_ratio": 2.0}, r"\[0, 1\]"),
     ({"steps": 1, "grad_clip_norm": 0.0}, "None for no clipping"),
+    ({"steps": 2.5}, r"steps=2\.5\): use a whole number"),
+    ({"epochs": 1.5}, r"epochs=1\.5\): use a whole number"),
+    ({"steps": True}, r"steps=True\): use a whole number"),
+    ({"steps": "10"}, r"steps='10'\): use a whole number"),
+    ({"steps": 1, "lr": -1}, r"lr=-1\): use a value >= 0"),
+    ({"steps": 1, "lr": float("nan")}, r"lr=nan\): use a finite number"),
+    ({"steps": 1, "lr": "1e-3"}, r"lr='1e-3'\): use a number"),
+    ({"steps": 1, "batch_size": 0}, r"batch_size=0\): use a whole number >= 1"),
+    ({"steps": 1, "batch_size": 8.0}, r"batch_size=8\.0\): use a whole number"),
+    ({"steps": 4, "warmup_steps": 1.5}, r"warmup_steps=1\.5\): use a whole number"),
+    ({"steps": 4, "warmup_steps": 5}, r"warmup_steps=5\): use at most steps=4"),
+    ({"steps": 1, "grad_clip_norm": float("inf")}, "None for no clipping"),
+    ({"steps": 1, "grad_clip_norm": -1.0}, "None for no clipping"),
+    ({"steps": 1, "precision": "fp16"}, "use 'fp32' or 'bf16'"),
+    ({"steps": 1, "weight_decay": -0.1}, r"weight_decay=-0\.1\): use a value >= 0"),
+    ({"steps": 1, "task_weight": -1.0}, r"task_weight=-1\.0\): use a value >= 0"),
+    ({"steps": 1, "keep_ratio_weight": float("inf")}, r"keep_ratio_weight=inf\): use a finite number"),
+    ({"steps": 1, "distill_weight": None}, r"distill_weight=None\): use a number"),
+    ({"steps": 1, "distill_temperature": 0.0}, r"distill_temperature=0\.0\): use a value > 0"),
+    ({"steps": 1, "model_lr_scale": -1.0}, r"model_lr_scale=-1\.0\): use a value >= 0"),
+    ({"steps": 1, "seed": 0.5}, r"seed=0\.5\): use a whole number"),
+    ({"steps": 1, "num_workers": -1}, r"num_workers=-1\): use a whole number >= 0"),
+    ({"steps": 1, "checkpoint_every": 2.5}, r"checkpoint_every=2\.5\): use a whole number"),
+    ({"steps": 1, "keep_checkpoints": 0}, r"keep_checkpoints=0\): use a whole number >= 1"),
+    ({"steps": 1, "eval_every": -2}, r"eval_every=-2\): use a whole number >= 0"),
+    ({"steps": 1, "resume": "yes"}, r"resume='yes'\): use True or False"),
+    ({"steps": 1, "progress": 1}, r"progress=1\): use True or False"),
+    ({"steps": 1, "checkpoint_dir": 3}, r"checkpoint_dir=3\): use a path"),
+    ({"steps": 1, "log_path": ""}, r"log_path=''\): use a path"),
 ])
 def test_config_errors_name_the_fix(settings, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**settings)
+
+
+def test_config_takes_numpy_and_integer_numbers_as_plain_python_ones():
+    config = TrainConfig(steps=np.int64(3), batch_size=np.int32(8), lr=1, warmup_steps=np.int64(1))
+    assert type(config.steps) is int and type(config.batch_size) is int and type(config.lr) is float
+    assert TrainConfig.from_json(config.to_json()) == config
 
 
 def test_config_round_trips_through_json_with_paths_as_strings(tmp_path):
@@ -157,3 +193,9 @@ def test_training_a_method_without_parameters_asks_for_train_model():
         fit(patched_model(ts.EViT(layers=(1,))), random_dataset(8), cross_entropy, TrainConfig(steps=1))
     with pytest.raises(ValueError, match="not patched"):
         fit(tiny_model(), random_dataset(8), cross_entropy, TrainConfig(steps=1))
+
+
+def test_a_warm_up_longer_than_a_run_given_in_epochs_is_refused_before_training():
+    config = TrainConfig(epochs=1, batch_size=8, warmup_steps=3, progress=False)  # 16 samples: 2 steps
+    with pytest.raises(ValueError, match=r"warmup_steps=3\): use at most the run's 2 steps"):
+        fit(patched_model(), random_dataset(16), cross_entropy, config)

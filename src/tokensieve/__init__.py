@@ -1,6 +1,7 @@
 """tokensieve: token pruning for Vision and Vision-Language Transformers."""
 
 from tokensieve.bench import BenchResult, benchmark
+from tokensieve.calls import prepacked
 from tokensieve.flops import FlopsReport, flops
 from tokensieve.methods import CallInput, DynamicViT, EViT, Method, MethodRun, RandomDrop, ToMe, TopK
 from tokensieve.patch import Sieve, inputs, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
@@ -27,6 +28,7 @@ __all__ = [
     "inputs",
     "is_patched",
     "patch",
+    "prepacked",
     "pruning_disabled",
     "sieve_of",
     "trace",

@@ -1,26 +1,30 @@
-"""Wall-clock speed of a pruned model against its dense self, measured in one process."""
+"""Wall-clock speed of a pruned model against its host and its unpruned self, measured in one process."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from tokensieve.calls import prepacked
 from tokensieve.flops import flops
 from tokensieve.hosts import resolve_host
 from tokensieve.methods import Method
-from tokensieve.patch import method_timing, patch, unpatch
+from tokensieve.patch import method_timing, patch, pruning_disabled, unpatch
 
 
 @dataclass
 class BenchResult:
-    """Medians of interleaved dense and pruned forwards of one input batch."""
+    """Medians of interleaved forwards of one input batch through three models: the host's own
+    forward (`host`), the patched model with pruning disabled (`unpruned`: the same executor,
+    every token kept) and the patched model pruning (`pruned`)."""
 
     method: str
     batch: int
@@ -29,63 +33,89 @@ class BenchResult:
     dtype: str
     device: str
     repeats: int
-    dense_ms: float
+    prepacked: bool  # the patched model ran inside `tokensieve.prepacked`
+    host_ms: float
+    unpruned_ms: float
     pruned_ms: float
-    speedup: float  # dense time / pruned time (medians)
-    # Quartiles of the per-round ratios (dense / pruned, timed back to back): how much a single
-    # comparison moves on this machine, e.g. with other load on the memory bus.
+    speedup: float  # host time / pruned time (medians): what a user of the host gains
+    # Quartiles of the per-round ratios (timed back to back): how much a single comparison moves
+    # on this machine, e.g. with other load on the memory bus.
     speedup_range: tuple[float, float]
+    pruning_speedup: float  # unpruned time / pruned time: what pruning alone gains
+    pruning_speedup_range: tuple[float, float]
     flops_ratio: float  # dense MACs / pruned MACs (method overhead included)
     gmacs: float  # pruned, per sample
     dense_gmacs: float
     overhead_share: float  # the method's own steps (scoring, selection, merging) / pruned forward
 
+    @property
+    def efficiency(self) -> float:
+        """Pruning's own speedup over the MACs ratio: 1.0 turns every MAC saved into time saved."""
+        return self.pruning_speedup / self.flops_ratio
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "efficiency": self.efficiency}
 
 
 def benchmark(model: nn.Module, method: Method, batch: int = 1, image_size: int | None = None,
               repeats: int = 20, warmup: int = 3, threads: int | None = None,
-              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BenchResult:
-    """Time `model` dense and patched with `method` on the same random batch.
+              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              prepack: bool = False) -> BenchResult:
+    """Time `model`'s own forward, and a copy patched with `method` with pruning disabled and
+    enabled, on the same random batch.
 
-    Dense and pruned forwards alternate (order flipped every repeat) after `warmup` rounds, and
-    the medians are compared; `model` itself is left as it was. Then the pruned model runs
-    `repeats` more times with the method's own steps timed, for the overhead share.
+    The three forwards alternate (each round in another order) after `warmup` rounds, and the
+    medians are compared; `model` itself is left as it was. With `prepack`, the patched copy runs
+    inside `tokensieve.prepacked`. Then the pruned model runs `repeats` more times with the
+    method's own steps timed, for the overhead share.
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be at least 1, warmup at least 0")
-    dense = _dense_copy(model).to(device=device, dtype=dtype).eval()
-    host = resolve_host(dense)
+    host_model = _dense_copy(model).to(device=device, dtype=dtype).eval()
+    host = resolve_host(host_model)
     size = image_size or host.spec.image_size
     pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    pruned = copy.deepcopy(dense)
+    pruned = copy.deepcopy(host_model)
     patch(pruned, method)
-    with _threads(threads) as used, torch.inference_mode():
+
+    def unpruned(x: torch.Tensor) -> torch.Tensor:
+        with pruning_disabled(pruned):
+            return pruned(x)
+
+    runs = {"host": host_model, "unpruned": unpruned, "pruned": pruned}
+    with (_threads(threads) as used, torch.inference_mode(),
+          prepacked(pruned) if prepack else contextlib.nullcontext()):
         report = flops(pruned, pixels)
-        dense_report = flops(dense, pixels)
+        dense_report = flops(host_model, pixels)
         for _ in range(warmup):
-            dense(pixels)
-            pruned(pixels)
-        dense_times, pruned_times = [], []
+            for run in runs.values():
+                run(pixels)
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for i in range(repeats):
-            pair = ((dense, dense_times), (pruned, pruned_times))
-            for net, times in pair if i % 2 == 0 else reversed(pair):
-                times.append(_time_one(net, pixels, device))
-        ratios = [d / p for d, p in zip(dense_times, pruned_times, strict=True)]
+            for name in _ORDERS[i % len(_ORDERS)]:
+                times[name].append(_time_one(runs[name], pixels, device))
         with method_timing(pruned) as method_seconds:
             timed = [_time_one(pruned, pixels, device) for _ in range(repeats)]
-    dense_ms = statistics.median(dense_times) * 1e3
-    pruned_ms = statistics.median(pruned_times) * 1e3
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     return BenchResult(
         method=str(method), batch=batch, image_size=size, threads=used,
-        dtype=str(dtype).removeprefix("torch."), device=str(device), repeats=repeats,
-        dense_ms=dense_ms, pruned_ms=pruned_ms,
-        speedup=dense_ms / pruned_ms, speedup_range=_quartiles(ratios),
+        dtype=str(dtype).removeprefix("torch."), device=str(device), repeats=repeats, prepacked=prepack,
+        host_ms=ms["host"], unpruned_ms=ms["unpruned"], pruned_ms=ms["pruned"],
+        speedup=ms["host"] / ms["pruned"], speedup_range=_round_ratios(times["host"], times["pruned"]),
+        pruning_speedup=ms["unpruned"] / ms["pruned"],
+        pruning_speedup_range=_round_ratios(times["unpruned"], times["pruned"]),
         flops_ratio=dense_report.macs / report.macs,
         gmacs=report.macs / 1e9, dense_gmacs=dense_report.macs / 1e9,
         overhead_share=(method_seconds[0] / repeats) / statistics.median(timed),
     )
+
+
+# Every order of the three runs, so none is always first after another's cache traffic.
+_ORDERS = list(itertools.permutations(("host", "unpruned", "pruned")))
+
+
+def _round_ratios(slower: list[float], faster: list[float]) -> tuple[float, float]:
+    return _quartiles([a / b for a, b in zip(slower, faster, strict=True)])
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -101,7 +131,8 @@ def _dense_copy(model: nn.Module) -> nn.Module:
     return dense
 
 
-def _time_one(model: nn.Module, pixels: torch.Tensor, device: str | torch.device) -> float:
+def _time_one(model: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+              device: str | torch.device) -> float:
     _synchronize(device)
     start = time.perf_counter()
     model(pixels)

@@ -4,15 +4,18 @@ At batch 1 on a CPU a block spends a visible share of its time in fixed per-call
 not shrink with the token count. A pruned forward is faster than its host's own only by the work
 it removes, so the views skip the sub-modules that are no-ops in the current mode (identities;
 dropout and drop-path in eval mode or at rate 0) and, when no gradient is recorded, apply GELU
-in place and run linear layers on a copy of their weight that oneDNN has laid out for its matrix
-product once, instead of on every call. A sub-module with hooks, or any global module hook, is
-always called: whoever registered it sees every call the host's forward would make.
+in place. Inside `prepacked(model)` they also run the model's linear layers on a copy of their
+weight that oneDNN has laid out for its matrix product once, instead of on every call. A sub-module
+with hooks, or any global module hook, is always called: whoever registered it sees every call the
+host's forward would make.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,21 +69,48 @@ def mlp(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
-    """`module(x)`; for a hookless fp32 `nn.Linear` on a CPU while no gradient is recorded, computed
-    on a prepacked copy of its weight (the same product, summed in another order: ~1e-6 apart).
-    The copy costs one more weight's memory per layer and is rebuilt whenever the weight changes
-    (an in-place update, `load_state_dict`, `.to`). A weight made inside `torch.inference_mode()`
-    has no version counter to tell such a change by, so it takes the plain call."""
+    """`module(x)`; inside `prepacked` over its model, for a hookless fp32 `nn.Linear` on a CPU while
+    no gradient is recorded, computed on a prepacked copy of its weight (the same product, summed in
+    another order: ~1e-6 apart)."""
     if not _packable(module, x):
         return module(x)
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(module, x), module.bias, "none", [], "")
 
 
+@contextlib.contextmanager
+def prepacked(*models: nn.Module) -> Iterator[None]:
+    """Run the linear layers of the patched `models` on copies of their weights laid out once for
+    oneDNN's matrix product, inside the block (CPU, fp32, no gradient recorded; other calls take the
+    plain path). At batch 1 this saves the layout work every call otherwise repeats.
+
+    The contract: inside the block, weights change only in ways their version counter sees (an
+    in-place op on the parameter, `load_state_dict`, a new parameter), which rebuild the copy.
+    A change through `.data` (`p.data.mul_(...)`, the EMA idiom) cannot be seen cheaply and would
+    be served stale: make such changes outside the block. Leaving the block drops the copies (one
+    weight's memory per layer). Blocks nest; weights made inside `torch.inference_mode()` have no
+    version counter and always take the plain path.
+    """
+    linears = [m for model in models for m in model.modules() if type(m) is nn.Linear]
+    with _PREPACKED_LOCK:
+        for layer in linears:
+            _PREPACKED[layer] = _PREPACKED.get(layer, 0) + 1
+    try:
+        yield
+    finally:
+        with _PREPACKED_LOCK:
+            for layer in linears:
+                blocks = _PREPACKED.pop(layer, 1) - 1
+                if blocks:
+                    _PREPACKED[layer] = blocks
+                else:
+                    _PACKED.pop(layer, None)
+
+
 def _packable(module: nn.Module, x: Tensor) -> bool:
-    return (_HAS_PACKED_LINEAR and type(module) is nn.Linear and "forward" not in vars(module)
-            and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and module.weight.dtype == torch.float32 and x.dim() >= 2 and x.is_contiguous()
-            and not module.weight.is_inference()
+    return (_HAS_PACKED_LINEAR and module in _PREPACKED and type(module) is nn.Linear
+            and "forward" not in vars(module) and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and module.weight.dtype == torch.float32 and x.dim() >= 2
+            and x.is_contiguous() and not module.weight.is_inference()
             and not module._forward_hooks and not module._forward_pre_hooks and not _global_hooks())
 
 
@@ -101,6 +131,9 @@ _HAS_PACKED_LINEAR = (torch.backends.mkldnn.is_available()
                       and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 # module -> (its weight, that weight's address and version when packed, the packed copy)
 _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+# linear layer -> how many open `prepacked` blocks cover it
+_PREPACKED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_PREPACKED_LOCK = threading.Lock()
 
 # class name -> its activation's attribute
 _PLAIN_MLPS = {"Mlp": "act", "ViTMLP": "activation_fn", "DeiTMLP": "activation_fn",
@@ -124,4 +157,4 @@ def _global_hooks() -> bool:
                 or getattr(torch_module, "_global_forward_pre_hooks", None))
 
 
-__all__ = ["activate", "apply", "linear", "mlp", "skippable"]
+__all__ = ["activate", "apply", "linear", "mlp", "prepacked", "skippable"]

@@ -9,6 +9,7 @@ import click
 import torch
 
 from tokensieve.loading import parse_method
+from tokensieve.methods import Method
 from tokensieve.train.precision import PRECISIONS
 
 TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
@@ -23,7 +24,8 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
               help="Checkpoints and JSONL logs (default: runs/TASK or runs/TASK-METHOD); rerun to resume.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where the reference weights go (default: the package's shipped weights).")
-@click.option("--steps", type=int, default=400, show_default=True, help="Steps of a method run.")
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Steps of a method run.")
 @click.option("--model-lr-scale", type=float, default=None,
               help="A method run's lr for the host, relative to the method's own (default: 0.01).")
 @click.option("--text", "text_encoder", type=click.Choice(["words", "minilm"]), default="words",
@@ -33,7 +35,8 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="A method run's steps in fp32 (default) or under bfloat16 autocast, about twice as fast "
                    "on CPUs with native bf16; a reference run takes its recipe's.")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: torch's choice).")
 def train(task: str, method_spec: str | None, run_dir: str | None, out: str | None, steps: int,
           model_lr_scale: float | None, text_encoder: str, precision: str | None,
           threads: int | None) -> None:
@@ -65,7 +68,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         train_reference(task, run_dir or f"runs/{task}{suffix}", target, model=model)
         click.echo(f"reference weights written to {target}")
         return
-    method = _parse(method_spec)
+    method = _parse(method_spec, "--method")
+    _check_fits(task, [method], None, "--method")
     run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}"
     options = {} if model_lr_scale is None else {"model_lr_scale": model_lr_scale}
     if precision is not None:
@@ -78,12 +82,14 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
 @click.argument("task", type=TASK)
 @click.argument("methods", nargs=-1)
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
-@click.option("--samples", type=int, default=None, help="Score only the first N samples of the split.")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Score only the first N samples of the split.")
 @click.option("--trained", multiple=True, metavar="METHOD=RUN_DIR",
               help="Load a training run's weights before scoring METHOD (repeatable).")
 @click.option("--weights", type=click.Path(exists=True, file_okay=False), default=None,
               help="Reference weights directory (default: the shipped ones).")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: torch's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | None, trained: tuple[str, ...],
              weights: str | None, threads: int | None, as_json: bool) -> None:
@@ -100,12 +106,13 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
     if threads:
         torch.set_num_threads(threads)
     configs = [_parse(spec) for spec in methods]
+    _check_fits(task, configs, weights)
     runs = {}
     for item in trained:
         spec, equals, path = item.rpartition("=")
         if not equals or not spec:
             raise click.BadParameter(f"{item!r}: use METHOD=RUN_DIR", param_hint="--trained")
-        runs[str(_parse(spec))] = path
+        runs[str(_parse(spec, "--trained"))] = path
     rows = compare(task, configs, split=split, samples=samples, weights=weights, trained=runs)
     if as_json:
         click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
@@ -120,8 +127,24 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
     Console(width=120).print(table)
 
 
-def _parse(spec: str):
+def _parse(spec: str, hint: str = "METHODS") -> Method:
     try:
         return parse_method(spec)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from error
+    except (ValueError, TypeError) as error:
+        raise click.BadParameter(str(error), param_hint=hint) from error
+
+
+def _check_fits(task: str, methods: list[Method], weights: str | None, hint: str = "METHODS") -> None:
+    """Patch the task's reference model with each method before any scoring or training starts: a
+    method that does not fit it (a layer past its depth, no class token to score by) is a usage error."""
+    from tokensieve.reference import load_reference, patch_reference
+
+    if not methods:
+        return
+    model = load_reference(task, weights)
+    for method in methods:
+        try:
+            patch_reference(model, method)
+        except (ValueError, TypeError) as error:
+            raise click.BadParameter(f"{method} on the {task} reference model: {error}",
+                                     param_hint=hint) from error

@@ -164,7 +164,7 @@ class Runner:
         block_call = self.host.read_call(x, args, kwargs, entry_inputs)
         self._follow_input(x)
         method, inputs = _DENSE, {}
-        if scope.pruning:
+        if scope.pruning and x.shape[0] > 0:  # an empty batch has nothing to prune: it runs as the host
             method = self.method
             given = scope.inputs[-1] if scope.inputs else {}
             inputs = check_inputs(method.call_inputs(self.host.spec), given, x.shape[0], str(method))

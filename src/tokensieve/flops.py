@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.methods import Method
+from tokensieve.modes import in_mode
 from tokensieve.patch import is_patched, patch, runner_of, trace, unpatch
 from tokensieve.tokens import Trace
 from tokensieve.tokens import per_sample as per_sample_counts
@@ -74,21 +75,18 @@ def flops(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> FlopsRepor
     """Count the MACs of `model` on `inputs` (a pixel tensor, or keyword inputs for transformers).
 
     Counts inference: the model runs in eval mode for the call. An unpatched model is counted as
-    it is (dense).
+    it is (dense). A batch of no samples is refused with a ValueError: every figure is per sample.
     """
-    training = model.training
-    model.eval()
-    try:
-        with _patched(model) as host, torch.no_grad(), trace(model) as traces:
-            _call(model, inputs)
-    finally:
-        model.train(training)
+    with in_mode(model, training=False), _patched(model) as host, torch.no_grad(), trace(model) as traces:
+        _call(model, inputs)
     return report_from_trace(host, traces[-1])
 
 
 def report_from_trace(host: Host, record: Trace) -> FlopsReport:
     """The FlopsReport of one traced forward of a model resolved as `host`."""
     batch = record.batch
+    if batch == 0:  # every figure is a mean per sample, and there is none
+        raise ValueError("FLOPs are counted per sample, and this batch has no samples; pass at least one")
     patches = record.input_tokens - record.prefix
     fixed = patches * host.embed_macs_per_patch + host.head_macs
     backbone = torch.full((batch,), float(fixed), dtype=torch.float64)

@@ -193,16 +193,18 @@ class TokenState:
 
     def fuse_rest(self, slots: Tensor, weights: Tensor, valid: Tensor | None = None) -> TokenState:
         """Keep the tokens at `slots` (as `select`) and fuse every other non-prefix token into one
-        appended token: their sum weighted by `weights` [B, N - prefix] (one weight per non-prefix
-        token), divided by the weights' sum. Padding is never fused; a sample of a ragged selection
-        that keeps all its tokens gets a fused row marked as padding."""
-        rest = weights if self.valid is None else weights * self.valid[:, self.prefix :]
+        token appended after them: their sum weighted by `weights` [B, N - prefix] (one weight per
+        non-prefix token), not divided by the weights' sum, as EViT fuses the inattentive tokens by
+        their class attention. Padding is never fused; a sample of a ragged selection that keeps all
+        its tokens gets a fused row marked as padding."""
+        patch_valid = self.patch_valid()
+        rest = torch.ones_like(weights) if patch_valid is None else patch_valid.to(weights.dtype)
         kept = slots[:, self.prefix :] - self.prefix
-        # Zero the kept tokens' weights; a ragged selection's padding rows point at tokens not kept.
+        # Take the kept tokens out; a ragged selection's padding rows point at tokens not kept.
         kept_rest = 0.0 if valid is None else rest.gather(1, kept).masked_fill(valid[:, self.prefix :], 0.0)
-        rest = rest.scatter(1, kept, kept_rest)
-        fused = torch.bmm(rest[:, None], self.x[:, self.prefix :])  # [B, 1, C]
-        return self.select(slots, valid)._append_fused(fused, rest.sum(dim=1), self.size)
+        rest = rest.scatter(1, kept, kept_rest)  # [B, N - prefix] 1 on the tokens to fuse
+        fused = torch.bmm((weights * rest)[:, None], self.x[:, self.prefix :])  # [B, 1, C]
+        return self.select(slots, valid)._append_fused(fused, rest.sum(dim=1) > 0, self.size)
 
     def activate(self, positions: Tensor, valid: Tensor | None = None) -> TokenState:
         """Make the tokens at input `positions` [B, K] (the prefix's own first) the active set. The
@@ -252,12 +254,11 @@ class TokenState:
             raise ValueError("merging in dense mode needs every input token still active")
         return self.index
 
-    def _append_fused(self, weighted_sum: Tensor, total: Tensor, size_before: Tensor | None) -> TokenState:
-        """This state with one more token, `weighted_sum` [B, 1, C] / `total` [B]; a sample whose
-        total is 0 fused nothing, and in a ragged batch its fused row is padding."""
-        fused = weighted_sum / total[:, None, None].clamp_min(torch.finfo(weighted_sum.dtype).tiny)
+    def _append_fused(self, fused: Tensor, fused_any: Tensor, size_before: Tensor | None) -> TokenState:
+        """This state with the token `fused` [B, 1, C] appended; in a ragged batch, the fused row of a
+        sample that fused nothing (`fused_any` [B] False) is padding."""
         fused_index = self.index.new_full((self.x.shape[0], 1), FUSED_TOKEN_INDEX)
-        valid = None if self.valid is None else torch.cat([self.valid, (total > 0)[:, None]], dim=1)
+        valid = None if self.valid is None else torch.cat([self.valid, fused_any[:, None]], dim=1)
         size = None
         if size_before is not None:  # the fused token stands for every input token not kept
             rest_size = (size_before[:, self.prefix :].sum(dim=1, keepdim=True)

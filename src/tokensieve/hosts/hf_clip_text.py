@@ -68,6 +68,10 @@ class _TextCall:
             end = end_positions(input_ids, self.eos_token_id).to(x.device)
         else:  # the tower was entered without token ids: the last real token ends the text
             end = _last_real(valid, batch, tokens, x.device)
+        if valid is not None and not bool(valid.gather(1, end[:, None]).all()):  # the host would pool padding
+            raise ValueError("the end-of-text token the tower pools (the first eos_token_id; the highest id "
+                             "for legacy configs) is padding in a text, ahead of the text itself: pad on the "
+                             "right, or pad with an id other than the end-of-text token")
         real = valid.sum(dim=1) if valid is not None else torch.full((batch,), tokens, device=x.device)
         if bool((real < PROTECTED).any()):
             raise ValueError("every text needs a start and an end-of-text token (at least 2 real tokens)")

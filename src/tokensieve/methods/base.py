@@ -67,7 +67,8 @@ class AttentionView:
 
 
 class Method:
-    """Base of all methods. Subclasses are frozen dataclasses holding only configuration.
+    """Base of all methods. Subclasses are frozen dataclasses holding only configuration, each field
+    read into its one type when the method is made (`__post_init__` with `fields.settle`).
 
     A forward call of a patched module is one run (`MethodRun`): `start` when the call enters the
     first block, then for each block `before_block` and `after_attention`, and `finish` when the
@@ -130,22 +131,6 @@ class Method:
         """Named loss terms, already weighted, from the traces of one training step's forward calls
         (one per patched module and call; `trace.module`, `trace.reports`). `fit` adds them."""
         return {}
-
-
-def check_keep(keep: float, name: str) -> None:
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"{name}(keep={keep}): keep is the fraction of tokens kept; use a value in (0, 1]")
-
-
-def check_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int, ...]:
-    layers = tuple(sorted(set(int(i) for i in layers)))
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise ValueError(
-            f"{name}(layers={layers}): layer {bad[0]} is past this model's {depth} blocks; "
-            f"use indices 0..{depth - 1}"
-        )
-    return layers
 
 
 def needs_class_token(spec: ModelSpec, name: str) -> None:

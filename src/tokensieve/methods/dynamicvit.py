@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokensieve import calls, ops
-from tokensieve.methods.base import Method, MethodRun, check_keep, check_layers
+from tokensieve.methods.base import Method, MethodRun
+from tokensieve.methods.fields import check_layers, flag, layer_indices, settle, share
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 
@@ -21,18 +22,21 @@ class DynamicViT(Method):
     Training (model.train()) runs in mask mode: hard Gumbel-softmax decisions with straight-through
     gradients, pruned tokens masked out as keys. Inference gathers the top-scoring tokens; with
     `dynamic`, each image keeps the tokens its predictor rates above one half (a ragged batch).
+    keep=1.0 prunes nothing, in training as in inference: the model runs as the host.
     """
 
     keep: float = 0.7
     layers: tuple[int, ...] = (3, 6, 9)
     dynamic: bool = False
 
+    def __post_init__(self) -> None:
+        settle(self, keep=share, layers=layer_indices, dynamic=flag)
+
     @property
     def ragged(self) -> bool:
         return self.dynamic
 
     def bind(self, spec: ModelSpec) -> nn.Module:
-        check_keep(self.keep, "DynamicViT")
         layers = check_layers(self.layers, spec.depth, "DynamicViT")
         return nn.ModuleDict({str(layer): KeepPredictor(spec.dim) for layer in layers})
 
@@ -41,7 +45,9 @@ class DynamicViT(Method):
         return self.keep ** (sorted(set(self.layers)).index(layer) + 1)
 
     def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
-        if layer not in self.layers:
+        if layer not in self.layers or self.keep == 1.0:
+            # keep=1.0 prunes nothing in any mode: a mask-mode step would still drop the tokens its
+            # sampled decisions reject, and a target of 1.0 leaves the predictor nothing to learn.
             return state
         predictor = run.parts[str(layer)]
         patches = state.x[:, state.prefix :]

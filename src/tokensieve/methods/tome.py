@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from tokensieve import ops
-from tokensieve.methods.base import AttentionView, Method, MethodRun, check_layers
+from tokensieve.methods.base import AttentionView, Method, MethodRun
+from tokensieve.methods.fields import check_layers, count, layer_indices, optional, real, settle
 from tokensieve.ops.matching import matching_macs
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
@@ -36,6 +39,32 @@ def merge_schedule(r: Schedule, depth: int) -> list[int]:
     return schedule + [0] * (depth - len(schedule))
 
 
+def read_schedule(value: Any, name: str) -> Schedule:
+    """A schedule as `merge_schedule` takes it: an int >= 0, (r, inflect) as (int, float), or a
+    per-block list of ints >= 0. A string is refused, never split into per-block values."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} is the number of tokens merged per block, and a string is not split into "
+                        f"per-block values; write {name}=13, without quotes, or a list such as "
+                        f"{name}=[8, 8, 4]")
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise ValueError(f"a tuple is ({name}, inflect); give a list for per-block values")
+        return _item(count, value[0], name, f"a tuple is ({name}, inflect), e.g. {name}=(8, -0.5)"), \
+            _item(real, value[1], name, f"a tuple is ({name}, inflect), e.g. {name}=(8, -0.5)")
+    if isinstance(value, Iterable):
+        return [_item(count, v, name, f"a per-block list holds whole numbers >= 0, e.g. {name}=[8, 8, 4]")
+                for v in value]
+    return _item(count, value, name, f"{name} is a whole number of tokens merged per block, e.g. {name}=8")
+
+
+def _item(read: Callable[[Any, str], Any], value: Any, name: str, form: str) -> Any:
+    """One item of a schedule, its error naming the schedule's form."""
+    try:
+        return read(value, name)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{form}; {value!r} does not fit") from None
+
+
 def max_merge(tokens: int) -> int:
     """Most tokens one block merges away from `tokens` non-prefix tokens: half of them."""
     return tokens // 2
@@ -45,14 +74,22 @@ def max_merge(tokens: int) -> int:
 class ToMe(Method):
     """Bipartite soft matching on the keys (mean over heads) in each of `layers` (default: all).
 
+    As in the authors' code, the whole sequence alternates between sets A (even positions) and
+    B (odd), the class token included, so behind one class token the patch tokens at odd positions
+    form B. Every prefix token (class, distillation, registers) sits in the set its position puts
+    it in and takes part in no match, and the prefix stays first: for DeiT's class and
+    distillation tokens this is what the authors do; registers are protected the same way.
     Merged tokens are size-weighted averages; attention adds log(size) to the keys
     (proportional attention), and heads that average the patch tokens weight them by size.
-    As in ToMe, a block merges at most half of its tokens, so late blocks of a large constant
-    r merge fewer.
+    As in ToMe, a block merges at most half of its unprotected tokens, so late blocks of a large
+    constant r merge fewer.
     """
 
     r: Schedule = 8
     layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        settle(self, r=read_schedule, layers=optional(layer_indices))
 
     @property
     def keeps_positions(self) -> bool:

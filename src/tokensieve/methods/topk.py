@@ -8,14 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from tokensieve import ops
-from tokensieve.methods.base import (
-    AttentionView,
-    Method,
-    MethodRun,
-    check_keep,
-    check_layers,
-    needs_class_token,
-)
+from tokensieve.methods.base import AttentionView, Method, MethodRun, needs_class_token
+from tokensieve.methods.fields import check_layers, layer_indices, optional, settle, share
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
 
@@ -32,14 +26,14 @@ class TopK(Method):
     layers: tuple[int, ...] = (3, 6, 9)
     mass: float | None = None
 
+    def __post_init__(self) -> None:
+        settle(self, keep=share, layers=layer_indices, mass=optional(share))
+
     @property
     def ragged(self) -> bool:
         return self.mass is not None
 
     def bind(self, spec: ModelSpec) -> nn.Module | None:
-        check_keep(self.keep, type(self).__name__)
-        if self.mass is not None and not 0.0 < self.mass <= 1.0:
-            raise ValueError(f"TopK(mass={self.mass}): mass is a share of attention; use a value in (0, 1]")
         check_layers(self.layers, spec.depth, type(self).__name__)
         needs_class_token(spec, type(self).__name__)
         return None

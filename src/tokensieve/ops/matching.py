@@ -25,27 +25,34 @@ class MergePlan:
 def bipartite_merge(metric: Tensor, r: int, prefix: int = 0) -> MergePlan:
     """Plan the merge of r tokens of `metric` [B, N, d], whose first `prefix` tokens are protected.
 
-    The other tokens alternate between sets A (even) and B (odd); each A token finds its most
-    similar B token (cosine), and the r A tokens with the best matches go into their partners.
-    Output order: prefix, unmerged A tokens, B tokens, each in input order. `plan.average(x, size)`
-    gives the size-weighted mean features [B, N - r, C] and the sizes [B, N - r] (float32) of the
-    merged tokens, `size` [B, N] being how many input tokens each token stands for (None: one each).
+    As in ToMe, the whole sequence alternates between sets A (even positions) and B (odd), prefix
+    included: with one class token, the patch tokens at odd positions form B. A protected token sits
+    in A or B by its position and takes part in no match (neither merged away nor merged into).
+    Each unprotected A token finds its most similar unprotected B token (cosine), and the r A
+    tokens with the best matches go into their partners. Output order: prefix, unmerged A tokens,
+    B tokens; B in input order, unmerged A in input order when a prefix is protected, else in
+    match order, best first (the authors sort them only to keep a class token first).
+    `plan.average(x, size)` gives the size-weighted mean features [B, N - r, C] and the sizes
+    [B, N - r] (float32) of the merged tokens, `size` [B, N] being how many input tokens each
+    token stands for (None: one each).
     """
     batch, tokens = metric.shape[:2]
+    first_a, first_b = _first_unprotected(prefix)
     candidates = metric[:, prefix:]
     # unit length: one norm and one division (measured faster than normalize() and than square-sum-rsqrt)
     candidates = candidates / torch.linalg.vector_norm(candidates, dim=-1, keepdim=True)
-    similarity = candidates[:, ::2] @ candidates[:, 1::2].transpose(-1, -2)  # [B, Na, Nb]
+    set_a, set_b = candidates[:, first_a - prefix :: 2], candidates[:, first_b - prefix :: 2]
+    similarity = set_a @ set_b.transpose(-1, -2)  # [B, Na, Nb]
     best_score, best_partner = similarity.max(dim=-1)  # [B, Na]
     order = best_score.argsort(dim=-1, descending=True)
-    # The unmerged A tokens keep their order (as in the authors' code behind a class token), so the
-    # next block's A/B alternation still pairs neighbours in the sequence, not neighbours in score.
-    merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values  # [B, r], [B, Na - r]
+    merged_a, kept_a = order[:, :r], order[:, r:]  # [B, r], [B, Na - r]
+    if prefix:  # in input order, so the next block's alternation pairs neighbours in the sequence
+        kept_a = kept_a.sort(dim=-1).values
     partner = best_partner.gather(1, merged_a)  # [B, r]
 
     prefix_positions, b_positions = _fixed_positions(tokens, prefix, metric.device)
-    merged_positions = torch.add(prefix, merged_a, alpha=2)  # A token i sits at prefix + 2i
-    survivors = torch.cat([prefix_positions.expand(batch, -1), torch.add(prefix, kept_a, alpha=2),
+    merged_positions = torch.add(first_a, merged_a, alpha=2)  # A token i sits at first_a + 2i
+    survivors = torch.cat([prefix_positions.expand(batch, -1), torch.add(first_a, kept_a, alpha=2),
                            b_positions.expand(batch, -1)], dim=1)  # [B, N - r]
     # Row numbers in the flattened [B * N] input and [B * (N - r)] output, so that every copy
     # moves whole token rows instead of single elements.
@@ -95,13 +102,18 @@ def bipartite_merge(metric: Tensor, r: int, prefix: int = 0) -> MergePlan:
     return MergePlan(survivors, merge_sum, average, destinations)
 
 
+def _first_unprotected(prefix: int) -> tuple[int, int]:
+    """The first positions at or past the prefix of set A (even) and of set B (odd)."""
+    return (prefix, prefix + 1) if prefix % 2 == 0 else (prefix + 1, prefix)
+
+
 @functools.lru_cache(maxsize=64)
 def _fixed_positions(tokens: int, prefix: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The prefix positions [1, prefix] and the B positions [1, Nb]: the same in every call of a
-    given size, so built once (callers only read them)."""
+    """The prefix positions [1, prefix] and the unprotected B positions [1, Nb]: the same in every
+    call of a given size, so built once (callers only read them)."""
     with torch.inference_mode(False):  # usable by any later call, in or out of inference mode
         return (torch.arange(prefix, device=device)[None],
-                torch.arange(prefix + 1, tokens, 2, device=device)[None])
+                torch.arange(_first_unprotected(prefix)[1], tokens, 2, device=device)[None])
 
 
 def matching_macs(tokens: int, dim: int) -> int:

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from tokensieve.modes import in_mode
 from tokensieve.reference.models import IMAGE_SIZE, SegmentationViT
 from tokensieve.reference.tos import TosModel
 from tokensieve.reference.vl import image_embeddings, match_logits, text_embeddings, text_inputs
@@ -33,37 +34,37 @@ def evaluate(model: nn.Module, task: str, data: Dataset, batch_size: int = 50,
              progress: bool = True) -> dict[str, float]:
     """{"accuracy": …} for cls and nlvr, {"mIoU": …} for seg, {"gIoU": …, "cIoU": …} for tos, or
     for retrieval {"R@1": …} (the mean of both directions) and recall@1 and @5 each way
-    ("image_to_text@1", …), over all of `data`, in eval mode (the model's mode is restored).
+    ("image_to_text@1", …), over all of `data`, in eval mode (each sub-module's mode is given back).
     Scores are accumulated over the whole split (tos: each sample's intersection and union;
     retrieval: `data` is the gallery, image i matching caption i as in `retrieval_gallery`), so
     the batch size never changes them."""
-    was_training = model.training
-    model.eval()
-    try:
-        loader = DataLoader(data, batch_size=batch_size, collate_fn=collate)
-        batches = tqdm(loader, desc=f"eval {task}", disable=not progress, leave=False)
-        if task == "cls":
-            pairs = [(_classify(model, batch["image"]), batch["label"]) for batch in batches]
-            return {"accuracy": accuracy(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]))}
-        if task == "seg":
-            confusion = sum(confusion_matrix(_segment(model, batch["image"]), batch["mask"], len(SEG_CLASSES))
-                            for batch in batches)
-            return {"mIoU": mean_iou(confusion)}
-        if task == "tos":
-            pairs = [intersection_union(_ground(model, batch["image"], batch["text"]), batch["mask"])
-                     for batch in batches]
-            intersections, unions = torch.cat([i for i, _ in pairs]), torch.cat([u for _, u in pairs])
-            return {"gIoU": giou(intersections, unions), "cIoU": ciou(intersections, unions)}
-        if task == "nlvr":
-            pairs = [(_verify(model, batch), batch["label"]) for batch in batches]
-            return {"accuracy": accuracy(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]))}
-        if task == "retrieval":
-            pairs = [_embed(model, batch) for batch in batches]
-            return retrieval_scores(torch.cat([i for i, _ in pairs]), torch.cat([t for _, t in pairs]))
-        raise ValueError(f"no reference evaluation for task {task!r}; choose cls, seg, tos, nlvr or "
-                         "retrieval")
-    finally:
-        model.train(was_training)
+    with in_mode(model, training=False):
+        return _scores(model, task, data, batch_size, progress)
+
+
+def _scores(model: nn.Module, task: str, data: Dataset, batch_size: int, progress: bool) -> dict[str, float]:
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate)
+    batches = tqdm(loader, desc=f"eval {task}", disable=not progress, leave=False)
+    if task == "cls":
+        pairs = [(_classify(model, batch["image"]), batch["label"]) for batch in batches]
+        return {"accuracy": accuracy(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]))}
+    if task == "seg":
+        confusion = sum(confusion_matrix(_segment(model, batch["image"]), batch["mask"], len(SEG_CLASSES))
+                        for batch in batches)
+        return {"mIoU": mean_iou(confusion)}
+    if task == "tos":
+        pairs = [intersection_union(_ground(model, batch["image"], batch["text"]), batch["mask"])
+                 for batch in batches]
+        intersections, unions = torch.cat([i for i, _ in pairs]), torch.cat([u for _, u in pairs])
+        return {"gIoU": giou(intersections, unions), "cIoU": ciou(intersections, unions)}
+    if task == "nlvr":
+        pairs = [(_verify(model, batch), batch["label"]) for batch in batches]
+        return {"accuracy": accuracy(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]))}
+    if task == "retrieval":
+        pairs = [_embed(model, batch) for batch in batches]
+        return retrieval_scores(torch.cat([i for i, _ in pairs]), torch.cat([t for _, t in pairs]))
+    raise ValueError(f"no reference evaluation for task {task!r}; choose cls, seg, tos, nlvr or "
+                     "retrieval")
 
 
 def _classify(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

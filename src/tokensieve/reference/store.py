@@ -33,6 +33,12 @@ _PLAIN: dict[str, type[transformers.PreTrainedModel]] = {
 HEAD_FILE = "head.safetensors"
 GUIDANCE_FILE = "guidance.safetensors"  # tos: the text encoder (if trained) and its projection
 GUIDANCE_CONFIG = "guidance.json"  # tos: which text encoder, and its settings
+# How a directory shows its task: the class its config.json names, and a file only that task writes.
+_LAYOUTS: dict[str, tuple[str, str | None]] = {
+    **{task: (cls.__name__, None) for task, cls in _PLAIN.items()},
+    "seg": ("ViTModel", HEAD_FILE),
+    "tos": ("SamModel", GUIDANCE_CONFIG),
+}
 
 
 def shipped_weights(task: str) -> Path:
@@ -63,15 +69,60 @@ def load_reference(task: str, directory: str | os.PathLike | None = None) -> nn.
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no reference weights for {task!r} in {path}; train them with "
                                 f"`tokensieve train {task}`")
+    held = _stored_task(path)
+    if held is not None and held != task:
+        raise ValueError(f"{path} holds the {held} reference model, not the {task} one; load it with "
+                         f"load_reference('{held}', ...), or pass the directory "
+                         f"`tokensieve train {task} --out` wrote")
     if task in _PLAIN:
         model = _load_plain(task, path)
     elif task == "tos":
         model = _load_tos(path)
     else:
-        backbone = transformers.ViTModel.from_pretrained(path, dtype=torch.float32, add_pooling_layer=False)
-        model = SegmentationViT(backbone)
-        model.head.load_state_dict({k: v.float() for k, v in load_file(path / HEAD_FILE).items()})
+        model = _load_seg(path)
     return model.eval()
+
+
+def _stored_task(directory: str | os.PathLike) -> str | None:
+    """The task whose reference weights `directory` holds, told by the class its config.json names
+    and the files beside it; None when that cannot be told."""
+    path = Path(directory)
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    for task, (architecture, own_file) in _LAYOUTS.items():
+        if architecture in architectures and (own_file is None or (path / own_file).is_file()):
+            return task
+    return None
+
+
+def _from_pretrained(cls: type[transformers.PreTrainedModel], path: Path, task: str,
+                     **settings: object) -> transformers.PreTrainedModel:
+    """`cls` from `path` in fp32, refused when the directory lacks any of its weights (transformers
+    would start those from random values and only log a table)."""
+    model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **settings)
+    _check_complete(info["missing_keys"], path, task)
+    return model
+
+
+def _check_complete(missing: set[str] | list[str], where: Path, task: str) -> None:
+    if missing:
+        names = sorted(missing)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise ValueError(f"{where} lacks {len(names)} weights of the {task} reference model ({shown}); they "
+                         f"would start random. Pass the directory `tokensieve train {task} --out` wrote")
+
+
+def _load_seg(path: Path) -> SegmentationViT:
+    if not (path / HEAD_FILE).is_file():
+        raise FileNotFoundError(f"{path} holds no {HEAD_FILE}, the seg model's head; pass the directory "
+                                "`tokensieve train seg --out` wrote")
+    model = SegmentationViT(_from_pretrained(transformers.ViTModel, path, "seg", add_pooling_layer=False))
+    head = {key: value.float() for key, value in load_file(path / HEAD_FILE).items()}
+    _check_complete(set(model.head.state_dict()) - set(head), path / HEAD_FILE, "seg")
+    model.head.load_state_dict(head)
+    return model
 
 
 def _load_plain(task: str, path: Path) -> transformers.PreTrainedModel:
@@ -80,7 +131,7 @@ def _load_plain(task: str, path: Path) -> transformers.PreTrainedModel:
     if stored != cls.config_class.model_type:  # from_pretrained would warn and load random weights
         raise ValueError(f"{path} holds a {stored!r} model, not the {task} reference model "
                          f"({cls.__name__}); pass the directory `tokensieve train {task} --out` wrote")
-    model = cls.from_pretrained(path, dtype=torch.float32)
+    model = _from_pretrained(cls, path, task)
     if task == "nlvr":  # as build_nlvr: cross-attention skips a ragged tower's padding
         keep_cross_attention_mask(model.text_encoder)
     return model
@@ -100,7 +151,7 @@ def _load_tos(path: Path) -> TosModel:
         raise FileNotFoundError(f"{path} holds a SAM model but no {GUIDANCE_CONFIG}; it was not written by "
                                 "save_reference for tos")
     settings = json.loads((path / GUIDANCE_CONFIG).read_text())
-    sam = transformers.SamModel.from_pretrained(path, dtype=torch.float32)
+    sam = _from_pretrained(transformers.SamModel, path, "tos")
     model = TosModel(sam, build_guidance(settings["text_encoder"], **settings["settings"]))
     rest = {key: value.float() for key, value in load_file(path / GUIDANCE_FILE).items()}
     own = {key for key in model.state_dict() if not key.startswith("sam.")}

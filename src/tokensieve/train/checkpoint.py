@@ -3,7 +3,9 @@
 A directory holds `step-00001234.safetensors` files and a `latest` file naming the newest one.
 Each checkpoint is written to a hidden temporary file in the same directory, flushed to disk and
 renamed over its final name, and only then does `latest` move (the same way), so a crash at any
-moment leaves the previous checkpoint whole and `latest` pointing at it.
+moment leaves the previous checkpoint whole and `latest` pointing at it. A checkpoint damaged
+afterwards (a copy cut short, a full disk) is named when read; resuming then takes the newest one
+that can be read, with a warning.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -42,6 +45,10 @@ _NAME = re.compile(r"step-(\d+)\.safetensors")
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.safetensors"
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated or corrupt."""
 
 
 @dataclass
@@ -134,23 +141,67 @@ def _checkpoint_steps(directory: Path) -> dict[int, str]:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in `directory`, or None if it holds none."""
-    directory = Path(directory)
+    """The newest checkpoint in `directory` (the one `latest` names), or None if it holds none."""
+    candidates = _newest_first(Path(directory))
+    return candidates[0] if candidates else None
+
+
+def resume_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest checkpoint in `directory` that can be read, with a warning naming each newer one
+    that cannot; None if the directory holds no checkpoint. Raises UnreadableCheckpointError when
+    it holds checkpoints and none can be read."""
+    unreadable: list[Path] = []
+    for path in _newest_first(Path(directory)):
+        try:
+            read_metadata(path)
+        except UnreadableCheckpointError:
+            unreadable.append(path)
+            continue
+        if unreadable:
+            damaged = ", ".join(map(str, unreadable))
+            warnings.warn(f"{damaged} cannot be read (truncated or corrupt); resuming from {path}, the "
+                          "newest checkpoint that can, so the steps after it are done again", stacklevel=4)
+        return path
+    if unreadable:
+        raise UnreadableCheckpointError(
+            f"no checkpoint in {directory} can be read ({', '.join(path.name for path in unreadable)}), "
+            "each truncated or corrupt; delete them, or set TrainConfig(resume=False), to start the run over")
+    return None
+
+
+def check_checkpoint_dir(directory: str | os.PathLike) -> None:
+    """Refuse a checkpoint directory that is a file, or lies inside one, before any step runs."""
+    path = Path(directory)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise ValueError(f"TrainConfig(checkpoint_dir={os.fspath(directory)!r}): {part} is a file, not a "
+                             "directory; pass a directory (fit makes it if it is missing)")
+
+
+def _newest_first(directory: Path) -> list[Path]:
+    """The checkpoints of `directory`, newest first: the one `latest` names, then those of earlier
+    steps (without a `latest`, or if it names no file, all of them by step)."""
     if not directory.is_dir():
-        return None
+        return []
+    steps = _checkpoint_steps(directory)
+    order = sorted(steps, reverse=True)
     pointer = directory / LATEST
     if pointer.is_file():
-        path = directory / pointer.read_text().strip()
-        if path.is_file():
-            return path
-    steps = _checkpoint_steps(directory)  # no pointer (or it was deleted by hand): the highest step
-    return directory / steps[max(steps)] if steps else None
+        named = directory / pointer.read_text().strip()
+        if named.is_file():
+            match = _NAME.fullmatch(named.name)
+            earlier = [step for step in order if match is None or step < int(match.group(1))]
+            return [named, *(directory / steps[step] for step in earlier)]
+    return [directory / steps[step] for step in order]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a checkpoint file, without reading its tensors."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise _unreadable(path, error) from error
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a tokensieve training checkpoint "
                          f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
@@ -160,7 +211,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and string metadata of a checkpoint file."""
     metadata = read_metadata(path)
-    return load_file(str(path)), metadata
+    try:
+        return load_file(str(path)), metadata
+    except SafetensorError as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: str | os.PathLike, error: Exception) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(f"{path} cannot be read: it is truncated or corrupt ({error}). "
+                                     "Delete it to use the previous checkpoint of its directory, or pass "
+                                     "another one")
 
 
 def load_run(path: str | os.PathLike, *, model: nn.Module, sieve: Sieve | None, config: TrainConfig,

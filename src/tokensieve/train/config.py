@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -11,6 +13,15 @@ from typing import Literal
 from tokensieve.train.precision import Precision, check_precision
 
 Trained = Literal["method", "model"]
+# whole-number fields (steps and epochs apart) and their least value; None: any
+_WHOLE_FIELDS: dict[str, int | None] = {"batch_size": 1, "warmup_steps": 0, "seed": None, "num_workers": 0,
+                                        "checkpoint_every": 0, "keep_checkpoints": 1, "eval_every": 0}
+# real-number fields: (least value, whether it must be exceeded)
+_REAL_FIELDS: dict[str, tuple[float, bool]] = {
+    "lr": (0.0, False), "model_lr_scale": (0.0, False), "weight_decay": (0.0, False),
+    "min_lr_ratio": (0.0, False), "task_weight": (0.0, False), "keep_ratio_weight": (0.0, False),
+    "distill_weight": (0.0, False), "distill_temperature": (0.0, True),
+}
 
 
 @dataclass(frozen=True)
@@ -53,34 +64,63 @@ class TrainConfig:
     progress: bool = True  # a tqdm bar on rank 0
 
     def __post_init__(self) -> None:
-        for name in ("log_path", "checkpoint_dir"):  # Paths become strings, so the config stays JSON
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, os.fspath(value))
+        """Check every field now, with a message naming the fix, rather than deep inside a run; whole
+        numbers and real numbers of any kind (numpy's too) are kept as Python ints and floats."""
         if self.train not in ("method", "model"):
             raise ValueError(f"TrainConfig(train={self.train!r}): use 'method' (the Sieve's parameters "
                              "only) or 'model' (host and method)")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("TrainConfig: give exactly one of steps=... or epochs=...")
-        check_precision(self.precision, "TrainConfig")
-        for name in ("steps", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"TrainConfig({name}={value}): use a positive integer")
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig({name}={getattr(self, name)}): use 0 or more")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"TrainConfig(keep_checkpoints={self.keep_checkpoints}): keep at least 1")
-        if self.model_lr_scale < 0:
-            raise ValueError(f"TrainConfig(model_lr_scale={self.model_lr_scale}): use 0 or more")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
+        for name in ("steps", "epochs"):
+            if getattr(self, name) is not None:
+                self._whole(name, minimum=1)
+        for name, minimum in _WHOLE_FIELDS.items():
+            self._whole(name, minimum)
+        if self.steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(f"TrainConfig(warmup_steps={self.warmup_steps}): use at most "
+                             f"steps={self.steps}; a longer warm-up never reaches lr")
+        for name, (lowest, above) in _REAL_FIELDS.items():
+            self._real(name, lowest, above)
+        if self.min_lr_ratio > 1.0:
             raise ValueError(f"TrainConfig(min_lr_ratio={self.min_lr_ratio}): use a value in [0, 1]")
-        if self.distill_temperature <= 0:
-            raise ValueError(f"TrainConfig(distill_temperature={self.distill_temperature}): use a value > 0")
-        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
-            raise ValueError(f"TrainConfig(grad_clip_norm={self.grad_clip_norm}): use a value > 0, "
-                             "or None for no clipping")
+        if self.grad_clip_norm is not None:
+            if not _is_number(self.grad_clip_norm) or not 0 < self.grad_clip_norm < math.inf:
+                raise ValueError(f"TrainConfig(grad_clip_norm={self.grad_clip_norm!r}): use a finite value "
+                                 "> 0, or None for no clipping")
+            object.__setattr__(self, "grad_clip_norm", float(self.grad_clip_norm))
+        check_precision(self.precision, "TrainConfig")
+        for name in ("resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig({name}={getattr(self, name)!r}): use True or False")
+        for name in ("log_path", "checkpoint_dir"):  # Paths become strings, so the config stays JSON
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"TrainConfig({name}={value!r}): use a path (a str or pathlib.Path), "
+                                 "or None")
+            object.__setattr__(self, name, path)
+
+    def _whole(self, name: str, minimum: int | None) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (
+                minimum is not None and value < minimum):
+            floor = f" >= {minimum}" if minimum is not None else ""
+            raise ValueError(f"TrainConfig({name}={value!r}): use a whole number{floor} (an int)")
+        object.__setattr__(self, name, int(value))
+
+    def _real(self, name: str, lowest: float, above: bool) -> None:
+        """A finite number >= lowest (> lowest when `above`)."""
+        value = getattr(self, name)
+        if not _is_number(value):
+            raise ValueError(f"TrainConfig({name}={value!r}): use a number")
+        if not math.isfinite(value):
+            raise ValueError(f"TrainConfig({name}={value!r}): use a finite number")
+        if value < lowest or (above and value == lowest):
+            bound = f"{'>' if above else '>='} {lowest:g}"
+            raise ValueError(f"TrainConfig({name}={value!r}): use a value {bound}")
+        object.__setattr__(self, name, float(value))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -88,3 +128,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         return cls(**json.loads(text))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

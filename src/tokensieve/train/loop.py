@@ -18,10 +18,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import tokensieve as ts
+from tokensieve.modes import in_mode
 from tokensieve.patch import Sieve
 from tokensieve.tokens import Trace
 from tokensieve.train import distributed as dist
-from tokensieve.train.checkpoint import RunPosition, latest_checkpoint, load_run, read_metadata, save_run
+from tokensieve.train.checkpoint import (
+    RunPosition,
+    check_checkpoint_dir,
+    load_run,
+    read_metadata,
+    resume_checkpoint,
+    save_run,
+)
 from tokensieve.train.config import TrainConfig
 from tokensieve.train.data import epoch_batches, steps_per_epoch, to_device
 from tokensieve.train.identity import weights_fingerprint
@@ -66,6 +74,8 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
     in eval mode without gradient every `eval_every` steps and at the run's end (on every rank).
     After fit, `.grad` of the trained parameters holds the last step's averaged, clipped gradient.
     """
+    if config.checkpoint_dir is not None:
+        check_checkpoint_dir(config.checkpoint_dir)
     patched, sieve = _find_patched(model, sieve, config)
     parameters = _trained_parameters(model, sieve, config)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -134,19 +144,18 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
 @contextlib.contextmanager
 def _training_mode(model: nn.Module, freeze_host: bool) -> Iterator[None]:
     """The model in training mode (mask mode for learnable methods), its parameters frozen when
-    only the method trains; both restored afterwards, even after an error."""
+    only the method trains; each parameter's flag and each sub-module's mode restored afterwards,
+    even after an error."""
     requires_grad = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     try:
         if freeze_host:
             for param in requires_grad:
                 param.requires_grad_(False)
-        model.train()
-        yield
+        with in_mode(model, training=True):
+            yield
     finally:
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
-        model.train(was_training)
 
 
 class _TrainingStep:
@@ -236,14 +245,10 @@ class _TrainingStep:
     @torch.no_grad()
     def _teacher_logits(self, inputs: Any) -> Tensor:
         """The same weights run dense in eval mode: a deterministic target that draws no random numbers."""
-        self.model.eval()
-        try:
-            with contextlib.ExitStack() as stack:
-                for module in self.patched:
-                    stack.enter_context(ts.pruning_disabled(module))
-                return self.logits_of(_call(self.model, inputs)).detach()
-        finally:
-            self.model.train()
+        with in_mode(self.model, training=False), contextlib.ExitStack() as stack:
+            for module in self.patched:
+                stack.enter_context(ts.pruning_disabled(module))
+            return self.logits_of(_call(self.model, inputs)).detach()
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -322,7 +327,12 @@ def _total_steps(config: TrainConfig, epoch_length: int | None) -> int:
     if epoch_length is None:
         raise ValueError("TrainConfig(epochs=...) needs data of known length (a Dataset, or an iterable "
                          "with len); give steps=... instead")
-    return config.epochs * epoch_length
+    total = config.epochs * epoch_length
+    if config.warmup_steps > total:  # TrainConfig checks this when given steps
+        raise ValueError(f"TrainConfig(warmup_steps={config.warmup_steps}): use at most the run's "
+                         f"{total} steps ({config.epochs} epochs of {epoch_length}); a longer warm-up never "
+                         "reaches lr")
+    return total
 
 
 def _batches(data: Any, position: RunPosition, epoch_length: int | None, stop: int, config: TrainConfig,
@@ -355,18 +365,14 @@ def _due(step: int, every: int, total: int) -> bool:
 
 
 def _evaluate(model: nn.Module, evaluate: Evaluate) -> dict[str, float]:
-    model.eval()
-    try:
-        with torch.no_grad():
-            return {key: float(value) for key, value in evaluate(model).items()}
-    finally:
-        model.train()
+    with in_mode(model, training=False), torch.no_grad():
+        return {key: float(value) for key, value in evaluate(model).items()}
 
 
 def _resume_point(config: TrainConfig) -> Path | None:
     if config.checkpoint_dir is None or not config.resume:
         return None
-    return latest_checkpoint(config.checkpoint_dir)
+    return resume_checkpoint(config.checkpoint_dir)
 
 
 def _warn_if_config_changed(path: Path, config: TrainConfig) -> None:

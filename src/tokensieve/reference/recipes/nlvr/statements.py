@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from tokensieve.modes import in_mode
 from tokensieve.reference.recipes.nlvr.perception import FindingReadouts, kind_targets
 from tokensieve.reference.vl import VL_PATCH_SIZE, text_inputs
 from tokensieve.tasks import collate as collate_samples
@@ -169,17 +170,14 @@ class TowerTokens(Dataset):
         check_precision(precision, "TowerTokens")
         self.samples: list[dict] = []
         chunks: list[Tensor] = []
-        was_training = tower.training
-        tower.eval()
         bar = tqdm(range(0, len(statements), CACHE_BATCH), desc="tower tokens", disable=not progress)
         device = next(tower.parameters()).device
-        with torch.no_grad(), autocast(precision, device):
+        with in_mode(tower, training=False), torch.no_grad(), autocast(precision, device):
             for start in bar:
                 batch = [statements[i] for i in range(start, min(len(statements), start + CACHE_BATCH))]
                 images = torch.stack([sample["image"] for sample in batch])
                 chunks.append(tower(pixel_values=images).last_hidden_state.half())
                 self.samples += [{key: sample[key] for key in TEXT_KEYS} for sample in batch]
-        tower.train(was_training)
         self.tokens = torch.cat(chunks)
 
     def __len__(self) -> int:
