@@ -343,7 +343,8 @@ _UNPLACED_RERUN = (
 
 
 def _in_backward() -> bool:
-    """Whether this thread runs a backward pass, where activation checkpointing runs blocks again."""
+    """Whether this thread runs a backward pass, where activation checkpointing runs blocks again
+    (torch.utils.checkpoint reads the same id to tell its reruns apart)."""
     return torch._C._current_graph_task_id() != -1
 
 
