@@ -23,7 +23,6 @@ def test_a_compiled_model_is_refused_naming_the_model_it_compiles():
     model = timm_model("timm-vit")
     message = _refusal(torch.compile(model))
     assert "ts.patch(model._orig_mod, method)" in message
-    assert "uncompiled" in message
 
 
 def test_a_data_parallel_wrapper_is_refused_naming_the_model_it_holds():

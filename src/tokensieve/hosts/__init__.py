@@ -31,9 +31,10 @@ def resolve_host(model: nn.Module) -> Host:
 _WRAPPERS = {
     "OptimizedModule": (
         "a torch.compile wrapper",
-        "and call model._orig_mod uncompiled (a patched model does not run under torch.compile)"),
+        "and call the wrapper as before (it compiles the patched blocks anew)"),
     "DataParallel": (
-        "a DataParallel wrapper, whose per-device replicas would run the blocks of the original device",
+        "a DataParallel wrapper, whose per-device replicas would call the original's patched blocks, "
+        "with its weights on its device",
         "and call it directly; for several devices, run one process per device (tokensieve.train.fit "
         "averages the gradients over them)"),
     "DistributedDataParallel": (
