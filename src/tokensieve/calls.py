@@ -93,7 +93,10 @@ def prepacked(*models: nn.Module) -> Iterator[None]:
     linears = [m for model in models for m in model.modules() if type(m) is nn.Linear]
     with _PREPACKED_LOCK:
         for layer in linears:
-            _PREPACKED[layer] = _PREPACKED.get(layer, 0) + 1
+            blocks = _PREPACKED.get(layer, 0)
+            if not blocks:  # a copy left by a call still running as the last block closed is stale
+                _PACKED.pop(layer, None)
+            _PREPACKED[layer] = blocks + 1
     try:
         yield
     finally:
