@@ -25,7 +25,7 @@ REFUSED = {
     "seed": [(True, TypeError), (1.5, TypeError), ("3", TypeError)],
     "r": [("13", TypeError), (2.5, TypeError), (True, TypeError), ([1, "2"], TypeError),
           ([1, 2.5], TypeError), ((8, "x"), TypeError), ((8, 0.5, 1), ValueError), (-1, ValueError),
-          ([2, -1], ValueError)],
+          ([2, -1], ValueError), ((8, float("inf")), ValueError)],
 }
 REFUSED_CASES = [pytest.param(cls, name, value, error, id=f"{cls.__name__}-{name}={value!r}")
                  for cls in CLASSES for f in dataclasses.fields(cls) if f.name in REFUSED
