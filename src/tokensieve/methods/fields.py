@@ -38,6 +38,8 @@ def layer_indices(value: Any, name: str) -> tuple[int, ...]:
     """Block indices, counted from 0, as a sorted tuple without repeats. A list, range or array
     of ints is one; a single int is refused (it reads as well as a count of layers as one layer)."""
     example = f"{name}=(3, 6, 9)"
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d array or tensor holds one number, refused below as a single one
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} is a tuple of block indices, and a string is not split into them; write "
                         f"{example}")
@@ -51,13 +53,18 @@ def layer_indices(value: Any, name: str) -> tuple[int, ...]:
         if not is_whole(item):
             raise TypeError(f"{name} holds block indices, whole numbers counted from 0, and {item!r} is not "
                             f"one; e.g. {example}")
+    negative = [int(item) for item in items if item < 0]
+    if negative:
+        raise ValueError(f"layer indices count blocks from 0, and {negative[0]} is below 0; for the last "
+                         f"block of a model of depth D, write D - 1")
     return tuple(sorted({int(item) for item in items}))
 
 
 def check_layers(layers: Sequence[int], depth: int, name: str) -> tuple[int, ...]:
-    """`layers` (already read by `layer_indices`) against a model of `depth` blocks."""
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise ValueError(f"{name}(layers={tuple(layers)}): layer {bad[0]} is past this model's {depth} "
+    """`layers` (already read by `layer_indices`, so none is negative) against a model of `depth`
+    blocks."""
+    past = [i for i in layers if i >= depth]
+    if past:
+        raise ValueError(f"{name}(layers={tuple(layers)}): layer {past[0]} is past this model's {depth} "
                          f"blocks; use indices 0..{depth - 1}")
     return tuple(layers)
