@@ -19,13 +19,14 @@ REFUSED = {
              (float("nan"), ValueError)],
     "mass": [(True, TypeError), ("0.9", TypeError), (0.0, ValueError), (2, ValueError)],
     "layers": [(("1",), TypeError), ((1.5,), TypeError), ((True,), TypeError), (1, TypeError),
-               ("36", TypeError), ("3,6", TypeError), (3.0, TypeError)],
+               ("36", TypeError), ("3,6", TypeError), (3.0, TypeError), (np.array(3), TypeError),
+               ((-1,), ValueError), ((2, -1), ValueError)],
     "fuse": [(1, TypeError), ("False", TypeError), (None, TypeError)],
     "dynamic": [(0, TypeError), ("yes", TypeError)],
     "seed": [(True, TypeError), (1.5, TypeError), ("3", TypeError)],
     "r": [("13", TypeError), (2.5, TypeError), (True, TypeError), ([1, "2"], TypeError),
           ([1, 2.5], TypeError), ((8, "x"), TypeError), ((8, 0.5, 1), ValueError), (-1, ValueError),
-          ([2, -1], ValueError)],
+          ([2, -1], ValueError), ((8, float("inf")), ValueError)],
 }
 REFUSED_CASES = [pytest.param(cls, name, value, error, id=f"{cls.__name__}-{name}={value!r}")
                  for cls in CLASSES for f in dataclasses.fields(cls) if f.name in REFUSED
@@ -53,6 +54,20 @@ def test_a_string_schedule_is_never_split_into_per_block_values():
 def test_a_single_layer_index_is_refused_naming_the_one_tuple_to_write():
     with pytest.raises(TypeError, match=r"layers=\(3,\)"):
         ts.EViT(layers=3)
+
+
+@pytest.mark.parametrize("layers", [(-1,), [3, -2]])
+def test_a_negative_layer_index_is_refused_when_the_method_is_made(layers):
+    with pytest.raises(ValueError, match="count blocks from 0"):
+        ts.TopK(layers=layers)
+
+
+@pytest.mark.parametrize(("layers", "match"), [(np.array(3), r"layers=\(3,\)"),
+                                               (np.array(2.5), r"layers=\(3, 6, 9\)")])
+def test_a_zero_dimensional_array_of_layers_is_refused_naming_the_tuple_to_write(layers, match):
+    with pytest.raises(TypeError, match=match) as raised:
+        ts.EViT(layers=layers)
+    assert "iteration" not in str(raised.value)
 
 
 @pytest.mark.parametrize(("made", "expected"), [

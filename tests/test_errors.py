@@ -62,8 +62,7 @@ def test_topk_mass_outside_zero_one_is_a_value_error(mass):
 
 @pytest.mark.parametrize("method", [
     ts.TopK(layers=(1, 7)), ts.EViT(layers=(7,)), ts.DynamicViT(layers=(7,)), ts.ToMe(r=2, layers=(7,)),
-    ts.TopK(layers=(-1,)),
-], ids=["topk", "evit", "dynamicvit", "tome", "topk-negative"])
+], ids=["topk", "evit", "dynamicvit", "tome"])
 @pytest.mark.parametrize("host", ["timm-vit", "Dinov2Model"])
 def test_layer_index_past_the_depth_is_a_value_error_naming_the_depth(host, method):
     with pytest.raises(ValueError, match=rf"\b{DEPTH}\b"):

@@ -1,5 +1,6 @@
 """The pieces of the training engine on their own: losses, schedule, batching, config."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -138,19 +139,12 @@ def test_shard_batch_cuts_tensors_and_lists_and_walks_into_dicts():
     ({}, "exactly one of steps"),
     ({"steps": 1, "epochs": 1}, "exactly one of steps"),
     ({"steps": 1, "train": "head"}, "use 'method'"),
-    ({"steps": 0}, r"steps=0\): use a whole number >= 1"),
+    ({"steps": 0}, r"steps=0\): use steps >= 1"),
     ({"steps": 1, "min_lr_ratio": 2.0}, r"\[0, 1\]"),
     ({"steps": 1, "grad_clip_norm": 0.0}, "None for no clipping"),
-    ({"steps": 2.5}, r"steps=2\.5\): use a whole number"),
-    ({"epochs": 1.5}, r"epochs=1\.5\): use a whole number"),
-    ({"steps": True}, r"steps=True\): use a whole number"),
-    ({"steps": "10"}, r"steps='10'\): use a whole number"),
     ({"steps": 1, "lr": -1}, r"lr=-1\): use a value >= 0"),
     ({"steps": 1, "lr": float("nan")}, r"lr=nan\): use a finite number"),
-    ({"steps": 1, "lr": "1e-3"}, r"lr='1e-3'\): use a number"),
-    ({"steps": 1, "batch_size": 0}, r"batch_size=0\): use a whole number >= 1"),
-    ({"steps": 1, "batch_size": 8.0}, r"batch_size=8\.0\): use a whole number"),
-    ({"steps": 4, "warmup_steps": 1.5}, r"warmup_steps=1\.5\): use a whole number"),
+    ({"steps": 1, "batch_size": 0}, r"batch_size=0\): use batch_size >= 1"),
     ({"steps": 4, "warmup_steps": 5}, r"warmup_steps=5\): use at most steps=4"),
     ({"steps": 1, "grad_clip_norm": float("inf")}, "None for no clipping"),
     ({"steps": 1, "grad_clip_norm": -1.0}, "None for no clipping"),
@@ -158,21 +152,45 @@ def test_shard_batch_cuts_tensors_and_lists_and_walks_into_dicts():
     ({"steps": 1, "weight_decay": -0.1}, r"weight_decay=-0\.1\): use a value >= 0"),
     ({"steps": 1, "task_weight": -1.0}, r"task_weight=-1\.0\): use a value >= 0"),
     ({"steps": 1, "keep_ratio_weight": float("inf")}, r"keep_ratio_weight=inf\): use a finite number"),
-    ({"steps": 1, "distill_weight": None}, r"distill_weight=None\): use a number"),
     ({"steps": 1, "distill_temperature": 0.0}, r"distill_temperature=0\.0\): use a value > 0"),
     ({"steps": 1, "model_lr_scale": -1.0}, r"model_lr_scale=-1\.0\): use a value >= 0"),
-    ({"steps": 1, "seed": 0.5}, r"seed=0\.5\): use a whole number"),
-    ({"steps": 1, "num_workers": -1}, r"num_workers=-1\): use a whole number >= 0"),
-    ({"steps": 1, "checkpoint_every": 2.5}, r"checkpoint_every=2\.5\): use a whole number"),
-    ({"steps": 1, "keep_checkpoints": 0}, r"keep_checkpoints=0\): use a whole number >= 1"),
-    ({"steps": 1, "eval_every": -2}, r"eval_every=-2\): use a whole number >= 0"),
-    ({"steps": 1, "resume": "yes"}, r"resume='yes'\): use True or False"),
-    ({"steps": 1, "progress": 1}, r"progress=1\): use True or False"),
-    ({"steps": 1, "checkpoint_dir": 3}, r"checkpoint_dir=3\): use a path"),
+    ({"steps": 1, "num_workers": -1}, r"num_workers=-1\): use num_workers >= 0"),
+    ({"steps": 1, "keep_checkpoints": 0}, r"keep_checkpoints=0\): use keep_checkpoints >= 1"),
+    ({"steps": 1, "eval_every": -2}, r"eval_every=-2\): use eval_every >= 0"),
     ({"steps": 1, "log_path": ""}, r"log_path=''\): use a path"),
 ])
-def test_config_errors_name_the_fix(settings, message):
+def test_config_values_out_of_range_are_value_errors_naming_the_fix(settings, message):
     with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"steps": 2.5}, r"steps=2\.5\): steps is a whole number"),
+    ({"epochs": 1.5}, r"epochs=1\.5\): epochs is a whole number"),
+    ({"steps": True}, r"steps=True\): steps is a whole number"),
+    ({"steps": "10"}, r"steps='10'\): steps is a whole number.*without quotes"),
+    ({"steps": 1, "train": 1}, r"train=1\): use 'method'"),
+    ({"steps": 1, "lr": "1e-3"}, r"lr='1e-3'\): lr is a number.*without quotes"),
+    ({"steps": 1, "batch_size": 8.0}, r"batch_size=8\.0\): batch_size is a whole number"),
+    ({"steps": 4, "warmup_steps": 1.5}, r"warmup_steps=1\.5\): warmup_steps is a whole number"),
+    ({"steps": 1, "grad_clip_norm": "1"}, r"grad_clip_norm='1'\): grad_clip_norm is a number"),
+    ({"steps": 1, "precision": 16}, "use 'fp32' or 'bf16'"),
+    ({"steps": 1, "distill_weight": None}, r"distill_weight=None\): distill_weight is a number"),
+    ({"steps": 1, "seed": 0.5}, r"seed=0\.5\): seed is a whole number"),
+    ({"steps": 1, "checkpoint_every": 2.5}, r"checkpoint_every=2\.5\): checkpoint_every is a whole number"),
+    ({"steps": 1, "resume": "yes"}, r"resume='yes'\): resume is True or False"),
+    ({"steps": 1, "progress": 1}, r"progress=1\): progress is True or False"),
+    ({"steps": 1, "checkpoint_dir": 3}, r"checkpoint_dir=3\): use a path"),
+])
+def test_config_values_of_the_wrong_kind_are_type_errors_naming_the_fix(settings, message):
+    with pytest.raises(TypeError, match=message):
+        TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig)])
+def test_every_config_field_is_checked_when_the_config_is_made(name):
+    settings = {"epochs": object()} if name == "epochs" else {"steps": 1, name: object()}
+    with pytest.raises(TypeError, match=rf"TrainConfig\({name}=<object"):
         TrainConfig(**settings)
 
 

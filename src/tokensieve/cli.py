@@ -12,9 +12,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tokensieve.cli_methods import patch_or_refuse, read_method
 from tokensieve.cli_tasks import evaluate, train
-from tokensieve.loading import load_checkpoint, load_model, parse_method
-from tokensieve.methods import Method
+from tokensieve.loading import load_checkpoint, load_model
 
 DEFAULT_METHODS = ("topk:keep=0.7", "evit:keep=0.7", "dynamicvit:keep=0.7", "tome:r=13")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,14 +47,14 @@ def flops(model: str, methods: tuple[str, ...], checkpoint: str | None, image_si
     """
     from tokensieve.flops import flops as count
 
-    configs = [_parse(m) for m in methods or DEFAULT_METHODS]
+    configs = [read_method(m) for m in methods or DEFAULT_METHODS]
     net = _load(model, checkpoint, image_size)
     size = image_size or _default_size(net)
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     inputs = _inputs(net, pixels)
     rows = []
     for config in configs:
-        _patch(net, config)
+        patch_or_refuse(net, config)
         try:
             report = count(net, inputs)
         except ValueError as error:  # the method or the model refusing this input
@@ -104,7 +104,7 @@ def bench(model: str, methods: tuple[str, ...], checkpoint: str | None, batch: i
     from tokensieve.bench import benchmark
     from tokensieve.patch import unpatch
 
-    configs = [_parse(m) for m in methods or DEFAULT_METHODS]
+    configs = [read_method(m) for m in methods or DEFAULT_METHODS]
     net = _load(model, checkpoint, image_size)
     if image_size is not None and _needs_interpolation(net, image_size):
         raise click.BadParameter(
@@ -112,7 +112,7 @@ def bench(model: str, methods: tuple[str, ...], checkpoint: str | None, batch: i
             f"config's {_default_size(net)} only with interpolate_pos_encoding=True; time it at its own size "
             "(leave --image-size out), or save it with image_size in its config", param_hint="--image-size")
     for config in configs:  # every method fits the model before any timing starts
-        _patch(net, config)
+        patch_or_refuse(net, config)
         unpatch(net)
     results = []
     for config in tqdm(configs, desc="benchmarking", unit="method", disable=as_json, file=sys.stderr):
@@ -184,23 +184,6 @@ def _inputs(net: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor | dict[s
     if _needs_interpolation(net, pixels.shape[-1]):
         return {"pixel_values": pixels, "interpolate_pos_encoding": True}
     return pixels
-
-
-def _parse(spec: str) -> Method:
-    try:
-        return parse_method(spec)
-    except (ValueError, TypeError) as error:
-        raise click.BadParameter(str(error), param_hint="METHODS") from error
-
-
-def _patch(net: torch.nn.Module, method: Method) -> None:
-    """Patch `net` with `method`; a method that does not fit the model is a usage error."""
-    from tokensieve.patch import patch
-
-    try:
-        patch(net, method)
-    except (ValueError, TypeError) as error:
-        raise click.BadParameter(str(error), param_hint="METHODS") from error
 
 
 main.add_command(train)

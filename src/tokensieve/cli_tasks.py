@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import torch
 
-from tokensieve.loading import parse_method
+from tokensieve.cli_methods import patch_or_refuse, read_method
 from tokensieve.methods import Method
 from tokensieve.train.precision import PRECISIONS
 
@@ -68,7 +68,7 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         train_reference(task, run_dir or f"runs/{task}{suffix}", target, model=model)
         click.echo(f"reference weights written to {target}")
         return
-    method = _parse(method_spec, "--method")
+    method = read_method(method_spec, "--method")
     _check_fits(task, [method], None, "--method")
     run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}"
     options = {} if model_lr_scale is None else {"model_lr_scale": model_lr_scale}
@@ -105,14 +105,14 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
 
     if threads:
         torch.set_num_threads(threads)
-    configs = [_parse(spec) for spec in methods]
+    configs = [read_method(spec) for spec in methods]
     _check_fits(task, configs, weights)
     runs = {}
     for item in trained:
         spec, equals, path = item.rpartition("=")
         if not equals or not spec:
             raise click.BadParameter(f"{item!r}: use METHOD=RUN_DIR", param_hint="--trained")
-        runs[str(_parse(spec, "--trained"))] = path
+        runs[str(read_method(spec, "--trained"))] = path
     rows = compare(task, configs, split=split, samples=samples, weights=weights, trained=runs)
     if as_json:
         click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
@@ -127,13 +127,6 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
     Console(width=120).print(table)
 
 
-def _parse(spec: str, hint: str = "METHODS") -> Method:
-    try:
-        return parse_method(spec)
-    except (ValueError, TypeError) as error:
-        raise click.BadParameter(str(error), param_hint=hint) from error
-
-
 def _check_fits(task: str, methods: list[Method], weights: str | None, hint: str = "METHODS") -> None:
     """Patch the task's reference model with each method before any scoring or training starts: a
     method that does not fit it (a layer past its depth, no class token to score by) is a usage error."""
@@ -143,8 +136,4 @@ def _check_fits(task: str, methods: list[Method], weights: str | None, hint: str
         return
     model = load_reference(task, weights)
     for method in methods:
-        try:
-            patch_reference(model, method)
-        except (ValueError, TypeError) as error:
-            raise click.BadParameter(f"{method} on the {task} reference model: {error}",
-                                     param_hint=hint) from error
+        patch_or_refuse(model, method, hint, patch_reference, f"the {task} reference model")

@@ -3,9 +3,10 @@
 A directory holds `step-00001234.safetensors` files and a `latest` file naming the newest one.
 Each checkpoint is written to a hidden temporary file in the same directory, flushed to disk and
 renamed over its final name, and only then does `latest` move (the same way), so a crash at any
-moment leaves the previous checkpoint whole and `latest` pointing at it. A checkpoint damaged
-afterwards (a copy cut short, a full disk) is named when read; resuming then takes the newest one
-that can be read, with a warning.
+moment leaves the previous checkpoint whole and `latest` pointing at it. A checkpoint found
+truncated, or with a damaged header (a copy cut short, a full disk), is named when read; resuming
+then takes the newest one that can be read, with a warning. safetensors keeps no checksum, so
+bytes changed inside the tensor data are not noticed.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def checkpoint_name(step: int) -> str:
 
 
 class UnreadableCheckpointError(ValueError):
-    """A checkpoint file that cannot be read: truncated or corrupt."""
+    """A checkpoint file that cannot be read: truncated, or with a damaged header (a change inside
+    the tensor data goes unnoticed: safetensors keeps no checksum)."""
 
 
 @dataclass

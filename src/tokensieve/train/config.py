@@ -4,23 +4,63 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from tokensieve.train.precision import Precision, check_precision
+from tokensieve.fields import Reader, choice, flag, optional, real_within, settle, whole, whole_from
+from tokensieve.train.precision import PRECISIONS, Precision
 
 Trained = Literal["method", "model"]
-# whole-number fields (steps and epochs apart) and their least value; None: any
-_WHOLE_FIELDS: dict[str, int | None] = {"batch_size": 1, "warmup_steps": 0, "seed": None, "num_workers": 0,
-                                        "checkpoint_every": 0, "keep_checkpoints": 1, "eval_every": 0}
-# real-number fields: (least value, whether it must be exceeded)
-_REAL_FIELDS: dict[str, tuple[float, bool]] = {
-    "lr": (0.0, False), "model_lr_scale": (0.0, False), "weight_decay": (0.0, False),
-    "min_lr_ratio": (0.0, False), "task_weight": (0.0, False), "keep_ratio_weight": (0.0, False),
-    "distill_weight": (0.0, False), "distill_temperature": (0.0, True),
+
+
+def _clip_norm(value: Any, name: str) -> float | None:
+    """A gradient-norm bound > 0; None turns clipping off (0 is not read as off)."""
+    if value is None:
+        return None
+    try:
+        return real_within(0.0, low_open=True)(value, name)
+    except ValueError as error:
+        raise ValueError(f"{error}, or None for no clipping") from None
+
+
+def _path(value: Any, name: str) -> str:
+    """A non-empty path, as a str (a pathlib.Path becomes one, so the config stays JSON)."""
+    if not isinstance(value, str | os.PathLike) or not isinstance(os.fspath(value), str):
+        raise TypeError("use a path (a str or pathlib.Path), or None")
+    path = os.fspath(value)
+    if not path:
+        raise ValueError("use a path (a str or pathlib.Path) that is not empty, or None")
+    return path
+
+
+# Every field's reader (tokensieve.fields), in the order they are checked.
+_READERS: dict[str, Reader] = {
+    "train": choice(("method", "model"), "'method' trains the Sieve's parameters only, 'model' the host "
+                                         "and the method"),
+    "steps": optional(whole_from(1)),
+    "epochs": optional(whole_from(1)),
+    "batch_size": whole_from(1),
+    "lr": real_within(0.0),
+    "model_lr_scale": real_within(0.0),
+    "weight_decay": real_within(0.0),
+    "warmup_steps": whole_from(0),
+    "min_lr_ratio": real_within(0.0, 1.0),
+    "grad_clip_norm": _clip_norm,
+    "precision": choice(PRECISIONS, "'bf16' runs the forward and losses under bfloat16 autocast"),
+    "task_weight": real_within(0.0),
+    "keep_ratio_weight": real_within(0.0),
+    "distill_weight": real_within(0.0),
+    "distill_temperature": real_within(0.0, low_open=True),
+    "seed": whole,
+    "num_workers": whole_from(0),
+    "log_path": optional(_path),
+    "checkpoint_dir": optional(_path),
+    "checkpoint_every": whole_from(0),
+    "keep_checkpoints": whole_from(1),
+    "eval_every": whole_from(0),
+    "resume": flag,
+    "progress": flag,
 }
 
 
@@ -64,63 +104,15 @@ class TrainConfig:
     progress: bool = True  # a tqdm bar on rank 0
 
     def __post_init__(self) -> None:
-        """Check every field now, with a message naming the fix, rather than deep inside a run; whole
-        numbers and real numbers of any kind (numpy's too) are kept as Python ints and floats."""
-        if self.train not in ("method", "model"):
-            raise ValueError(f"TrainConfig(train={self.train!r}): use 'method' (the Sieve's parameters "
-                             "only) or 'model' (host and method)")
+        """Check every field now, with a message naming the fix, rather than deep inside a run: a
+        TypeError for a value of the wrong kind, a ValueError for one out of range (the rule of
+        tokensieve.fields). Numbers of any kind (numpy's too) are kept as Python ints and floats."""
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("TrainConfig: give exactly one of steps=... or epochs=...")
-        for name in ("steps", "epochs"):
-            if getattr(self, name) is not None:
-                self._whole(name, minimum=1)
-        for name, minimum in _WHOLE_FIELDS.items():
-            self._whole(name, minimum)
+        settle(self, **_READERS)
         if self.steps is not None and self.warmup_steps > self.steps:
             raise ValueError(f"TrainConfig(warmup_steps={self.warmup_steps}): use at most "
                              f"steps={self.steps}; a longer warm-up never reaches lr")
-        for name, (lowest, above) in _REAL_FIELDS.items():
-            self._real(name, lowest, above)
-        if self.min_lr_ratio > 1.0:
-            raise ValueError(f"TrainConfig(min_lr_ratio={self.min_lr_ratio}): use a value in [0, 1]")
-        if self.grad_clip_norm is not None:
-            if not _is_number(self.grad_clip_norm) or not 0 < self.grad_clip_norm < math.inf:
-                raise ValueError(f"TrainConfig(grad_clip_norm={self.grad_clip_norm!r}): use a finite value "
-                                 "> 0, or None for no clipping")
-            object.__setattr__(self, "grad_clip_norm", float(self.grad_clip_norm))
-        check_precision(self.precision, "TrainConfig")
-        for name in ("resume", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig({name}={getattr(self, name)!r}): use True or False")
-        for name in ("log_path", "checkpoint_dir"):  # Paths become strings, so the config stays JSON
-            value = getattr(self, name)
-            if value is None:
-                continue
-            path = os.fspath(value) if isinstance(value, str | os.PathLike) else None
-            if not isinstance(path, str) or not path:
-                raise ValueError(f"TrainConfig({name}={value!r}): use a path (a str or pathlib.Path), "
-                                 "or None")
-            object.__setattr__(self, name, path)
-
-    def _whole(self, name: str, minimum: int | None) -> None:
-        value = getattr(self, name)
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (
-                minimum is not None and value < minimum):
-            floor = f" >= {minimum}" if minimum is not None else ""
-            raise ValueError(f"TrainConfig({name}={value!r}): use a whole number{floor} (an int)")
-        object.__setattr__(self, name, int(value))
-
-    def _real(self, name: str, lowest: float, above: bool) -> None:
-        """A finite number >= lowest (> lowest when `above`)."""
-        value = getattr(self, name)
-        if not _is_number(value):
-            raise ValueError(f"TrainConfig({name}={value!r}): use a number")
-        if not math.isfinite(value):
-            raise ValueError(f"TrainConfig({name}={value!r}): use a finite number")
-        if value < lowest or (above and value == lowest):
-            bound = f"{'>' if above else '>='} {lowest:g}"
-            raise ValueError(f"TrainConfig({name}={value!r}): use a value {bound}")
-        object.__setattr__(self, name, float(value))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -129,6 +121,3 @@ class TrainConfig:
     def from_json(cls, text: str) -> TrainConfig:
         return cls(**json.loads(text))
 
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
