@@ -197,6 +197,40 @@ def test_transformers_reentrant_checkpointing_is_refused_naming_the_fix():
         model(pixel_values=images(2))
 
 
+def _frozen(model):
+    """`model` with every parameter frozen, as when only the method's parts train."""
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_timm_reentrant_checkpointing_of_a_frozen_host_is_refused_naming_the_fix():
+    model = _frozen(_trained(timm_model("timm-vit")))
+    ts.patch(model, ts.DynamicViT(keep=0.5, layers=(1, 2)))  # its predictor trains, inside the blocks
+    model.set_grad_checkpointing(True)
+    with _timm_reentrant(True), pytest.raises(ValueError, match=r"set_reentrant_ckpt\(False\)"):
+        model(images(2))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_transformers_reentrant_checkpointing_of_a_frozen_host_is_refused_naming_the_fix():
+    model = _frozen(_trained(hf_model("ViTModel")))
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1, 2)))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model(pixel_values=images(2))
+
+
+def test_a_frozen_host_trains_the_methods_parts_through_non_reentrant_checkpointing():
+    model = _frozen(_trained(timm_model("timm-vit")))
+    sieve = ts.patch(model, ts.DynamicViT(keep=0.5, layers=(1, 2)))
+    model.set_grad_checkpointing(True)
+    with _timm_reentrant(False), ts.trace(model) as traces:
+        out = model(images(2))
+    (out.square().mean() + traces[0].keep_decisions[0].decisions.mean()).backward()
+    assert all(p.grad is not None for p in sieve.parameters())
+
+
 @pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
 def test_a_checkpointed_model_under_no_grad_runs_as_without_checkpointing():
     model = _trained(timm_model("timm-vit"))

@@ -69,6 +69,33 @@ def test_intermediates_of_a_sparse_patch_are_refused_naming_dense():
         model.get_intermediate_layers(images(2), n=2, reshape=True)
 
 
+def test_intermediates_of_a_sparse_patch_with_pruning_disabled_equal_the_hosts():
+    model = timm_model("timm-vit")
+    x = images(2)
+    expected = _intermediates(model, x)
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1, 2)))
+    with ts.pruning_disabled(model):
+        got = _intermediates(model, x)
+    for got_map, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(got_map, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="dense=True"):  # pruning on again
+        _intermediates(model, x)
+
+
+def test_an_instance_override_of_the_intermediates_runs_with_pruning_disabled_and_survives_unpatch():
+    model = timm_model("timm-vit")
+
+    def own(*args, **kwargs):
+        return "own"
+
+    model.forward_intermediates = own
+    ts.patch(model, ts.TopK(keep=0.5, layers=(1, 2)))
+    with ts.pruning_disabled(model):
+        assert model.forward_intermediates(images(2)) == "own"
+    ts.unpatch(model)
+    assert model.forward_intermediates is own
+
+
 def test_unpatching_restores_the_intermediates():
     model = timm_model("timm-vit")
     x = images(2)

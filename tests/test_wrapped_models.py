@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from models import blip_retrieval, clip_text_model, hf_model, images, timm_model
+from models import PATCHES, blip_retrieval, clip_text_model, hf_model, images, timm_model
 
 import tokensieve as ts
 
@@ -23,6 +23,20 @@ def test_a_compiled_model_is_refused_naming_the_model_it_compiles():
     model = timm_model("timm-vit")
     message = _refusal(torch.compile(model))
     assert "ts.patch(model._orig_mod, method)" in message
+
+
+def test_a_compiled_model_whose_model_is_patched_runs_the_patched_blocks():
+    model = timm_model("timm-vit")
+    compiled = torch.compile(model, backend="eager")  # compiles no kernels: quick, same arithmetic
+    _refusal(compiled)
+    ts.patch(compiled._orig_mod, METHOD)  # what the message asks for, then the wrapper is called as before
+    x = images(2)
+    with torch.no_grad(), ts.trace(model) as traces:
+        got = compiled(x)
+        expected = model(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert len(traces) == 2  # both calls ran the patched blocks, which pruned
+    assert all(int(t.kept_tokens()[-1, 0]) < PATCHES + 1 for t in traces)
 
 
 def test_a_data_parallel_wrapper_is_refused_naming_the_model_it_holds():

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tokensieve import ops
 from tokensieve.hosts import Host, runs_own_attention
-from tokensieve.hosts.base import BlockCall, BlockView, Step, layer_checkpointing
+from tokensieve.hosts.base import BlockCall, BlockView, Step, is_reentrant, layer_checkpointing
 from tokensieve.methods import AttentionView, Method, MethodRun
 from tokensieve.methods.run import check_inputs
 from tokensieve.tokens import LayerRecord, TokenState, Trace, gather_tokens, repeat_by_size
@@ -94,6 +94,7 @@ class Runner:
         self.last_layer = len(host.blocks) - 1
         self.replaced: dict[int, Callable | None] = {}  # layer -> instance forward found at patch time
         self.replaced_entry: Callable | None = None  # the same, for the host's entry module
+        self.replaced_methods: dict[str, Callable | None] = {}  # the same, for the model's intermediates
         self._local = threading.local()
         # (layer, id of its input) -> (weak reference to the input, how the block began): for reruns
         self._starts: dict[tuple[int, int], tuple[weakref.ref, _BlockStart]] = {}
@@ -118,9 +119,12 @@ class Runner:
     def run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Block `layer`'s forward. `x` is [B, N, C] tokens, or a [B, H, W, C] map (SAM) that the
         first block flattens into tokens and dense blocks give back whole."""
-        checkpoint = layer_checkpointing(self.host.blocks[layer])
-        if checkpoint is not None:  # transformers checkpoints in the layer's forward, which this one replaces
-            return checkpoint(functools.partial(self._run, layer, **kwargs), x, *args)
+        if self.host.checkpoints_in_layers:  # transformers: in the layer's forward, which this one replaces
+            checkpoint = layer_checkpointing(self.host.blocks[layer])
+            if checkpoint is not None:
+                if is_reentrant(checkpoint):
+                    raise ValueError(_REENTRANT_CHECKPOINTING)
+                return checkpoint(functools.partial(self._run, layer, **kwargs), x, *args)
         return self._run(layer, x, *args, **kwargs)
 
     def _run(self, layer: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -140,7 +144,7 @@ class Runner:
                 call.state = self._adopt(previous, x)
         else:  # a new call starts here
             call = self._begin(x, self._open(x, args, kwargs, scope), scope)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and _in_checkpointed_forward():
             self._remember(layer, x, call, previous, replaced)
         call.state = self._run_block(layer, call, scope)
         if layer == self.last_layer:
@@ -164,11 +168,26 @@ class Runner:
         block_call = self.host.read_call(x, args, kwargs, entry_inputs)
         self._follow_input(x)
         method, inputs = _DENSE, {}
+        training = self.host.blocks[0].training
         if scope.pruning and x.shape[0] > 0:  # an empty batch has nothing to prune: it runs as the host
             method = self.method
             given = scope.inputs[-1] if scope.inputs else {}
             inputs = check_inputs(method.call_inputs(self.host.spec), given, x.shape[0], str(method))
-        return _Opening(block_call, method, inputs, self.host.blocks[0].training)
+            if training and not torch.is_grad_enabled() and self._checkpoints_reentrantly():
+                raise ValueError(_REENTRANT_CHECKPOINTING)
+        return _Opening(block_call, method, inputs, training)
+
+    def _checkpoints_reentrantly(self) -> bool:
+        """Whether the model's own loop runs this call's blocks through reentrant checkpointing, which
+        records no gradient in them, while the method has parts to train there. (Every block also
+        refuses an input that requires grad while none is recorded, which a frozen host never gives.)
+        From inside the block a call under torch.no_grad looks the same, so a method with nothing to
+        train runs on: reentrant checkpointing then loses only what it loses on the host alone."""
+        reads = self.host.checkpoints_reentrantly
+        if reads is None or not reads(self.patched):
+            return False
+        parts = (p for module in (self.parts, self.shared) if module is not None for p in module.parameters())
+        return any(p.requires_grad for p in parts)
 
     def _begin(self, x: Tensor, opening: _Opening, scope: CallScope) -> _Call:
         """The call's first TokenState, and the method's run started on it."""
@@ -192,7 +211,9 @@ class Runner:
         whole grid."""
         if not self.dense:
             return state.x
-        if state.source is None:  # dense_output writes the active tokens into the grid, in place without grad
+        if state.source is None and not _writes_recorded(state):
+            # dense_output writes the active tokens into the grid, here in place; the grid is written
+            # in place again later, so the block's output is written into a copy
             state = state.replace(grid=state.grid.clone())
         return state.dense_output()
 
@@ -342,10 +363,28 @@ _UNPLACED_RERUN = (
     "checkpointing")
 
 
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _in_checkpointed_forward() -> bool:
+    """Whether this block may run again in the backward pass: non-reentrant torch.utils.checkpoint
+    (timm's checkpoint and checkpoint_seq, transformers' layers) runs the function it checkpoints
+    under saved-tensor hooks, which nothing else of a forward sets (the user's own, such as
+    save_on_cpu, only make the Runner keep starts it will not use). The same tier of private API as
+    _current_graph_task_id; without it, every block run while a gradient is recorded is taken as one."""
+    return _top_saved_tensors_hooks is None or _top_saved_tensors_hooks(False) is not None
+
+
 def _in_backward() -> bool:
     """Whether this thread runs a backward pass, where activation checkpointing runs blocks again
     (torch.utils.checkpoint reads the same id to tell its reruns apart)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _writes_recorded(state: TokenState) -> bool:
+    """Whether autograd records writing the state's tokens into its grid, in which case
+    tokens.write_tokens writes them into a new tensor, not in place."""
+    return torch.is_grad_enabled() and (state.grid.requires_grad or state.x.requires_grad)
 
 
 def _check_replacement(layer: int, given: Tensor, out: Tensor) -> None:

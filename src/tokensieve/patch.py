@@ -70,8 +70,8 @@ def patch(model: nn.Module | Sequence[nn.Module], method: Method,
     block returns every input token in input order, pruned ones holding the features they had
     when pruned and merged ones (ToMe) the features of the token they were merged into, so necks,
     mask decoders and heads that reshape tokens into a map work, and so do intermediate features
-    (timm's `forward_intermediates`, which a sparse patch refuses; transformers'
-    `output_hidden_states`). Hosts whose output is read by input position (SAM's image encoder
+    (timm's `forward_intermediates`, which a sparse patch refuses unless pruning is disabled;
+    transformers' `output_hidden_states`). Hosts whose output is read by input position (SAM's image encoder
     feeds its neck; CLIP's text tower pools each text's end token) always run dense, whatever
     `dense` says.
     """
@@ -120,13 +120,21 @@ def _attach(runner: Runner) -> None:
         host.entry.forward = functools.partial(runner.enter, host.entry.forward)
     if not runner.dense:
         for name in host.intermediates:
-            setattr(runner.patched, name, functools.partial(_refuse_sparse_intermediates, name))
+            runner.replaced_methods[name] = runner.patched.__dict__.get(name)
+            setattr(runner.patched, name, functools.partial(_sparse_intermediates, runner, name))
 
 
-def _refuse_sparse_intermediates(name: str, *args: object, **kwargs: object) -> None:
-    raise ValueError(f"{name} reads every block's output as the whole token grid, and the blocks of a sparse "
-                     "patch return only the tokens they keep; patch with dense=True (each block then returns "
-                     "every input position, pruned ones with the features they had when pruned)")
+def _sparse_intermediates(runner: Runner, name: str, *args: object, **kwargs: object) -> object:
+    """The model's own `name` while pruning is disabled (every block then returns every token in
+    input order), else a refusal: the blocks of a sparse patch return only the tokens they keep."""
+    if runner.scope().pruning:
+        raise ValueError(f"{name} reads every block's output as the whole token grid, and the blocks of a "
+                         "sparse patch return only the tokens they keep; patch with dense=True (each block "
+                         "then returns every input position, pruned ones with the features they had when "
+                         "pruned), or call it inside tokensieve.pruning_disabled(model)")
+    model = runner.patched
+    own = runner.replaced_methods.get(name)  # an instance attribute the model had before the patch
+    return own(*args, **kwargs) if own is not None else getattr(type(model), name)(model, *args, **kwargs)
 
 
 def unpatch(model: nn.Module) -> None:
@@ -153,6 +161,8 @@ def _detach(runner: Runner) -> None:
     if not runner.dense:
         for name in runner.host.intermediates:
             runner.patched.__dict__.pop(name, None)
+            if runner.replaced_methods.get(name) is not None:
+                setattr(runner.patched, name, runner.replaced_methods[name])
 
 
 def is_patched(model: nn.Module) -> bool:

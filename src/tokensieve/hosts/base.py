@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from tokensieve.spec import ModelSpec
@@ -129,17 +130,37 @@ class Host:
     entry: nn.Module | None = None
     read_entry: Callable[[tuple, dict], Any] | None = None
     # Methods of the model that read every block's output as the whole token grid (timm's
-    # forward_intermediates): a sparse patch, whose blocks return the kept tokens only, refuses them.
+    # forward_intermediates): a sparse patch, whose blocks return the kept tokens only, refuses them
+    # unless pruning is disabled.
     intermediates: tuple[str, ...] = ()
+    # The layers checkpoint themselves inside their own forward (transformers), which a patched
+    # block's forward replaces: the Runner then runs each block through `layer_checkpointing`.
+    checkpoints_in_layers: bool = False
+    # (the patched model) -> whether the model's own loop runs its blocks through reentrant
+    # checkpointing as configured now (timm). Such a block runs without recording gradients, so
+    # nothing in it trains; read when a call opens in training.
+    checkpoints_reentrantly: Callable[[nn.Module], bool] | None = None
 
 
 def layer_checkpointing(block: nn.Module) -> Callable[..., Tensor] | None:
     """The function transformers runs `block` through when its activation checkpointing is on
-    (`gradient_checkpointing_enable`), or None. transformers checkpoints inside the layer class's
+    (`activation_checkpointing_enable`), or None. transformers checkpoints inside the layer class's
     forward, which a patched block's forward replaces, so the patch calls it itself."""
-    if getattr(block, "gradient_checkpointing", False) and block.training and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and block.training and getattr(block, "gradient_checkpointing", False):
         return getattr(block, "_gradient_checkpointing_func", None)
     return None
+
+
+def is_reentrant(checkpoint: Callable[..., Tensor]) -> bool:
+    """Whether a layer's checkpoint function is set up for reentrant checkpointing. transformers
+    binds torch's checkpoint (or a function that calls it) with its keywords in a functools.partial;
+    without `use_reentrant` there, torch's own checkpoint defaults to reentrant. Any other function
+    is taken as non-reentrant: the executor's check of the block's input still catches it."""
+    keywords = getattr(checkpoint, "keywords", None)
+    if not isinstance(keywords, dict):
+        return False
+    torch_default = getattr(checkpoint, "func", None) is torch.utils.checkpoint.checkpoint
+    return bool(keywords.get("use_reentrant", torch_default))
 
 
 def linear_macs(module: nn.Module) -> int:

@@ -54,4 +54,5 @@ def resolve(model: nn.Module) -> Host:
     return Host(
         spec=spec, blocks=layers, views=views, mean_pooled=False,
         embed_macs_per_patch=model.embeddings.patch_embedding.weight.numel(), head_macs=0,
+        checkpoints_in_layers=True,
     )

@@ -153,4 +153,5 @@ def resolve(model: nn.Module) -> Host:
     return Host(
         spec=spec, blocks=layers, views=views, mean_pooled=False, embed_macs_per_patch=0,
         head_macs=linear_macs(pooler) if pooler is not None else 0, read_call=read_call,
+        checkpoints_in_layers=True,
     )

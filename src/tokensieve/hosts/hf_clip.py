@@ -52,4 +52,5 @@ def resolve(model: nn.Module) -> Host:
         spec=spec, blocks=layers, views=views, mean_pooled=False,
         embed_macs_per_patch=tower.embeddings.patch_embedding.weight.numel(),
         head_macs=linear_macs(projection) if projection is not None else 0,
+        checkpoints_in_layers=True,
     )

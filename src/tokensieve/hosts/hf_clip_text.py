@@ -105,4 +105,5 @@ def resolve(model: nn.Module) -> Host:
         spec=spec, blocks=layers, views=views, mean_pooled=False, embed_macs_per_patch=0,
         head_macs=linear_macs(projection) if projection is not None else 0,
         read_call=_TextCall(tower.eos_token_id), entry=tower.embeddings, read_entry=_token_ids,
+        checkpoints_in_layers=True,
     )

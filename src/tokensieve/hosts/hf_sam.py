@@ -293,4 +293,5 @@ def resolve(model: nn.Module) -> Host:
         spec=spec, blocks=layers, views=views, mean_pooled=False,
         embed_macs_per_patch=encoder.patch_embed.projection.weight.numel(),
         head_macs=_conv_macs(neck_convs, rows, cols),
+        checkpoints_in_layers=True,
     )

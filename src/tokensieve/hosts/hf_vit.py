@@ -104,4 +104,5 @@ def resolve(model: nn.Module) -> Host:
         spec=spec, blocks=list(layers), views=views, mean_pooled=mean_pooled,
         embed_macs_per_patch=conv.weight.numel(),
         head_macs=linear_macs(model) - linear_macs(layers),
+        checkpoints_in_layers=True,
     )

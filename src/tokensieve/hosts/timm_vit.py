@@ -72,7 +72,20 @@ def resolve(model: nn.Module) -> Host:
         embed_macs_per_patch=conv.weight.numel(),
         head_macs=_head_macs(model),
         intermediates=("forward_intermediates",),  # get_intermediate_layers calls it too
+        checkpoints_reentrantly=_checkpoints_reentrantly,
     )
+
+
+def _checkpoints_reentrantly(model: nn.Module) -> bool:
+    """Whether timm's forward runs the blocks through reentrant checkpointing: its checkpointing is
+    on (`set_grad_checkpointing`) and timm's process-wide mode is reentrant (`set_reentrant_ckpt`)."""
+    if not getattr(model, "grad_checkpointing", False):
+        return False
+    import timm.layers  # the model is timm's: timm is imported already
+
+    # timm before use_reentrant_ckpt checkpointed with torch's default, which is reentrant
+    use_reentrant = getattr(timm.layers, "use_reentrant_ckpt", None)
+    return use_reentrant is None or bool(use_reentrant())
 
 
 def _head_macs(model: nn.Module) -> int:
