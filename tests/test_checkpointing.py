@@ -64,6 +64,16 @@ def _gradients(model, run, seed=0):
     return out.detach(), {name: p.grad.clone() for name, p in named if p.grad is not None}
 
 
+def _assert_checkpointed_layers_keep_the_gradients(model, run):
+    """transformers' checkpointing on `model` reruns every layer and leaves the gradients as they were."""
+    expected = _gradients(model, run)
+    runs = _block_runs(model)
+    model.activation_checkpointing_enable()
+    got = _gradients(model, run)
+    assert len(runs) == 2 * len(blocks_of(model))  # the patch runs the layers through their checkpoint
+    _assert_same_gradients(got, expected)
+
+
 def _assert_same_gradients(got, expected):
     (out, grads), (expected_out, expected_grads) = got, expected
     torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=1e-5)
@@ -123,12 +133,7 @@ def test_transformers_checkpointed_layers_give_the_gradients_of_the_run_without(
         out = m(pixel_values=x)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
-    expected = _gradients(model, run)
-    runs = _block_runs(model)
-    model.activation_checkpointing_enable()
-    got = _gradients(model, run)
-    assert len(runs) == 2 * len(blocks_of(model))  # the patch runs the layers through their checkpoint
-    _assert_same_gradients(got, expected)
+    _assert_checkpointed_layers_keep_the_gradients(model, run)
 
 
 @pytest.mark.parametrize("method", [
@@ -140,24 +145,14 @@ def test_checkpointed_clip_text_tower_gives_the_gradients_of_the_run_without(met
     ts.patch(model, method)
     ids, mask = texts([7, 12, 5])
     run = lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
-    expected = _gradients(model, run)
-    runs = _block_runs(model)
-    model.activation_checkpointing_enable()
-    got = _gradients(model, run)
-    assert len(runs) == 2 * len(blocks_of(model))
-    _assert_same_gradients(got, expected)
+    _assert_checkpointed_layers_keep_the_gradients(model, run)
 
 
 def test_checkpointed_sam_encoder_gives_the_gradients_of_the_run_without():
     model = _trained(sam_model())
     ts.patch(model, ts.DynamicViT(keep=0.5, layers=(1, 2)))
     run = lambda m: m(pixel_values=images(2)).last_hidden_state  # noqa: E731
-    expected = _gradients(model, run)
-    runs = _block_runs(model)
-    model.activation_checkpointing_enable()
-    got = _gradients(model, run)
-    assert len(runs) == 2 * len(blocks_of(model))
-    _assert_same_gradients(got, expected)
+    _assert_checkpointed_layers_keep_the_gradients(model, run)
 
 
 def test_checkpointed_blip_text_encoder_with_image_tokens_gives_the_gradients_of_the_run_without():
