@@ -146,7 +146,7 @@ def bench(model: str, methods: tuple[str, ...], checkpoint: str | None, batch: i
 
 def _console() -> Console:
     # Piped output gets room for whole method names instead of a terminal's 80 columns.
-    return Console() if sys.stdout.isatty() else Console(width=140)
+    return Console() if sys.stdout.isatty() else Console(width=170)
 
 
 def _load(model: str, checkpoint: str | None, image_size: int | None) -> torch.nn.Module:
