@@ -4,6 +4,7 @@ of the run without checkpointing; reentrant checkpointing, which runs each block
 token state, is refused naming the fix."""
 
 import contextlib
+import functools
 
 import pytest
 import timm.layers
@@ -21,6 +22,7 @@ from models import (
 )
 from registry import methods
 from timm.models import checkpoint_seq
+from torch import nn
 
 import tokensieve as ts
 
@@ -134,6 +136,28 @@ def test_transformers_checkpointed_layers_give_the_gradients_of_the_run_without(
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
     _assert_checkpointed_layers_keep_the_gradients(model, run)
+
+
+def _checkpointing_in_call(layer_class: type) -> type:
+    """`layer_class` as earlier transformers 5.x releases made their layers: checkpointed in
+    `__call__`, around the (patched) forward."""
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            call = functools.partial(nn.Module.__call__, self, **kwargs)
+            return self._gradient_checkpointing_func(call, *args)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    return type(layer_class.__name__, (layer_class,), {"__call__": __call__})
+
+
+def test_layers_that_checkpoint_in_their_call_are_not_checkpointed_again():
+    model = _trained(strengthen(hf_model("ViTForImageClassification")))
+    for layer in blocks_of(model):
+        layer.__class__ = _checkpointing_in_call(type(layer))
+    ts.patch(model, ts.DynamicViT(keep=0.5, layers=(1, 2)))
+    x = images(2)
+    _assert_checkpointed_layers_keep_the_gradients(model, lambda m: m(pixel_values=x).logits)
 
 
 @pytest.mark.parametrize("method", [

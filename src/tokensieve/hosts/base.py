@@ -144,9 +144,12 @@ class Host:
 
 def layer_checkpointing(block: nn.Module) -> Callable[..., Tensor] | None:
     """The function transformers runs `block` through when its activation checkpointing is on
-    (`activation_checkpointing_enable`), or None. transformers checkpoints inside the layer class's
-    forward, which a patched block's forward replaces, so the patch calls it itself."""
+    (`activation_checkpointing_enable`), or None. Recent transformers checkpoints inside the layer
+    class's forward, which a patched block's forward replaces, so the patch calls it itself; earlier
+    5.x releases checkpoint in the layer's `__call__`, around the patched forward, and need nothing."""
     if torch.is_grad_enabled() and block.training and getattr(block, "gradient_checkpointing", False):
+        if type(block).__call__ is not nn.Module.__call__:  # the layer's own call checkpoints
+            return None
         return getattr(block, "_gradient_checkpointing_func", None)
     return None
 
