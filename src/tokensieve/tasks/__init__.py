@@ -6,8 +6,9 @@ cluttered backgrounds, generated on the fly, and the tasks built on them.
     >>> loader = torch.utils.data.DataLoader(train, batch_size=32, collate_fn=collate, num_workers=2)
 
 Tasks: "cls" (classification), "seg" (semantic segmentation), "tos" (task-oriented
-segmentation), "nlvr" and "retrieval" (the two vision-language tasks). Images are float32
-[3, H, W] in [0, 1], not normalised. See docs/tasks.md.
+segmentation), "nlvr" and "retrieval" (the two vision-language tasks), "det" (detection and
+instance segmentation). Images are float32 [3, H, W] in [0, 1], not normalised. See
+docs/tasks.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from tokensieve.tasks.attributes import COLOUR_NAMES, COLOURS, PURPOSES, SHAPES, SIZE_CLASSES
 from tokensieve.tasks.batching import collate
 from tokensieve.tasks.cls import CLS_CLASSES, CLS_TYPES, ClsConfig, ClsDataset
+from tokensieve.tasks.det import DET_CLASSES, DetConfig, DetDataset, instance_targets
+from tokensieve.tasks.det_metrics import detection_ap
 from tokensieve.tasks.language import PAD_ID, VOCABULARY, tokenize
 from tokensieve.tasks.metrics import (
     accuracy,
@@ -39,6 +42,7 @@ TASKS: dict[str, type[SyntheticDataset]] = {
     "tos": TosDataset,
     "nlvr": NlvrDataset,
     "retrieval": RetrievalDataset,
+    "det": DetDataset,
 }
 
 
@@ -58,6 +62,7 @@ __all__ = [
     "COLOURS",
     "COLOUR_NAMES",
     "DEFAULT_SIZES",
+    "DET_CLASSES",
     "IGNORE_INDEX",
     "PAD_ID",
     "PURPOSES",
@@ -69,6 +74,8 @@ __all__ = [
     "VOCABULARY",
     "ClsConfig",
     "ClsDataset",
+    "DetConfig",
+    "DetDataset",
     "NlvrConfig",
     "NlvrDataset",
     "Rendering",
@@ -87,7 +94,9 @@ __all__ = [
     "class_iou",
     "collate",
     "confusion_matrix",
+    "detection_ap",
     "giou",
+    "instance_targets",
     "intersection_union",
     "make_dataset",
     "mean_iou",

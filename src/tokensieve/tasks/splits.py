@@ -15,7 +15,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 SPLITS: dict[str, int] = {"train": 1_000_003, "val": 2_000_003, "test": 3_000_017}
-TASK_SEEDS: dict[str, int] = {"cls": 11, "seg": 12, "tos": 13, "nlvr": 14, "retrieval": 15}
+TASK_SEEDS: dict[str, int] = {"cls": 11, "seg": 12, "tos": 13, "nlvr": 14, "retrieval": 15, "det": 16}
 
 # Train splits are epochs of fresh scenes: make them as long as the training budget needs.
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
@@ -24,6 +24,7 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
     "tos": {"train": 100_000, "val": 2_000, "test": 2_000},
     "nlvr": {"train": 100_000, "val": 2_000, "test": 2_000},
     "retrieval": {"train": 100_000, "val": 1_000, "test": 1_000},
+    "det": {"train": 100_000, "val": 1_000, "test": 1_000},
 }
 
 
