@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tokensieve.tasks import CLS_CLASSES, SEG_CLASSES, TASKS, make_dataset
+from tokensieve.tasks import CLS_CLASSES, DET_CLASSES, SEG_CLASSES, TASKS, make_dataset
 
 PANELS = 4
 TEXT_LINES = 6
@@ -93,13 +93,36 @@ def _retrieval(font: ImageFont.ImageFont) -> list[Image.Image]:
     return _captioned("retrieval", lambda s: s["text"], font)
 
 
+def _det_picture(sample: dict) -> np.ndarray:
+    """The image with each instance's mask tinted by its class colour and its box outlined."""
+    picture = _to_uint8(sample["image"].numpy())
+    target = sample["target"]
+    tinted = picture.astype(np.float32)
+    for mask, label in zip(target["masks"].numpy().astype(bool), target["labels"].tolist(), strict=True):
+        tinted[mask] = 0.45 * tinted[mask] + 0.55 * SEG_COLOURS[label]
+    drawn = Image.fromarray(tinted.astype(np.uint8))
+    draw = ImageDraw.Draw(drawn)
+    for x0, y0, x1, y1 in target["boxes"].tolist():
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline="black")  # boxes are in pixel edges
+    return np.asarray(drawn)
+
+
+def _det(font: ImageFont.ImageFont) -> list[Image.Image]:
+    data = make_dataset("det", "val")
+    panels = []
+    for sample in (data[i] for i in range(PANELS)):
+        names = [DET_CLASSES[label] for label in sample["target"]["labels"].tolist()]
+        panels.append(_panel(_det_picture(sample), f"{len(names)} instances: " + ", ".join(names), font))
+    return panels
+
+
 def save_previews(out: Path) -> list[Path]:
     """Write one PNG sheet per task into `out`; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     font = ImageFont.load_default(size=12)
     written = []
     for name, panels in [("cls", _cls), ("seg", _seg), ("tos", _tos), ("nlvr", _nlvr),
-                         ("retrieval", _retrieval)]:
+                         ("retrieval", _retrieval), ("det", _det)]:
         path = out / f"tasks_{name}.png"
         _sheet(panels(font)).save(path)
         written.append(path)
