@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tokensieve.tasks import DET_CLASSES, SHAPES, collate, detection_ap, instance_targets, make_dataset
+from tokensieve.tasks.det_metrics import binary_masks, detection_meter, detection_scores
 from tokensieve.tasks.scenes import Scene, SceneObject, render
 
 
@@ -81,3 +82,13 @@ def test_prediction_and_target_counts_must_match():
     target = make_dataset("det", "val", size=1)[0]["target"]
     with pytest.raises(ValueError, match="one prediction dict per image"):
         detection_ap([], [target])
+
+
+def test_accumulating_batches_gives_the_scores_of_the_whole_list():
+    data = make_dataset("det", "val", size=4)
+    targets = [data[i]["target"] for i in range(4)]
+    predictions = _as_predictions([_shifted(t, 3) for t in targets[:2]] + targets[2:])
+    meter = detection_meter()
+    for batch in (slice(0, 2), slice(2, 4)):
+        meter.update(binary_masks(predictions[batch]), binary_masks(targets[batch]))
+    assert detection_scores(meter) == pytest.approx(detection_ap(predictions, targets))
