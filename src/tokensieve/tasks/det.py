@@ -8,26 +8,15 @@ colour or size: the same classes as seg.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
-from tokensieve.tasks.attributes import DEFAULT_SIZE_WEIGHTS, SHAPES
-from tokensieve.tasks.scenes import Rendering, Scene, compose_scene, related_specs, render
-from tokensieve.tasks.splits import SyntheticDataset
+from tokensieve.tasks.attributes import SHAPES
+from tokensieve.tasks.scenes import Rendering, Scene, render
+from tokensieve.tasks.seg import SegConfig, SegDataset
 
 DET_CLASSES: tuple[str, ...] = ("background", *SHAPES)
-
-
-@dataclass(frozen=True)
-class DetConfig:
-    """Difficulty knobs. Harder: more and smaller objects, more clutter."""
-
-    objects: tuple[int, int] = (3, 8)  # objects per image (inclusive range)
-    share: float = 0.5  # chance an object copies one attribute of an earlier one
-    size_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SIZE_WEIGHTS))
-    clutter: float = 1.0
+DetConfig = SegConfig  # the same scenes, drawn with the same knobs
 
 
 def instance_targets(scene: Scene, rendering: Rendering) -> dict[str, torch.Tensor]:
@@ -48,25 +37,15 @@ def instance_targets(scene: Scene, rendering: Rendering) -> dict[str, torch.Tens
             "masks": torch.from_numpy(masks.astype(np.uint8))}
 
 
-class DetDataset(SyntheticDataset):
-    """Samples {"image": float32 [3, H, W] in [0, 1], "target": instance_targets(...)}. `collate`
-    stacks the images and keeps the targets as a list of dicts, which is what torchvision's
-    detection models take: `model(list(batch["image"]), batch["target"])`."""
+class DetDataset(SegDataset):
+    """Samples {"image": float32 [3, H, W] in [0, 1], "target": instance_targets(...)}, from scenes
+    made as seg's are (its own seed and splits). `collate` stacks the images and keeps the targets
+    as a list of dicts, which is what torchvision's detection models take:
+    `model(list(batch["image"]), batch["target"])`."""
 
     task = "det"
     num_classes = len(DET_CLASSES)  # background included, as torchvision's detectors count them
-
-    def __init__(self, split: str = "train", size: int | None = None, image_size: int = 224,
-                 config: DetConfig | None = None) -> None:
-        super().__init__(split, size, image_size)
-        self.config = config or DetConfig()
-
-    def scene(self, index: int) -> Scene:
-        rng = self.rng(index)
-        low, high = self.config.objects
-        specs = related_specs(rng, int(rng.integers(low, high + 1)), self.config.share,
-                              self.config.size_weights)
-        return compose_scene(rng, specs, self.image_size, self.config.clutter)
+    ignore_index = None  # every object is a target; there are no unlabelled pixels
 
     def sample(self, index: int) -> dict:
         scene = self.scene(index)
