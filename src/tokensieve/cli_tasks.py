@@ -12,7 +12,7 @@ from tokensieve.cli_methods import patch_or_refuse, read_method
 from tokensieve.methods import Method
 from tokensieve.train.precision import PRECISIONS
 
-TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval"])
+TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
 
 
 @click.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -54,8 +55,16 @@ def compare(task: str, methods: list[Method], split: str = "test", samples: int 
         score = scores.pop(METRICS[task])
         gmacs = ts.flops(image_encoder(model), flop_images).macs / 1e9
         dense_score = rows[0].score if rows else score
-        rows.append(Row(task, name, METRICS[task], score, score / dense_score - 1.0, gmacs, scores))
+        rows.append(Row(task, name, METRICS[task], score, _relative(score, dense_score), gmacs, scores))
     return rows
+
+
+def _relative(score: float, dense: float) -> float:
+    """score / dense - 1; a dense score of 0 (an untrained model) leaves it undefined (NaN) unless
+    the score is 0 too."""
+    if dense == 0:
+        return 0.0 if score == 0 else math.nan
+    return score / dense - 1.0
 
 
 def _distinct_images(data: Dataset, count: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The det reference model's architecture: torchvision's Mask R-CNN on a transformers `ViTModel`
-of the reference size, through a ViTDet-style simple feature pyramid. Not trained yet.
+of the reference size, through a ViTDet-style simple feature pyramid, trained by RECIPES["det"]
+from the seg backbone.
 
 The pyramid reads only the ViT's last token map (the patch tokens as a [B, C, H/p, W/p] grid, the
 class token dropped) and resamples it to strides p/4, p/2, p and 2p (transposed convolutions up,
@@ -27,7 +28,9 @@ from tokensieve.reference.models import IMAGE_SIZE, tiny_vit_config
 from tokensieve.tasks.det import DET_CLASSES
 
 PYRAMID_WIDTH = 128  # every pyramid level's channels: small enough for CPU training
-BOX_HEAD_WIDTH = 256  # the box head's MLP (torchvision's default is 1024, for 80 classes)
+# the box head's MLP (torchvision's default is 1024, for 80 classes): 128 keeps the shipped fp16
+# weights under 16 MB
+BOX_HEAD_WIDTH = 128
 # Each level's stride as a multiple of the patch size (p/4, p/2, p, 2p): strides 4, 8, 16, 32 at p = 16.
 LEVEL_SCALES = (0.25, 0.5, 1.0, 2.0)
 LEVELS = tuple(str(i) for i in range(len(LEVEL_SCALES)))  # the pyramid's map names, as torchvision's FPN
@@ -139,6 +142,11 @@ def build_detector(config: transformers.ViTConfig | None = None, image_size: int
         mask_head=MaskRCNNHeads(out_channels, [out_channels] * 4, dilation=1),
         mask_predictor=MaskRCNNPredictor(out_channels, out_channels, classes),
     )
+
+
+def is_detector(model: nn.Module) -> bool:
+    """Whether `model` is a det model: a Mask R-CNN on the simple pyramid over a ViT."""
+    return isinstance(model, MaskRCNN) and isinstance(model.backbone, SimplePyramidBackbone)
 
 
 def detector_from_seg(source: transformers.ViTModel | None = None, image_size: int = IMAGE_SIZE) -> MaskRCNN:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tokensieve.modes import in_mode
+from tokensieve.reference.detection import is_detector
 from tokensieve.reference.models import IMAGE_SIZE, SegmentationViT
 from tokensieve.reference.tos import TosModel
 from tokensieve.reference.vl import image_embeddings, match_logits, text_embeddings, text_inputs
@@ -23,18 +24,22 @@ from tokensieve.tasks import (
     mean_iou,
     recall_at_k,
 )
+from tokensieve.tasks.det_metrics import binary_masks, detection_meter, detection_scores
 
 # the headline score of each task; retrieval's is the mean of recall@1 both ways
-METRICS = {"cls": "accuracy", "seg": "mIoU", "tos": "gIoU", "nlvr": "accuracy", "retrieval": "R@1"}
+METRICS = {"cls": "accuracy", "seg": "mIoU", "tos": "gIoU", "nlvr": "accuracy", "retrieval": "R@1",
+           "det": "box_ap"}
 RECALL_KS = (1, 5)
+DET_BATCH = 8  # det images a forward: Mask R-CNN's soft masks are [100, 1, H, W] per image
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: str, data: Dataset, batch_size: int = 50,
              progress: bool = True) -> dict[str, float]:
-    """{"accuracy": …} for cls and nlvr, {"mIoU": …} for seg, {"gIoU": …, "cIoU": …} for tos, or
+    """{"accuracy": …} for cls and nlvr, {"mIoU": …} for seg, {"gIoU": …, "cIoU": …} for tos,
     for retrieval {"R@1": …} (the mean of both directions) and recall@1 and @5 each way
-    ("image_to_text@1", …), over all of `data`, in eval mode (each sub-module's mode is given back).
+    ("image_to_text@1", …), or for det COCO's {"box_ap", "box_ap50", "mask_ap", "mask_ap50"},
+    over all of `data`, in eval mode (each sub-module's mode is given back).
     Scores are accumulated over the whole split (tos: each sample's intersection and union;
     retrieval: `data` is the gallery, image i matching caption i as in `retrieval_gallery`), so
     the batch size never changes them."""
@@ -43,6 +48,8 @@ def evaluate(model: nn.Module, task: str, data: Dataset, batch_size: int = 50,
 
 
 def _scores(model: nn.Module, task: str, data: Dataset, batch_size: int, progress: bool) -> dict[str, float]:
+    if task == "det":
+        batch_size = min(batch_size, DET_BATCH)
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate)
     batches = tqdm(loader, desc=f"eval {task}", disable=not progress, leave=False)
     if task == "cls":
@@ -63,8 +70,13 @@ def _scores(model: nn.Module, task: str, data: Dataset, batch_size: int, progres
     if task == "retrieval":
         pairs = [_embed(model, batch) for batch in batches]
         return retrieval_scores(torch.cat([i for i, _ in pairs]), torch.cat([t for _, t in pairs]))
-    raise ValueError(f"no reference evaluation for task {task!r}; choose cls, seg, tos, nlvr or "
-                     "retrieval")
+    if task == "det":
+        meter = detection_meter()
+        for batch in batches:
+            meter.update(binary_masks(_detect(model, batch["image"])), binary_masks(batch["target"]))
+        return detection_scores(meter)
+    raise ValueError(f"no reference evaluation for task {task!r}; choose cls, seg, tos, nlvr, "
+                     "retrieval or det")
 
 
 def _classify(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -76,6 +88,13 @@ def _segment(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if not isinstance(model, SegmentationViT):
         raise TypeError(f"seg evaluation needs a SegmentationViT, got {type(model).__name__}")
     return model.predict(images)
+
+
+def _detect(model: nn.Module, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    if not is_detector(model):
+        raise TypeError("det evaluation needs the det model (Mask R-CNN on a ViT), got "
+                        f"{type(model).__name__}")
+    return model(list(images))
 
 
 def _ground(model: nn.Module, images: torch.Tensor, texts: list[str]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tokensieve.tasks import CLS_CLASSES, SEG_CLASSES
 IMAGE_SIZE = 224
 # each model's native input side (nlvr and retrieval: the BLIP and CLIP models of vl.py)
 IMAGE_SIZES = {"cls": IMAGE_SIZE, "seg": IMAGE_SIZE, "tos": TOS_IMAGE_SIZE, "nlvr": IMAGE_SIZE,
-               "retrieval": IMAGE_SIZE}
+               "retrieval": IMAGE_SIZE, "det": IMAGE_SIZE}
 PATCH_SIZE = 16
 # DeiT-Tiny: width 192, 12 layers, 3 heads, MLP ratio 4.
 TINY = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,

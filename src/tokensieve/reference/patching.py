@@ -7,19 +7,20 @@ from torch import nn
 import tokensieve as ts
 from tokensieve.methods import Method
 from tokensieve.patch import Sieve
+from tokensieve.reference.detection import is_detector
 from tokensieve.reference.models import SegmentationViT
 from tokensieve.reference.tos import TosModel
 from tokensieve.reference.vl import is_vl_model
 
 
 def patch_reference(model: nn.Module, method: Method) -> Sieve:
-    """Patch a reference model with `method`: the classifier whole; the seg model's backbone and
-    the tos model's SAM vision encoder in dense mode (pruned tokens stay in place, so the head,
-    the neck and the mask decoder see every position); the vision tower of the nlvr (BLIP) and
-    retrieval (CLIP) models as it is (BLIP's text encoder cross-attends to the kept image tokens,
-    CLIP pools the class token). Their text encoders are patched on their own:
-    `ts.patch(text_encoder(model), method)`."""
-    if isinstance(model, (SegmentationViT, TosModel)):
+    """Patch a reference model with `method`: the classifier whole; the seg model's backbone, the
+    det model's ViT and the tos model's SAM vision encoder in dense mode (pruned tokens stay in
+    place, so the head, the feature pyramid, the neck and the mask decoder see every position);
+    the vision tower of the nlvr (BLIP) and retrieval (CLIP) models as it is (BLIP's text encoder
+    cross-attends to the kept image tokens, CLIP pools the class token). Their text encoders are
+    patched on their own: `ts.patch(text_encoder(model), method)`."""
+    if isinstance(model, (SegmentationViT, TosModel)) or is_detector(model):
         return ts.patch(image_encoder(model), method, dense=True)
     if is_vl_model(model):
         return ts.patch(image_encoder(model), method)
@@ -30,6 +31,8 @@ def image_encoder(model: nn.Module) -> nn.Module:
     """The module a reference model's pruning patches, and whose MACs are reported."""
     if isinstance(model, SegmentationViT):
         return model.backbone
+    if is_detector(model):
+        return model.backbone.vit
     if isinstance(model, TosModel):
         return model.sam.vision_encoder
     if is_vl_model(model):

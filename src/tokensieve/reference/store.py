@@ -1,7 +1,9 @@
 """Reference weights on disk: a transformers directory (config.json + model.safetensors, fp16) that
 `from_pretrained` reads, plus `head.safetensors` for the seg model's convolutional head, or, for
 tos, `guidance.safetensors` and `guidance.json` for the text encoder and its projection (the
-SamModel is the transformers directory; a pretrained MiniLM text encoder is never stored). The
+SamModel is the transformers directory; a pretrained MiniLM text encoder is never stored), or, for
+det, `detector.safetensors` for everything of the Mask R-CNN around its ViT (the ViTModel is the
+transformers directory; the detector's layout is `build_detector`'s). The
 nlvr (BlipForImageTextRetrieval) and retrieval (CLIPModel) models are plain transformers
 directories, as cls is."""
 
@@ -19,11 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tokensieve.hosts.hf_blip_text import keep_cross_attention_mask
+from tokensieve.reference.detection import build_detector, is_detector
 from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import SegmentationViT
 from tokensieve.reference.tos import TosModel
 
-TASKS = ("cls", "seg", "tos", "nlvr", "retrieval")
+TASKS = ("cls", "seg", "tos", "nlvr", "retrieval", "det")
 # the reference models that are one transformers class, loaded whole by from_pretrained
 _PLAIN: dict[str, type[transformers.PreTrainedModel]] = {
     "cls": transformers.ViTForImageClassification,
@@ -33,11 +36,14 @@ _PLAIN: dict[str, type[transformers.PreTrainedModel]] = {
 HEAD_FILE = "head.safetensors"
 GUIDANCE_FILE = "guidance.safetensors"  # tos: the text encoder (if trained) and its projection
 GUIDANCE_CONFIG = "guidance.json"  # tos: which text encoder, and its settings
+DETECTOR_FILE = "detector.safetensors"  # det: the pyramid, RPN and heads around the ViT
+_DET_VIT = "backbone.vit."  # where the det model keeps its ViT
 # How a directory shows its task: the class its config.json names, and a file only that task writes.
 _LAYOUTS: dict[str, tuple[str, str | None]] = {
     **{task: (cls.__name__, None) for task, cls in _PLAIN.items()},
     "seg": ("ViTModel", HEAD_FILE),
     "tos": ("SamModel", GUIDANCE_CONFIG),
+    "det": ("ViTModel", DETECTOR_FILE),
 }
 
 
@@ -53,6 +59,8 @@ def save_reference(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(model, TosModel):
         return _save_tos(model, directory)
+    if is_detector(model):
+        return _save_det(model, directory)
     backbone = model.backbone if isinstance(model, SegmentationViT) else model
     half = _half_copy(backbone)
     half.save_pretrained(directory)
@@ -78,6 +86,8 @@ def load_reference(task: str, directory: str | os.PathLike | None = None) -> nn.
         model = _load_plain(task, path)
     elif task == "tos":
         model = _load_tos(path)
+    elif task == "det":
+        model = _load_det(path)
     else:
         model = _load_seg(path)
     return model.eval()
@@ -158,6 +168,30 @@ def _load_tos(path: Path) -> TosModel:
     if set(rest) != own:
         raise ValueError(f"{path / GUIDANCE_FILE} does not fit a {settings['text_encoder']!r} text encoder: "
                          f"missing {sorted(own - set(rest))[:3]}, unexpected {sorted(set(rest) - own)[:3]}")
+    model.load_state_dict(rest, strict=False)
+    return model
+
+
+def _save_det(model: nn.Module, directory: Path) -> Path:
+    _half_copy(model.backbone.vit).save_pretrained(directory)
+    rest = {key: value for key, value in model.state_dict().items() if not key.startswith(_DET_VIT)}
+    save_file(_half_state(rest), directory / DETECTOR_FILE, metadata={"format": "pt"})
+    return directory
+
+
+def _load_det(path: Path) -> nn.Module:
+    if not (path / DETECTOR_FILE).is_file():
+        raise FileNotFoundError(f"{path} holds no {DETECTOR_FILE}, the det model's heads; pass the directory "
+                                "`tokensieve train det --out` wrote")
+    vit = _from_pretrained(transformers.ViTModel, path, "det", add_pooling_layer=False)
+    model = build_detector(vit.config, vit.config.image_size)
+    model.backbone.vit = vit
+    rest = {key: value.float() for key, value in load_file(path / DETECTOR_FILE).items()}
+    own = {key for key in model.state_dict() if not key.startswith(_DET_VIT)}
+    _check_complete(own - set(rest), path / DETECTOR_FILE, "det")
+    if set(rest) - own:
+        raise ValueError(f"{path / DETECTOR_FILE} holds weights the det model does not have, e.g. "
+                         f"{sorted(set(rest) - own)[:3]}; it was written for another detector layout")
     model.load_state_dict(rest, strict=False)
     return model
 

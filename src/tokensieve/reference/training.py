@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tokensieve.methods import Method
+from tokensieve.reference.detection import build_detector
 from tokensieve.reference.models import IMAGE_SIZES, build_classifier, build_segmenter
 from tokensieve.reference.patching import patch_reference
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
@@ -48,7 +49,9 @@ def build_model(task: str) -> nn.Module:
         return build_nlvr()
     if task == "retrieval":
         return build_retrieval()
-    raise ValueError(f"no reference model for task {task!r}; choose cls, seg, tos, nlvr or retrieval")
+    if task == "det":
+        return build_detector()
+    raise ValueError(f"no reference model for task {task!r}; choose cls, seg, tos, nlvr, retrieval or det")
 
 
 def train_reference(task: str, run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
@@ -127,21 +130,30 @@ def _phase_config(recipe: Recipe, phase: Phase, number: int, phase_dir: Path, pr
     )
 
 
+# det: batches of 8 (a step of Mask R-CNN costs ~5.5 s there) and no self-distillation (a
+# detector's eval-mode output is a list of detections, not logits to match)
+METHOD_BATCH_SIZES = {"det": 8}
+NO_DISTILLATION = ("det",)
+
+
 def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 400,
-                 batch_size: int = 32, lr: float = 1e-3, model_lr_scale: float = 0.01,
+                 batch_size: int | None = None, lr: float = 1e-3, model_lr_scale: float = 0.01,
                  precision: Precision = "fp32", progress: bool = True) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
     trained, and the method's predictors start random), task + keep-ratio + self-distillation
-    losses, at the native size (224×224; tos 256×256), each step in `precision` ("bf16":
+    losses (det: task and keep-ratio), `batch_size` samples a step (default 32; det 8), at the
+    native size (224×224; tos 256×256), each step in `precision` ("bf16":
     bfloat16 autocast, see TrainConfig). Checkpoints and the JSONL log go to
     `run_dir` (run again to resume). Returns the patched model in eval mode; load the run later
     with `load_trained`."""
     model = load_reference(task)
     patch_reference(model, method)
     size = IMAGE_SIZES[task]
+    batch_size = batch_size or METHOD_BATCH_SIZES.get(task, 32)
     config = TrainConfig(
         train="model", steps=steps, batch_size=batch_size, lr=lr, model_lr_scale=model_lr_scale,
+        distill_weight=0.0 if task in NO_DISTILLATION else TrainConfig.distill_weight,
         warmup_steps=max(1, steps // 20), num_workers=1, checkpoint_dir=os.fspath(run_dir),
         checkpoint_every=50, keep_checkpoints=1, log_path=os.fspath(Path(run_dir) / "log.jsonl"),
         precision=precision, progress=progress,

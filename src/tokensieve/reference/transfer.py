@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+from tokensieve.reference.detection import is_detector
 from tokensieve.reference.tos import TosModel
 from tokensieve.reference.vl import is_vl_model
 
@@ -115,13 +116,15 @@ def _complete(out: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tenso
 
 def start_from_seg(model: nn.Module, source: transformers.ViTModel | None = None) -> nn.Module:
     """Load the seg backbone (default: the shipped one) into `model`'s image encoder: the
-    classifier's ViT, the tos model's SAM vision encoder, or the BLIP/CLIP vision tower."""
+    classifier's ViT, the det model's ViT, the tos model's SAM vision encoder, or the BLIP/CLIP
+    vision tower."""
     if source is None:
         from tokensieve.reference.store import load_reference  # the store imports the model builders
 
         source = load_reference("seg").backbone
-    if isinstance(model, transformers.ViTForImageClassification):
-        model.vit.load_state_dict(_complete(dict(source.state_dict()), model.vit.state_dict()))
+    if isinstance(model, transformers.ViTForImageClassification) or is_detector(model):
+        vit = model.vit if isinstance(model, transformers.ViTForImageClassification) else model.backbone.vit
+        vit.load_state_dict(_complete(dict(source.state_dict()), vit.state_dict()))
     elif isinstance(model, TosModel):
         encoder = model.sam.vision_encoder
         encoder.load_state_dict(sam_encoder_weights_from_vit(source, encoder))
@@ -129,6 +132,6 @@ def start_from_seg(model: nn.Module, source: transformers.ViTModel | None = None
         tower = model.vision_model
         tower.load_state_dict(vision_weights_from_vit(source, tower))
     else:
-        raise TypeError(f"start_from_seg loads a ViTForImageClassification, a TosModel, a "
+        raise TypeError(f"start_from_seg loads a ViTForImageClassification, a det model, a TosModel, a "
                         f"BlipForImageTextRetrieval or a CLIPModel, not a {type(model).__name__}")
     return model

@@ -22,6 +22,8 @@ def task_collate(task: str, image_size: int, images: bool = False) -> Callable[[
         return _tos_images_collate
     if task in VL_TASKS:
         return _vl_collate(task, image_size)
+    if task == "det":
+        return _det_collate
     return _image_collate(task, image_size)
 
 
@@ -59,6 +61,12 @@ def _image_collate(task: str, image_size: int) -> Callable[[list[dict]], tuple[d
         return inputs, torch.stack([torch.as_tensor(s[target]) for s in samples])
 
     return collate
+
+
+def _det_collate(samples: list[dict]) -> tuple[dict, None]:
+    """A torchvision detector's inputs: its images and, in training mode, their targets, from
+    which it computes its own losses (so the loss's targets are None)."""
+    return {"images": [s["image"] for s in samples], "targets": [s["target"] for s in samples]}, None
 
 
 def _tos_images_collate(items: list[dict]) -> tuple[dict, Tensor]:

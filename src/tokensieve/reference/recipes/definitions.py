@@ -23,6 +23,11 @@ under bfloat16 autocast: 1 400 steps of 16 training the tower on object readouts
 those and the finding readout (~0.5 s a step on two threads alone, ~1.15 s in fp32), then its
 frozen tokens for 28 000 scenes computed once and 6 000 steps of 64 training the text side on
 them (~0.19 s a step; docs/reference.md has the measured runs).
+
+det (Mask R-CNN on the ViT) trains at its native 224×224 only: its smallest objects are ~20 px
+there, too few pixels at half the side for the stride-4 level to learn from. Batches of 8 images
+take ~5.5 s a step on two threads once the heads see many proposals (~2.8 s at the start), so
+540 steps and three validations of 200 images (~0.3 s an image) come to ~55 minutes.
 """
 
 from __future__ import annotations
@@ -106,4 +111,6 @@ RECIPES: dict[str, Recipe] = {
                    precision="bf16"),
     "retrieval": Recipe("retrieval", (Phase(112, 3000, 1e-3, 300), Phase(224, 200, 2.5e-4, 20)),
                         attributes=True),
+    # det: AdamW at 2e-4 with ViTDet's weight decay, the seg backbone fine-tuned with the rest
+    "det": Recipe("det", (Phase(224, 540, 2e-4, 50),), batch_size=8, start="seg"),
 }

@@ -26,6 +26,8 @@ from tokensieve.train import (
 )
 
 VALIDATION_SAMPLES = 500  # a validation subset scored at the end of each phase, in the run's log
+# det scores ~0.3 s an image on two threads (Mask R-CNN's heads), so its phases score fewer
+TASK_VALIDATION_SAMPLES = {"det": 200}
 ITC_TEMPERATURE = 0.07  # BLIP's initial contrastive temperature (fixed here: transformers' BLIP has none)
 
 
@@ -60,12 +62,18 @@ def phase_data(task: str, phase: Phase, size: int) -> Dataset:
 
 def task_loss(task: str) -> Callable[[Tensor, Tensor], Tensor]:
     return {"cls": cross_entropy, "seg": pixel_cross_entropy, "tos": mask_bce_dice, "nlvr": cross_entropy,
-            "retrieval": contrastive_loss}[task]
+            "retrieval": contrastive_loss, "det": detection_loss}[task]
 
 
 def task_logits(task: str) -> Callable[[object], Tensor]:
-    """Which tensor of the model's output the task loss reads."""
-    return {"nlvr": itm_logits, "retrieval": contrastive_logits}.get(task, logits_of)
+    """Which tensor of the model's output the task loss reads (det: the whole loss dict)."""
+    return {"nlvr": itm_logits, "retrieval": contrastive_logits, "det": whole_output}.get(task, logits_of)
+
+
+def detection_loss(losses: dict[str, Tensor], targets: object = None) -> Tensor:
+    """The sum of the losses a torchvision detector returns in training mode (it computes them
+    from the targets it was called with): RPN objectness and box, then class, box and mask."""
+    return sum(losses.values())
 
 
 def itm_logits(output: transformers.utils.ModelOutput) -> Tensor:
@@ -90,13 +98,14 @@ def whole_output(output: object) -> object:
 
 
 def validation(task: str, image_size: int) -> Callable[[nn.Module], dict[str, float]]:
-    """The score that closes a phase: `evaluate` on VALIDATION_SAMPLES validation samples, of the
-    model inside its AttributeHead if it has one."""
+    """The score that closes a phase: `evaluate` on VALIDATION_SAMPLES validation samples (det:
+    TASK_VALIDATION_SAMPLES), of the model inside its AttributeHead if it has one."""
 
     def score(model: nn.Module) -> dict[str, float]:
         if isinstance(model, AttributeHead):
             model = model.model
-        data = make_dataset(task, "val", size=VALIDATION_SAMPLES, image_size=image_size)
+        size = TASK_VALIDATION_SAMPLES.get(task, VALIDATION_SAMPLES)
+        data = make_dataset(task, "val", size=size, image_size=image_size)
         return evaluate(model, task, data, progress=False)
 
     return score
