@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from models import HF_CLASSES, TIMM_HOSTS
 
-from tokensieve import DynamicViT, EViT, Method, RandomDrop, ToMe, TopK
+from tokensieve import DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
 
 VARIANTS = ("pruned", "off", "ragged")
 
@@ -75,6 +75,7 @@ REGISTRY: tuple[Entry, ...] = (
     _entry("dynamicvit", DynamicViT(keep=0.5, layers=L), ragged={"dynamic": True}, equal_counts=True),
     _entry("tome", ToMe(r=4), off={"r": 0}, fuses=True, equal_counts=True),
     _entry("randomdrop", RandomDrop(keep=0.5, layers=L), overhead=False),
+    _entry("svit", SViT(keep=0.5, layers=L, per_image=True), ragged={"per_image": False}),
 )
 
 # What each host of models.py asks (the timm and transformers image towers), and the other families.

@@ -27,6 +27,11 @@ REFUSED = {
     "r": [("13", TypeError), (2.5, TypeError), (True, TypeError), ([1, "2"], TypeError),
           ([1, 2.5], TypeError), ((8, "x"), TypeError), ((8, 0.5, 1), ValueError), (-1, ValueError),
           ([2, -1], ValueError), ((8, float("inf")), ValueError)],
+    "per_image": [(1, TypeError), ("True", TypeError), (None, TypeError)],
+    "reactivate": [(0, TypeError), ("no", TypeError)],
+    "preserve": [(1.0, TypeError), ("False", TypeError)],
+    "gate": [(None, TypeError), (2, TypeError), ("MLP", ValueError), ("topk", ValueError)],
+    "rate_weight": [(True, TypeError), ("4", TypeError), (-1.0, ValueError), (float("inf"), ValueError)],
 }
 REFUSED_CASES = [pytest.param(cls, name, value, error, id=f"{cls.__name__}-{name}={value!r}")
                  for cls in CLASSES for f in dataclasses.fields(cls) if f.name in REFUSED
@@ -105,6 +110,8 @@ def test_replacing_a_field_reads_it_again():
     ("tome:r=[8,8,4]", ts.ToMe(r=[8, 8, 4])),
     ("tome:r=(8,-0.5)", ts.ToMe(r=(8, -0.5))),
     ("random:keep=0.5,layers=(4,),seed=3", ts.RandomDrop(keep=0.5, layers=(4,), seed=3)),
+    ("svit:keep=0.6,gate=dynamicvit,layers=none", ts.SViT(keep=0.6, gate="dynamicvit")),
+    ("svit:gate='mlp',per_image=true,layers=(3,4)", ts.SViT(gate="mlp", per_image=True, layers=(3, 4))),
 ])
 def test_method_specs_read_into_the_method(spec, expected):
     assert parse_method(spec) == expected
@@ -118,6 +125,8 @@ def test_method_specs_read_into_the_method(spec, expected):
     ("evit:keep=true", TypeError, "share"),
     ("evit:layers=3;6", ValueError, r"layers=\(3,6\)"),
     ("evit:keep=0.5,keep=0.7", ValueError, "twice"),
+    ("svit:gate=topk", ValueError, "'mlp' or 'dynamicvit'"),
+    ("svit:rate_weight=heavy", ValueError, "cannot read rate_weight"),
 ])
 def test_method_specs_with_wrong_values_are_refused(spec, error, match):
     with pytest.raises(error, match=match):

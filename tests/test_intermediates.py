@@ -40,16 +40,16 @@ def test_dense_intermediates_are_whole_maps_and_a_dropped_token_keeps_its_featur
         final = model.forward_features(x)[:, model.num_prefix_tokens:]  # after the norm
     last = maps[-1].flatten(2).transpose(1, 2)
     torch.testing.assert_close(model.norm(last), final, atol=1e-5, rtol=0)
-    if method.keeps_positions:  # a token dropped by block i holds the same features in every later map
-        for layer, record in enumerate(traces[0].layers[:-1]):
+    if method.keeps_positions:  # a token out of block i holds its features in every later map until it
+        records = traces[0].layers  # is active again (a method that reactivates tokens may bring it back)
+        for layer in range(len(records) - 1):
             for i in range(2):
-                kept = record.index[i][record.index[i] >= 0]
-                dropped = torch.ones(PATCHES + 1, dtype=torch.bool)
-                dropped[kept] = False
-                dropped = dropped[1:]  # the class token is never dropped
-                later = [m.flatten(2)[i, :, dropped] for m in maps[layer:]]
-                for features in later[1:]:
-                    torch.testing.assert_close(features, later[0], atol=0, rtol=0)
+                frozen = torch.ones(PATCHES + 1, dtype=torch.bool)
+                for later in range(layer, len(records)):
+                    index = records[later].index[i]
+                    frozen[index[index >= 0]] = False
+                    torch.testing.assert_close(maps[later].flatten(2)[i, :, frozen[1:]],  # no class token
+                                               maps[layer].flatten(2)[i, :, frozen[1:]], atol=0, rtol=0)
 
 
 def test_get_intermediate_layers_reshaped_in_dense_mode_are_whole_maps():

@@ -23,6 +23,8 @@ def _ragged_model(host: str, method: ts.Method, x: torch.Tensor, attention: str 
     ts.patch(model, method, attention=attention)
     if isinstance(method, ts.DynamicViT):
         calibrate_predictors(model, x)
+    if isinstance(method, ts.SViT) and method.ragged:  # thresholds that split an untrained gate's ratings
+        ts.calibrate_svit(model, x)
     return model
 
 

@@ -3,8 +3,9 @@
 from tokensieve.bench import BenchResult, benchmark
 from tokensieve.calls import prepacked
 from tokensieve.flops import FlopsReport, flops
-from tokensieve.methods import CallInput, DynamicViT, EViT, Method, MethodRun, RandomDrop, ToMe, TopK
+from tokensieve.methods import CallInput, DynamicViT, EViT, Method, MethodRun, RandomDrop, SViT, ToMe, TopK
 from tokensieve.patch import Sieve, inputs, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
+from tokensieve.svit_calibration import SViTCalibration, calibrate_svit
 from tokensieve.tokens import TokenState, Trace
 
 __version__ = "0.1.0"
@@ -18,12 +19,15 @@ __all__ = [
     "Method",
     "MethodRun",
     "RandomDrop",
+    "SViT",
+    "SViTCalibration",
     "Sieve",
     "ToMe",
     "TokenState",
     "TopK",
     "Trace",
     "benchmark",
+    "calibrate_svit",
     "flops",
     "inputs",
     "is_patched",

@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tokensieve.methods import DynamicViT, EViT, Method, RandomDrop, ToMe, TopK
+from tokensieve.methods import DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
 
 METHODS: dict[str, type[Method]] = {"topk": TopK, "evit": EViT, "dynamicvit": DynamicViT, "tome": ToMe,
-                                    "random": RandomDrop}
+                                    "random": RandomDrop, "svit": SViT}
 
 
 def load_model(name: str, checkpoint: str | None = None, image_size: int | None = None) -> nn.Module:
@@ -99,13 +99,14 @@ def parse_method(spec: str) -> Method:
 
     Each value is read as a Python literal (a number, a tuple or list, True/False, None; the last
     three in any case), never as a string of characters, and the method then checks and normalises
-    it as it does for any caller: a TypeError or ValueError says what to write instead.
+    it as it does for any caller: a TypeError or ValueError says what to write instead. A field that
+    takes a name (SViT's gate) also reads a bare word: 'svit:gate=dynamicvit'.
     """
     name, _, arguments = spec.partition(":")
     cls = METHODS.get(name.strip().lower())
     if cls is None:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
     kwargs = {}
     for item in _split_top_level(arguments):
         key, equals, value = item.partition("=")
@@ -114,16 +115,18 @@ def parse_method(spec: str) -> Method:
             raise ValueError(f"{spec!r}: {cls.__name__} takes {', '.join(sorted(fields))} as key=value")
         if key in kwargs:
             raise ValueError(f"{spec!r}: {key} is given twice; give it once")
-        kwargs[key] = _value(key, value.strip())
+        kwargs[key] = _value(key, value.strip(), takes_name=fields[key] in ("str", str))
     return cls(**kwargs)
 
 
 _WORDS = {"true": True, "false": False, "none": None}
 
 
-def _value(key: str, text: str) -> Any:
+def _value(key: str, text: str, takes_name: bool = False) -> Any:
     if text.lower() in _WORDS:
         return _WORDS[text.lower()]
+    if takes_name and text.isidentifier():  # a name needs no quotes on the command line
+        return text
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError) as error:

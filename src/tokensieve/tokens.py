@@ -38,6 +38,7 @@ class KeepDecision:
     layer: int
     decisions: Tensor  # [B, N - prefix] 0/1 per non-prefix token, carrying gradient
     target: float  # share of the input tokens the method means to keep here
+    ratio_loss: bool = True  # False: the method weighs these decisions in a loss of its own (SViT)
 
 
 @dataclass
@@ -74,9 +75,10 @@ class Trace:
         record = self.layers[-1].overhead
         record[name] = record.get(name, 0) + macs
 
-    def add_keep_decision(self, decisions: Tensor, target: float) -> None:
-        """Record a mask-mode decision of the block being run, for the keep-ratio loss."""
-        self.keep_decisions.append(KeepDecision(self.layers[-1].layer, decisions, target))
+    def add_keep_decision(self, decisions: Tensor, target: float, ratio_loss: bool = True) -> None:
+        """Record a mask-mode decision of the block being run: for the kept-rate log, and for the
+        keep-ratio loss unless `ratio_loss` is False (a method that weighs its decisions itself)."""
+        self.keep_decisions.append(KeepDecision(self.layers[-1].layer, decisions, target, ratio_loss))
 
     def kept_tokens(self) -> Tensor:
         """[L, B] tokens each sample carries out of each block (prefix included)."""

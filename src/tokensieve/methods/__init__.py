@@ -5,8 +5,9 @@ from tokensieve.methods.dynamicvit import DynamicViT
 from tokensieve.methods.evit import EViT
 from tokensieve.methods.random_drop import RandomDrop
 from tokensieve.methods.run import CallInput, MethodRun
+from tokensieve.methods.svit import SViT
 from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopK
 
-__all__ = ["AttentionView", "CallInput", "DynamicViT", "EViT", "Method", "MethodRun", "RandomDrop", "ToMe",
-           "TopK"]
+__all__ = ["AttentionView", "CallInput", "DynamicViT", "EViT", "Method", "MethodRun", "RandomDrop", "SViT",
+           "ToMe", "TopK"]

@@ -174,16 +174,19 @@ class _TrainingStep:
 
     def run(self, batch: Any, epoch: int, scheduler: torch.optim.lr_scheduler.LRScheduler) -> StepLog:
         inputs, targets = to_device(batch, self.device)
-        losses, traces, stages = self._losses(inputs, targets)
+        losses, traces = self._losses(inputs, targets)
         lr = self.config.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the base lr of this step
         grad_norm = self._update(losses["loss"])
         # One reduction of every number logged, so that each is a mean over the global batch.
         names = [name for name, value in losses.items() if value is not None] + ["kept_rate"]
         values = [losses[name].detach().float() for name in names[:-1]] + [_kept_rate(traces).to(self.device)]
-        values += [decisions.detach().float().mean() for decisions, _ in stages]
+        # Every decision recorded, those a method weighs in its own loss too (keep_ratio_stages leaves
+        # them out of the keep-ratio loss).
+        decisions = [d.decisions for trace in traces for d in trace.keep_decisions]
+        values += [d.detach().float().mean() for d in decisions]
         reduced = dist.mean_over_ranks(torch.stack(values)).tolist()
         means = dict(zip(names, reduced[: len(names)], strict=True))
-        stage_shares = reduced[len(names) :] if stages else None
+        stage_shares = reduced[len(names) :] if decisions else None
         method_losses = {name.removeprefix("loss_"): means[name] for name in losses
                          if name not in _FIXED_TERMS} or None
         return StepLog(step=0, epoch=epoch, lr=lr, loss=means["loss"], loss_task=means["loss_task"],
@@ -191,19 +194,18 @@ class _TrainingStep:
                        kept_rate=means["kept_rate"], keep_per_stage=stage_shares, grad_norm=float(grad_norm),
                        seconds=0.0, method_losses=method_losses)
 
-    def _losses(self, inputs: Any, targets: Any) -> tuple[dict[str, Tensor | None], list[Trace], list]:
-        """The weighted loss and its terms (None: not computed), the traces, the keep stages, under
-        the config's precision."""
+    def _losses(self, inputs: Any, targets: Any) -> tuple[dict[str, Tensor | None], list[Trace]]:
+        """The weighted loss and its terms (None: not computed) and the traces, under the config's
+        precision."""
         with autocast(self.config.precision, self.device):
             return self._weighted_losses(inputs, targets)
 
-    def _weighted_losses(self, inputs: Any, targets: Any
-                         ) -> tuple[dict[str, Tensor | None], list[Trace], list]:
+    def _weighted_losses(self, inputs: Any, targets: Any) -> tuple[dict[str, Tensor | None], list[Trace]]:
         config = self.config
         if self.patched is None:  # a dense model: the task loss alone
             task = self.task_loss(self.logits_of(_call(self.model, inputs)), targets)
             return {"loss": config.task_weight * task, "loss_task": task, "loss_keep_ratio": None,
-                    "loss_distill": None}, [], []
+                    "loss_distill": None}, []
         teacher = self._teacher_logits(inputs) if config.distill_weight > 0 else None
         with contextlib.ExitStack() as stack:
             collected = [stack.enter_context(ts.trace(module)) for module in self.patched]
@@ -230,7 +232,7 @@ class _TrainingStep:
             loss = loss + value
             terms[key] = value
         terms["loss"] = loss
-        return terms, traces, stages
+        return terms, traces
 
     def _update(self, loss: Tensor) -> Tensor:
         """Backward, average over ranks, clip, step; returns the gradient norm before clipping."""

@@ -90,8 +90,9 @@ def keep_ratio_loss(stages: Sequence[tuple[Tensor, float | Tensor]]) -> Tensor:
 
 
 def keep_ratio_stages(traces: Sequence[Trace]) -> list[tuple[Tensor, float]]:
-    """(decisions, target) of every keep decision recorded in `traces` (mask-mode forwards)."""
-    return [(d.decisions, d.target) for trace in traces for d in trace.keep_decisions]
+    """(decisions, target) of every keep decision recorded in `traces` (mask-mode forwards) for the
+    keep-ratio loss; decisions a method weighs in its own loss (SViT's) are left out."""
+    return [(d.decisions, d.target) for trace in traces for d in trace.keep_decisions if d.ratio_loss]
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0,

@@ -1,0 +1,277 @@
+"""SViT: a small gate before each late block decides, over the whole token grid, which tokens run it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokensieve import calls, ops
+from tokensieve.fields import choice, real_within
+from tokensieve.methods.base import Method, MethodRun
+from tokensieve.methods.dynamicvit import KeepPredictor
+from tokensieve.methods.fields import check_layers, flag, layer_indices, optional, settle, share
+from tokensieve.spec import ModelSpec
+from tokensieve.tokens import TokenState, Trace, gather_tokens
+
+GATES = ("mlp", "dynamicvit")
+_GATE_CHOICE = choice(GATES, "SViT's two-layer MLP, or DynamicViT's local + global predictor")
+SCHEDULE_GROUPS = 3  # the gates split into this many equal groups, aiming at keep, keep², keep³
+INITIAL_THRESHOLD = 0.5  # keep probability above which an uncalibrated gate keeps a token
+KEEP_REPORT = "svit_keep"  # what a mask-mode call reports for the keep-rate loss: GateKeep per gate
+SCORE_REPORT = "svit_scores"  # what an inference call reports for calibration: GateScores per gate
+
+
+@dataclass(frozen=True)
+class SViT(Method):
+    """Before each of `layers` (None: every block from depth // 4 on, blocks 3..11 of 12), a gate
+    decides for every patch token whether it runs the block; prefix tokens always run.
+
+    The gates aim at keep, keep², keep³ of the input's patch tokens over three equal groups of
+    them, in order (`schedule`). A token a gate passes over is frozen: it keeps its features, and
+    with `reactivate` (the default) every later gate scores it again with them, so it can come
+    back (the state works on the whole token grid). With `reactivate=False` a frozen token stays
+    frozen. With `preserve=False` a pruned token is dropped as DynamicViT drops it, never scored
+    again; `dense=True` output (and the SAM encoder, which always runs dense) then holds it with
+    the features it had when dropped, as dense mode holds every dropped token. So in tokensieve
+    `preserve=False` chooses the tokens `reactivate=False` chooses.
+
+    Training (model.train()) runs in mask mode: each gate draws a hard Gumbel-softmax decision per
+    token (straight-through gradients), pruned tokens are no attention key and pass the block
+    unchanged. The method's loss `keep_rate` is rate_weight · mean over gates of (the batch's kept
+    share − the gate's target)²; with `per_image`, each image's share is held to the target (the
+    fixed-rate variant). `fit`'s keep-ratio loss leaves these decisions to it.
+
+    Inference is deterministic: each gate keeps the tokens whose keep probability exceeds its
+    `threshold` buffer (0.5 until `calibrate_svit` sets it on validation data), at least one per
+    image, so images keep their own counts (a ragged batch), each giving what it gives alone. With
+    `per_image`, each image keeps its gate's target share of its patch tokens, the best-rated ones
+    (equal counts). `gate="dynamicvit"` scores with DynamicViT's local + global predictor instead
+    of SViT's MLP. keep=1.0 prunes nothing, in training as in inference.
+    """
+
+    keep: float = 0.7
+    layers: tuple[int, ...] | None = None
+    per_image: bool = False
+    reactivate: bool = True
+    preserve: bool = True
+    gate: str = "mlp"
+    rate_weight: float = 4.0
+
+    def __post_init__(self) -> None:
+        settle(self, keep=share, layers=optional(layer_indices), per_image=flag, reactivate=flag,
+               preserve=flag, gate=_GATE_CHOICE, rate_weight=real_within(0.0))
+
+    @property
+    def ragged(self) -> bool:
+        return not self.per_image
+
+    @property
+    def uses_grid(self) -> bool:
+        return self._reactivates and self.keep < 1.0
+
+    @property
+    def _reactivates(self) -> bool:
+        return self.reactivate and self.preserve
+
+    def schedule(self, depth: int) -> dict[int, float]:
+        """The gated blocks of a model `depth` blocks deep, in order, each with the share of the
+        input's patch tokens its gate aims to keep."""
+        layers = tuple(range(depth // 4, depth)) if self.layers is None else self.layers
+        check_layers(layers, depth, "SViT")
+        groups = [SCHEDULE_GROUPS * j // len(layers) for j in range(len(layers))]  # 9 gates: 0, 0, 0, 1, ...
+        return {layer: self.keep ** (1 + group) for layer, group in zip(layers, groups, strict=True)}
+
+    def bind(self, spec: ModelSpec) -> nn.ModuleDict:
+        make = MlpGate if self.gate == "mlp" else PredictorGate
+        return nn.ModuleDict({str(layer): make(spec.dim) for layer in self.schedule(spec.depth)})
+
+    def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
+        if self.keep == 1.0 or str(layer) not in run.parts:
+            return state
+        gate = run.parts[str(layer)]
+        target = self.schedule(run.spec.depth)[layer]
+        if run.training:
+            return self._sample(state, run, gate, target)
+        if self._reactivates:
+            return self._reselect(layer, state, run, gate, target)
+        return self._narrow(layer, state, run, gate, target)
+
+    def losses(self, traces: Sequence[Trace]) -> dict[str, Tensor]:
+        gates = [gate for trace in traces for gate in trace.reports.get(KEEP_REPORT, ())]
+        if not gates or self.rate_weight == 0.0:
+            return {}
+        gaps = torch.stack([gate.squared_gap(self.per_image) for gate in gates])
+        return {"keep_rate": self.rate_weight * gaps.mean()}
+
+    def _sample(self, state: TokenState, run: MethodRun, gate: nn.Module, target: float) -> TokenState:
+        """Mask mode: a hard Gumbel-softmax decision per token; every token is a candidate again
+        unless frozen tokens stay frozen."""
+        patches = state.x[:, state.prefix :]
+        valid = state.patch_valid()
+        previous = None if state.keep is None or self._reactivates else state.keep[:, state.prefix :]
+        logits = gate(patches, _pool_weights(valid, previous, patches.dtype))  # [B, Np, 2]: (drop, keep)
+        run.trace.add_overhead("gate", gate.macs(state.patch_counts()))
+        decision = F.gumbel_softmax(logits, tau=1.0, hard=True)[..., 1]  # [B, Np], straight-through
+        patch_keep = decision if previous is None else decision * previous
+        keep = torch.cat([patch_keep.new_ones(patch_keep.shape[0], state.prefix), patch_keep], dim=1)
+        run.trace.add_keep_decision(patch_keep, target, ratio_loss=False)  # the method weighs it itself
+        _append_report(run, KEEP_REPORT, GateKeep(patch_keep, valid, target))
+        return state.replace(keep=keep)
+
+    def _reselect(self, layer: int, state: TokenState, run: MethodRun, gate: nn.Module,
+                  target: float) -> TokenState:
+        """Inference with reactivation: score every patch token of the grid, frozen ones with the
+        features they were frozen with, and make the chosen ones the active set."""
+        state = state.replace(grid=state.written_grid())  # [B, N0 + 1, C]: each position's last features
+        positions, leading = _patch_positions(state)  # [B, M] in input order
+        features = state.grid[:, state.prefix : -1] if leading else gather_tokens(state.grid, positions)
+        input_valid = run.trace.input_valid
+        real = None if input_valid is None else input_valid.gather(1, positions)  # not the input's padding
+        available = positions.shape[1] if real is None else real.sum(dim=1)
+        logits = gate(features, None if real is None else real.to(features.dtype))
+        run.trace.add_overhead("gate", gate.macs(available))
+        scores = logits[..., 1] - logits[..., 0]  # [B, M] log-odds of keeping
+        _append_report(run, SCORE_REPORT, GateScores(layer, scores, real, available))
+        counts = self._kept_counts(scores, real, gate, target, available, available)
+        slots, valid = ops.keep_top(scores, counts, 0, real)
+        active = torch.cat([state.index[:, : state.prefix], positions.gather(1, slots)], dim=1)
+        if valid is not None:
+            valid = torch.cat([valid.new_ones(valid.shape[0], state.prefix), valid], dim=1)
+        return state.activate(active, valid)
+
+    def _narrow(self, layer: int, state: TokenState, run: MethodRun, gate: nn.Module,
+                target: float) -> TokenState:
+        """Inference without reactivation: only the active tokens are candidates; the others are
+        dropped for good."""
+        patches = state.x[:, state.prefix :]
+        valid = state.patch_valid()
+        logits = gate(patches, None if valid is None else valid.to(patches.dtype))
+        current = state.patch_counts()
+        run.trace.add_overhead("gate", gate.macs(current))
+        scores = logits[..., 1] - logits[..., 0]
+        inputs = _input_patches(state, run)
+        _append_report(run, SCORE_REPORT, GateScores(layer, scores, valid, inputs))
+        kept = self._kept_counts(scores, valid, gate, target, inputs, current)
+        if not ops.prunes(current, kept):
+            return state
+        return state.select(*ops.keep_top(scores, kept, state.prefix, valid))
+
+    def _kept_counts(self, scores: Tensor, candidates: Tensor | None, gate: nn.Module, target: float,
+                     inputs: int | Tensor, available: int | Tensor) -> int | Tensor:
+        """How many tokens each image keeps: the target share of its input patch tokens with
+        `per_image`, else those rated above the gate's threshold; at least MIN_KEPT_TOKENS, at most
+        the `available` candidates."""
+        if self.per_image:
+            return _at_most(ops.keep_count(inputs, target), available)
+        votes = scores.double() > torch.logit(gate.threshold.double())  # logit(0) = -inf keeps every token
+        if candidates is not None:
+            votes = votes & candidates
+        return _at_most(votes.sum(dim=1).clamp_min(ops.MIN_KEPT_TOKENS), available)
+
+
+@dataclass(frozen=True)
+class GateKeep:
+    """One gate's mask-mode decisions, for the keep-rate loss."""
+
+    keep: Tensor  # [B, Np] 1/0 per non-prefix token, carrying the straight-through gradient
+    valid: Tensor | None  # [B, Np] False on padding (padded text); None: none
+    target: float  # the share of patch tokens the gate aims to keep
+
+    def squared_gap(self, per_image: bool) -> Tensor:
+        """(kept share − target)², the share taken over the batch, or per image and averaged."""
+        weights = torch.ones_like(self.keep) if self.valid is None else self.valid.to(self.keep.dtype)
+        kept, tokens = (self.keep * weights).sum(dim=1), weights.sum(dim=1)
+        if per_image:
+            return (kept / tokens.clamp_min(1.0) - self.target).pow(2).mean()
+        return (kept.sum() / tokens.sum().clamp_min(1.0) - self.target).pow(2)
+
+
+@dataclass(frozen=True)
+class GateScores:
+    """One gate's inference scores, for calibration."""
+
+    layer: int
+    scores: Tensor  # [B, M] log-odds of keeping each scored token
+    candidates: Tensor | None  # [B, M] False on the tokens the gate cannot keep; None: it can keep all
+    input_patches: int | Tensor  # the input's patch tokens, per image (an int: the same for all)
+
+
+class MlpGate(nn.Module):
+    """SViT's gate: LayerNorm, Linear(C, C/4), GELU, Linear(C/4, 2) on each token alone, giving
+    (drop, keep) logits; `threshold` is the keep probability inference keeps tokens above."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        hidden = max(1, dim // 4)
+        self.norm = nn.LayerNorm(dim)
+        self.hidden = nn.Linear(dim, hidden)
+        self.activation = nn.GELU()
+        self.out = nn.Linear(hidden, 2)
+        self.register_buffer("threshold", torch.tensor(INITIAL_THRESHOLD))
+
+    def forward(self, tokens: Tensor, weights: Tensor | None = None) -> Tensor:
+        """tokens [B, N, C] -> logits [B, N, 2]; `weights` is ignored (each token is scored alone)."""
+        return self.out(calls.activate(self.activation, self.hidden(self.norm(tokens))))
+
+    def macs(self, tokens: int | Tensor) -> int | Tensor:
+        """Matrix-product MACs of scoring `tokens` tokens of one image."""
+        return tokens * (self.hidden.in_features * self.hidden.out_features
+                         + self.out.in_features * self.out.out_features)
+
+
+class PredictorGate(KeepPredictor):
+    """DynamicViT's local + global predictor as an SViT gate, with its `threshold`."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.register_buffer("threshold", torch.tensor(INITIAL_THRESHOLD))
+
+
+def _patch_positions(state: TokenState) -> tuple[Tensor, bool]:
+    """The input positions [B, M] of every non-prefix token of the grid, ascending, and whether
+    they are the grid's rows prefix..N0-1 (the prefix leads the input, as in every image tower)."""
+    batch, tokens, prefix = state.x.shape[0], state.grid.shape[1] - 1, state.prefix
+    device = state.index.device
+    prefix_positions = state.index[:, :prefix]
+    if bool((prefix_positions == torch.arange(prefix, device=device)).all()):
+        return torch.arange(prefix, tokens, device=device).expand(batch, -1), True
+    # A host that reorders its tokens (CLIP text keeps its end token first): sort the prefix last.
+    is_prefix = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+    is_prefix.scatter_(1, prefix_positions, True)
+    order = (torch.arange(tokens, device=device) + tokens * is_prefix).argsort(dim=1)
+    return order[:, : tokens - prefix], False
+
+
+def _input_patches(state: TokenState, run: MethodRun) -> int | Tensor:
+    """The input's non-prefix tokens, per image: an int, or [B] when the input has padding."""
+    if run.trace.input_valid is None:
+        return run.trace.input_tokens - state.prefix
+    return run.trace.input_valid.sum(dim=1) - state.prefix
+
+
+def _pool_weights(valid: Tensor | None, keep: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """[B, Np] weight of each token in a DynamicViT gate's global feature: the candidates; None: all."""
+    weights = keep
+    if valid is not None:
+        valid = valid.to(dtype)
+        weights = valid if weights is None else weights * valid
+    return weights
+
+
+def _at_most(counts: int | Tensor, limit: int | Tensor) -> int | Tensor:
+    if isinstance(counts, Tensor):
+        return counts.clamp_max(limit) if isinstance(limit, int) else torch.minimum(counts, limit)
+    return limit.clamp_max(counts) if isinstance(limit, Tensor) else min(counts, limit)
+
+
+def _append_report(run: MethodRun, name: str, value: object) -> None:
+    # A new tuple each time: a block run again by activation checkpointing starts from a blank
+    # trace, and must not add to the one the forward filled.
+    run.report(name, (*run.trace.reports.get(name, ()), value))
+
+
+__all__ = ["GateKeep", "GateScores", "MlpGate", "PredictorGate", "SViT"]

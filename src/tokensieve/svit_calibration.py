@@ -1,0 +1,210 @@
+"""Setting SViT's gate thresholds on validation data: each gate keeps its target share of the patch
+tokens, or the whole patched module meets a MACs budget.
+
+Give it validation data, never the test split: the thresholds are fitted to the data they see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokensieve.flops import report_from_trace
+from tokensieve.methods.svit import SCORE_REPORT, SViT
+from tokensieve.modes import in_mode
+from tokensieve.patch import is_patched, runner_of, sieve_of, trace
+from tokensieve.tokens import Trace, per_sample
+
+Batches = Callable[[], Iterator[Any]]  # a fresh pass over the data's model inputs
+
+
+@dataclass(frozen=True)
+class SViTCalibration:
+    """What `calibrate_svit` set, and what it measured on the data with it; one entry per gate, in
+    block order."""
+
+    layers: tuple[int, ...]
+    targets: tuple[float, ...]  # the share of each image's patch tokens each gate was set to keep
+    thresholds: tuple[float, ...]  # keep probabilities, now in the gates' `threshold` buffers
+    shares: tuple[float, ...]  # the share of the data's patch tokens each gate kept with them
+    macs: float  # MACs per sample of the patched module on the data, gates included
+    dense_macs: float  # the same with every token kept and no gate
+    scale: float  # the factor on the schedule's targets (1.0 unless a MACs budget was given)
+
+
+def calibrate_svit(model: nn.Module, data: Tensor | Mapping[str, Tensor] | Iterable[Any], *,
+                   macs_budget: float | None = None, batch_size: int = 16, tolerance: float = 0.01,
+                   max_rounds: int = 20) -> SViTCalibration:
+    """Set the threshold of every SViT gate of `model` (the patched module, or a model containing
+    it) on validation `data`, gate by gate in block order, since each gate scores the tokens the
+    earlier gates let through: gate i keeps, over all of the data, its target share of the patch
+    tokens (the quantile of its keep probabilities over every candidate token of the data).
+
+    The targets are the method's schedule (keep, keep², keep³). With `macs_budget` (a share of the
+    patched module's dense MACs, as `tokensieve.flops` counts them, gates included) one factor on
+    all the targets is searched by bisection until the module's MACs per sample on the data lie
+    within `tolerance` (relative) of the budget, or `max_rounds` are spent (the closest is kept).
+    Each setting of the thresholds runs the data once per gate and once more to measure, so a
+    budget costs that many passes per round.
+
+    `data` is a tensor of inputs (split into `batch_size` batches), a dict of keyword inputs (one
+    batch), or a re-iterable of batches (a list, a DataLoader), each a tensor, a dict of keyword
+    inputs or an (inputs, targets) pair. Use the validation split: the thresholds fit the data
+    they are set on, and setting them on the test split would score the model on its own fit.
+    """
+    module = _svit_module(model)
+    method: SViT = sieve_of(module).method
+    if method.per_image or method.keep == 1.0:
+        raise ValueError(f"{method} reads no thresholds (it keeps a fixed share of each image, or every "
+                         "token); calibrate SViT with per_image=False and keep < 1")
+    if macs_budget is not None and not 0.0 < macs_budget <= 1.0:
+        raise ValueError(f"macs_budget={macs_budget}: give the share of the dense MACs to spend, in (0, 1]")
+    runner = runner_of(module)
+    gates = runner.parts
+    schedule = method.schedule(runner.host.spec.depth)
+    batches = _batches(data, batch_size)
+    calibrate = _Calibration(model, module, gates, tuple(schedule), tuple(schedule.values()), batches)
+    before = [gate.threshold.clone() for gate in gates.values()]
+    try:
+        with in_mode(model, training=False), torch.no_grad():
+            if macs_budget is None:
+                return calibrate.at(1.0)
+            return calibrate.to_budget(macs_budget, tolerance, max_rounds)
+    except BaseException:  # a calibration that fails leaves the gates as they were
+        for gate, threshold in zip(gates.values(), before, strict=True):
+            gate.threshold.copy_(threshold)
+        raise
+
+
+@dataclass
+class _Calibration:
+    model: nn.Module
+    module: nn.Module  # the patched module within it
+    gates: nn.ModuleDict
+    layers: tuple[int, ...]
+    targets: tuple[float, ...]
+    batches: Batches
+
+    def at(self, scale: float) -> SViTCalibration:
+        """Thresholds set for the targets times `scale` (each at most 1), and their measure."""
+        targets = tuple(min(1.0, scale * target) for target in self.targets)
+        thresholds = []
+        for layer, target in zip(self.layers, targets, strict=True):
+            scores, patches = self._scores(layer)
+            thresholds.append(_threshold(scores, patches, target))
+            self.gates[str(layer)].threshold.fill_(thresholds[-1])
+        shares, macs, dense = self._measure()
+        return SViTCalibration(self.layers, targets, tuple(thresholds), shares, macs, dense, scale)
+
+    def to_budget(self, budget: float, tolerance: float, max_rounds: int) -> SViTCalibration:
+        """The factor on the targets whose thresholds spend `budget` of the dense MACs, by bisection."""
+        low = self.at(0.0)  # one token per image at every gate
+        goal = budget * low.dense_macs
+        if low.macs > goal:
+            raise ValueError(f"macs_budget={budget}: the fewest MACs these gates reach on this data are "
+                             f"{low.macs / low.dense_macs:.3f} of dense (one token per image at every gate); "
+                             "give a budget at least that large")
+        high = self.at(1.0 / min(self.targets))  # every target at 1: every token kept
+        if high.macs <= goal:
+            return high
+        best = min((low, high), key=lambda result: abs(result.macs - goal))
+        lower, upper = low.scale, high.scale
+        for _ in range(max_rounds):
+            if abs(best.macs - goal) <= tolerance * goal:
+                break
+            middle = self.at((lower + upper) / 2)
+            best = min((best, middle), key=lambda result: abs(result.macs - goal))
+            lower, upper = (middle.scale, upper) if middle.macs < goal else (lower, middle.scale)
+        for layer, threshold in zip(self.layers, best.thresholds, strict=True):  # the best, not the last
+            self.gates[str(layer)].threshold.fill_(threshold)
+        return best
+
+    def _traces(self) -> Iterator[Trace]:
+        """The trace of every call of the patched module over the data."""
+        found = False
+        for inputs in self.batches():
+            with trace(self.module) as traces:
+                _call(self.model, inputs)
+            found = found or bool(traces)
+            yield from traces
+        if not found:
+            raise ValueError("the model's forward did not run the module patched with SViT; give the model "
+                             "whose forward uses it")
+
+    def _scores(self, layer: int) -> tuple[Tensor, int]:
+        """The log-odds gate `layer` gives each token it may keep, over the data, and the data's
+        patch tokens."""
+        scores, patches = [], 0
+        for record in self._traces():
+            found = [s for s in record.reports.get(SCORE_REPORT, ()) if s.layer == layer]
+            if not found:
+                raise ValueError(f"the SViT gate before block {layer} did not run; calibrate with the data "
+                                 "the model runs on")
+            gate = found[0]
+            candidates = gate.scores if gate.candidates is None else gate.scores[gate.candidates]
+            scores.append(candidates.flatten().double().cpu())
+            patches += int(per_sample(gate.input_patches, record.batch).sum())
+        return torch.cat(scores), patches
+
+    def _measure(self) -> tuple[tuple[float, ...], float, float]:
+        """Each gate's share of the data's patch tokens kept, and the MACs per sample (pruned and
+        dense) of the patched module."""
+        host = runner_of(self.module).host
+        kept = torch.zeros(len(self.layers), dtype=torch.float64)
+        patches, samples, macs, dense = 0, 0, 0.0, 0.0
+        for record in self._traces():
+            report = report_from_trace(host, record)
+            macs += report.macs * record.batch
+            dense += report.dense_macs * record.batch
+            samples += record.batch
+            patches += int(record.input_counts().sum()) - record.prefix * record.batch
+            by_layer = {block.layer: block for block in record.layers}
+            for i, layer in enumerate(self.layers):
+                tokens = per_sample(by_layer[layer].attention_tokens, record.batch)  # after the gate
+                kept[i] += float(tokens.sum()) - record.prefix * record.batch
+        shares = tuple((kept / max(patches, 1)).tolist())
+        return shares, macs / samples, dense / samples
+
+
+def _threshold(scores: Tensor, patches: int, target: float) -> float:
+    """The keep probability that keeps round(target · patches) of `scores` (log-odds): halfway, in
+    log-odds, between the last score kept and the first one not kept."""
+    count = round(target * patches)
+    if count >= scores.numel():
+        return 0.0  # keep every candidate
+    if count <= 0:
+        return 1.0  # keep none but the one per image every gate keeps
+    ranked = scores.sort(descending=True).values
+    return float(torch.sigmoid((ranked[count - 1] + ranked[count]) / 2))
+
+
+def _svit_module(model: nn.Module) -> nn.Module:
+    found = [m for m in model.modules() if is_patched(m) and isinstance(sieve_of(m).method, SViT)]
+    if len(found) != 1:
+        where = "no module" if not found else f"{len(found)} modules"
+        raise ValueError(f"{where} of this model is patched with SViT; patch one module with "
+                         "tokensieve.patch(module, SViT(...)) and calibrate the model that runs it")
+    return found[0]
+
+
+def _batches(data: Any, batch_size: int) -> Batches:
+    """Passes over `data`'s model inputs, as many as asked for."""
+    if isinstance(data, Tensor):
+        return lambda: iter(data.split(batch_size))
+    if isinstance(data, Mapping):
+        return lambda: iter([data])
+    if iter(data) is data:
+        raise ValueError("calibration runs the data once per gate: give a re-iterable (a list of batches, a "
+                         "DataLoader, a tensor of inputs), not an iterator")
+    return lambda: (item[0] if isinstance(item, (tuple, list)) else item for item in data)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+__all__ = ["SViTCalibration", "calibrate_svit"]
