@@ -23,7 +23,7 @@ from tokensieve.reference.detection import build_detector
 from tokensieve.reference.recipes.phases import phase_objective
 from tokensieve.reference.transfer import start_from_seg
 from tokensieve.tasks import collate, make_dataset
-from tokensieve.train import TrainConfig, fit
+from tokensieve.train import TrainConfig, fit, load_trained
 
 SIDE = 64
 
@@ -109,6 +109,24 @@ def test_fit_trains_the_detector_on_the_recipes_batches_and_loss(method):
     changed = {name for name, p in detector.named_parameters() if not torch.equal(p, before[name])}
     assert any(name.startswith("backbone.vit.") for name in changed)
     assert any(name.startswith("roi_heads.mask_head") for name in changed)
+
+
+def test_a_method_trained_inside_the_detector_loads_into_a_fresh_one(tmp_path):
+    """The patched ViT sits inside the detector: load_trained finds it there, as fit did."""
+    trained = _detector()
+    patch_reference(trained, ts.DynamicViT(keep=0.5, layers=(1, 2)))
+    loss, read, collate_fn = phase_objective("det", Phase(SIDE, 1, 1e-3, 1), attributes=False)
+    config = TrainConfig(train="model", steps=1, batch_size=2, lr=1e-2, warmup_steps=1, distill_weight=0.0,
+                         progress=False, checkpoint_dir=str(tmp_path))
+    fit(trained, make_dataset("det", "train", size=2, image_size=SIDE), loss, config, collate_fn=collate_fn,
+        logits_of=read)
+    fresh = _detector()
+    patch_reference(fresh, ts.DynamicViT(keep=0.5, layers=(1, 2)))
+    load_trained(fresh, tmp_path)
+    for (name, value), other in zip(ts.sieve_of(trained.backbone.vit).state_dict().items(),
+                                    ts.sieve_of(fresh.backbone.vit).state_dict().values(), strict=True):
+        assert torch.equal(value, other), name
+    assert all(torch.equal(p, q) for p, q in zip(trained.parameters(), fresh.parameters(), strict=True))
 
 
 def test_patch_reference_prunes_the_det_models_vit_in_dense_mode():
