@@ -257,7 +257,8 @@ def load_run(path: str | os.PathLike, *, model: nn.Module, sieve: Sieve | None, 
 def load_trained(model: nn.Module, path: str | os.PathLike, *, sieve: Sieve | None = None) -> dict[str, str]:
     """Load what a training run trained (the method's parameters, and the host's if the model was
     trained) into `model`, patched with the same method (or not patched, for a model trained
-    dense); returns the checkpoint's metadata.
+    dense); returns the checkpoint's metadata. The patched part may be `model` itself or modules
+    inside it patched by one call, as `fit` trains them; `sieve` picks one of several.
 
     `path` is a checkpoint file or a checkpoint directory (its latest checkpoint).
     """
