@@ -7,9 +7,9 @@ that the gates keep 0.7, 0.49 and 0.343 of the patch tokens on average, and then
 `ts.benchmark(patched, pixels=...)` times, interleaved after warm-up, the host's own forward, the
 patched model with pruning disabled and the pruned model, on other images drawn the same way.
 
-Per-image counts. On images of plain noise, every image is alike to the gates, so each image's
-count is close to the mean. Trained gates keep what holds detail (objects) and drop flat
-background, so their counts follow how much of each image is busy. The timed and calibration
+Per-image counts. Trained gates keep what holds detail (objects) and drop flat background, so
+their counts follow how much of each image is busy; images of plain noise are all drawn alike and
+hold no such difference. The timed and calibration
 images here are *scenes*: a smooth background (random colours at 4x4, bilinearly upsampled) with
 a seeded share of the 16x16 cells, drawn per image uniformly in [BUSY_LOW, BUSY_HIGH], covered by
 unit noise. The script measures and writes the per-image spread both ways (noise, and the
@@ -234,8 +234,8 @@ def _markdown(rows: list[dict], calibrations: list[dict], args: argparse.Namespa
         f"{CALIBRATION_SEED}) so that they keep {KEEP}, {KEEP ** 2:.2f} and {KEEP ** 3:.3f} of the "
         "patch tokens on average; each image then keeps the tokens its gates rate above the "
         "thresholds, its own count. The counts are measured first on plain noise (calibrated on "
-        "noise, counted on other noise), where every image is alike to the gates. Trained gates "
-        "keep detail and drop flat background, so their counts follow each image's content; the "
+        "noise, counted on other noise), whose images are all drawn alike. Trained gates keep "
+        "detail and drop flat background, so their counts follow each image's content; the "
         "calibration and timed images are therefore *scenes*: a smooth background (random colours "
         f"at 4x4, upsampled bilinearly) with a share of its {CELL}x{CELL} cells, drawn per image "
         f"uniformly in [{BUSY_LOW}, {BUSY_HIGH}], covered by unit noise. No weight is altered. The "
