@@ -17,7 +17,7 @@ from tokensieve.calls import prepacked
 from tokensieve.flops import flops
 from tokensieve.hosts import resolve_host
 from tokensieve.methods import Method
-from tokensieve.patch import method_timing, patch, pruning_disabled, unpatch
+from tokensieve.patch import is_patched, method_timing, patch, pruning_disabled, sieve_of, unpatch
 
 
 @dataclass
@@ -57,12 +57,18 @@ class BenchResult:
         return {**asdict(self), "efficiency": self.efficiency}
 
 
-def benchmark(model: nn.Module, method: Method, batch: int = 1, image_size: int | None = None,
+def benchmark(model: nn.Module, method: Method | None = None, batch: int = 1, image_size: int | None = None,
               repeats: int = 20, warmup: int = 3, threads: int | None = None,
               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              prepack: bool = False) -> BenchResult:
+              prepack: bool = False, pixels: torch.Tensor | None = None) -> BenchResult:
     """Time `model`'s own forward, and a copy patched with `method` with pruning disabled and
-    enabled, on the same random batch.
+    enabled, on the same batch.
+
+    Without `method`, `model` must be patched: a copy of it is timed as it is, with its method,
+    its learned parts and their state (SViT's calibrated thresholds) and its `dense` setting, and
+    the host is a copy with the patch taken off. `pixels` is the batch to time (its size and side
+    are the result's `batch` and `image_size`); without it, a random normal batch of `batch`
+    images of side `image_size` (the model's own size when None).
 
     The three forwards alternate (each round in another order) after `warmup` rounds, and the
     medians are compared; `model` itself is left as it was. With `prepack`, the patched copy runs
@@ -71,12 +77,20 @@ def benchmark(model: nn.Module, method: Method, batch: int = 1, image_size: int 
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be at least 1, warmup at least 0")
+    if method is None and not is_patched(model):
+        raise ValueError("benchmark needs a method, e.g. benchmark(model, EViT(keep=0.7)), or patch the "
+                         "model first (tokensieve.patch) to time it as patched")
     host_model = _dense_copy(model).to(device=device, dtype=dtype).eval()
     host = resolve_host(host_model)
-    size = image_size or host.spec.image_size
-    pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    pruned = copy.deepcopy(host_model)
-    patch(pruned, method)
+    pixels = _pixels(pixels, batch, image_size, host.spec.image_size, device, dtype)
+    batch, size = pixels.shape[0], pixels.shape[-1]
+    if method is None:  # the caller's patch, parts and all; a copy, so the caller's model stays as it was
+        pruned = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        sieve_of(pruned).to(device=device, dtype=dtype).eval()  # the parts are no submodule of the model
+        method = sieve_of(pruned).method
+    else:
+        pruned = copy.deepcopy(host_model)
+        patch(pruned, method)
 
     def unpruned(x: torch.Tensor) -> torch.Tensor:
         with pruning_disabled(pruned):
@@ -112,6 +126,21 @@ def benchmark(model: nn.Module, method: Method, batch: int = 1, image_size: int 
 
 # Every order of the three runs, so none is always first after another's cache traffic.
 _ORDERS = list(itertools.permutations(("host", "unpruned", "pruned")))
+
+
+def _pixels(pixels: torch.Tensor | None, batch: int, size: int | None, default_size: int,
+            device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The batch to time: the caller's, or `batch` random normal images of side `size`."""
+    if pixels is None:
+        size = size or default_size
+        return torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    if pixels.ndim != 4 or pixels.shape[0] < 1:
+        raise ValueError(f"pixels of shape {tuple(pixels.shape)}: give a batch [B, 3, H, W] of at least one "
+                         "image")
+    if batch not in (1, pixels.shape[0]) or size not in (None, pixels.shape[-2], pixels.shape[-1]):
+        raise ValueError(f"pixels of shape {tuple(pixels.shape)} disagree with batch={batch}, "
+                         f"image_size={size}; leave batch and image_size out when giving pixels")
+    return pixels.to(device=device, dtype=dtype)
 
 
 def _round_ratios(slower: list[float], faster: list[float]) -> tuple[float, float]:

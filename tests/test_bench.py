@@ -1,0 +1,65 @@
+"""ts.benchmark on a model the caller patched (its own parts and thresholds) and on given pixels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import host_model, images, strengthen
+
+import tokensieve as ts
+from tokensieve.patch import runner_of
+
+QUICK = dict(repeats=1, warmup=0, threads=1)
+
+
+def _calibrated_svit(dense: bool) -> torch.nn.Module:
+    model = strengthen(host_model("timm-vit"))
+    ts.patch(model, ts.SViT(keep=0.5), dense=dense)
+    ts.calibrate_svit(model, images(4, seed=1))
+    return model
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_patched_model_is_timed_with_its_own_gates_and_thresholds(dense):
+    model = _calibrated_svit(dense)
+    thresholds = [float(gate.threshold) for gate in runner_of(model).parts.values()]
+    pixels = images(3, seed=2)
+    result = ts.benchmark(model, pixels=pixels, **QUICK)
+    # Fresh gates at the initial threshold would prune otherwise: the MACs are those of this model.
+    assert result.gmacs == pytest.approx(ts.flops(model, pixels).macs / 1e9)
+    assert result.flops_ratio > 1.2
+    assert result.method == str(ts.SViT(keep=0.5))
+    assert [float(gate.threshold) for gate in runner_of(model).parts.values()] == thresholds
+    assert runner_of(model).dense is dense  # the caller's model is left patched as it was
+
+
+def test_given_pixels_set_the_batch_and_size_and_are_the_ones_timed():
+    model = _calibrated_svit(dense=True)
+    pixels = images(3, seed=2)
+    result = ts.benchmark(model, pixels=pixels, **QUICK)
+    assert (result.batch, result.image_size) == (3, pixels.shape[-1])
+    other = images(3, seed=3) * 0.05  # another content: the gates keep other counts
+    assert ts.flops(model, other).macs != ts.flops(model, pixels).macs
+    assert result.gmacs == pytest.approx(ts.flops(model, pixels).macs / 1e9)
+
+
+def test_a_method_with_a_patched_model_still_patches_a_fresh_copy():
+    model = _calibrated_svit(dense=False)
+    pixels = images(2, seed=2)
+    fresh = host_model("timm-vit")
+    ts.patch(fresh, ts.TopK(keep=0.5, layers=(1, 2)))
+    result = ts.benchmark(model, ts.TopK(keep=0.5, layers=(1, 2)), pixels=pixels, **QUICK)
+    assert result.gmacs == pytest.approx(ts.flops(fresh, pixels).macs / 1e9)
+
+
+def test_without_a_method_the_model_must_be_patched():
+    with pytest.raises(ValueError, match="patch the model"):
+        ts.benchmark(host_model("timm-vit"), **QUICK)
+
+
+def test_pixels_that_disagree_with_batch_or_image_size_are_refused():
+    model = _calibrated_svit(dense=False)
+    with pytest.raises(ValueError, match="leave batch and image_size out"):
+        ts.benchmark(model, batch=2, pixels=images(3), **QUICK)
+    with pytest.raises(ValueError, match="leave batch and image_size out"):
+        ts.benchmark(model, image_size=32, pixels=images(3), **QUICK)
