@@ -23,11 +23,15 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Checkpoints and JSONL logs (default: runs/TASK or runs/TASK-METHOD); rerun to resume.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Where the reference weights go (default: the package's shipped weights).")
+              help="Where the reference weights go (default: the package's shipped weights); for a method "
+                   "run, the trained model and method (default: the package's weights/TASK-NAME).")
 @click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True,
               help="Steps of a method run.")
 @click.option("--model-lr-scale", type=float, default=None,
               help="A method run's lr for the host, relative to the method's own (default: 0.01).")
+@click.option("--macs-budget", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="An SViT run's thresholds spend this share of the encoder's dense MACs, gates included "
+                   "(default: SViT's keep schedule), set on the validation split.")
 @click.option("--text", "text_encoder", type=click.Choice(["words", "minilm"]), default="words",
               show_default=True,
               help="tos only: the text encoder, trained over the task words, or the frozen pretrained MiniLM "
@@ -38,13 +42,15 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: torch's choice).")
 def train(task: str, method_spec: str | None, run_dir: str | None, out: str | None, steps: int,
-          model_lr_scale: float | None, text_encoder: str, precision: str | None,
+          model_lr_scale: float | None, macs_budget: float | None, text_encoder: str, precision: str | None,
           threads: int | None) -> None:
     """Train TASK's reference model by its committed recipe, or a method on the shipped one.
 
     Seeded: the same command gives the same weights (up to thread nondeterminism).
     """
-    from tokensieve.reference import shipped_weights, train_method, train_reference
+    from tokensieve.reference import method_weights, shipped_weights, train_method, train_reference
+    from tokensieve.reference.calibration import reads_thresholds
+    from tokensieve.reference.shipped_methods import method_name
 
     if threads:
         torch.set_num_threads(threads)
@@ -53,6 +59,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
                                "its own: tokensieve train tos --text minilm --out DIR")
     if model_lr_scale is not None and method_spec is None:
         raise click.UsageError("--model-lr-scale sets a method run's host lr; give --method too")
+    if macs_budget is not None and method_spec is None:
+        raise click.UsageError("--macs-budget sets an SViT run's thresholds; give --method svit:... too")
     if precision is not None and method_spec is None:
         raise click.UsageError("--precision sets a method run's; a reference run takes its recipe's "
                                "(RECIPES[task].precision)")
@@ -69,13 +77,20 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         click.echo(f"reference weights written to {target}")
         return
     method = read_method(method_spec, "--method")
+    if macs_budget is not None and not reads_thresholds(method):
+        raise click.UsageError(f"--macs-budget sets SViT's thresholds; {method} has none (give svit with "
+                               "per_image=False and keep < 1, or drop --macs-budget)")
     _check_fits(task, [method], None, "--method")
     run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}"
     options = {} if model_lr_scale is None else {"model_lr_scale": model_lr_scale}
     if precision is not None:
         options["precision"] = precision
-    train_method(task, method, run, steps=steps, **options)
-    click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}")
+    if macs_budget is not None:
+        options["macs_budget"] = macs_budget
+    target = Path(out) if out else method_weights(task, method_name(method))
+    train_method(task, method, run, steps=steps, out_dir=target, **options)
+    click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}, the model "
+               f"and method in {target}")
 
 
 @click.command(name="eval")
@@ -85,7 +100,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Score only the first N samples of the split.")
 @click.option("--trained", multiple=True, metavar="METHOD=RUN_DIR",
-              help="Load a training run's weights before scoring METHOD (repeatable).")
+              help="Load a training run's weights (or the directory a method run's --out wrote) before "
+                   "scoring METHOD (repeatable); a method the package ships trained is scored as shipped.")
 @click.option("--weights", type=click.Path(exists=True, file_okay=False), default=None,
               help="Reference weights directory (default: the shipped ones).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -14,6 +15,7 @@ from tokensieve.methods import Method
 from tokensieve.reference.evaluation import METRICS, evaluate
 from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.reference.patching import image_encoder, patch_reference
+from tokensieve.reference.shipped_methods import METHOD_STATE, load_method, method_name, shipped_method
 from tokensieve.reference.store import load_reference
 from tokensieve.tasks import make_dataset
 from tokensieve.train import load_trained
@@ -40,23 +42,45 @@ def compare(task: str, methods: list[Method], split: str = "test", samples: int 
             progress: bool = True) -> list[Row]:
     """Score `task`'s reference model dense, then patched with each of `methods`, on `split`
     (`samples` of it; default: all). `trained` maps a method's short form to a training run
-    (directory or checkpoint) whose weights are loaded before scoring it."""
+    (directory or checkpoint) or a directory `save_method` wrote, whose weights are loaded before
+    scoring it; without one, a method the package ships trained with exactly these settings
+    (`load_method`) is scored as shipped, unless `weights` names other reference weights."""
     data = make_dataset(task, split, size=samples, image_size=IMAGE_SIZES[task])
     flop_images = _distinct_images(data, FLOPS_SAMPLES)
     rows: list[Row] = []
     for method in [None, *methods]:
-        model = load_reference(task, weights)
         name = "dense" if method is None else str(method)
-        if method is not None:
-            patch_reference(model, method)
-            if trained and name in trained:
-                load_trained(model, trained[name])
+        model = _scored_model(task, method, weights, (trained or {}).get(name))
         scores = evaluate(model, task, data, progress=progress)
         score = scores.pop(METRICS[task])
         gmacs = ts.flops(image_encoder(model), flop_images).macs / 1e9
         dense_score = rows[0].score if rows else score
         rows.append(Row(task, name, METRICS[task], score, _relative(score, dense_score), gmacs, scores))
     return rows
+
+
+def _scored_model(task: str, method: Method | None, weights: str | os.PathLike | None,
+                  run: str | None) -> torch.nn.Module:
+    """The model a row scores: the reference model, patched with `method` and loaded from its
+    training `run` if given (a run directory or checkpoint, or a directory `save_method` wrote),
+    else from the package's shipped training of exactly this method (e.g. SViT with its
+    fine-tuned host and calibrated thresholds) when the shipped reference weights are scored."""
+    if method is not None and run is not None and (Path(run) / METHOD_STATE).is_file():
+        model = load_method(task, method_name(method), run)
+        held = ts.sieve_of(image_encoder(model)).method
+        if held != method:
+            raise ValueError(f"{run} holds {held}, not {method}; name the method it holds")
+        return model
+    as_shipped = method is not None and run is None and weights is None
+    shipped = shipped_method(task, method) if as_shipped else None
+    if shipped is not None:
+        return load_method(task, method_name(method), shipped)
+    model = load_reference(task, weights)
+    if method is not None:
+        patch_reference(model, method)
+        if run is not None:
+            load_trained(model, run)
+    return model
 
 
 def _relative(score: float, dense: float) -> float:

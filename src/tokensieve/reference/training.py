@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokensieve.methods import Method
+from tokensieve.methods import Method, SViT
+from tokensieve.reference.calibration import calibrate_reference, reads_thresholds
 from tokensieve.reference.detection import build_detector
 from tokensieve.reference.models import IMAGE_SIZES, build_classifier, build_segmenter
 from tokensieve.reference.patching import patch_reference
@@ -27,6 +28,7 @@ from tokensieve.reference.recipes.phases import (
     task_loss,
     validation,
 )
+from tokensieve.reference.shipped_methods import save_method
 from tokensieve.reference.store import load_reference, save_reference
 from tokensieve.reference.tos import build_tos
 from tokensieve.reference.transfer import start_from_seg
@@ -138,7 +140,8 @@ NO_DISTILLATION = ("det",)
 
 def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 400,
                  batch_size: int | None = None, lr: float = 1e-3, model_lr_scale: float = 0.01,
-                 precision: Precision = "fp32", progress: bool = True) -> nn.Module:
+                 precision: Precision = "fp32", progress: bool = True,
+                 out_dir: str | os.PathLike | None = None, macs_budget: float | None = None) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
     trained, and the method's predictors start random), task + keep-ratio + self-distillation
@@ -146,14 +149,28 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     native size (224×224; tos 256×256), each step in `precision` ("bf16":
     bfloat16 autocast, see TrainConfig). Checkpoints and the JSONL log go to
     `run_dir` (run again to resume). Returns the patched model in eval mode; load the run later
-    with `load_trained`."""
+    with `load_trained`.
+
+    SViT trains by its paper's recipe: the gates at `lr`, the host at 1e-5 (the paper's lr for
+    the whole model), the task loss and SViT's own keep-rate loss, no self-distillation. Its
+    thresholds are then set on the validation split (`calibrate_reference`): to the schedule's
+    targets, or to `macs_budget`, a share of the encoder's dense MACs (gates included).
+
+    With `out_dir`, the trained model and method are stored there (`save_method`; load them with
+    `load_method`): the host in fp16, which SViT's thresholds are calibrated on, so that the
+    stored model is the one calibrated."""
+    calibrates = reads_thresholds(method)
+    if macs_budget is not None and not calibrates:
+        raise ValueError(f"macs_budget sets SViT's thresholds; {method} has none to set. Drop the budget, or "
+                         "train SViT with per_image=False and keep < 1")
     model = load_reference(task)
     patch_reference(model, method)
     size = IMAGE_SIZES[task]
     batch_size = batch_size or METHOD_BATCH_SIZES.get(task, 32)
+    distills = task not in NO_DISTILLATION and not isinstance(method, SViT)  # the paper has none
     config = TrainConfig(
         train="model", steps=steps, batch_size=batch_size, lr=lr, model_lr_scale=model_lr_scale,
-        distill_weight=0.0 if task in NO_DISTILLATION else TrainConfig.distill_weight,
+        distill_weight=TrainConfig.distill_weight if distills else 0.0,
         warmup_steps=max(1, steps // 20), num_workers=1, checkpoint_dir=os.fspath(run_dir),
         checkpoint_every=50, keep_checkpoints=1, log_path=os.fspath(Path(run_dir) / "log.jsonl"),
         precision=precision, progress=progress,
@@ -161,4 +178,20 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     data = make_dataset(task, "train", size=steps * batch_size, image_size=size)
     fit(model, data, task_loss(task), config, collate_fn=task_collate(task, size),
         evaluate=validation(task, size), logits_of=task_logits(task))
-    return model.eval()
+    model.eval()
+    if out_dir is not None:
+        _round_to_half(model)
+    if calibrates:
+        calibrate_reference(model, task, macs_budget)
+    if out_dir is not None:
+        save_method(model, out_dir)
+    return model
+
+
+@torch.no_grad()
+def _round_to_half(model: nn.Module) -> None:
+    """The model's weights as fp16 storage holds them, so that what is measured on it afterwards
+    (SViT's calibration) holds for the stored model."""
+    for value in model.state_dict().values():
+        if value.is_floating_point():
+            value.copy_(value.half().float())

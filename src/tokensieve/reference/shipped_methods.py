@@ -1,0 +1,97 @@
+"""A method trained on a reference model, stored as one directory: the fine-tuned model in the
+reference layout (`save_reference`, fp16), `method.json` (the method's class and settings) and
+`method.safetensors` (the method's own state in fp32: its learned parts and buffers, e.g. SViT's
+gates with their calibrated thresholds). Shipped ones live in the package's
+`weights/TASK-NAME` (e.g. `weights/seg-svit`) and load with one call: `load_method("seg", "svit")`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tokensieve.loading import METHODS
+from tokensieve.methods import Method
+from tokensieve.patch import sieve_of
+from tokensieve.reference import store
+from tokensieve.reference.patching import image_encoder, patch_reference
+from tokensieve.train.identity import method_config
+
+METHOD_CONFIG = "method.json"
+METHOD_STATE = "method.safetensors"
+
+
+def method_name(method: Method) -> str:
+    """The name a method goes by on the command line ("svit" for SViT)."""
+    for name, cls in METHODS.items():
+        if type(method) is cls:
+            return name
+    raise ValueError(f"{type(method).__name__} is not one of tokensieve's named methods "
+                     f"({', '.join(METHODS)}); store it under a directory of your own")
+
+
+def method_weights(task: str, name: str) -> Path:
+    """The package's directory for the `name` method trained on `task`'s reference model."""
+    if name not in METHODS:
+        raise ValueError(f"no method named {name!r}; choose one of {', '.join(METHODS)}")
+    return store.shipped_weights(task).parent / f"{task}-{name}"
+
+
+def save_method(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a reference model patched with a method (by `patch_reference`), its host fine-tuned
+    with it: the model in fp16 as `save_reference` writes it, and the method's settings and state.
+    The model is not changed."""
+    directory = Path(directory)
+    sieve = sieve_of(image_encoder(model))
+    store.save_reference(model, directory)
+    state = {key: value.detach().float().contiguous() for key, value in sieve.state_dict().items()}
+    save_file(state, directory / METHOD_STATE, metadata={"format": "pt"})
+    (directory / METHOD_CONFIG).write_text(json.dumps(method_config(sieve.method), indent=2) + "\n")
+    return directory
+
+
+def stored_method(directory: str | os.PathLike) -> Method:
+    """The method whose training `directory` holds, with its settings."""
+    path = Path(directory) / METHOD_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METHOD_CONFIG} in {directory}; pass a directory `tokensieve train TASK "
+                                "--method M` wrote")
+    config = json.loads(path.read_text())
+    kinds = {cls.__name__: cls for cls in METHODS.values()}
+    kind = kinds.get(config.pop("class"))
+    if kind is None:
+        raise ValueError(f"{path} names no method tokensieve knows; it was written by another version")
+    return kind(**config)
+
+
+def load_method(task: str, name: str, directory: str | os.PathLike | None = None) -> nn.Module:
+    """`task`'s reference model as trained with the `name` method (e.g. "svit"), patched with it
+    and in eval mode, from `directory` (default: the package's `weights/TASK-NAME`)."""
+    path = Path(directory) if directory is not None else method_weights(task, name)
+    if not (path / METHOD_STATE).is_file():
+        raise FileNotFoundError(f"no trained {name} for the {task} reference model in {path}; train it with "
+                                f"`tokensieve train {task} --method {name}`")
+    method = stored_method(path)
+    if method_name(method) != name:
+        raise ValueError(f"{path} holds {method}, not {name}; load it with load_method({task!r}, "
+                         f"{method_name(method)!r}, ...)")
+    model = store.load_reference(task, path)
+    sieve = patch_reference(model, method)
+    sieve.load_state_dict(load_file(path / METHOD_STATE))
+    return model.eval()
+
+
+def shipped_method(task: str, method: Method) -> Path | None:
+    """The package's directory of `method` trained on `task`'s reference model, if one is shipped
+    with exactly these settings."""
+    try:
+        directory = method_weights(task, method_name(method))
+    except ValueError:
+        return None
+    if not (directory / METHOD_STATE).is_file() or not (directory / METHOD_CONFIG).is_file():
+        return None
+    return directory if stored_method(directory) == method else None
