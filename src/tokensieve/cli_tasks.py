@@ -24,7 +24,8 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
               help="Checkpoints and JSONL logs (default: runs/TASK or runs/TASK-METHOD); rerun to resume.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Where the reference weights go (default: the package's shipped weights); for a method "
-                   "run, the trained model and method (default: the package's weights/TASK-NAME).")
+                   "run, the trained model and method (default: an SViT run's go to the package's "
+                   "weights/TASK-svit, other runs store nothing beyond their checkpoints).")
 @click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True,
               help="Steps of a method run.")
 @click.option("--model-lr-scale", type=float, default=None,
@@ -87,10 +88,14 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         options["precision"] = precision
     if macs_budget is not None:
         options["macs_budget"] = macs_budget
-    target = Path(out) if out else method_weights(task, method_name(method))
+    # An SViT run's product is its calibrated thresholds, which the run's checkpoints do not hold:
+    # it is stored (in the package by default). Other runs are loaded from their checkpoints.
+    target = Path(out) if out else None
+    if target is None and reads_thresholds(method):
+        target = method_weights(task, method_name(method))
     train_method(task, method, run, steps=steps, out_dir=target, **options)
-    click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}, the model "
-               f"and method in {target}")
+    stored = "" if target is None else f", the model and method in {target}"
+    click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}{stored}")
 
 
 @click.command(name="eval")
