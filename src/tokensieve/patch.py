@@ -177,6 +177,19 @@ def sieve_of(model: nn.Module) -> Sieve:
     return sieve
 
 
+def patched_within(model: nn.Module) -> tuple[list[nn.Module], Sieve | None]:
+    """The modules of `model` (itself included, or e.g. a task model's towers or a detector's ViT)
+    that are patched, and the one handle that patched them (None: nothing is); a ValueError when
+    several patch calls did, since the caller must then say which (`sieve=...`)."""
+    patched = [m for m in model.modules() if is_patched(m)]
+    handles = {id(sieve_of(m)) for m in patched}
+    if len(handles) > 1:
+        raise ValueError(f"modules of this model are patched by {len(handles)} separate patch calls; pass "
+                         "sieve=... to say which method is meant (or patch them in one call to train one "
+                         "method over all of them)")
+    return patched, sieve_of(patched[0]) if patched else None
+
+
 def runner_of(model: nn.Module) -> Runner:
     """The Runner that stands in for the blocks of the patched `model`."""
     sieve = sieve_of(model)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 import tokensieve
-from tokensieve.patch import Sieve
+from tokensieve.patch import Sieve, patched_within
 from tokensieve.train.atomic import atomic_write
 from tokensieve.train.config import TrainConfig
 from tokensieve.train.identity import (
@@ -269,22 +269,11 @@ def load_trained(model: nn.Module, path: str | os.PathLike, *, sieve: Sieve | No
             raise ValueError(f"{path} holds no checkpoint")
         path = found
     if sieve is None:
-        sieve = _sieve_within(model)
+        _, sieve = patched_within(model)
     tensors, metadata = read_checkpoint(path)
     _check_identity(metadata, model, sieve, f"checkpoint {path}")
     _load_trained(tensors, model, sieve, metadata["trained"])
     return metadata
-
-
-def _sieve_within(model: nn.Module) -> Sieve | None:
-    """The one handle patching `model` or modules inside it (e.g. a detector's ViT), as fit finds
-    it; None when nothing in it is patched."""
-    handles = {id(tokensieve.sieve_of(m)): tokensieve.sieve_of(m) for m in model.modules()
-               if tokensieve.is_patched(m)}
-    if len(handles) > 1:
-        raise ValueError(f"modules of this model are patched by {len(handles)} separate patch calls; pass "
-                         "sieve=... to say which method the checkpoint holds")
-    return next(iter(handles.values()), None)
 
 
 def _check_identity(metadata: dict[str, str], model: nn.Module, sieve: Sieve | None, where: str) -> None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 import tokensieve as ts
 from tokensieve.modes import in_mode
-from tokensieve.patch import Sieve
+from tokensieve.patch import Sieve, patched_within
 from tokensieve.tokens import Trace
 from tokensieve.train import distributed as dist
 from tokensieve.train.checkpoint import (
@@ -277,22 +277,18 @@ def _find_patched(model: nn.Module, sieve: Sieve | None,
     """The patched modules inside `model` (itself, or e.g. the towers of a task model) that one
     handle spans, and that handle; (None, None) for a model that is not patched, trained whole
     and dense."""
-    patched = [m for m in model.modules() if ts.is_patched(m)]
     if sieve is not None:
-        patched = [m for m in patched if ts.sieve_of(m) is sieve]
+        patched = [m for m in model.modules() if ts.is_patched(m) and ts.sieve_of(m) is sieve]
         if not patched:
             raise ValueError("the given sieve is not attached to any module of this model")
+    else:
+        patched, sieve = patched_within(model)
     if not patched and config.train == "model":
         return None, None
     if not patched:
         raise ValueError("this model is not patched; call tokensieve.patch(model, method) before training "
                          "its method, or use TrainConfig(train='model') to train the model dense")
-    handles = {id(ts.sieve_of(m)) for m in patched}
-    if len(handles) > 1:
-        raise ValueError(f"modules of this model are patched by {len(handles)} separate patch calls; pass "
-                         "sieve=... to say which method to train (or patch them in one call to train one "
-                         "method over all of them)")
-    return patched, ts.sieve_of(patched[0])
+    return patched, sieve
 
 
 def _trained_parameters(model: nn.Module, sieve: Sieve | None,
