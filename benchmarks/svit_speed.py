@@ -78,7 +78,10 @@ def build(key: str, image: int) -> nn.Module:
         return timm.create_model("deit_small_patch16_224", pretrained=False, img_size=image).eval()
     config = transformers.SamVisionConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                           window_size=14, global_attn_indexes=(2, 5, 8, 11), image_size=image,
-                                          patch_size=CELL)
+                                          patch_size=CELL,
+                                          # SAM's default 1e-10 leaves every weight ~0: the tokens
+                                          # near-equal, and the gates' ranking of them numerical noise
+                                          initializer_range=0.02)
     return transformers.SamVisionModel(config).eval()
 
 

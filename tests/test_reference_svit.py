@@ -145,6 +145,39 @@ def test_tokensieve_eval_scores_the_shipped_svit_after_dense(trained):
     assert scored.overhead["gate"] > 0  # the gates' own cost is counted
 
 
+def test_a_frozen_host_run_trains_the_gates_only_and_stores_them_without_the_host(package, tmp_path):
+    shipped = store.load_reference("seg")
+    out = tmp_path / "frozen"
+    store.save_reference(shipped, out)  # a host stored there before: not this run's, so removed
+    model = train_method("seg", ts.SViT(keep=0.7), tmp_path / "run", steps=2, batch_size=2, progress=False,
+                         out_dir=out, freeze_host=True)
+    for (name, value), other in zip(model.state_dict().items(), shipped.state_dict().values(), strict=True):
+        assert torch.equal(value, other), name  # the host did not move
+    assert sorted(path.name for path in out.iterdir()) == ["method.json", METHOD_STATE]
+    loaded = load_method("seg", "svit", out)  # the shipped host, with the run's gates and thresholds
+    for (name, value), other in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(value, other), name
+    gates = _gates(model)
+    assert any(float(gate.threshold) != 0.5 for gate in gates.values())
+
+
+def test_train_cli_freezes_the_host_of_a_method_run_only(monkeypatch):
+    import tokensieve.reference as reference
+
+    calls = []
+    monkeypatch.setattr(reference, "train_method", lambda task, method, run, **options: calls.append(options))
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "seg", "--method", "svit:keep=0.7", "--steps", "5",
+                                  "--freeze-host", "--out", "elsewhere"])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["freeze_host"] is True
+    result = runner.invoke(main, ["train", "seg", "--freeze-host"])
+    assert result.exit_code != 0 and "give --method" in result.output
+    result = runner.invoke(main, ["train", "seg", "--method", "svit", "--freeze-host",
+                                  "--model-lr-scale", "0.1"])
+    assert result.exit_code != 0 and "no --model-lr-scale" in result.output
+
+
 def test_only_the_shipped_settings_are_scored_as_shipped(trained):
     assert shipped_methods.shipped_method("seg", ts.SViT(keep=0.7)) == method_weights("seg", "svit")
     assert shipped_methods.shipped_method("seg", ts.SViT(keep=0.5)) is None

@@ -180,19 +180,40 @@ def test_the_fixed_rate_variant_keeps_each_gates_share_of_every_image():
     assert all(record.valid is None for record in traces[0].layers)  # equal counts, no padding
 
 
-def test_dropped_tokens_without_preserve_differ_in_the_dense_output_and_equal_no_reactivation():
+def test_without_preserve_dropped_tokens_leave_the_dense_map_and_the_kept_ones_equal_no_reactivation():
     model = strengthen(host_model("timm-vit"))
     x = distinct_images()
-    sieve = ts.patch(model, ts.SViT(keep=0.5), dense=True)
-    gates = sieve.state_dict()
-    preserved = _features(model, x)
+    ts.patch(model, ts.SViT(keep=0.5, reactivate=False), dense=True)
+    gates = ts.sieve_of(model).state_dict()
+    with ts.trace(model) as traces:
+        frozen = _features(model, x)
     ts.patch(model, ts.SViT(keep=0.5, preserve=False), dense=True).load_state_dict(gates)
     dropped = _features(model, x)
-    ts.patch(model, ts.SViT(keep=0.5, reactivate=False), dense=True).load_state_dict(gates)
-    frozen = _features(model, x)
-    assert dropped.shape == preserved.shape == (3, 1 + PATCHES, 64)
-    assert (dropped - preserved).abs().max() > 1e-3
-    torch.testing.assert_close(dropped, frozen, atol=0, rtol=0)
+    assert dropped.shape == frozen.shape == (3, 1 + PATCHES, 64)
+    empty = model.norm(torch.zeros(64))  # the final norm of a zero row: the cell of a discarded token
+    for i in range(3):
+        kept = sorted(_active(traces[0].layers[-1], i))
+        gone = sorted(set(range(1 + PATCHES)) - set(kept))
+        assert gone
+        torch.testing.assert_close(dropped[i, kept], frozen[i, kept], atol=0, rtol=0)
+        torch.testing.assert_close(dropped[i, gone], empty.expand(len(gone), -1))
+        assert (frozen[i, gone] - empty).abs().max() > 1e-3
+
+
+def test_mask_mode_without_preserve_zeroes_the_dropped_tokens_through_their_decisions():
+    model = strengthen(host_model("timm-vit")).train()
+    ts.patch(model, ts.SViT(keep=0.5, preserve=False), dense=True)
+    torch.manual_seed(0)
+    with ts.trace(model) as traces:
+        out = model.forward_features(images(2))
+    last = traces[0].keep_decisions[-1].decisions  # cumulative without reactivation: kept by every gate
+    empty = model.norm(torch.zeros(64))
+    gone = last.detach() == 0
+    assert gone.any() and (~gone).any()
+    torch.testing.assert_close(out[:, 1:][gone], empty.expand(int(gone.sum()), -1))
+    (out[:, 1:][gone] * torch.randn(int(gone.sum()), 64)).sum().backward()
+    # the straight-through gradient of the zeroing reaches the gates
+    assert all(gate.out.weight.grad.abs().sum() > 0 for gate in _gates(model))
 
 
 # --- FLOPs ----------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
               help="Steps of a method run.")
 @click.option("--model-lr-scale", type=float, default=None,
               help="A method run's lr for the host, relative to the method's own (default: 0.01).")
+@click.option("--freeze-host", is_flag=True, default=False,
+              help="A method run trains the method's parameters only; the host stays the shipped model.")
 @click.option("--macs-budget", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="An SViT run's thresholds spend this share of the encoder's dense MACs, gates included "
                    "(default: SViT's keep schedule), set on the validation split.")
@@ -43,8 +45,8 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: torch's choice).")
 def train(task: str, method_spec: str | None, run_dir: str | None, out: str | None, steps: int,
-          model_lr_scale: float | None, macs_budget: float | None, text_encoder: str, precision: str | None,
-          threads: int | None) -> None:
+          model_lr_scale: float | None, freeze_host: bool, macs_budget: float | None, text_encoder: str,
+          precision: str | None, threads: int | None) -> None:
     """Train TASK's reference model by its committed recipe, or a method on the shipped one.
 
     Seeded: the same command gives the same weights (up to thread nondeterminism).
@@ -60,6 +62,9 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
                                "its own: tokensieve train tos --text minilm --out DIR")
     if model_lr_scale is not None and method_spec is None:
         raise click.UsageError("--model-lr-scale sets a method run's host lr; give --method too")
+    if freeze_host and (method_spec is None or model_lr_scale is not None):
+        raise click.UsageError("--freeze-host trains a method's parameters on the frozen shipped model: give "
+                               "--method, and no --model-lr-scale (the host does not train)")
     if macs_budget is not None and method_spec is None:
         raise click.UsageError("--macs-budget sets an SViT run's thresholds; give --method svit:... too")
     if precision is not None and method_spec is None:
@@ -88,6 +93,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         options["precision"] = precision
     if macs_budget is not None:
         options["macs_budget"] = macs_budget
+    if freeze_host:
+        options["freeze_host"] = True
     # An SViT run's product is its calibrated thresholds, which the run's checkpoints do not hold:
     # it is stored (in the package by default). Other runs are loaded from their checkpoints.
     target = Path(out) if out else None

@@ -34,10 +34,11 @@ class SViT(Method):
     them, in order (`schedule`). A token a gate passes over is frozen: it keeps its features, and
     with `reactivate` (the default) every later gate scores it again with them, so it can come
     back (the state works on the whole token grid). With `reactivate=False` a frozen token stays
-    frozen. With `preserve=False` a pruned token is dropped as DynamicViT drops it, never scored
-    again; `dense=True` output (and the SAM encoder, which always runs dense) then holds it with
-    the features it had when dropped, as dense mode holds every dropped token. So in tokensieve
-    `preserve=False` chooses the tokens `reactivate=False` chooses.
+    frozen. With `preserve=False` (the paper's "discard" ablation) a pruned token is dropped as
+    DynamicViT drops it: never scored again, and gone from the output feature map, whose cell
+    holds zeros in `dense=True` output (and the SAM encoder's, which always runs dense) instead of
+    the token's last features. It chooses the tokens `reactivate=False` chooses; only the map
+    differs.
 
     Training (model.train()) runs in mask mode: each gate draws a hard Gumbel-softmax decision per
     token (straight-through gradients), pruned tokens are no attention key and pass the block
@@ -99,6 +100,18 @@ class SViT(Method):
         if self._reactivates:
             return self._reselect(layer, state, run, gate, target)
         return self._narrow(layer, state, run, gate, target)
+
+    def finish(self, state: TokenState, run: MethodRun) -> TokenState:
+        if self.preserve or self.keep == 1.0:
+            return state
+        if state.keep is not None:  # mask mode: a dropped token leaves the map, through its decision
+            return state.replace(x=state.x * state.keep[..., None].to(state.x.dtype))
+        if state.grid is None:  # sparse output holds the kept tokens only
+            return state
+        grid = state.written_grid()
+        rows = torch.where(state.index >= 0, state.index, grid.shape[1] - 1)
+        active = grid.new_zeros(grid.shape[:2]).scatter_(1, rows, 1.0)  # [B, N0 + 1]
+        return state.replace(grid=grid * active[..., None])
 
     def losses(self, traces: Sequence[Trace]) -> dict[str, Tensor]:
         gates = [gate for trace in traces for gate in trace.reports.get(KEEP_REPORT, ())]

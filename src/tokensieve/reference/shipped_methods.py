@@ -1,5 +1,6 @@
 """A method trained on a reference model, stored as one directory: the fine-tuned model in the
-reference layout (`save_reference`, fp16), `method.json` (the method's class and settings) and
+reference layout (`save_reference`, fp16; absent when the host was frozen, which is then the
+shipped reference model), `method.json` (the method's class and settings) and
 `method.safetensors` (the method's own state in fp32: its learned parts and buffers, e.g. SViT's
 gates with their calibrated thresholds). Shipped ones live in the package's
 `weights/TASK-NAME` (e.g. `weights/seg-svit`) and load with one call: `load_method("seg", "svit")`.
@@ -41,13 +42,19 @@ def method_weights(task: str, name: str) -> Path:
     return store.shipped_weights(task).parent / f"{task}-{name}"
 
 
-def save_method(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write a reference model patched with a method (by `patch_reference`), its host fine-tuned
-    with it: the model in fp16 as `save_reference` writes it, and the method's settings and state.
-    The model is not changed."""
+def save_method(model: nn.Module, directory: str | os.PathLike, host: bool = True) -> Path:
+    """Write a reference model patched with a method (by `patch_reference`): the method's
+    settings and state, and with `host` the model in fp16 as `save_reference` writes it (give
+    host=False when the host was not trained: `load_method` then takes the shipped reference
+    model). The model is not changed."""
     directory = Path(directory)
     sieve = sieve_of(image_encoder(model))
-    store.save_reference(model, directory)
+    if host:
+        store.save_reference(model, directory)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in store.stored_files(directory):  # a host stored there earlier is not this run's
+            (directory / name).unlink()
     state = {key: value.detach().float().contiguous() for key, value in sieve.state_dict().items()}
     save_file(state, directory / METHOD_STATE, metadata={"format": "pt"})
     (directory / METHOD_CONFIG).write_text(json.dumps(method_config(sieve.method), indent=2) + "\n")
@@ -79,7 +86,7 @@ def load_method(task: str, name: str, directory: str | os.PathLike | None = None
     if method_name(method) != name:
         raise ValueError(f"{path} holds {method}, not {name}; load it with load_method({task!r}, "
                          f"{method_name(method)!r}, ...)")
-    model = store.load_reference(task, path)
+    model = store.load_reference(task, path if store.holds_reference(path) else None)
     sieve = patch_reference(model, method)
     sieve.load_state_dict(load_file(path / METHOD_STATE))
     return model.eval()

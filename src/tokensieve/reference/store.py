@@ -47,6 +47,21 @@ _LAYOUTS: dict[str, tuple[str, str | None]] = {
 }
 
 
+# Every file a reference directory may hold.
+REFERENCE_FILES = ("config.json", "model.safetensors", HEAD_FILE, GUIDANCE_FILE, GUIDANCE_CONFIG,
+                   DETECTOR_FILE)
+
+
+def holds_reference(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a reference model's weights (its config.json)."""
+    return (Path(directory) / "config.json").is_file()
+
+
+def stored_files(directory: str | os.PathLike) -> list[str]:
+    """The reference files present in `directory`."""
+    return [name for name in REFERENCE_FILES if (Path(directory) / name).is_file()]
+
+
 def shipped_weights(task: str) -> Path:
     """The directory of `task`'s weights inside the installed package."""
     _check_task(task)

@@ -141,7 +141,8 @@ NO_DISTILLATION = ("det",)
 def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 400,
                  batch_size: int | None = None, lr: float = 1e-3, model_lr_scale: float = 0.01,
                  precision: Precision = "fp32", progress: bool = True,
-                 out_dir: str | os.PathLike | None = None, macs_budget: float | None = None) -> nn.Module:
+                 out_dir: str | os.PathLike | None = None, macs_budget: float | None = None,
+                 freeze_host: bool = False) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
     trained, and the method's predictors start random), task + keep-ratio + self-distillation
@@ -156,9 +157,12 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     thresholds are then set on the validation split (`calibrate_reference`): to the schedule's
     targets, or to `macs_budget`, a share of the encoder's dense MACs (gates included).
 
+    With `freeze_host`, only the method's parameters train (TrainConfig(train="method")): the
+    host stays the shipped model.
+
     With `out_dir`, the trained model and method are stored there (`save_method`; load them with
     `load_method`): the host in fp16, which SViT's thresholds are calibrated on, so that the
-    stored model is the one calibrated."""
+    stored model is the one calibrated; a frozen host is not stored (it is the shipped model)."""
     calibrates = reads_thresholds(method)
     if macs_budget is not None and not calibrates:
         raise ValueError(f"macs_budget sets SViT's thresholds; {method} has none to set. Drop the budget, or "
@@ -169,7 +173,8 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     batch_size = batch_size or METHOD_BATCH_SIZES.get(task, 32)
     distills = task not in NO_DISTILLATION and not isinstance(method, SViT)  # the paper has none
     config = TrainConfig(
-        train="model", steps=steps, batch_size=batch_size, lr=lr, model_lr_scale=model_lr_scale,
+        train="method" if freeze_host else "model", steps=steps, batch_size=batch_size, lr=lr,
+        model_lr_scale=model_lr_scale,
         distill_weight=TrainConfig.distill_weight if distills else 0.0,
         warmup_steps=max(1, steps // 20), num_workers=1, checkpoint_dir=os.fspath(run_dir),
         checkpoint_every=50, keep_checkpoints=1, log_path=os.fspath(Path(run_dir) / "log.jsonl"),
@@ -179,12 +184,12 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     fit(model, data, task_loss(task), config, collate_fn=task_collate(task, size),
         evaluate=validation(task, size), logits_of=task_logits(task))
     model.eval()
-    if out_dir is not None:
+    if out_dir is not None and not freeze_host:  # a frozen host is the shipped fp16 model already
         _round_to_half(model)
     if calibrates:
         calibrate_reference(model, task, macs_budget)
     if out_dir is not None:
-        save_method(model, out_dir)
+        save_method(model, out_dir, host=not freeze_host)
     return model
 
 

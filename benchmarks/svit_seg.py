@@ -1,0 +1,250 @@
+"""SViT on the seg reference model against the baselines at equal backbone MACs, and its ablations.
+
+Every trained row is fine-tuned from the shipped seg model by `train_method` (what
+`tokensieve train seg --method M --steps S --precision bf16` runs) for the same `--steps`, in
+batches of 32 under bfloat16 autocast; runs live under runs/svit-seg/ and a finished one is not
+trained again. For each keep ρ of `--keeps` (default 0.8, 0.7, 0.6) the table scores, on the test
+split:
+
+- DynamicViT(keep=ρ): its predictors before blocks 3, 6 and 9, fine-tuned by its authors' recipe
+  (keep-ratio and self-distillation losses). The seg model runs dense, so the tokens it drops are
+  preserved in the map: this is the paper's "DynamicViT with preserved tokens". Its MACs are the
+  budget of the row group.
+- EViT(keep=ρ), fine-tuned the same way; RandomDrop(keep=ρ, layers=(3, 6, 9)), frozen in place,
+  untrained; ToMe(r) without training, at the r whose MACs come closest to the budget.
+- SViT(keep=ρ), fine-tuned by its paper's recipe (gates at 1e-3, the host at 1e-5, task and
+  keep-rate losses), its thresholds then set on the validation split so that the backbone spends
+  the budget (gates included).
+
+`--ablations` adds, at ρ = 0.7 and the same budget, SViT without reactivation, without preserved
+tokens (the discarded cells are zeros in the map), at a fixed rate per image (`per_image`, no
+thresholds: it keeps the schedule's share of each image), and with DynamicViT's predictor as its
+gate; each trained the same steps.
+
+Backbone MACs are the ViT's (gates and predictors included), per image, the mean over the scored
+images. Writes benchmarks/results/svit_seg.md, .json and, with matplotlib, svit_seg.png.
+
+    python benchmarks/svit_seg.py                           # train what is missing, score it all
+    python benchmarks/svit_seg.py --keeps 0.7 --ablations   # one budget and the four ablations
+    python benchmarks/svit_seg.py --samples 200 --steps 20  # a quick look, not for the docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import tokensieve as ts
+from tokensieve.reference import (
+    calibrate_reference,
+    image_encoder,
+    load_reference,
+    patch_reference,
+    train_method,
+)
+from tokensieve.reference.evaluation import evaluate
+from tokensieve.reference.models import IMAGE_SIZES
+from tokensieve.tasks import make_dataset
+from tokensieve.train import latest_checkpoint, load_trained
+from tokensieve.train.checkpoint import read_metadata
+
+TASK = "seg"
+BASELINE_LAYERS = (3, 6, 9)  # DynamicViT's and EViT's stages on 12 blocks
+ABLATION_KEEP = 0.7
+ABLATIONS = {"no reactivation": {"reactivate": False}, "no preserve (discard)": {"preserve": False},
+             "fixed rate per image": {"per_image": True},
+             "DynamicViT's predictor as gate": {"gate": "dynamicvit"}}
+MACS_IMAGES = 64  # test images whose mean backbone MACs each row reports
+TOME_RS = range(1, 40)
+
+
+@dataclass
+class Row:
+    group: str  # "keep 0.7" or "ablation"
+    method: str
+    miou: float
+    gmacs: float  # backbone MACs per image, 1e9
+    macs_share: float  # of dense
+    trained_steps: int
+    note: str = ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.7, 0.6])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--samples", type=int, default=None, help="first N test samples (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=Path, default=Path("runs/svit-seg"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bench = _Bench(args)
+    rows = [bench.dense()]
+    for keep in args.keeps:
+        rows += bench.budget(keep)
+    if args.ablations:
+        rows += bench.ablations()
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "svit_seg" if args.samples is None and args.steps == 400 else "svit_seg-quick"
+    (args.out / f"{name}.json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(_markdown(rows, args))
+    _plot(rows, args.out / f"{name}.png")
+    print((args.out / f"{name}.md").read_text())
+
+
+class _Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        size = IMAGE_SIZES[TASK]
+        self.test = make_dataset(TASK, "test", size=args.samples, image_size=size)
+        count = min(MACS_IMAGES, len(self.test))
+        self.macs_images = torch.stack([self.test[i]["image"] for i in range(count)])
+        self.dense_macs = 0.0
+
+    def dense(self) -> Row:
+        model = load_reference(TASK)  # the shipped model, unpatched
+        self.dense_macs = self._macs(model)
+        return Row("dense", "dense", self._score(model), self.dense_macs / 1e9, 1.0, 0)
+
+    def budget(self, keep: float) -> list[Row]:
+        group = f"keep {keep}"
+        layers = dict(layers=BASELINE_LAYERS)
+        dynamicvit, evit = ts.DynamicViT(keep=keep, **layers), ts.EViT(keep=keep, **layers)
+        random_drop = ts.RandomDrop(keep=keep, **layers)
+        trained = self._trained(dynamicvit)
+        budget = self._macs(trained)
+        rows = [self._row(group, dynamicvit, trained)]
+        rows.append(self._row(group, evit, self._trained(evit)))
+        rows.append(self._row(group, random_drop, load_patched(random_drop)))
+        rows.append(self._row(group, *self._tome(budget)))
+        svit = ts.SViT(keep=keep)
+        rows.append(self._row(group, svit, self._calibrated(svit, budget)))
+        return rows
+
+    def ablations(self) -> list[Row]:
+        budget = self._macs(self._trained(ts.DynamicViT(keep=ABLATION_KEEP, layers=BASELINE_LAYERS)))
+        rows = [self._row("ablation", ts.SViT(keep=ABLATION_KEEP),
+                          self._calibrated(ts.SViT(keep=ABLATION_KEEP), budget), note="SViT as shipped")]
+        for note, setting in ABLATIONS.items():
+            method = ts.SViT(keep=ABLATION_KEEP, **setting)
+            model = self._trained(method) if setting.get("per_image") else self._calibrated(method, budget)
+            rows.append(self._row("ablation", method, model, note=note))
+        return rows
+
+    def _trained(self, method: ts.Method) -> torch.nn.Module:
+        """The seg model fine-tuned with `method` for --steps (trained now if its run is not done)."""
+        run = self.args.runs / f"{_slug(method)}-steps{self.args.steps}"
+        if _finished_steps(run) != self.args.steps:
+            start = time.perf_counter()
+            train_method(TASK, method, run, steps=self.args.steps, precision="bf16")
+            print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
+        model = load_patched(method)
+        load_trained(model, run)
+        return model.eval()
+
+    def _calibrated(self, method: ts.SViT, budget: float) -> torch.nn.Module:
+        """SViT fine-tuned, its thresholds set on validation to spend `budget` MACs per image."""
+        model = self._trained(method)
+        calibrate_reference(model, TASK, macs_budget=budget / self.dense_macs)
+        return model
+
+    def _tome(self, budget: float) -> tuple[ts.Method, torch.nn.Module]:
+        """ToMe at the r whose MACs come closest to `budget`."""
+        best = min(TOME_RS, key=lambda r: abs(self._macs(load_patched(ts.ToMe(r=r))) - budget))
+        return ts.ToMe(r=best), load_patched(ts.ToMe(r=best))
+
+    def _macs(self, model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(ts.flops(image_encoder(model), self.macs_images).macs)
+
+    def _score(self, model: torch.nn.Module) -> float:
+        return evaluate(model, TASK, self.test, progress=True)["mIoU"]
+
+    def _row(self, group: str, method: ts.Method, model: torch.nn.Module, note: str = "") -> Row:
+        macs = self._macs(model)
+        steps = self.args.steps if _trains(method) else 0
+        row = Row(group, str(method), self._score(model), macs / 1e9, macs / self.dense_macs, steps, note)
+        print(row, flush=True)
+        return row
+
+
+def load_patched(method: ts.Method) -> torch.nn.Module:
+    model = load_reference(TASK)
+    patch_reference(model, method)
+    return model.eval()
+
+
+def _trains(method: ts.Method) -> bool:
+    return not isinstance(method, (ts.ToMe, ts.RandomDrop))
+
+
+def _slug(method: ts.Method) -> str:
+    """A run directory's name: "SViT(keep=0.7, reactivate=False)" -> svit-keep0.7-reactivatefalse."""
+    text = str(method).lower()
+    for old, new in (("(", "-"), (")", ""), ("=", ""), (", ", "-"), ("'", "")):
+        text = text.replace(old, new)
+    return text
+
+
+def _finished_steps(run: Path) -> int | None:
+    checkpoint = latest_checkpoint(run) if run.is_dir() else None
+    return None if checkpoint is None else int(read_metadata(checkpoint)["step"])
+
+
+def _markdown(rows: list[Row], args: argparse.Namespace) -> str:
+    dense = rows[0]
+    split = "test split" if args.samples is None else f"first {args.samples} test samples"
+    lines = [
+        "# SViT on the seg reference model, against the baselines at equal backbone MACs",
+        "",
+        f"Produced by `python benchmarks/svit_seg.py` ({split}; trained rows fine-tuned {args.steps} steps "
+        "of 32 images under bf16 from the shipped seg model; SViT's thresholds set on the validation split "
+        "to the group's budget, DynamicViT's MACs). mIoU over the six shape classes; backbone MACs per "
+        f"image, gates and predictors included, mean over {MACS_IMAGES} test images.",
+        "",
+        "| group | method | mIoU | vs dense (points) | backbone GMACs | MACs vs dense | steps | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        points = 100 * (row.miou - dense.miou)
+        lines.append(f"| {row.group} | {row.method} | {row.miou:.4f} | {points:+.2f} | {row.gmacs:.3f} | "
+                     f"{row.macs_share:.3f} | {row.trained_steps} | {row.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    curves: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.group.startswith("keep"):
+            curves.setdefault(row.method.split("(")[0], []).append(row)
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        points.sort(key=lambda row: row.gmacs)
+        axes.plot([p.gmacs for p in points], [p.miou for p in points], marker="o", label=name)
+    axes.scatter([rows[0].gmacs], [rows[0].miou], marker="*", s=120, color="black", label="dense")
+    axes.set_xlabel("backbone GMACs per image")
+    axes.set_ylabel("test mIoU")
+    axes.set_title("seg: SViT and the baselines")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
