@@ -21,6 +21,10 @@ tokens (the discarded cells are zeros in the map), at a fixed rate per image (`p
 thresholds: it keeps the schedule's share of each image), and with DynamicViT's predictor as its
 gate; each trained the same steps.
 
+`--determinism` scores SViT(keep=0.7) at that budget twice (its outputs must be equal) and with
+its authors' test-time practice, Gumbel sampling of the gates (`sampled=True`, mask mode) under
+seeds 0, 1 and 2, the same gates.
+
 Backbone MACs are the ViT's (gates and predictors included), per image, the mean over the scored
 images. Writes benchmarks/results/svit_seg.md, .json and, with matplotlib, svit_seg.png.
 
@@ -59,6 +63,7 @@ ABLATION_KEEP = 0.7
 ABLATIONS = {"no reactivation": {"reactivate": False}, "no preserve (discard)": {"preserve": False},
              "fixed rate per image": {"per_image": True},
              "DynamicViT's predictor as gate": {"gate": "dynamicvit"}}
+GUMBEL_SEEDS = (0, 1, 2)
 MACS_IMAGES = 64  # test images whose mean backbone MACs each row reports
 TOME_RS = range(1, 40)
 
@@ -80,6 +85,7 @@ def main() -> None:
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.7, 0.6])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--determinism", action="store_true")
     parser.add_argument("--samples", type=int, default=None, help="first N test samples (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=Path, default=Path("runs/svit-seg"))
@@ -92,6 +98,8 @@ def main() -> None:
         rows += bench.budget(keep)
     if args.ablations:
         rows += bench.ablations()
+    if args.determinism:
+        rows += bench.determinism()
     args.out.mkdir(parents=True, exist_ok=True)
     name = "svit_seg" if args.samples is None and args.steps == 400 else "svit_seg-quick"
     (args.out / f"{name}.json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
@@ -137,6 +145,25 @@ class _Bench:
             method = ts.SViT(keep=ABLATION_KEEP, **setting)
             model = self._trained(method) if setting.get("per_image") else self._calibrated(method, budget)
             rows.append(self._row("ablation", method, model, note=note))
+        return rows
+
+    def determinism(self) -> list[Row]:
+        budget = self._macs(self._trained(ts.DynamicViT(keep=ABLATION_KEEP, layers=BASELINE_LAYERS)))
+        method = ts.SViT(keep=ABLATION_KEEP)
+        model = self._calibrated(method, budget)
+        with torch.no_grad():
+            first, second = (model(self.macs_images) for _ in range(2))
+        same = torch.equal(first, second)  # the seg model's logits
+        rows = [self._row("determinism", method, model, note=f"thresholds; two runs equal: {same}")]
+        sampled = ts.SViT(keep=ABLATION_KEEP, sampled=True)
+        gates = ts.sieve_of(image_encoder(model)).state_dict()
+        for seed in GUMBEL_SEEDS:
+            patch_reference(model, sampled).load_state_dict(gates)
+            torch.manual_seed(seed)
+            score = self._score(model)  # mask mode computes every token: no MACs saved
+            rows.append(Row("determinism", str(sampled), score, self.dense_macs / 1e9, 1.0, self.args.steps,
+                            f"Gumbel sampling at test time, seed {seed}"))
+            print(rows[-1], flush=True)
         return rows
 
     def _trained(self, method: ts.Method) -> torch.nn.Module:

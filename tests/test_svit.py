@@ -159,6 +159,26 @@ def test_without_reactivation_a_frozen_token_stays_frozen(setting):
     assert any(_active(layers[2], i) < _active(layers[1], i) for i in range(3))
 
 
+def test_sampled_inference_draws_gumbel_decisions_as_its_authors_do_and_thresholds_do_not():
+    model = strengthen(host_model("timm-vit"))
+    x = distinct_images()
+    gates = ts.patch(model, ts.SViT(keep=0.5)).state_dict()
+    deterministic = [_features(model, x) for _ in range(2)]
+    torch.testing.assert_close(deterministic[0], deterministic[1], atol=0, rtol=0)
+    ts.patch(model, ts.SViT(keep=0.5, sampled=True)).load_state_dict(gates)
+    outputs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        with ts.trace(model) as traces:
+            outputs.append(_features(model, x))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)  # the same draw
+    assert (outputs[0] - outputs[2]).abs().max() > 1e-3  # another draw
+    decisions = traces[0].keep_decisions
+    assert [d.layer for d in decisions] == list(GATED)
+    assert all(((d.decisions == 0) | (d.decisions == 1)).all() for d in decisions)
+    assert all(record.valid is None for record in traces[0].layers)  # mask mode: every token computed
+
+
 def test_every_gate_keeps_at_least_one_token_per_image_at_threshold_one():
     model = strengthen(host_model("timm-vit", reg_tokens=4))
     ts.patch(model, ts.SViT(keep=0.5))

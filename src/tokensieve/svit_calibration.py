@@ -46,10 +46,10 @@ def calibrate_svit(model: nn.Module, data: Tensor | Mapping[str, Tensor] | Itera
 
     The targets are the method's schedule (keep, keep², keep³). With `macs_budget` (a share of the
     patched module's dense MACs, as `tokensieve.flops` counts them, gates included) one factor on
-    all the targets is searched by bisection until the module's MACs per sample on the data lie
-    within `tolerance` (relative) of the budget, or `max_rounds` are spent (the closest is kept).
-    Each setting of the thresholds runs the data once per gate and once more to measure, so a
-    budget costs that many passes per round.
+    all the targets is searched (false position, from the schedule's own factor 1) until the
+    module's MACs per sample on the data lie within `tolerance` (relative) of the budget, or
+    `max_rounds` are spent (the closest is kept). Each setting of the thresholds runs the data once
+    per gate and once more to measure, so a budget costs that many passes per trial (usually 3-5).
 
     `data` is a tensor of inputs (split into `batch_size` batches), a dict of keyword inputs (one
     batch), or a re-iterable of batches (a list, a DataLoader), each a tensor, a dict of keyword
@@ -101,24 +101,36 @@ class _Calibration:
         return SViTCalibration(self.layers, targets, tuple(thresholds), shares, macs, dense, scale)
 
     def to_budget(self, budget: float, tolerance: float, max_rounds: int) -> SViTCalibration:
-        """The factor on the targets whose thresholds spend `budget` of the dense MACs, by bisection."""
-        low = self.at(0.0)  # one token per image at every gate
-        goal = budget * low.dense_macs
-        if low.macs > goal:
-            raise ValueError(f"macs_budget={budget}: the fewest MACs these gates reach on this data are "
-                             f"{low.macs / low.dense_macs:.3f} of dense (one token per image at every gate); "
-                             "give a budget at least that large")
-        high = self.at(1.0 / min(self.targets))  # every target at 1: every token kept
-        if high.macs <= goal:
-            return high
-        best = min((low, high), key=lambda result: abs(result.macs - goal))
-        lower, upper = low.scale, high.scale
+        """The factor on the targets whose thresholds spend `budget` of the dense MACs: from the
+        schedule (factor 1), steps that overshoot until the goal is bracketed, then false position
+        kept inside the bracket (MACs grow with the factor, nearly linearly). Each trial costs a
+        pass per gate, so few trials matter more than a guaranteed halving."""
+        top = 1.0 / min(self.targets)  # every target at 1: every token kept
+        tried = [self.at(1.0)]
+        goal = budget * tried[0].dense_macs
+        under = over = None  # the closest trials spending less, and more, than the goal
         for _ in range(max_rounds):
-            if abs(best.macs - goal) <= tolerance * goal:
+            latest = tried[-1]
+            if abs(latest.macs - goal) <= tolerance * goal:
                 break
-            middle = self.at((lower + upper) / 2)
-            best = min((best, middle), key=lambda result: abs(result.macs - goal))
-            lower, upper = (middle.scale, upper) if middle.macs < goal else (lower, middle.scale)
+            if latest.macs < goal:
+                under = latest if under is None or latest.scale > under.scale else under
+            else:
+                over = latest if over is None or latest.scale < over.scale else over
+            if under is not None and over is not None:
+                scale = _inside(under, over, goal)
+            elif over is not None:  # spend less: past the proportional step, to bracket the goal
+                if over.scale == 0.0:
+                    raise ValueError(f"macs_budget={budget}: the fewest MACs these gates reach on this data are "
+                                     f"{over.macs / over.dense_macs:.3f} of dense (one token per image at every "
+                                     "gate); give a budget at least that large")
+                scale = over.scale * (goal / over.macs) ** 2 if over.scale > 0.05 else 0.0
+            else:  # spend more
+                if under.scale >= top:
+                    break  # every token kept spends less than the budget
+                scale = min(top, under.scale * (goal / under.macs) ** 2)
+            tried.append(self.at(scale))
+        best = min(tried, key=lambda result: abs(result.macs - goal))
         for layer, threshold in zip(self.layers, best.thresholds, strict=True):  # the best, not the last
             self.gates[str(layer)].threshold.fill_(threshold)
         return best
@@ -168,6 +180,14 @@ class _Calibration:
                 kept[i] += float(tokens.sum()) - record.prefix * record.batch
         shares = tuple((kept / max(patches, 1)).tolist())
         return shares, macs / samples, dense / samples
+
+
+def _inside(under: SViTCalibration, over: SViTCalibration, goal: float) -> float:
+    """The factor where MACs reach `goal` on the line through the two trials that bracket it,
+    kept off the bracket's ends (a tenth of its width) so that it always narrows."""
+    width = over.scale - under.scale
+    share = (goal - under.macs) / max(over.macs - under.macs, 1e-12)
+    return under.scale + width * min(max(share, 0.1), 0.9)
 
 
 def _threshold(scores: Tensor, patches: int, target: float) -> float:

@@ -52,6 +52,10 @@ class SViT(Method):
     `per_image`, each image keeps its gate's target share of its patch tokens, the best-rated ones
     (equal counts). `gate="dynamicvit"` scores with DynamicViT's local + global predictor instead
     of SViT's MLP. keep=1.0 prunes nothing, in training as in inference.
+
+    `sampled=True` reproduces its authors' test-time practice, for comparison: inference draws
+    the gates' decisions as training does (Gumbel noise, mask mode), so it saves no compute and
+    its output depends on the random state.
     """
 
     keep: float = 0.7
@@ -61,14 +65,15 @@ class SViT(Method):
     preserve: bool = True
     gate: str = "mlp"
     rate_weight: float = 4.0
+    sampled: bool = False
 
     def __post_init__(self) -> None:
         settle(self, keep=share, layers=optional(layer_indices), per_image=flag, reactivate=flag,
-               preserve=flag, gate=_GATE_CHOICE, rate_weight=real_within(0.0))
+               preserve=flag, gate=_GATE_CHOICE, rate_weight=real_within(0.0), sampled=flag)
 
     @property
     def ragged(self) -> bool:
-        return not self.per_image
+        return not self.per_image and not self.sampled
 
     @property
     def uses_grid(self) -> bool:
@@ -95,7 +100,7 @@ class SViT(Method):
             return state
         gate = run.parts[str(layer)]
         target = self.schedule(run.spec.depth)[layer]
-        if run.training:
+        if run.training or self.sampled:
             return self._sample(state, run, gate, target)
         if self._reactivates:
             return self._reselect(layer, state, run, gate, target)
