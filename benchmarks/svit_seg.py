@@ -17,7 +17,7 @@ split:
   the budget (gates included).
 
 `--ablations` adds, at ρ = 0.7 and the same budget, SViT without reactivation, without preserved
-tokens (the discarded cells are zeros in the map), at a fixed rate per image (`per_image`, no
+tokens (their cells of the map zeros before the final norm), at a fixed rate per image (`per_image`, no
 thresholds: it keeps the schedule's share of each image), and with DynamicViT's predictor as its
 gate; each trained the same steps.
 
@@ -26,10 +26,12 @@ its authors' test-time practice, Gumbel sampling of the gates (`sampled=True`, m
 seeds 0, 1 and 2, the same gates.
 
 Backbone MACs are the ViT's (gates and predictors included), per image, the mean over the scored
-images. Writes benchmarks/results/svit_seg.md, .json and, with matplotlib, svit_seg.png.
+test images. Writes benchmarks/results/svit_seg.md, .json and, with matplotlib, svit_seg.png
+(the budgets), svit_seg_ablations.md and svit_seg_determinism.md (each with its .json) when those
+are asked for; a run with other steps or samples writes them with a "-quick" suffix.
 
     python benchmarks/svit_seg.py                           # train what is missing, score it all
-    python benchmarks/svit_seg.py --keeps 0.7 --ablations   # one budget and the four ablations
+    python benchmarks/svit_seg.py --keeps --ablations       # the four ablations only
     python benchmarks/svit_seg.py --samples 200 --steps 20  # a quick look, not for the docs
 """
 
@@ -63,8 +65,9 @@ ABLATION_KEEP = 0.7
 ABLATIONS = {"no reactivation": {"reactivate": False}, "no preserve (discard)": {"preserve": False},
              "fixed rate per image": {"per_image": True},
              "DynamicViT's predictor as gate": {"gate": "dynamicvit"}}
+DEFAULT_STEPS = 400
 GUMBEL_SEEDS = (0, 1, 2)
-MACS_IMAGES = 64  # test images whose mean backbone MACs each row reports
+MACS_BATCH = 64  # test images a forward while counting MACs
 TOME_RS = range(1, 40)
 
 
@@ -82,8 +85,8 @@ class Row:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.7, 0.6])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--keeps", type=float, nargs="*", default=[0.8, 0.7, 0.6])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--determinism", action="store_true")
     parser.add_argument("--samples", type=int, default=None, help="first N test samples (default: all)")
@@ -93,19 +96,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bench = _Bench(args)
-    rows = [bench.dense()]
-    for keep in args.keeps:
-        rows += bench.budget(keep)
-    if args.ablations:
-        rows += bench.ablations()
-    if args.determinism:
-        rows += bench.determinism()
+    dense = bench.dense()
+    quick = "" if args.samples is None and args.steps == DEFAULT_STEPS else "-quick"
+    sections = [("svit_seg", lambda: [row for keep in args.keeps for row in bench.budget(keep)], args.keeps),
+                ("svit_seg_ablations", bench.ablations, args.ablations),
+                ("svit_seg_determinism", bench.determinism, args.determinism)]
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "svit_seg" if args.samples is None and args.steps == 400 else "svit_seg-quick"
-    (args.out / f"{name}.json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(_markdown(rows, args))
-    _plot(rows, args.out / f"{name}.png")
-    print((args.out / f"{name}.md").read_text())
+    for name, rows_of, wanted in sections:
+        if not wanted:
+            continue
+        rows = [dense, *rows_of()]
+        path = args.out / f"{name}{quick}"
+        path.with_suffix(".json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+        path.with_suffix(".md").write_text(_markdown(rows, args, name))
+        if name == "svit_seg":
+            _plot(rows, path.with_suffix(".png"))
+        print(path.with_suffix(".md").read_text())
 
 
 class _Bench:
@@ -113,8 +119,9 @@ class _Bench:
         self.args = args
         size = IMAGE_SIZES[TASK]
         self.test = make_dataset(TASK, "test", size=args.samples, image_size=size)
-        count = min(MACS_IMAGES, len(self.test))
-        self.macs_images = torch.stack([self.test[i]["image"] for i in range(count)])
+        images = [self.test[i]["image"] for i in range(len(self.test))]
+        starts = range(0, len(images), MACS_BATCH)
+        self.images = [torch.stack(images[start : start + MACS_BATCH]) for start in starts]
         self.dense_macs = 0.0
 
     def dense(self) -> Row:
@@ -152,7 +159,7 @@ class _Bench:
         method = ts.SViT(keep=ABLATION_KEEP)
         model = self._calibrated(method, budget)
         with torch.no_grad():
-            first, second = (model(self.macs_images) for _ in range(2))
+            first, second = (model(self.images[0]) for _ in range(2))
         same = torch.equal(first, second)  # the seg model's logits
         rows = [self._row("determinism", method, model, note=f"thresholds; two runs equal: {same}")]
         sampled = ts.SViT(keep=ABLATION_KEEP, sampled=True)
@@ -160,9 +167,10 @@ class _Bench:
         for seed in GUMBEL_SEEDS:
             patch_reference(model, sampled).load_state_dict(gates)
             torch.manual_seed(seed)
-            score = self._score(model)  # mask mode computes every token: no MACs saved
-            rows.append(Row("determinism", str(sampled), score, self.dense_macs / 1e9, 1.0, self.args.steps,
-                            f"Gumbel sampling at test time, seed {seed}"))
+            score = self._score(model)
+            macs = self.dense_macs + self._macs(model, "overhead_macs")  # mask mode computes every token
+            rows.append(Row("determinism", str(sampled), score, macs / 1e9, macs / self.dense_macs,
+                            self.args.steps, f"Gumbel sampling at test time, seed {seed}"))
             print(rows[-1], flush=True)
         return rows
 
@@ -188,9 +196,12 @@ class _Bench:
         best = min(TOME_RS, key=lambda r: abs(self._macs(load_patched(ts.ToMe(r=r))) - budget))
         return ts.ToMe(r=best), load_patched(ts.ToMe(r=best))
 
-    def _macs(self, model: torch.nn.Module) -> float:
-        with torch.no_grad():
-            return float(ts.flops(image_encoder(model), self.macs_images).macs)
+    def _macs(self, model: torch.nn.Module, kind: str = "macs") -> float:
+        """Backbone MACs per image (or another FlopsReport field) over the scored test images:
+        SViT's depend on each image."""
+        encoder = image_encoder(model)
+        total = sum(getattr(ts.flops(encoder, batch), kind) * len(batch) for batch in self.images)
+        return total / len(self.test)
 
     def _score(self, model: torch.nn.Module) -> float:
         return evaluate(model, TASK, self.test, progress=True)["mIoU"]
@@ -226,16 +237,24 @@ def _finished_steps(run: Path) -> int | None:
     return None if checkpoint is None else int(read_metadata(checkpoint)["step"])
 
 
-def _markdown(rows: list[Row], args: argparse.Namespace) -> str:
+TITLES = {"svit_seg": "SViT on the seg reference model, against the baselines at equal backbone MACs",
+          "svit_seg_ablations": "SViT on the seg reference model: the paper's four insights as ablations",
+          "svit_seg_determinism": "SViT on the seg reference model: its thresholds against test-time Gumbel"}
+FLAGS = {"svit_seg": "", "svit_seg_ablations": " --keeps --ablations",
+         "svit_seg_determinism": " --keeps --determinism"}
+
+
+def _markdown(rows: list[Row], args: argparse.Namespace, name: str) -> str:
     dense = rows[0]
     split = "test split" if args.samples is None else f"first {args.samples} test samples"
     lines = [
-        "# SViT on the seg reference model, against the baselines at equal backbone MACs",
+        f"# {TITLES[name]}",
         "",
-        f"Produced by `python benchmarks/svit_seg.py` ({split}; trained rows fine-tuned {args.steps} steps "
-        "of 32 images under bf16 from the shipped seg model; SViT's thresholds set on the validation split "
-        "to the group's budget, DynamicViT's MACs). mIoU over the six shape classes; backbone MACs per "
-        f"image, gates and predictors included, mean over {MACS_IMAGES} test images.",
+        f"Produced by `python benchmarks/svit_seg.py{FLAGS[name]}` ({split}; trained rows fine-tuned "
+        f"{args.steps} steps of 32 images under bf16 from the shipped seg model; SViT's thresholds set on "
+        "the validation split to the group's budget, DynamicViT's MACs at the same keep). mIoU over the six "
+        "shape classes; backbone MACs per image, gates and predictors included, mean over the scored test "
+        "images.",
         "",
         "| group | method | mIoU | vs dense (points) | backbone GMACs | MACs vs dense | steps | note |",
         "|---|---|---|---|---|---|---|---|",

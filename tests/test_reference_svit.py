@@ -19,6 +19,7 @@ from tokensieve.reference import (
     image_encoder,
     load_method,
     method_weights,
+    patch_reference,
     save_reference,
     shipped_methods,
     store,
@@ -145,20 +146,42 @@ def test_tokensieve_eval_scores_the_shipped_svit_after_dense(trained):
     assert scored.overhead["gate"] > 0  # the gates' own cost is counted
 
 
-def test_a_frozen_host_run_trains_the_gates_only_and_stores_them_without_the_host(package, tmp_path):
+def test_a_frozen_host_run_trains_the_gates_only_and_stores_them_without_the_host(trained, tmp_path):
     shipped = store.load_reference("seg")
     out = tmp_path / "frozen"
-    store.save_reference(shipped, out)  # a host stored there before: not this run's, so removed
+    shipped_methods.save_method(load_method("seg", "svit"), out)  # an earlier run's fine-tuned host there
     model = train_method("seg", ts.SViT(keep=0.7), tmp_path / "run", steps=2, batch_size=2, progress=False,
                          out_dir=out, freeze_host=True)
     for (name, value), other in zip(model.state_dict().items(), shipped.state_dict().values(), strict=True):
         assert torch.equal(value, other), name  # the host did not move
-    assert sorted(path.name for path in out.iterdir()) == ["method.json", METHOD_STATE]
+    assert sorted(path.name for path in out.iterdir()) == ["host.json", "method.json", METHOD_STATE]
     loaded = load_method("seg", "svit", out)  # the shipped host, with the run's gates and thresholds
     for (name, value), other in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(value, other), name
-    gates = _gates(model)
-    assert any(float(gate.threshold) != 0.5 for gate in gates.values())
+    assert any(float(gate.threshold) != 0.5 for gate in _gates(loaded).values())
+    with pytest.raises(ValueError, match="trained on the seg reference model, not cls"):
+        load_method("cls", "svit", out)
+
+
+def test_gates_of_a_frozen_host_refuse_other_weights_of_it(trained, tmp_path, monkeypatch):
+    out = shipped_methods.save_method(load_method("seg", "svit"), tmp_path / "gates", shipped_host="seg")
+    other = store.load_reference("seg")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    monkeypatch.setattr(shipped_methods.store, "load_reference", lambda task, path=None: other)
+    with pytest.raises(ValueError, match="other weights of the seg reference model"):
+        load_method("seg", "svit", out)
+
+
+def test_a_method_is_not_stored_over_a_reference_model(package, tmp_path):
+    store.save_reference(store.load_reference("seg"), tmp_path / "reference")
+    model = store.load_reference("seg")
+    patch_reference(model, ts.SViT(keep=0.7))
+    for shipped_host in (None, "seg"):
+        with pytest.raises(ValueError, match="holds a reference model, not a trained method"):
+            shipped_methods.save_method(model, tmp_path / "reference", shipped_host=shipped_host)
+    held = ["config.json", "model.safetensors", "head.safetensors"]
+    assert store.stored_files(tmp_path / "reference") == held
 
 
 def test_train_cli_freezes_the_host_of_a_method_run_only(monkeypatch):

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -459,6 +460,20 @@ def test_calibration_refuses_what_it_cannot_calibrate_naming_the_fix():
         ts.calibrate_svit(model, iter([images(2)]))
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         ts.calibrate_svit(model, images(2), macs_budget=1.5)
+
+
+@pytest.mark.parametrize("rounds", [1, 20])
+def test_a_budget_just_under_the_fewest_macs_is_refused_however_few_the_rounds(rounds):
+    model = strengthen(host_model("timm-vit"))
+    ts.patch(model, ts.SViT(keep=0.7))
+    data = images(4, seed=5)
+    with pytest.raises(ValueError, match="fewest MACs") as refused:
+        ts.calibrate_svit(model, data, macs_budget=0.05)
+    fewest = float(re.search(r"are ([0-9.]+) of dense", str(refused.value)).group(1))
+    with pytest.raises(ValueError, match="fewest MACs"):
+        ts.calibrate_svit(model, data, macs_budget=fewest - 0.02, max_rounds=rounds)
+    result = ts.calibrate_svit(model, data, macs_budget=fewest + 0.05, max_rounds=rounds + 5)
+    assert result.macs / result.dense_macs == pytest.approx(fewest + 0.05, abs=0.02)
 
 
 def test_a_failed_calibration_leaves_the_thresholds_as_they_were():

@@ -87,7 +87,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         raise click.UsageError(f"--macs-budget sets SViT's thresholds; {method} has none (give svit with "
                                "per_image=False and keep < 1, or drop --macs-budget)")
     _check_fits(task, [method], None, "--method")
-    run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}"
+    frozen = "-frozen" if freeze_host else ""  # a run of another kind: its own directory
+    run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}{frozen}"
     options = {} if model_lr_scale is None else {"model_lr_scale": model_lr_scale}
     if precision is not None:
         options["precision"] = precision

@@ -58,9 +58,10 @@ def calibrate_svit(model: nn.Module, data: Tensor | Mapping[str, Tensor] | Itera
     """
     module = _svit_module(model)
     method: SViT = sieve_of(module).method
-    if method.per_image or method.keep == 1.0:
-        raise ValueError(f"{method} reads no thresholds (it keeps a fixed share of each image, or every "
-                         "token); calibrate SViT with per_image=False and keep < 1")
+    if method.per_image or method.sampled or method.keep == 1.0:
+        raise ValueError(f"{method} reads no thresholds (it keeps a fixed share of each image, samples its "
+                         "decisions, or keeps every token); calibrate SViT with per_image=False, "
+                         "sampled=False and keep < 1")
     if macs_budget is not None and not 0.0 < macs_budget <= 1.0:
         raise ValueError(f"macs_budget={macs_budget}: give the share of the dense MACs to spend, in (0, 1]")
     runner = runner_of(module)
@@ -102,35 +103,42 @@ class _Calibration:
 
     def to_budget(self, budget: float, tolerance: float, max_rounds: int) -> SViTCalibration:
         """The factor on the targets whose thresholds spend `budget` of the dense MACs: from the
-        schedule (factor 1), steps that overshoot until the goal is bracketed, then false position
-        kept inside the bracket (MACs grow with the factor, nearly linearly). Each trial costs a
-        pass per gate, so few trials matter more than a guaranteed halving."""
+        schedule (factor 1), secant steps on one side of the goal until a trial crosses it, then
+        false position inside the bracket (MACs grow with the factor, nearly linearly). Each trial
+        costs a pass per gate, so few trials matter more than a guaranteed halving."""
         top = 1.0 / min(self.targets)  # every target at 1: every token kept
         tried = [self.at(1.0)]
         goal = budget * tried[0].dense_macs
-        under = over = None  # the closest trials spending less, and more, than the goal
+        under = over = None  # the latest trials spending less, and more, than the goal
         for _ in range(max_rounds):
             latest = tried[-1]
             if abs(latest.macs - goal) <= tolerance * goal:
                 break
             if latest.macs < goal:
-                under = latest if under is None or latest.scale > under.scale else under
+                under = latest
             else:
-                over = latest if over is None or latest.scale < over.scale else over
+                over = latest
             if under is not None and over is not None:
                 scale = _inside(under, over, goal)
-            elif over is not None:  # spend less: past the proportional step, to bracket the goal
+            elif over is not None:  # spend less
                 if over.scale == 0.0:
-                    raise ValueError(f"macs_budget={budget}: the fewest MACs these gates reach on this data are "
-                                     f"{over.macs / over.dense_macs:.3f} of dense (one token per image at every "
-                                     "gate); give a budget at least that large")
-                scale = over.scale * (goal / over.macs) ** 2 if over.scale > 0.05 else 0.0
+                    break  # one token per image at every gate spends more: refused below
+                scale = max(0.0, _toward(tried, goal))
             else:  # spend more
                 if under.scale >= top:
                     break  # every token kept spends less than the budget
-                scale = min(top, under.scale * (goal / under.macs) ** 2)
+                scale = min(top, _toward(tried, goal))
             tried.append(self.at(scale))
         best = min(tried, key=lambda result: abs(result.macs - goal))
+        if under is None and best.macs > goal * (1 + tolerance):
+            fewest = tried[-1] if tried[-1].scale == 0.0 else self.at(0.0)
+            if fewest.macs > goal:
+                share = fewest.macs / fewest.dense_macs
+                raise ValueError(f"macs_budget={budget}: the fewest MACs these gates reach on this data are "
+                                 f"{share:.3f} of dense (one token per image at every gate); give a budget "
+                                 "at least that large")
+            tried.append(fewest)
+            best = min(tried, key=lambda result: abs(result.macs - goal))
         for layer, threshold in zip(self.layers, best.thresholds, strict=True):  # the best, not the last
             self.gates[str(layer)].threshold.fill_(threshold)
         return best
@@ -180,6 +188,19 @@ class _Calibration:
                 kept[i] += float(tokens.sum()) - record.prefix * record.batch
         shares = tuple((kept / max(patches, 1)).tolist())
         return shares, macs / samples, dense / samples
+
+
+def _toward(tried: list[SViTCalibration], goal: float) -> float:
+    """The next factor from trials all on one side of `goal`: the secant through the last two, or
+    from one, the factor scaled by (goal / MACs)², which overshoots a proportional step (MACs hold
+    a fixed part the factor does not scale)."""
+    latest = tried[-1]
+    if len(tried) >= 2:
+        previous = tried[-2]
+        slope = (latest.macs - previous.macs) / (latest.scale - previous.scale or 1e-12)
+        if slope > 0:
+            return latest.scale + (goal - latest.macs) / slope
+    return latest.scale * (goal / latest.macs) ** 2
 
 
 def _inside(under: SViTCalibration, over: SViTCalibration, goal: float) -> float:

@@ -35,10 +35,10 @@ class SViT(Method):
     with `reactivate` (the default) every later gate scores it again with them, so it can come
     back (the state works on the whole token grid). With `reactivate=False` a frozen token stays
     frozen. With `preserve=False` (the paper's "discard" ablation) a pruned token is dropped as
-    DynamicViT drops it: never scored again, and gone from the output feature map, whose cell
-    holds zeros in `dense=True` output (and the SAM encoder's, which always runs dense) instead of
-    the token's last features. It chooses the tokens `reactivate=False` chooses; only the map
-    differs.
+    DynamicViT drops it: never scored again, and gone from the output feature map: its cell of the
+    last block's `dense=True` output (and the SAM encoder's, which always runs dense) holds zeros,
+    before the host's final norm, instead of the token's last features. It chooses the tokens
+    `reactivate=False` chooses; only the map differs.
 
     Training (model.train()) runs in mask mode: each gate draws a hard Gumbel-softmax decision per
     token (straight-through gradients), pruned tokens are no attention key and pass the block
@@ -107,12 +107,10 @@ class SViT(Method):
         return self._narrow(layer, state, run, gate, target)
 
     def finish(self, state: TokenState, run: MethodRun) -> TokenState:
-        if self.preserve or self.keep == 1.0:
+        if self.preserve or self.keep == 1.0 or state.grid is None:  # sparse output: no map to empty
             return state
         if state.keep is not None:  # mask mode: a dropped token leaves the map, through its decision
             return state.replace(x=state.x * state.keep[..., None].to(state.x.dtype))
-        if state.grid is None:  # sparse output holds the kept tokens only
-            return state
         grid = state.written_grid()
         rows = torch.where(state.index >= 0, state.index, grid.shape[1] - 1)
         active = grid.new_zeros(grid.shape[:2]).scatter_(1, rows, 1.0)  # [B, N0 + 1]

@@ -21,7 +21,7 @@ DEFAULT_CALIBRATION_BATCH = 32
 
 def reads_thresholds(method: Method) -> bool:
     """Whether `method` keeps tokens by thresholds that calibration sets (SViT's default)."""
-    return isinstance(method, SViT) and not method.per_image and method.keep < 1.0
+    return isinstance(method, SViT) and not method.per_image and not method.sampled and method.keep < 1.0
 
 
 def calibrate_reference(model: nn.Module, task: str, macs_budget: float | None = None) -> SViTCalibration:

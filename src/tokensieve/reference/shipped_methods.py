@@ -1,6 +1,6 @@
 """A method trained on a reference model, stored as one directory: the fine-tuned model in the
-reference layout (`save_reference`, fp16; absent when the host was frozen, which is then the
-shipped reference model), `method.json` (the method's class and settings) and
+reference layout (`save_reference`, fp16; when the host was frozen, `host.json` names the shipped
+reference model it is instead), `method.json` (the method's class and settings) and
 `method.safetensors` (the method's own state in fp32: its learned parts and buffers, e.g. SViT's
 gates with their calibrated thresholds). Shipped ones live in the package's
 `weights/TASK-NAME` (e.g. `weights/seg-svit`) and load with one call: `load_method("seg", "svit")`.
@@ -20,10 +20,11 @@ from tokensieve.methods import Method
 from tokensieve.patch import sieve_of
 from tokensieve.reference import store
 from tokensieve.reference.patching import image_encoder, patch_reference
-from tokensieve.train.identity import method_config
+from tokensieve.train.identity import method_config, weights_fingerprint
 
 METHOD_CONFIG = "method.json"
 METHOD_STATE = "method.safetensors"
+HOST_RECORD = "host.json"  # a frozen-host run: which shipped model the method was trained on
 
 
 def method_name(method: Method) -> str:
@@ -42,19 +43,28 @@ def method_weights(task: str, name: str) -> Path:
     return store.shipped_weights(task).parent / f"{task}-{name}"
 
 
-def save_method(model: nn.Module, directory: str | os.PathLike, host: bool = True) -> Path:
+def save_method(model: nn.Module, directory: str | os.PathLike, shipped_host: str | None = None) -> Path:
     """Write a reference model patched with a method (by `patch_reference`): the method's
-    settings and state, and with `host` the model in fp16 as `save_reference` writes it (give
-    host=False when the host was not trained: `load_method` then takes the shipped reference
-    model). The model is not changed."""
+    settings and state, and the model in fp16 as `save_reference` writes it. With
+    `shipped_host=TASK` (a run that left the host frozen) the host is not stored: `host.json`
+    names TASK's shipped reference model and the fingerprint of its weights, which `load_method`
+    takes and checks. The model is not changed."""
     directory = Path(directory)
     sieve = sieve_of(image_encoder(model))
-    if host:
+    held = store.stored_files(directory) if directory.is_dir() else []
+    if held and not (directory / METHOD_CONFIG).is_file():
+        raise ValueError(f"{directory} holds a reference model, not a trained method; store the method in a "
+                         "directory of its own")
+    (directory / METHOD_CONFIG).unlink(missing_ok=True)  # no complete method here until the last write
+    if shipped_host is None:
         store.save_reference(model, directory)
+        (directory / HOST_RECORD).unlink(missing_ok=True)
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        for name in store.stored_files(directory):  # a host stored there earlier is not this run's
+        for name in held:  # an earlier run's fine-tuned host is not this run's
             (directory / name).unlink()
+        record = {"task": shipped_host, "weights": weights_fingerprint(model)}
+        (directory / HOST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     state = {key: value.detach().float().contiguous() for key, value in sieve.state_dict().items()}
     save_file(state, directory / METHOD_STATE, metadata={"format": "pt"})
     (directory / METHOD_CONFIG).write_text(json.dumps(method_config(sieve.method), indent=2) + "\n")
@@ -86,10 +96,25 @@ def load_method(task: str, name: str, directory: str | os.PathLike | None = None
     if method_name(method) != name:
         raise ValueError(f"{path} holds {method}, not {name}; load it with load_method({task!r}, "
                          f"{method_name(method)!r}, ...)")
-    model = store.load_reference(task, path if store.holds_reference(path) else None)
+    model = store.load_reference(task, path) if store.holds_reference(path) else _shipped_host(task, path)
     sieve = patch_reference(model, method)
     sieve.load_state_dict(load_file(path / METHOD_STATE))
     return model.eval()
+
+
+def _shipped_host(task: str, path: Path) -> nn.Module:
+    """The shipped reference model a gates-only directory was trained on, checked against its record."""
+    if not (path / HOST_RECORD).is_file():
+        raise FileNotFoundError(f"{path} holds neither a model nor {HOST_RECORD}; pass a directory "
+                                "`tokensieve train TASK --method M` wrote")
+    record = json.loads((path / HOST_RECORD).read_text())
+    if record["task"] != task:
+        raise ValueError(f"{path} was trained on the {record['task']} reference model, not {task}")
+    model = store.load_reference(task)
+    if weights_fingerprint(model) != record["weights"]:
+        raise ValueError(f"{path} was trained on other weights of the {task} reference model than the "
+                         f"ones installed; retrain: `tokensieve train {task} --method M --freeze-host`")
+    return model
 
 
 def shipped_method(task: str, method: Method) -> Path | None:

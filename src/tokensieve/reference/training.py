@@ -189,7 +189,7 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     if calibrates:
         calibrate_reference(model, task, macs_budget)
     if out_dir is not None:
-        save_method(model, out_dir, host=not freeze_host)
+        save_method(model, out_dir, shipped_host=task if freeze_host else None)
     return model
 
 
