@@ -30,6 +30,7 @@ REFUSED = {
     "per_image": [(1, TypeError), ("True", TypeError), (None, TypeError)],
     "reactivate": [(0, TypeError), ("no", TypeError)],
     "preserve": [(1.0, TypeError), ("False", TypeError)],
+    "sampled": [(1, TypeError), ("yes", TypeError), (None, TypeError)],
     "gate": [(None, TypeError), (2, TypeError), ("MLP", ValueError), ("topk", ValueError)],
     "rate_weight": [(True, TypeError), ("4", TypeError), (-1.0, ValueError), (float("inf"), ValueError)],
 }
