@@ -1,25 +1,29 @@
 """SViT on the seg reference model against the baselines at equal backbone MACs, and its ablations.
 
 Every trained row is fine-tuned from the shipped seg model by `train_method` (what
-`tokensieve train seg --method M --steps S --precision bf16` runs) for the same `--steps`, in
-batches of 32 under bfloat16 autocast; runs live under runs/svit-seg/ and a finished one is not
-trained again. For each keep ρ of `--keeps` (default 0.8, 0.7, 0.6) the table scores, on the test
-split:
+`tokensieve train seg --method M --steps S --precision bf16 --model-lr-scale L` runs) for the same
+`--steps`, in batches of 32 under bfloat16 autocast, the method's parameters at 1e-3 and the host
+at 1e-3 · `--model-lr-scale` (default 0.1: chosen on the validation split, where the seg model
+gains from more fine-tuning); runs live under runs/svit-seg/ and a finished one is not trained
+again. The seg model fine-tuned alone by the same recipe is the dense control ("dense
+fine-tuned"): what any trained row owes to its host's own gain. For each keep ρ of `--keeps`
+(default 0.8, 0.7, 0.6) the table scores, on the test split:
 
 - DynamicViT(keep=ρ): its predictors before blocks 3, 6 and 9, fine-tuned by its authors' recipe
-  (keep-ratio and self-distillation losses). The seg model runs dense, so the tokens it drops are
-  preserved in the map: this is the paper's "DynamicViT with preserved tokens". Its MACs are the
-  budget of the row group.
+  (keep-ratio and self-distillation losses). The seg model runs dense, so the tokens it drops keep
+  their features in the map: the paper's "DynamicViT with preserved tokens". Its MACs are the
+  budget of the row group. DynamicViT(keep=ρ, preserve=False) leaves their cells empty, as its
+  authors' pruning discards them; trained likewise.
 - EViT(keep=ρ), fine-tuned the same way; RandomDrop(keep=ρ, layers=(3, 6, 9)), frozen in place,
   untrained; ToMe(r) without training, at the r whose MACs come closest to the budget.
-- SViT(keep=ρ), fine-tuned by its paper's recipe (gates at 1e-3, the host at 1e-5, task and
-  keep-rate losses), its thresholds then set on the validation split so that the backbone spends
-  the budget (gates included).
+- SViT(keep=0.7), fine-tuned once by its paper's recipe (task and keep-rate losses, no
+  distillation), its thresholds set on the validation split so that the backbone spends each
+  group's budget (gates included): one set of gates serves every budget.
 
 `--ablations` adds, at ρ = 0.7 and the same budget, SViT without reactivation, without preserved
 tokens (their cells of the map zeros before the final norm), at a fixed rate per image (`per_image`, no
 thresholds: it keeps the schedule's share of each image), and with DynamicViT's predictor as its
-gate; each trained the same steps.
+gate, each trained the same steps; and DynamicViT itself with and without preserved tokens.
 
 `--determinism` scores SViT(keep=0.7) at that budget twice (its outputs must be equal) and with
 its authors' test-time practice, Gumbel sampling of the gates (`sampled=True`, mask mode) under
@@ -66,6 +70,7 @@ ABLATIONS = {"no reactivation": {"reactivate": False}, "no preserve (discard)": 
              "fixed rate per image": {"per_image": True},
              "DynamicViT's predictor as gate": {"gate": "dynamicvit"}}
 DEFAULT_STEPS = 400
+DEFAULT_HOST_LR_SCALE = 0.1
 GUMBEL_SEEDS = (0, 1, 2)
 MACS_BATCH = 64  # test images a forward while counting MACs
 TOME_RS = range(1, 40)
@@ -87,6 +92,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keeps", type=float, nargs="*", default=[0.8, 0.7, 0.6])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--model-lr-scale", type=float, default=DEFAULT_HOST_LR_SCALE,
+                        help="the host's learning rate over the method's")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--determinism", action="store_true")
     parser.add_argument("--samples", type=int, default=None, help="first N test samples (default: all)")
@@ -97,7 +104,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench = _Bench(args)
     dense = bench.dense()
-    quick = "" if args.samples is None and args.steps == DEFAULT_STEPS else "-quick"
+    default = (args.samples, args.steps, args.model_lr_scale) == (None, DEFAULT_STEPS, DEFAULT_HOST_LR_SCALE)
+    quick = "" if default else "-quick"
     sections = [("svit_seg", lambda: [row for keep in args.keeps for row in bench.budget(keep)], args.keeps),
                 ("svit_seg_ablations", bench.ablations, args.ablations),
                 ("svit_seg_determinism", bench.determinism, args.determinism)]
@@ -105,7 +113,7 @@ def main() -> None:
     for name, rows_of, wanted in sections:
         if not wanted:
             continue
-        rows = [dense, *rows_of()]
+        rows = [dense, bench.dense_fine_tuned(), *rows_of()]
         path = args.out / f"{name}{quick}"
         path.with_suffix(".json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
         path.with_suffix(".md").write_text(_markdown(rows, args, name))
@@ -129,6 +137,12 @@ class _Bench:
         self.dense_macs = self._macs(model)
         return Row("dense", "dense", self._score(model), self.dense_macs / 1e9, 1.0, 0)
 
+    def dense_fine_tuned(self) -> Row:
+        """The dense control: the seg model fine-tuned alone by the same recipe and steps."""
+        model = self._trained(None)
+        return Row("dense", "dense fine-tuned", self._score(model), self.dense_macs / 1e9, 1.0,
+                   self.args.steps, "the host alone, same steps and learning rate")
+
     def budget(self, keep: float) -> list[Row]:
         group = f"keep {keep}"
         layers = dict(layers=BASELINE_LAYERS)
@@ -137,10 +151,12 @@ class _Bench:
         trained = self._trained(dynamicvit)
         budget = self._macs(trained)
         rows = [self._row(group, dynamicvit, trained)]
+        discarding = ts.DynamicViT(keep=keep, preserve=False, **layers)
+        rows.append(self._row(group, discarding, self._trained(discarding)))
         rows.append(self._row(group, evit, self._trained(evit)))
         rows.append(self._row(group, random_drop, load_patched(random_drop)))
         rows.append(self._row(group, *self._tome(budget)))
-        svit = ts.SViT(keep=keep)
+        svit = ts.SViT(keep=ABLATION_KEEP)
         rows.append(self._row(group, svit, self._calibrated(svit, budget)))
         return rows
 
@@ -152,6 +168,10 @@ class _Bench:
             method = ts.SViT(keep=ABLATION_KEEP, **setting)
             model = self._trained(method) if setting.get("per_image") else self._calibrated(method, budget)
             rows.append(self._row("ablation", method, model, note=note))
+        for preserve in (True, False):  # DynamicViT itself on the same schedule (its MACs: the budget)
+            method = ts.DynamicViT(keep=ABLATION_KEEP, preserve=preserve, layers=BASELINE_LAYERS)
+            note = f"DynamicViT itself, {'preserved' if preserve else 'discarded'} tokens"
+            rows.append(self._row("ablation", method, self._trained(method), note=note))
         return rows
 
     def determinism(self) -> list[Row]:
@@ -174,16 +194,22 @@ class _Bench:
             print(rows[-1], flush=True)
         return rows
 
-    def _trained(self, method: ts.Method) -> torch.nn.Module:
-        """The seg model fine-tuned with `method` for --steps (trained now if its run is not done)."""
-        run = self.args.runs / f"{_slug(method)}-steps{self.args.steps}"
+    def _trained(self, method: ts.Method | None) -> torch.nn.Module:
+        """The seg model fine-tuned with `method` (None: alone) for --steps, trained now if its run
+        is not done."""
+        run = self.run_dir(method)
         if _finished_steps(run) != self.args.steps:
             start = time.perf_counter()
-            train_method(TASK, method, run, steps=self.args.steps, precision="bf16")
+            train_method(TASK, method, run, steps=self.args.steps, precision="bf16",
+                         model_lr_scale=self.args.model_lr_scale)
             print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
-        model = load_patched(method)
+        model = load_patched(method) if method is not None else load_reference(TASK).eval()
         load_trained(model, run)
         return model.eval()
+
+    def run_dir(self, method: ts.Method | None) -> Path:
+        name = _slug(method) if method is not None else "dense"
+        return self.args.runs / f"{name}-steps{self.args.steps}-hostlr{self.args.model_lr_scale:g}"
 
     def _calibrated(self, method: ts.SViT, budget: float) -> torch.nn.Module:
         """SViT fine-tuned, its thresholds set on validation to spend `budget` MACs per image."""
@@ -192,8 +218,12 @@ class _Bench:
         return model
 
     def _tome(self, budget: float) -> tuple[ts.Method, torch.nn.Module]:
-        """ToMe at the r whose MACs come closest to `budget`."""
-        best = min(TOME_RS, key=lambda r: abs(self._macs(load_patched(ts.ToMe(r=r))) - budget))
+        """ToMe at the r whose MACs come closest to `budget` (ToMe's MACs are the same for every
+        image: one batch counts them)."""
+        def macs(r: int) -> float:
+            return ts.flops(image_encoder(load_patched(ts.ToMe(r=r))), self.images[0][:2]).macs
+
+        best = min(TOME_RS, key=lambda r: abs(macs(r) - budget))
         return ts.ToMe(r=best), load_patched(ts.ToMe(r=best))
 
     def _macs(self, model: torch.nn.Module, kind: str = "macs") -> float:
@@ -251,7 +281,8 @@ def _markdown(rows: list[Row], args: argparse.Namespace, name: str) -> str:
         f"# {TITLES[name]}",
         "",
         f"Produced by `python benchmarks/svit_seg.py{FLAGS[name]}` ({split}; trained rows fine-tuned "
-        f"{args.steps} steps of 32 images under bf16 from the shipped seg model; SViT's thresholds set on "
+        f"{args.steps} steps of 32 images under bf16 from the shipped seg model, the host at "
+        f"{args.model_lr_scale:g} of the method's learning rate; SViT's thresholds set on "
         "the validation split to the group's budget, DynamicViT's MACs at the same keep). mIoU over the six "
         "shape classes; backbone MACs per image, gates and predictors included, mean over the scored test "
         "images.",

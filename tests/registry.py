@@ -76,9 +76,11 @@ REGISTRY: tuple[Entry, ...] = (
     _entry("tome", ToMe(r=4), off={"r": 0}, fuses=True, equal_counts=True),
     _entry("randomdrop", RandomDrop(keep=0.5, layers=L), overhead=False),
     _entry("svit", SViT(keep=0.5, layers=L, per_image=True), ragged={"per_image": False}),
-    # the paper's "discard": dropped tokens leave the dense map (its own finish step)
+    # the paper's "discard": dropped tokens leave the dense map (their own finish step)
     _entry("svit-discard", SViT(keep=0.5, layers=L, per_image=True, preserve=False),
            ragged={"per_image": False}),
+    _entry("dynamicvit-discard", DynamicViT(keep=0.5, layers=L, preserve=False), ragged={"dynamic": True},
+           equal_counts=True),
 )
 
 # What each host of models.py asks (the timm and transformers image towers), and the other families.

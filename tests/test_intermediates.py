@@ -40,8 +40,8 @@ def test_dense_intermediates_are_whole_maps_and_a_dropped_token_keeps_its_featur
         final = model.forward_features(x)[:, model.num_prefix_tokens:]  # after the norm
     last = maps[-1].flatten(2).transpose(1, 2)
     torch.testing.assert_close(model.norm(last), final, atol=1e-5, rtol=0)
-    # SViT(preserve=False), the paper's "discard": a dropped token's cell of the last map is zeros
-    discards = isinstance(method, ts.SViT) and not method.preserve
+    # preserve=False (SViT's and DynamicViT's "discard"): a dropped token's cell of the last map is zeros
+    discards = isinstance(method, (ts.SViT, ts.DynamicViT)) and not method.preserve
     if method.keeps_positions:  # a token out of block i holds its features in every later map until it
         records = traces[0].layers  # is active again (a method that reactivates tokens may bring it back)
         for layer in range(len(records) - 1):

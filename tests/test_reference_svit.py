@@ -240,3 +240,17 @@ def test_tokensieve_eval_scores_a_stored_svit_given_by_trained(trained, tmp_path
     wrong = CliRunner().invoke(main, ["eval", "seg", "svit:keep=0.5", "--samples", "2", "--trained",
                                       f"svit:keep=0.5={tmp_path / 'elsewhere'}"])
     assert wrong.exit_code != 0 and "holds SViT(keep=0.7), not SViT(keep=0.5)" in str(wrong.exception)
+
+
+def test_the_dense_control_fine_tunes_the_host_alone_by_the_same_recipe(package, tmp_path):
+    shipped = store.load_reference("seg")
+    model = train_method("seg", None, tmp_path / "dense", steps=2, batch_size=2, progress=False,
+                         model_lr_scale=0.5)
+    assert not ts.is_patched(image_encoder(model))
+    moved = [name for (name, value), other in zip(model.state_dict().items(), shipped.state_dict().values(),
+                                                  strict=True) if not torch.equal(value, other)]
+    assert moved  # the host trained
+    logged = [json.loads(line) for line in (tmp_path / "dense" / "log.jsonl").read_text().splitlines()]
+    assert all(entry["loss_distill"] is None for entry in logged)  # no teacher but itself
+    with pytest.raises(ValueError, match="no method to store"):
+        train_method("seg", None, tmp_path / "other", steps=2, batch_size=2, out_dir=tmp_path / "out")

@@ -22,6 +22,7 @@ import tokensieve as ts
 import tokensieve.train.atomic
 import tokensieve.train.checkpoint
 from tokensieve.train import cross_entropy, fit, latest_checkpoint, load_trained, read_checkpoint
+from tokensieve.train.identity import check_same_method, method_config, method_defaults
 
 ADAMW_STATE = {"exp_avg", "exp_avg_sq", "step"}
 
@@ -51,7 +52,7 @@ def test_a_method_checkpoint_holds_the_sieve_and_its_optimiser_state_only(tmp_pa
     assert metadata["trained"] == "method" and metadata["step"] == "2"
     assert metadata["method"] == repr(DYNAMICVIT)
     assert json.loads(metadata["method_config"]) == {"class": "DynamicViT", "keep": 0.7, "layers": [1, 2],
-                                                     "dynamic": False}
+                                                     "dynamic": False, "preserve": True}
     host = json.loads(metadata["host"])
     assert host["class"] == "timm.models.vision_transformer.VisionTransformer"
     assert host["spec"]["depth"] == 4 and host["spec"]["dim"] == 32 and len(host["parameters"]) == 16
@@ -97,6 +98,16 @@ def test_a_checkpoint_for_another_method_config_is_refused(tmp_path):
         load_trained(patched_model(other), tmp_path)
     with pytest.raises(ValueError, match=message):
         _train(tmp_path, other)
+
+
+def test_a_config_saved_before_a_field_was_added_loads_at_that_fields_default():
+    method = ts.DynamicViT(keep=0.7, layers=(1, 2))
+    saved = method_config(method)
+    del saved["preserve"]  # as a run saved before DynamicViT had the field holds it
+    check_same_method(saved, method_config(method), "run", method_defaults(method))
+    other = ts.DynamicViT(keep=0.7, layers=(1, 2), preserve=False)
+    with pytest.raises(ValueError, match="another method"):
+        check_same_method(saved, method_config(other), "run", method_defaults(other))
 
 
 def test_resuming_a_method_run_on_other_host_weights_is_refused(tmp_path):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from tokensieve import calls, ops
 from tokensieve.methods.base import Method, MethodRun
+from tokensieve.methods.discard import discard_dropped
 from tokensieve.methods.fields import check_layers, flag, layer_indices, settle, share
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
@@ -23,14 +24,19 @@ class DynamicViT(Method):
     gradients, pruned tokens masked out as keys. Inference gathers the top-scoring tokens; with
     `dynamic`, each image keeps the tokens its predictor rates above one half (a ragged batch).
     keep=1.0 prunes nothing, in training as in inference: the model runs as the host.
+
+    On a dense host (a map out), the tokens it prunes keep their last features in the map
+    (`preserve`, "DynamicViT with preserved tokens"); `preserve=False` leaves their cells empty,
+    as its authors' pruning discards them.
     """
 
     keep: float = 0.7
     layers: tuple[int, ...] = (3, 6, 9)
     dynamic: bool = False
+    preserve: bool = True
 
     def __post_init__(self) -> None:
-        settle(self, keep=share, layers=layer_indices, dynamic=flag)
+        settle(self, keep=share, layers=layer_indices, dynamic=flag, preserve=flag)
 
     @property
     def ragged(self) -> bool:
@@ -73,6 +79,9 @@ class DynamicViT(Method):
             if kept == patches.shape[1]:
                 return state
         return state.select(*ops.keep_top(keep_scores, kept, state.prefix, state.patch_valid()))
+
+    def finish(self, state: TokenState, run: MethodRun) -> TokenState:
+        return state if self.preserve or self.keep == 1.0 else discard_dropped(state)
 
 
 def _patch_weights(state: TokenState) -> Tensor | None:

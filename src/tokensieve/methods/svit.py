@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tokensieve import calls, ops
 from tokensieve.fields import choice, real_within
 from tokensieve.methods.base import Method, MethodRun
+from tokensieve.methods.discard import discard_dropped
 from tokensieve.methods.dynamicvit import KeepPredictor
 from tokensieve.methods.fields import check_layers, flag, layer_indices, optional, settle, share
 from tokensieve.spec import ModelSpec
@@ -107,14 +108,9 @@ class SViT(Method):
         return self._narrow(layer, state, run, gate, target)
 
     def finish(self, state: TokenState, run: MethodRun) -> TokenState:
-        if self.preserve or self.keep == 1.0 or state.grid is None:  # sparse output: no map to empty
+        if self.preserve or self.keep == 1.0:
             return state
-        if state.keep is not None:  # mask mode: a dropped token leaves the map, through its decision
-            return state.replace(x=state.x * state.keep[..., None].to(state.x.dtype))
-        grid = state.written_grid()
-        rows = torch.where(state.index >= 0, state.index, grid.shape[1] - 1)
-        active = grid.new_zeros(grid.shape[:2]).scatter_(1, rows, 1.0)  # [B, N0 + 1]
-        return state.replace(grid=grid * active[..., None])
+        return discard_dropped(state)
 
     def losses(self, traces: Sequence[Trace]) -> dict[str, Tensor]:
         gates = [gate for trace in traces for gate in trace.reports.get(KEEP_REPORT, ())]

@@ -138,7 +138,7 @@ METHOD_BATCH_SIZES = {"det": 8}
 NO_DISTILLATION = ("det",)
 
 
-def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: int = 400,
+def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, steps: int = 400,
                  batch_size: int | None = None, lr: float = 1e-3, model_lr_scale: float = 0.01,
                  precision: Precision = "fp32", progress: bool = True,
                  out_dir: str | os.PathLike | None = None, macs_budget: float | None = None,
@@ -160,18 +160,27 @@ def train_method(task: str, method: Method, run_dir: str | os.PathLike, steps: i
     With `freeze_host`, only the method's parameters train (TrainConfig(train="method")): the
     host stays the shipped model.
 
+    With `method=None` the shipped model is fine-tuned alone, by the same recipe (the host at
+    lr · model_lr_scale, the task loss alone): the dense control of a method's run, since part of
+    what a method's fine-tuning gains is the host's own.
+
     With `out_dir`, the trained model and method are stored there (`save_method`; load them with
     `load_method`): the host in fp16, which SViT's thresholds are calibrated on, so that the
     stored model is the one calibrated; a frozen host is not stored (it is the shipped model)."""
-    calibrates = reads_thresholds(method)
+    calibrates = method is not None and reads_thresholds(method)
+    if method is None and (out_dir is not None or freeze_host):
+        raise ValueError("method=None fine-tunes the host alone: there is no method to store or to train "
+                         "over a frozen host; give a method, or drop out_dir and freeze_host")
     if macs_budget is not None and not calibrates:
         raise ValueError(f"macs_budget sets SViT's thresholds; {method} has none to set. Drop the budget, or "
                          "train SViT with per_image=False and keep < 1")
     model = load_reference(task)
-    patch_reference(model, method)
+    if method is not None:
+        patch_reference(model, method)
     size = IMAGE_SIZES[task]
     batch_size = batch_size or METHOD_BATCH_SIZES.get(task, 32)
-    distills = task not in NO_DISTILLATION and not isinstance(method, SViT)  # the paper has none
+    # SViT's paper has no self-distillation; the dense control would distil from itself
+    distills = task not in NO_DISTILLATION and method is not None and not isinstance(method, SViT)
     config = TrainConfig(
         train="method" if freeze_host else "model", steps=steps, batch_size=batch_size, lr=lr,
         model_lr_scale=model_lr_scale,

@@ -36,6 +36,7 @@ from tokensieve.train.identity import (
     check_same_trained,
     host_identity,
     method_config,
+    method_defaults,
 )
 from tokensieve.train.rng import rng_from_json, rng_to_json
 
@@ -278,7 +279,8 @@ def load_trained(model: nn.Module, path: str | os.PathLike, *, sieve: Sieve | No
 
 def _check_identity(metadata: dict[str, str], model: nn.Module, sieve: Sieve | None, where: str) -> None:
     check_same_host(json.loads(metadata["host"]), _host_identity(model, sieve), where)
-    check_same_method(json.loads(metadata["method_config"]), _method_config(sieve), where)
+    defaults = method_defaults(sieve.method) if sieve is not None else None
+    check_same_method(json.loads(metadata["method_config"]), _method_config(sieve), where, defaults)
 
 
 def _host_identity(model: nn.Module, sieve: Sieve | None) -> dict[str, Any]:

@@ -54,7 +54,21 @@ def check_same_host(saved: dict[str, Any], current: dict[str, Any], where: str) 
                          "trained on, or train a new one for this model")
 
 
-def check_same_method(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+def method_defaults(method: Method) -> dict[str, Any]:
+    """The method's fields that have a default, at it, as JSON values."""
+    if not dataclasses.is_dataclass(method):
+        return {}
+    defaults = {field.name: field.default for field in dataclasses.fields(method)
+                if field.default is not dataclasses.MISSING}
+    return json.loads(json.dumps(defaults))
+
+
+def check_same_method(saved: dict[str, Any], current: dict[str, Any], where: str,
+                      defaults: dict[str, Any] | None = None) -> None:
+    """Refuse a checkpoint of another method. A field the saved config lacks counts as its
+    `defaults` value: a field added to a method later keeps its older runs loadable."""
+    if defaults and saved.get("class") == current.get("class"):
+        saved = {**{name: value for name, value in defaults.items() if name in current}, **saved}
     if saved != current:
         raise ValueError(f"{where} was trained for another method: it holds {_describe_method(saved)}, "
                          f"and this model is patched with {_describe_method(current)}. Patch the model "
