@@ -157,6 +157,28 @@ def test_select_by_count_keeps_each_rows_top_scores_in_position_order_valid_firs
         assert ((positions[b] >= 0) & (positions[b] < tokens)).all()
 
 
+@given(batch=st.integers(1, 4), tokens=st.integers(1, 12), masked=st.booleans(), seed=seeds)
+def test_marked_positions_keep_what_keep_top_keeps_at_the_marks_counts(batch, tokens, masked, seed):
+    generator = _generator(seed)
+    scores = torch.randn(batch, tokens, generator=generator)
+    threshold = torch.rand(batch, 1, generator=generator) * 2 - 1  # a share of each row above it
+    valid = torch.rand(batch, tokens, generator=generator) < 0.7 if masked else None
+    marks = scores > threshold if valid is None else (scores > threshold) & valid
+
+    chosen = ops.marked_positions(marks)
+    counts = marks.sum(dim=1)
+    if int(counts.min()) < ops.MIN_KEPT_TOKENS:
+        assert chosen is None
+        return
+    positions, kept = chosen
+    expected, expected_kept = ops.keep_top(scores, counts, 0, valid)
+    if kept is None:  # every row has the same count: no padding
+        assert batch == 1 or bool((counts == counts[0]).all())
+        kept = torch.ones_like(expected_kept)
+    assert torch.equal(kept, expected_kept)
+    assert torch.equal(positions[kept], expected[expected_kept])
+
+
 @given(batch=st.integers(1, 3), prefix=st.integers(0, 3), patches=st.integers(2, 16), dim=st.integers(1, 4),
        seed=seeds, data=st.data())
 def test_bipartite_merge_conserves_size_and_size_weighted_features(batch, prefix, patches, dim, seed, data):

@@ -148,6 +148,62 @@ def test_a_token_passed_over_at_one_gate_can_come_back_at_the_next():
     assert any(back)  # active before block 2, though frozen before block 1
 
 
+def _svit_by_hand(model: nn.Module, gates: dict[int, nn.Module], image: torch.Tensor
+                  ) -> tuple[list[torch.Tensor], list[set[int]]]:
+    """SViT's inference spelled out on the unpatched timm model for one image: the grid holds every
+    position's last features; before each gated block the gate scores every patch position from the
+    grid, the block runs on the prefix and the positions rated above the threshold (the best one if
+    none is), and its output is written back. Returns the grid after each block and the positions
+    each block ran on."""
+    prefix = model.num_prefix_tokens
+    with torch.no_grad():
+        grid = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))  # [1, N0, C]
+        active = torch.arange(grid.shape[1])
+        grids, actives = [], []
+        for layer, block in enumerate(model.blocks):
+            gate = gates.get(layer)
+            if gate is not None:
+                logits = gate(grid[:, prefix:])[0]
+                scores = logits[:, 1] - logits[:, 0]
+                votes = scores.double() > torch.logit(gate.threshold.double())
+                kept = votes.nonzero()[:, 0] if votes.any() else scores.argmax()[None]
+                active = torch.cat([torch.arange(prefix), kept + prefix])
+            grid = grid.clone()
+            grid[:, active] = block(grid[:, active])
+            grids.append(grid)
+            actives.append(set(active.tolist()))
+    return grids, actives
+
+
+@pytest.mark.parametrize("images_of", [distinct_images, lambda: distinct_images()[1:2]],
+                         ids=["ragged-batch", "one-image"])
+def test_dense_inference_equals_svit_spelled_out_one_image_at_a_time(images_of):
+    """The executor's shortcuts (the grid written back once per block, the selection read off the
+    votes, a ragged batch run on its real tokens only) leave each block's dense output what the
+    plain computation gives, to float rounding."""
+    host = strengthen(host_model("timm-vit"))
+    model = copy.deepcopy(host)
+    ts.patch(model, ts.SViT(keep=0.5), dense=True)
+    x = images_of()
+    ts.calibrate_svit(model, distinct_images())
+    outputs: list[torch.Tensor] = []  # kept as given: a later write into the grid must not reach them
+    hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out))
+             for block in model.blocks]
+    with torch.no_grad(), ts.trace(model) as traces:
+        features = model.forward_features(x)
+    for hook in hooks:
+        hook.remove()
+    gates = {int(layer): gate for layer, gate in ts.sieve_of(model).parts[0].items()}
+    if len(x) > 1:
+        assert traces[0].kept_tokens()[-1].unique().numel() > 1  # a ragged batch
+    for i in range(len(x)):
+        grids, actives = _svit_by_hand(host, gates, x[i])
+        assert [_active(record, i) for record in traces[0].layers] == actives
+        for out, grid in zip(outputs, grids, strict=True):
+            torch.testing.assert_close(out[i], grid[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(features[i], host.norm(grids[-1][0]), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("setting", [{"reactivate": False}, {"preserve": False}])
 def test_without_reactivation_a_frozen_token_stays_frozen(setting):
     model = strengthen(host_model("timm-vit"))

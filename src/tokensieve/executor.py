@@ -149,7 +149,7 @@ class Runner:
         call.state = self._run_block(layer, call, scope)
         if layer == self.last_layer:
             return self._finish(call, scope)
-        out = self._block_output(call.state)
+        out = self._block_output(call)
         scope.handoff = _Handoff(call, layer, out)
         return out
 
@@ -205,17 +205,19 @@ class Runner:
         block returned (same shape)."""
         return _adopt_dense(state, given) if self.dense else state.replace(x=given)
 
-    def _block_output(self, state: TokenState) -> Tensor:
+    def _block_output(self, call: _Call) -> Tensor:
         """What a block before the last returns: its tokens; in dense mode every input position, as
         the last block returns them, so the host's intermediate outputs and forward hooks see the
         whole grid."""
+        state = call.state
         if not self.dense:
             return state.x
-        if state.source is None and not _writes_recorded(state):
-            # dense_output writes the active tokens into the grid, here in place; the grid is written
-            # in place again later, so the block's output is written into a copy
-            state = state.replace(grid=state.grid.clone())
-        return state.dense_output()
+        if state.source is None:
+            # The call keeps the written grid, so a step before the next block (SViT's gate, a
+            # reactivation) finds the tokens there and does not write them again.
+            call.state = state = state.write_back()
+        # Without autograd the grid is written in place again later: the block returns a copy.
+        return state.dense_output(copy=not _writes_recorded(state))
 
     def _remember(self, layer: int, x: Tensor, call: _Call, previous: TokenState | None,
                   replaced: bool) -> None:
@@ -253,7 +255,7 @@ class Runner:
         call.state = self._run_block(layer, call, scope)
         if layer == self.last_layer:
             return self._finish(call, scope)
-        out = self._block_output(call.state)
+        out = self._block_output(call)
         self._remember(layer + 1, out, call, call.state, False)  # the next block, if checkpointed with it
         return out
 
@@ -267,6 +269,11 @@ class Runner:
         block_input = state.x
         record.attention_tokens = state.token_counts()
         own_attention = runs_own_attention(view)
+        packed = None if own_attention else _packed_rows(state, method, call.opening.block_call)
+        if packed is not None:
+            record.mlp_tokens = record.attention_tokens
+            record.index, record.valid = state.index, state.valid
+            return state.replace(x=self._run_packed(view, state.x, *packed))
         if own_attention:  # windows or relative positions: the view places the tokens
             heads_out, q, k = view.attend(block_input, state, self.eager)  # [B, N, H*d]
             record.attention_index, record.attention_valid = state.index, state.valid
@@ -301,6 +308,24 @@ class Runner:
             x = keep * x + (1.0 - keep) * block_input
         record.index, record.valid = state.index, state.valid
         return state.replace(x=x)
+
+    def _run_packed(self, view: BlockView, x: Tensor, rows: Tensor, counts: list[int]) -> Tensor:
+        """The block on a ragged batch's real tokens only: `x` [B, N, C] packed into one sequence of
+        its `rows`, each sample attending to its own `counts` tokens; returned as [B, N, C] with
+        zeros on the padding rows. The padded batch would run every token-wise step (the linear
+        layers, norms, the MLP) on each sample's padding too, and attention on the longest count."""
+        batch, tokens, channels = x.shape
+        x = x.reshape(batch * tokens, channels).index_select(0, rows)[None]  # [1, T, C]
+        q, k, v = view.qkv(x)  # [1, H, T, d]
+        dropout = view.attention_dropout()
+        samples = zip(q.split(counts, 2), k.split(counts, 2), v.split(counts, 2), strict=True)
+        heads_out = [ops.attention(*qkv, None, view.scale, dropout, self.eager).transpose(1, 2)
+                     for qkv in samples]
+        heads_out = torch.cat(heads_out, dim=1).flatten(2)  # [1, T, H*d]
+        x = _norm_after(view, "attention", _residual(x, view.attention_branch(heads_out)))
+        x = _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
+        out = x.new_zeros(batch * tokens, channels).index_copy_(0, rows, x[0])
+        return out.view(batch, tokens, channels)
 
     def _cross_attend(self, view: BlockView, x: Tensor, call: BlockCall) -> Tensor:
         """The block's attention from its tokens to the call's memory (another modality's tokens)."""
@@ -403,6 +428,18 @@ def _adopt_dense(state: TokenState, given: Tensor) -> TokenState:
     x = torch.where(positioned, gather_tokens(tokens, state.index.clamp_min(0)), state.x)
     grid = None if state.grid is None else torch.cat([tokens, state.grid[:, -1:]], dim=1)
     return state.replace(x=x, grid=grid)
+
+
+def _packed_rows(state: TokenState, method: Method, call: BlockCall) -> tuple[Tensor, list[int]] | None:
+    """The rows [T] of the flattened [B * N] tokens that are not ragged padding, and each sample's
+    count of them, when the block can run on those alone (`Runner._run_packed`): a ragged batch
+    without gradients, whose tokens attend by plain key masks (no input padding, causal order,
+    merged sizes or memory) and whose method reads nothing of the block's attention."""
+    if (state.valid is None or state.keep is not None or state.size is not None or torch.is_grad_enabled()
+            or call.key_mask is not None or call.causal or call.memory is not None
+            or type(method).after_attention is not Method.after_attention):
+        return None
+    return state.valid.flatten().nonzero()[:, 0], state.valid.sum(dim=1).tolist()
 
 
 def _attention_bias(state: TokenState, dtype: torch.dtype, causal: bool = False) -> Tensor | None:

@@ -115,6 +115,10 @@ class TokenState:
     # (rows, cols) when the blocks take channels-last maps [B, rows, cols, C] (SAM): the tokens are
     # the map's cells in row-major order, so index = row * cols + col.
     map_size: tuple[int, int] | None = None
+    # (x, index, grid) when `grid` holds `x` at `index` (written back, or `x` read from it): writing
+    # back again would copy the same rows. Compared by identity, so a state whose tokens, positions
+    # or grid were replaced since writes back.
+    synced: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
     def start(cls, x: Tensor, prefix: int, grid: bool = False, valid: Tensor | None = None,
@@ -221,29 +225,44 @@ class TokenState:
                              "(where every token stays active and `keep` decides)")
         grid = self.written_grid()
         rows = positions if valid is None else positions.masked_fill(~valid, grid.shape[1] - 1)
-        return self.replace(
-            x=gather_tokens(grid, rows),
-            index=positions if valid is None else positions.masked_fill(~valid, NO_POSITION),
-            valid=valid,
-            grid=grid,
-        )
+        x = gather_tokens(grid, rows)
+        index = positions if valid is None else positions.masked_fill(~valid, NO_POSITION)
+        return self.replace(x=x, index=index, valid=valid, grid=grid, synced=(x, index, grid))
+
+    def write_back(self) -> TokenState:
+        """This state with its grid holding the active tokens' current features (`written_grid`),
+        marked so that a later step on the same tokens does not write them again."""
+        if self.grid is None or self._synced():
+            return self
+        grid = self.written_grid()
+        return self.replace(grid=grid, synced=(self.x, self.index, grid))
 
     def written_grid(self) -> Tensor | None:
         """The grid with the active tokens' current features written at their positions; in place
         when no gradient is recorded (no copy of the grid), else a new tensor autograd can follow."""
-        if self.grid is None:
-            return None
+        if self.grid is None or self._synced():
+            return self.grid
         # Padding of the input (padded text) has a position and is written back, as the host computes
         # it too; rows with no position (fused tokens, ragged padding) go to the sink row.
         rows = torch.where(self.index >= 0, self.index, self.grid.shape[1] - 1)
         return write_tokens(self.grid, rows, self.x)
 
-    def dense_output(self) -> Tensor:
+    def _synced(self) -> bool:
+        if self.synced is None:
+            return False
+        x, index, grid = self.synced
+        return x is self.x and index is self.index and grid is self.grid
+
+    def dense_output(self, copy: bool = False) -> Tensor:
         """Dense mode: every input token in input order [B, N0, C], pruned ones with their last
         features, merged ones with the features of the token they were merged into; in the input's
-        own layout [B, rows, cols, C] when the blocks take maps."""
-        merged = self.source is not None
-        tokens = gather_tokens(self.x, self.source) if merged else self.written_grid()[:, :-1]
+        own layout [B, rows, cols, C] when the blocks take maps. With `copy`, never a view of the
+        grid (whose owner writes it in place again)."""
+        if self.source is not None:
+            tokens = gather_tokens(self.x, self.source)
+        else:
+            grid = self.written_grid()
+            tokens = (grid.clone() if copy else grid)[:, :-1]
         if self.map_size is None:
             return tokens
         return tokens.reshape(tokens.shape[0], *self.map_size, tokens.shape[-1])

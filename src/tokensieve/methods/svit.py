@@ -138,8 +138,10 @@ class SViT(Method):
                   target: float) -> TokenState:
         """Inference with reactivation: score every patch token of the grid, frozen ones with the
         features they were frozen with, and make the chosen ones the active set."""
-        state = state.replace(grid=state.written_grid())  # [B, N0 + 1, C]: each position's last features
-        positions, leading = _patch_positions(state)  # [B, M] in input order
+        # The grid [B, N0 + 1, C]: each position's last features. Written back once: the dense
+        # block output may have written these tokens already, and `activate` reads them from here.
+        state = state.write_back()
+        positions, leading = _patch_positions(state, run)  # [B, M] in input order
         features = state.grid[:, state.prefix : -1] if leading else gather_tokens(state.grid, positions)
         input_valid = run.trace.input_valid
         real = None if input_valid is None else input_valid.gather(1, positions)  # not the input's padding
@@ -148,8 +150,7 @@ class SViT(Method):
         run.trace.add_overhead("gate", gate.macs(available))
         scores = logits[..., 1] - logits[..., 0]  # [B, M] log-odds of keeping
         _append_report(run, SCORE_REPORT, GateScores(layer, scores, real, available))
-        counts = self._kept_counts(scores, real, gate, target, available, available)
-        slots, valid = ops.keep_top(scores, counts, 0, real)
+        slots, valid = self._choose(scores, real, gate, target, available)
         active = torch.cat([state.index[:, : state.prefix], positions.gather(1, slots)], dim=1)
         if valid is not None:
             valid = torch.cat([valid.new_ones(valid.shape[0], state.prefix), valid], dim=1)
@@ -172,6 +173,18 @@ class SViT(Method):
             return state
         return state.select(*ops.keep_top(scores, kept, state.prefix, valid))
 
+    def _choose(self, scores: Tensor, candidates: Tensor | None, gate: nn.Module, target: float,
+                available: int | Tensor) -> tuple[Tensor, Tensor | None]:
+        """The slots [B, K] of the scored tokens each image keeps, in order, and their validity
+        (None: no padding). Those rated above the threshold are the top-rated ones at their count,
+        read off the votes without ranking; keep_top ranks when an image has too few (or `per_image`)."""
+        if not self.per_image:
+            chosen = ops.marked_positions(_votes(scores, candidates, gate))
+            if chosen is not None:
+                return chosen
+        counts = self._kept_counts(scores, candidates, gate, target, available, available)
+        return ops.keep_top(scores, counts, 0, candidates)
+
     def _kept_counts(self, scores: Tensor, candidates: Tensor | None, gate: nn.Module, target: float,
                      inputs: int | Tensor, available: int | Tensor) -> int | Tensor:
         """How many tokens each image keeps: the target share of its input patch tokens with
@@ -179,9 +192,7 @@ class SViT(Method):
         the `available` candidates."""
         if self.per_image:
             return _at_most(ops.keep_count(inputs, target), available)
-        votes = scores.double() > torch.logit(gate.threshold.double())  # logit(0) = -inf keeps every token
-        if candidates is not None:
-            votes = votes & candidates
+        votes = _votes(scores, candidates, gate)
         return _at_most(votes.sum(dim=1).clamp_min(ops.MIN_KEPT_TOKENS), available)
 
 
@@ -243,7 +254,24 @@ class PredictorGate(KeepPredictor):
         self.register_buffer("threshold", torch.tensor(INITIAL_THRESHOLD))
 
 
-def _patch_positions(state: TokenState) -> tuple[Tensor, bool]:
+def _votes(scores: Tensor, candidates: Tensor | None, gate: nn.Module) -> Tensor:
+    """[B, M] whether each scored token is rated above the gate's threshold (and may be kept)."""
+    votes = scores.double() > torch.logit(gate.threshold.double())  # logit(0) = -inf keeps every token
+    return votes if candidates is None else votes & candidates
+
+
+def _patch_positions(state: TokenState, run: MethodRun) -> tuple[Tensor, bool]:
+    """`_find_patch_positions`, found once per call: the prefix's positions never change."""
+    found = run.scratch.get(_POSITIONS)
+    if found is None:
+        found = run.scratch[_POSITIONS] = _find_patch_positions(state)
+    return found
+
+
+_POSITIONS = "svit_patch_positions"  # the call's scratch: what _find_patch_positions found
+
+
+def _find_patch_positions(state: TokenState) -> tuple[Tensor, bool]:
     """The input positions [B, M] of every non-prefix token of the grid, ascending, and whether
     they are the grid's rows prefix..N0-1 (the prefix leads the input, as in every image tower)."""
     batch, tokens, prefix = state.x.shape[0], state.grid.shape[1] - 1, state.prefix

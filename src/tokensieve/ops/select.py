@@ -50,6 +50,28 @@ def keep_top(scores: Tensor, counts: int | Tensor, prefix: int = 0,
     return slots, kept_valid
 
 
+def marked_positions(marks: Tensor, least: int = MIN_KEPT_TOKENS) -> tuple[Tensor, Tensor | None] | None:
+    """The positions [B, K] of each row's marked entries (`marks` [B, N] bool) in their original
+    order, and their validity [B, K] (None when every row has K marks; else each row's own marks
+    first, then padding); None when a row has fewer than `least` marks.
+
+    When the marks are the tokens scoring above a threshold, these are the tokens `keep_top` keeps
+    at the marks' counts, found without ranking the scores.
+    """
+    if marks.shape[0] == 1:  # one row: its marks are the positions, no padding
+        positions = marks[0].nonzero().T
+        return (positions, None) if positions.shape[1] >= least else None
+    counts = marks.sum(dim=1)
+    low, width = counts.aminmax()
+    low, width = int(low), int(width)
+    if low < least:
+        return None
+    positions = marks.logical_not().argsort(dim=1, stable=True)[:, :width]  # the marks first, in order
+    if low == width:
+        return positions, None
+    return positions, torch.arange(width, device=marks.device) < counts[:, None]
+
+
 def prunes(counts: int | Tensor, kept: int | Tensor) -> bool:
     """Whether keeping `kept` of `counts` tokens (ints, or per-sample [B]) drops any."""
     if isinstance(counts, Tensor) or isinstance(kept, Tensor):
