@@ -27,7 +27,9 @@ gate, each trained the same steps; and DynamicViT itself with and without preser
 
 `--determinism` scores SViT(keep=0.7) at that budget twice (its outputs must be equal) and with
 its authors' test-time practice, Gumbel sampling of the gates (`sampled=True`, mask mode) under
-seeds 0, 1 and 2, the same gates.
+seeds 0, 1 and 2, the same gates. Sampling computes every token; its row gives the MACs of the
+tokens it kept (each gated block on its gate's kept tokens), and a last row scores the thresholds
+set to the sampled runs' mean MACs: the two practices at the same compute.
 
 Backbone MACs are the ViT's (gates and predictors included), per image, the mean over the scored
 test images. Writes benchmarks/results/svit_seg.md, .json and, with matplotlib, svit_seg.png
@@ -43,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +54,7 @@ from pathlib import Path
 import torch
 
 import tokensieve as ts
+from tokensieve.methods.svit import KEEP_REPORT
 from tokensieve.reference import (
     calibrate_reference,
     image_encoder,
@@ -72,6 +77,7 @@ ABLATIONS = {"no reactivation": {"reactivate": False}, "no preserve (discard)": 
 DEFAULT_STEPS = 400
 DEFAULT_HOST_LR_SCALE = 0.1
 GUMBEL_SEEDS = (0, 1, 2)
+NOT_RUN = float("nan")
 MACS_BATCH = 64  # test images a forward while counting MACs
 TOME_RS = range(1, 40)
 
@@ -95,12 +101,18 @@ def main() -> None:
     parser.add_argument("--model-lr-scale", type=float, default=DEFAULT_HOST_LR_SCALE,
                         help="the host's learning rate over the method's")
     parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--trained-only", action="store_true",
+                        help="leave out the ablations whose runs are not finished instead of training them")
     parser.add_argument("--determinism", action="store_true")
     parser.add_argument("--samples", type=int, default=None, help="first N test samples (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=Path, default=Path("runs/svit-seg"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="remake the markdown and plot of each section from its .json, scoring nothing")
     args = parser.parse_args()
+    if args.rewrite:
+        return _rewrite(args)
     torch.set_num_threads(args.threads)
     bench = _Bench(args)
     dense = bench.dense()
@@ -115,8 +127,9 @@ def main() -> None:
             continue
         rows = [dense, bench.dense_fine_tuned(), *rows_of()]
         path = args.out / f"{name}{quick}"
-        path.with_suffix(".json").write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
-        path.with_suffix(".md").write_text(_markdown(rows, args, name))
+        record = {"command": _command(), "rows": [asdict(row) for row in rows]}
+        path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        path.with_suffix(".md").write_text(_markdown(rows, args, name, record["command"]))
         if name == "svit_seg":
             _plot(rows, path.with_suffix(".png"))
         print(path.with_suffix(".md").read_text())
@@ -166,6 +179,10 @@ class _Bench:
                           self._calibrated(ts.SViT(keep=ABLATION_KEEP), budget), note="SViT as shipped")]
         for note, setting in ABLATIONS.items():
             method = ts.SViT(keep=ABLATION_KEEP, **setting)
+            if self.args.trained_only and _finished_steps(self.run_dir(method)) != self.args.steps:
+                rows.append(Row("ablation", str(method), NOT_RUN, NOT_RUN, NOT_RUN, 0,
+                                f"{note}: not trained yet (--trained-only)"))
+                continue
             model = self._trained(method) if setting.get("per_image") else self._calibrated(method, budget)
             rows.append(self._row("ablation", method, model, note=note))
         for preserve in (True, False):  # DynamicViT itself on the same schedule (its MACs: the budget)
@@ -184,15 +201,44 @@ class _Bench:
         rows = [self._row("determinism", method, model, note=f"thresholds; two runs equal: {same}")]
         sampled = ts.SViT(keep=ABLATION_KEEP, sampled=True)
         gates = ts.sieve_of(image_encoder(model)).state_dict()
+        counted = load_reference(TASK)
+        patch_reference(counted, sampled)
+        overhead = self._macs(counted, "overhead_macs")  # the gates score every token in mask mode
+        kept = []
         for seed in GUMBEL_SEEDS:
             patch_reference(model, sampled).load_state_dict(gates)
             torch.manual_seed(seed)
             score = self._score(model)
-            macs = self.dense_macs + self._macs(model, "overhead_macs")  # mask mode computes every token
-            rows.append(Row("determinism", str(sampled), score, macs / 1e9, macs / self.dense_macs,
-                            self.args.steps, f"Gumbel sampling at test time, seed {seed}"))
+            torch.manual_seed(seed)
+            kept.append(self._kept_macs(model) + overhead)
+            rows.append(Row("determinism", str(sampled), score, kept[-1] / 1e9, kept[-1] / self.dense_macs,
+                            self.args.steps, f"Gumbel sampling at test time, seed {seed}; MACs: its kept "
+                            "tokens' (mask mode computes every token)"))
             print(rows[-1], flush=True)
+        same_compute = sum(kept) / len(kept)
+        rows.append(self._row("determinism", method, self._calibrated(method, same_compute),
+                              note="thresholds set to the sampled runs' mean MACs"))
         return rows
+
+    def _kept_macs(self, model: torch.nn.Module) -> float:
+        """Backbone MACs per image a sampled SViT's kept tokens alone would spend (each gated block
+        run on the tokens its gate kept), gates excluded: the dense MACs less, per block, what its
+        dropped tokens would have cost (the linear layers per token, attention's 2·n²·C)."""
+        encoder = image_encoder(model)
+        width, hidden = encoder.config.hidden_size, encoder.config.intermediate_size
+
+        def block(tokens: torch.Tensor) -> torch.Tensor:
+            return (4 * width * width + 2 * width * hidden) * tokens + 2 * tokens.square() * width
+
+        saved = 0.0
+        for batch in self.images:
+            with torch.no_grad(), ts.trace(encoder) as traces:
+                encoder(batch)
+            trace = traces[0]
+            for gate in trace.reports[KEEP_REPORT]:  # one per gated block, in block order
+                tokens = trace.prefix + gate.keep.sum(dim=1).double()
+                saved += float((block(torch.tensor(float(trace.input_tokens))) - block(tokens)).sum())
+        return self.dense_macs - saved / len(self.test)
 
     def _trained(self, method: ts.Method | None) -> torch.nn.Module:
         """The seg model fine-tuned with `method` (None: alone) for --steps, trained now if its run
@@ -270,17 +316,29 @@ def _finished_steps(run: Path) -> int | None:
 TITLES = {"svit_seg": "SViT on the seg reference model, against the baselines at equal backbone MACs",
           "svit_seg_ablations": "SViT on the seg reference model: the paper's four insights as ablations",
           "svit_seg_determinism": "SViT on the seg reference model: its thresholds against test-time Gumbel"}
-FLAGS = {"svit_seg": "", "svit_seg_ablations": " --keeps --ablations",
-         "svit_seg_determinism": " --keeps --determinism"}
+def _command() -> str:
+    """The command line this run was given, for the file's first line."""
+    return " ".join(["python benchmarks/svit_seg.py", *sys.argv[1:]])
 
 
-def _markdown(rows: list[Row], args: argparse.Namespace, name: str) -> str:
+def _rewrite(args: argparse.Namespace) -> None:
+    for path in sorted(args.out.glob("svit_seg*.json")):
+        record = json.loads(path.read_text())
+        rows = [Row(**row) for row in record["rows"]]
+        path.with_suffix(".md").write_text(_markdown(rows, args, path.stem.removesuffix("-quick"),
+                                                     record["command"]))
+        if path.stem.removesuffix("-quick") == "svit_seg":
+            _plot(rows, path.with_suffix(".png"))
+        print(f"rewrote {path.with_suffix('.md')}")
+
+
+def _markdown(rows: list[Row], args: argparse.Namespace, name: str, command: str) -> str:
     dense = rows[0]
     split = "test split" if args.samples is None else f"first {args.samples} test samples"
     lines = [
         f"# {TITLES[name]}",
         "",
-        f"Produced by `python benchmarks/svit_seg.py{FLAGS[name]}` ({split}; trained rows fine-tuned "
+        f"Produced by `{command}` ({split}; trained rows fine-tuned "
         f"{args.steps} steps of 32 images under bf16 from the shipped seg model, the host at "
         f"{args.model_lr_scale:g} of the method's learning rate; SViT's thresholds set on "
         "the validation split to the group's budget, DynamicViT's MACs at the same keep). mIoU over the six "
@@ -291,6 +349,9 @@ def _markdown(rows: list[Row], args: argparse.Namespace, name: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        if math.isnan(row.miou):
+            lines.append(f"| {row.group} | {row.method} | — | — | — | — | — | {row.note} |")
+            continue
         points = 100 * (row.miou - dense.miou)
         lines.append(f"| {row.group} | {row.method} | {row.miou:.4f} | {points:+.2f} | {row.gmacs:.3f} | "
                      f"{row.macs_share:.3f} | {row.trained_steps} | {row.note} |")
@@ -309,12 +370,21 @@ def _plot(rows: list[Row], path: Path) -> None:
     curves: dict[str, list[Row]] = {}
     for row in rows:
         if row.group.startswith("keep"):
-            curves.setdefault(row.method.split("(")[0], []).append(row)
-    figure, axes = pyplot.subplots(figsize=(6, 4))
+            name = row.method.split("(")[0] + (" (discard)" if "preserve=False" in row.method else "")
+            curves.setdefault(name, []).append(row)
+    floor = rows[0].miou - 0.12  # a method scoring far below is named, not drawn, so the others stay legible
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
     for name, points in curves.items():
         points.sort(key=lambda row: row.gmacs)
+        best = max(p.miou for p in points)
+        if best < floor:
+            label = f"{name}: at most {best:.3f}, below the chart"
+            axes.plot([], [], marker="x", linestyle="none", label=label)
+            continue
         axes.plot([p.gmacs for p in points], [p.miou for p in points], marker="o", label=name)
-    axes.scatter([rows[0].gmacs], [rows[0].miou], marker="*", s=120, color="black", label="dense")
+    for row, marker in zip(rows[:2], ("*", "P"), strict=True):  # dense, and dense fine-tuned alike
+        axes.scatter([row.gmacs], [row.miou], marker=marker, s=120, color="black", label=row.method)
+    axes.set_ylim(bottom=floor)
     axes.set_xlabel("backbone GMACs per image")
     axes.set_ylabel("test mIoU")
     axes.set_title("seg: SViT and the baselines")
