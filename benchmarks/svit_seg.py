@@ -23,18 +23,24 @@ fine-tuned"): what any trained row owes to its host's own gain. For each keep ρ
 `--ablations` adds, at ρ = 0.7 and the same budget, SViT without reactivation, without preserved
 tokens (their cells of the map zeros before the final norm), at a fixed rate per image (`per_image`, no
 thresholds: it keeps the schedule's share of each image), and with DynamicViT's predictor as its
-gate, each trained the same steps; and DynamicViT itself with and without preserved tokens.
+gate, each trained the same steps; SViT's gates trained alone over the frozen shipped model
+(`--freeze-host`, the gates shipped without a host); and DynamicViT itself with and without
+preserved tokens.
 
 `--determinism` scores SViT(keep=0.7) at that budget twice (its outputs must be equal) and with
 its authors' test-time practice, Gumbel sampling of the gates (`sampled=True`, mask mode) under
 seeds 0, 1 and 2, the same gates. Sampling computes every token; its row gives the MACs of the
 tokens it kept (each gated block on its gate's kept tokens), and a last row scores the thresholds
-set to the sampled runs' mean MACs: the two practices at the same compute.
+set to the sampled runs' mean MACs: the two practices at the same compute. Then SViT trained
+under its thresholds (`train_decisions="thresholds"`: training keeps what inference keeps) is
+scored with its thresholds at the budget and at that same compute.
 
 Backbone MACs are the ViT's (gates and predictors included), per image, the mean over the scored
 test images. Writes benchmarks/results/svit_seg.md, .json and, with matplotlib, svit_seg.png
 (the budgets), svit_seg_ablations.md and svit_seg_determinism.md (each with its .json) when those
-are asked for; a run with other steps or samples writes them with a "-quick" suffix.
+are asked for; a run with other steps or samples writes them with a "-quick" suffix. `--split val`
+scores the validation split instead, into files with a "-val" suffix: what choices between
+trained variants (which SViT to ship) are made on.
 
     python benchmarks/svit_seg.py                           # train what is missing, score it all
     python benchmarks/svit_seg.py --keeps --ablations       # the four ablations only
@@ -102,9 +108,11 @@ def main() -> None:
                         help="the host's learning rate over the method's")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--trained-only", action="store_true",
-                        help="leave out the ablations whose runs are not finished instead of training them")
+                        help="leave out the rows whose runs are not finished instead of training them")
     parser.add_argument("--determinism", action="store_true")
-    parser.add_argument("--samples", type=int, default=None, help="first N test samples (default: all)")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="score the test split (reported numbers) or the validation split (choices)")
+    parser.add_argument("--samples", type=int, default=None, help="first N samples (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=Path, default=Path("runs/svit-seg"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -117,7 +125,7 @@ def main() -> None:
     bench = _Bench(args)
     dense = bench.dense()
     default = (args.samples, args.steps, args.model_lr_scale) == (None, DEFAULT_STEPS, DEFAULT_HOST_LR_SCALE)
-    quick = "" if default else "-quick"
+    quick = ("" if default else "-quick") + ("-val" if args.split == "val" else "")
     sections = [("svit_seg", lambda: [row for keep in args.keeps for row in bench.budget(keep)], args.keeps),
                 ("svit_seg_ablations", bench.ablations, args.ablations),
                 ("svit_seg_determinism", bench.determinism, args.determinism)]
@@ -131,7 +139,7 @@ def main() -> None:
         path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         path.with_suffix(".md").write_text(_markdown(rows, args, name, record["command"]))
         if name == "svit_seg":
-            _plot(rows, path.with_suffix(".png"))
+            _plot(rows, path.with_suffix(".png"), args.split)
         print(path.with_suffix(".md").read_text())
 
 
@@ -139,7 +147,7 @@ class _Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         size = IMAGE_SIZES[TASK]
-        self.test = make_dataset(TASK, "test", size=args.samples, image_size=size)
+        self.test = make_dataset(TASK, args.split, size=args.samples, image_size=size)
         images = [self.test[i]["image"] for i in range(len(self.test))]
         starts = range(0, len(images), MACS_BATCH)
         self.images = [torch.stack(images[start : start + MACS_BATCH]) for start in starts]
@@ -164,9 +172,8 @@ class _Bench:
         trained = self._trained(dynamicvit)
         budget = self._macs(trained)
         rows = [self._row(group, dynamicvit, trained)]
-        discarding = ts.DynamicViT(keep=keep, preserve=False, **layers)
-        rows.append(self._row(group, discarding, self._trained(discarding)))
-        rows.append(self._row(group, evit, self._trained(evit)))
+        for method in (ts.DynamicViT(keep=keep, preserve=False, **layers), evit):
+            rows.append(self._untrained_row(group, method) or self._row(group, method, self._trained(method)))
         rows.append(self._row(group, random_drop, load_patched(random_drop)))
         rows.append(self._row(group, *self._tome(budget)))
         svit = ts.SViT(keep=ABLATION_KEEP)
@@ -179,12 +186,14 @@ class _Bench:
                           self._calibrated(ts.SViT(keep=ABLATION_KEEP), budget), note="SViT as shipped")]
         for note, setting in ABLATIONS.items():
             method = ts.SViT(keep=ABLATION_KEEP, **setting)
-            if self.args.trained_only and _finished_steps(self.run_dir(method)) != self.args.steps:
-                rows.append(Row("ablation", str(method), NOT_RUN, NOT_RUN, NOT_RUN, 0,
-                                f"{note}: not trained yet (--trained-only)"))
+            if (missing := self._untrained_row("ablation", method, f"{note}: ")) is not None:
+                rows.append(missing)
                 continue
             model = self._trained(method) if setting.get("per_image") else self._calibrated(method, budget)
             rows.append(self._row("ablation", method, model, note=note))
+        method = ts.SViT(keep=ABLATION_KEEP)
+        rows.append(self._row("ablation", method, self._calibrated(method, budget, freeze_host=True),
+                              note="the gates alone trained, the host frozen (the shipped seg model)"))
         for preserve in (True, False):  # DynamicViT itself on the same schedule (its MACs: the budget)
             method = ts.DynamicViT(keep=ABLATION_KEEP, preserve=preserve, layers=BASELINE_LAYERS)
             note = f"DynamicViT itself, {'preserved' if preserve else 'discarded'} tokens"
@@ -218,7 +227,25 @@ class _Bench:
         same_compute = sum(kept) / len(kept)
         rows.append(self._row("determinism", method, self._calibrated(method, same_compute),
                               note="thresholds set to the sampled runs' mean MACs"))
+        # Trained under its thresholds: training sees the subsets inference computes.
+        method = ts.SViT(keep=ABLATION_KEEP, train_decisions="thresholds")
+        model = self._calibrated(method, budget)
+        with torch.no_grad():
+            same = torch.equal(*(model(self.images[0]) for _ in range(2)))
+        rows.append(self._row("determinism", method, model,
+                              note=f"trained under its thresholds; thresholds; two runs equal: {same}"))
+        rows.append(self._row("determinism", method, self._calibrated(method, same_compute),
+                              note="trained under its thresholds; thresholds set to the sampled runs' "
+                                   "mean MACs"))
         return rows
+
+    def _untrained_row(self, group: str, method: ts.Method, note: str = "") -> Row | None:
+        """With --trained-only, a row that says `method`'s run is not trained (None: it is, or
+        it will be)."""
+        if not self.args.trained_only or _finished_steps(self.run_dir(method)) == self.args.steps:
+            return None
+        return Row(group, str(method), NOT_RUN, NOT_RUN, NOT_RUN, 0,
+                   f"{note}not trained yet (--trained-only)")
 
     def _kept_macs(self, model: torch.nn.Module) -> float:
         """Backbone MACs per image a sampled SViT's kept tokens alone would spend (each gated block
@@ -240,26 +267,28 @@ class _Bench:
                 saved += float((block(torch.tensor(float(trace.input_tokens))) - block(tokens)).sum())
         return self.dense_macs - saved / len(self.test)
 
-    def _trained(self, method: ts.Method | None) -> torch.nn.Module:
-        """The seg model fine-tuned with `method` (None: alone) for --steps, trained now if its run
-        is not done."""
-        run = self.run_dir(method)
+    def _trained(self, method: ts.Method | None, freeze_host: bool = False) -> torch.nn.Module:
+        """The seg model fine-tuned with `method` (None: alone) for --steps, or only the method's
+        parameters trained over the frozen shipped model; trained now if its run is not done."""
+        run = self.run_dir(method, freeze_host)
         if _finished_steps(run) != self.args.steps:
             start = time.perf_counter()
             train_method(TASK, method, run, steps=self.args.steps, precision="bf16",
-                         model_lr_scale=self.args.model_lr_scale)
+                         model_lr_scale=self.args.model_lr_scale, freeze_host=freeze_host)
             print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
         model = load_patched(method) if method is not None else load_reference(TASK).eval()
         load_trained(model, run)
         return model.eval()
 
-    def run_dir(self, method: ts.Method | None) -> Path:
+    def run_dir(self, method: ts.Method | None, freeze_host: bool = False) -> Path:
         name = _slug(method) if method is not None else "dense"
+        if freeze_host:
+            return self.args.runs / f"{name}-frozenhost-steps{self.args.steps}"
         return self.args.runs / f"{name}-steps{self.args.steps}-hostlr{self.args.model_lr_scale:g}"
 
-    def _calibrated(self, method: ts.SViT, budget: float) -> torch.nn.Module:
-        """SViT fine-tuned, its thresholds set on validation to spend `budget` MACs per image."""
-        model = self._trained(method)
+    def _calibrated(self, method: ts.SViT, budget: float, freeze_host: bool = False) -> torch.nn.Module:
+        """SViT trained, its thresholds set on validation to spend `budget` MACs per image."""
+        model = self._trained(method, freeze_host)
         calibrate_reference(model, TASK, macs_budget=budget / self.dense_macs)
         return model
 
@@ -316,6 +345,8 @@ def _finished_steps(run: Path) -> int | None:
 TITLES = {"svit_seg": "SViT on the seg reference model, against the baselines at equal backbone MACs",
           "svit_seg_ablations": "SViT on the seg reference model: the paper's four insights as ablations",
           "svit_seg_determinism": "SViT on the seg reference model: its thresholds against test-time Gumbel"}
+
+
 def _command() -> str:
     """The command line this run was given, for the file's first line."""
     return " ".join(["python benchmarks/svit_seg.py", *sys.argv[1:]])
@@ -325,16 +356,19 @@ def _rewrite(args: argparse.Namespace) -> None:
     for path in sorted(args.out.glob("svit_seg*.json")):
         record = json.loads(path.read_text())
         rows = [Row(**row) for row in record["rows"]]
-        path.with_suffix(".md").write_text(_markdown(rows, args, path.stem.removesuffix("-quick"),
+        name = path.stem.removesuffix("-val").removesuffix("-quick")
+        args.split = "val" if path.stem.endswith("-val") else "test"
+        path.with_suffix(".md").write_text(_markdown(rows, args, name,
                                                      record["command"]))
-        if path.stem.removesuffix("-quick") == "svit_seg":
-            _plot(rows, path.with_suffix(".png"))
+        if name == "svit_seg":
+            _plot(rows, path.with_suffix(".png"), args.split)
         print(f"rewrote {path.with_suffix('.md')}")
 
 
 def _markdown(rows: list[Row], args: argparse.Namespace, name: str, command: str) -> str:
     dense = rows[0]
-    split = "test split" if args.samples is None else f"first {args.samples} test samples"
+    named = "validation" if args.split == "val" else "test"
+    split = f"{named} split" if args.samples is None else f"first {args.samples} {named} samples"
     lines = [
         f"# {TITLES[name]}",
         "",
@@ -358,7 +392,7 @@ def _markdown(rows: list[Row], args: argparse.Namespace, name: str, command: str
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[Row], path: Path) -> None:
+def _plot(rows: list[Row], path: Path, split: str) -> None:
     try:
         import matplotlib
 
@@ -386,7 +420,7 @@ def _plot(rows: list[Row], path: Path) -> None:
         axes.scatter([row.gmacs], [row.miou], marker=marker, s=120, color="black", label=row.method)
     axes.set_ylim(bottom=floor)
     axes.set_xlabel("backbone GMACs per image")
-    axes.set_ylabel("test mIoU")
+    axes.set_ylabel(f"{'validation' if split == 'val' else 'test'} mIoU")
     axes.set_title("seg: SViT and the baselines")
     axes.legend()
     figure.tight_layout()

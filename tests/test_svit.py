@@ -393,6 +393,43 @@ def test_mask_mode_decides_per_token_and_pruned_tokens_pass_their_block_unchange
         assert gate.hidden.weight.grad.abs().sum() > 0 and gate.out.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("reactivate", [True, False])
+def test_training_under_thresholds_keeps_what_inference_keeps_with_straight_through_gradients(reactivate):
+    model = strengthen(host_model("timm-vit"))
+    sieve = ts.patch(model, ts.SViT(keep=0.5, reactivate=reactivate, train_decisions="thresholds"))
+    x = distinct_images()
+    with ts.trace(model) as inferred:
+        _features(model, x)
+    model.train()
+    runs = []
+    for seed in (0, 1):  # no draw: the random state does not matter
+        torch.manual_seed(seed)
+        with ts.trace(model) as traces:
+            out = model(x)
+        runs.append(traces[0])
+    first, second = (run.keep_decisions for run in runs)
+    assert all(torch.equal(a.decisions, b.decisions) for a, b in zip(first, second, strict=True))
+    gated = [record for record in inferred[0].layers if record.layer in GATED]
+    for decision, record in zip(first, gated, strict=True):
+        for sample in range(x.shape[0]):
+            kept = {1 + int(i) for i in (decision.decisions[sample].detach() > 0.5).nonzero()}
+            assert kept == _active(record, sample) - {0}  # the class token always runs
+    assert any(bool((d.decisions.detach() < 0.5).any()) for d in first)
+    (out.square().mean() + sieve.method.losses([runs[1]])["keep_rate"]).backward()
+    for gate in _gates(model):
+        assert gate.hidden.weight.grad.abs().sum() > 0
+
+
+def test_training_under_thresholds_keeps_the_best_rated_token_when_none_clears_the_threshold():
+    model = strengthen(host_model("timm-vit")).train()
+    ts.patch(model, ts.SViT(keep=0.5, train_decisions="thresholds"))
+    _set_thresholds(model, 1.0)
+    with ts.trace(model) as traces:
+        model(images(2))
+    for decision in traces[0].keep_decisions:
+        assert (decision.decisions.detach() > 0.5).sum(dim=1).tolist() == [1, 1]
+
+
 @pytest.mark.parametrize("setting", [{"reactivate": False}, {"preserve": False}])
 def test_mask_mode_without_reactivation_never_brings_a_token_back(setting):
     model = strengthen(host_model("timm-vit")).train()

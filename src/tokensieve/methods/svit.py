@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ from tokensieve.tokens import TokenState, Trace, gather_tokens
 
 GATES = ("mlp", "dynamicvit")
 _GATE_CHOICE = choice(GATES, "SViT's two-layer MLP, or DynamicViT's local + global predictor")
+TRAIN_DECISIONS = ("gumbel", "thresholds")
+_DECISIONS_CHOICE = choice(TRAIN_DECISIONS, "hard Gumbel-softmax samples (the paper), or the thresholds "
+                                            "inference keeps tokens above, straight-through")
 SCHEDULE_GROUPS = 3  # the gates split into this many equal groups, aiming at keep, keep², keep³
 INITIAL_THRESHOLD = 0.5  # keep probability above which an uncalibrated gate keeps a token
 KEEP_REPORT = "svit_keep"  # what a mask-mode call reports for the keep-rate loss: GateKeep per gate
@@ -43,7 +47,11 @@ class SViT(Method):
 
     Training (model.train()) runs in mask mode: each gate draws a hard Gumbel-softmax decision per
     token (straight-through gradients), pruned tokens are no attention key and pass the block
-    unchanged. The method's loss `keep_rate` is rate_weight · mean over gates of (the batch's kept
+    unchanged. With `train_decisions="thresholds"` a gate instead keeps, in training too, the
+    tokens inference would keep: those rated above its threshold (at least one per image), with
+    the keep probability's straight-through gradient. Training then sees the subsets inference
+    computes, where Gumbel sampling brings low-rated tokens back now and then. The method's loss
+    `keep_rate` is rate_weight · mean over gates of (the batch's kept
     share − the gate's target)²; with `per_image`, each image's share is held to the target (the
     fixed-rate variant). `fit`'s keep-ratio loss leaves these decisions to it.
 
@@ -67,10 +75,12 @@ class SViT(Method):
     gate: str = "mlp"
     rate_weight: float = 4.0
     sampled: bool = False
+    train_decisions: str = "gumbel"
 
     def __post_init__(self) -> None:
         settle(self, keep=share, layers=optional(layer_indices), per_image=flag, reactivate=flag,
-               preserve=flag, gate=_GATE_CHOICE, rate_weight=real_within(0.0), sampled=flag)
+               preserve=flag, gate=_GATE_CHOICE, rate_weight=real_within(0.0), sampled=flag,
+               train_decisions=_DECISIONS_CHOICE)
 
     @property
     def ragged(self) -> bool:
@@ -120,14 +130,21 @@ class SViT(Method):
         return {"keep_rate": self.rate_weight * gaps.mean()}
 
     def _sample(self, state: TokenState, run: MethodRun, gate: nn.Module, target: float) -> TokenState:
-        """Mask mode: a hard Gumbel-softmax decision per token; every token is a candidate again
-        unless frozen tokens stay frozen."""
+        """Mask mode: a hard decision per token, Gumbel-softmax or thresholded (`train_decisions`;
+        sampled inference always draws); every token is a candidate again unless frozen tokens
+        stay frozen."""
         patches = state.x[:, state.prefix :]
         valid = state.patch_valid()
         previous = None if state.keep is None or self._reactivates else state.keep[:, state.prefix :]
         logits = gate(patches, _pool_weights(valid, previous, patches.dtype))  # [B, Np, 2]: (drop, keep)
         run.trace.add_overhead("gate", gate.macs(state.patch_counts()))
-        decision = F.gumbel_softmax(logits, tau=1.0, hard=True)[..., 1]  # [B, Np], straight-through
+        if self.train_decisions == "gumbel" or not run.training:
+            decision = F.gumbel_softmax(logits, tau=1.0, hard=True)[..., 1]  # [B, Np], straight-through
+        else:
+            candidates = None if previous is None else previous.detach() > 0.5
+            if valid is not None:
+                candidates = valid if candidates is None else candidates & valid
+            decision = _thresholded(logits, gate, candidates)
         patch_keep = decision if previous is None else decision * previous
         keep = torch.cat([patch_keep.new_ones(patch_keep.shape[0], state.prefix), patch_keep], dim=1)
         run.trace.add_keep_decision(patch_keep, target, ratio_loss=False)  # the method weighs it itself
@@ -252,6 +269,18 @@ class PredictorGate(KeepPredictor):
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
         self.register_buffer("threshold", torch.tensor(INITIAL_THRESHOLD))
+
+
+def _thresholded(logits: Tensor, gate: nn.Module, candidates: Tensor | None) -> Tensor:
+    """[B, Np] 1 where a token is rated above the gate's threshold (the best-rated candidate when
+    none is), 0 elsewhere, carrying the keep probability's straight-through gradient."""
+    scores = logits[..., 1] - logits[..., 0]
+    votes = _votes(scores.detach(), candidates, gate)
+    ranked = scores.detach() if candidates is None else scores.detach().masked_fill(~candidates, -math.inf)
+    best = F.one_hot(ranked.argmax(dim=1), scores.shape[1]).bool()
+    votes = votes | (best & ~votes.any(dim=1, keepdim=True))
+    probability = logits.softmax(dim=-1)[..., 1]
+    return votes.to(probability.dtype) + probability - probability.detach()
 
 
 def _votes(scores: Tensor, candidates: Tensor | None, gate: nn.Module) -> Tensor:
