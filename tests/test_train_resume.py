@@ -104,6 +104,15 @@ def test_a_changed_config_on_resume_is_named_in_a_warning(tmp_path):
         fit(patched_model(), data, cross_entropy, changed)
 
 
+def test_the_hosts_lr_of_a_run_that_trains_the_method_alone_is_not_named(tmp_path):
+    data = random_dataset(16)
+    fit(patched_model(), data, cross_entropy, quiet_config(steps=4, checkpoint_dir=str(tmp_path)), until=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the host is frozen: its lr changes nothing
+        fit(patched_model(), data, cross_entropy,
+            quiet_config(steps=4, model_lr_scale=0.5, checkpoint_dir=str(tmp_path)))
+
+
 def test_a_checkpoint_from_before_a_new_config_field_resumes_without_a_warning(tmp_path):
     data = random_dataset(16)
     result = fit(patched_model(), data, cross_entropy, quiet_config(steps=4, checkpoint_dir=str(tmp_path)),

@@ -379,7 +379,10 @@ def _warn_if_config_changed(path: Path, config: TrainConfig) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     saved = {**defaults, **json.loads(metadata["train_config"])}
     current = json.loads(config.to_json())
-    changed = sorted(k for k in current if k not in ("resume", "progress") and saved.get(k) != current[k])
+    unused = {"resume", "progress"}
+    if current["train"] == "method":
+        unused.add("model_lr_scale")  # the host does not train: its lr was never used
+    changed = sorted(k for k in current if k not in unused and saved.get(k) != current[k])
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         warnings.warn(f"resuming {path} with a changed config ({details}); the run continues with the new "
