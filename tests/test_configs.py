@@ -32,6 +32,7 @@ REFUSED = {
     "preserve": [(1.0, TypeError), ("False", TypeError)],
     "sampled": [(1, TypeError), ("yes", TypeError), (None, TypeError)],
     "gate": [(None, TypeError), (2, TypeError), ("MLP", ValueError), ("topk", ValueError)],
+    "train_decisions": [(None, TypeError), (True, TypeError), ("threshold", ValueError), ("k", ValueError)],
     "rate_weight": [(True, TypeError), ("4", TypeError), (-1.0, ValueError), (float("inf"), ValueError)],
 }
 REFUSED_CASES = [pytest.param(cls, name, value, error, id=f"{cls.__name__}-{name}={value!r}")
