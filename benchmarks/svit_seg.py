@@ -403,7 +403,7 @@ def _plot(rows: list[Row], path: Path, split: str) -> None:
         return
     curves: dict[str, list[Row]] = {}
     for row in rows:
-        if row.group.startswith("keep"):
+        if row.group.startswith("keep") and not math.isnan(row.miou):  # not the rows not trained
             name = row.method.split("(")[0] + (" (discard)" if "preserve=False" in row.method else "")
             curves.setdefault(name, []).append(row)
     floor = rows[0].miou - 0.12  # a method scoring far below is named, not drawn, so the others stay legible
