@@ -192,8 +192,9 @@ class _Bench:
             model = self._trained(method) if setting.get("per_image") else self._calibrated(method, budget)
             rows.append(self._row("ablation", method, model, note=note))
         method = ts.SViT(keep=ABLATION_KEEP)
-        rows.append(self._row("ablation", method, self._calibrated(method, budget, freeze_host=True),
-                              note="the gates alone trained, the host frozen (the shipped seg model)"))
+        note = "the gates alone trained, the host frozen (the shipped seg model)"
+        rows.append(self._untrained_row("ablation", method, f"{note}: ", freeze_host=True) or self._row(
+            "ablation", method, self._calibrated(method, budget, freeze_host=True), note=note))
         for preserve in (True, False):  # DynamicViT itself on the same schedule (its MACs: the budget)
             method = ts.DynamicViT(keep=ABLATION_KEEP, preserve=preserve, layers=BASELINE_LAYERS)
             note = f"DynamicViT itself, {'preserved' if preserve else 'discarded'} tokens"
@@ -229,6 +230,8 @@ class _Bench:
                               note="thresholds set to the sampled runs' mean MACs"))
         # Trained under its thresholds: training sees the subsets inference computes.
         method = ts.SViT(keep=ABLATION_KEEP, train_decisions="thresholds")
+        if (missing := self._untrained_row("determinism", method)) is not None:
+            return [*rows, missing]
         model = self._calibrated(method, budget)
         with torch.no_grad():
             same = torch.equal(*(model(self.images[0]) for _ in range(2)))
@@ -239,10 +242,12 @@ class _Bench:
                                    "mean MACs"))
         return rows
 
-    def _untrained_row(self, group: str, method: ts.Method, note: str = "") -> Row | None:
+    def _untrained_row(self, group: str, method: ts.Method, note: str = "",
+                       freeze_host: bool = False) -> Row | None:
         """With --trained-only, a row that says `method`'s run is not trained (None: it is, or
         it will be)."""
-        if not self.args.trained_only or _finished_steps(self.run_dir(method)) == self.args.steps:
+        run = self.run_dir(method, freeze_host)
+        if not self.args.trained_only or _finished_steps(run) == self.args.steps:
             return None
         return Row(group, str(method), NOT_RUN, NOT_RUN, NOT_RUN, 0,
                    f"{note}not trained yet (--trained-only)")
