@@ -112,10 +112,7 @@ def main() -> None:
     parser.add_argument("--determinism", action="store_true")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="score the test split (reported numbers) or the validation split (choices)")
-    parser.add_argument("--samples", type=int, default=None, help="first N samples (default: all)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=Path, default=Path("runs/svit-seg"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_common_arguments(parser, runs=Path("runs/svit-seg"))
     parser.add_argument("--rewrite", action="store_true",
                         help="remake the markdown and plot of each section from its .json, scoring nothing")
     args = parser.parse_args()
@@ -324,8 +321,17 @@ class _Bench:
         return row
 
 
-def load_patched(method: ts.Method) -> torch.nn.Module:
-    model = load_reference(TASK)
+def add_common_arguments(parser: argparse.ArgumentParser, runs: Path) -> None:
+    """The options every SViT benchmark takes: the sample count, threads, run and result folders."""
+    parser.add_argument("--samples", type=int, default=None, help="first N samples (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=Path, default=runs)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+
+
+def load_patched(method: ts.Method, task: str = TASK) -> torch.nn.Module:
+    """`task`'s shipped reference model patched with `method`, in eval mode."""
+    model = load_reference(task)
     patch_reference(model, method)
     return model.eval()
 
