@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from svit_seg import BASELINE_LAYERS, _finished_steps, _slug, _trains, add_common_arguments, load_patched
+from svit_speed import median_image
 
 import tokensieve as ts
 from tokensieve.reference import (
@@ -190,10 +191,8 @@ class _Bench:
                   macs / 1e9, macs / self.dense_macs, steps, note=note)
         if self.args.speed and ts.is_patched(image_encoder(model)):
             encoder = image_encoder(model)
-            per_image = torch.tensor(ts.flops(encoder, self.images[0]).per_sample)
-            median = self.images[0][int(per_image.argsort()[(len(per_image) - 1) // 2])][None]
-            bench = ts.benchmark(encoder, pixels=median, repeats=SPEED_REPEATS, warmup=SPEED_WARMUP,
-                                 threads=self.args.threads)
+            bench = ts.benchmark(encoder, pixels=median_image(encoder, self.images[0]), repeats=SPEED_REPEATS,
+                                 warmup=SPEED_WARMUP, threads=self.args.threads)
             row.pruning_speedup, row.host_speedup = bench.pruning_speedup, bench.speedup
         print(row, flush=True)
         return row
