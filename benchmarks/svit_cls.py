@@ -5,9 +5,11 @@ cls --method svit:keep=0.7 --steps 400 --precision bf16 --model-lr-scale 0.01` r
 32 images under bfloat16 autocast, the gates at 1e-3 and the host at 1e-5 (the paper's recipe), the
 task and keep-rate losses. Its thresholds are then set on the validation split so that the backbone
 spends `--macs-budget` (default 0.63, at least 35% fewer MACs than dense) of its dense MACs, gates
-included; `--macs-budget 0` sets them to the keep schedule's shares instead. The cls model
-fine-tuned alone by the same recipe is the dense control: what SViT's row owes to its host's own
-gain. Runs live under runs/svit-cls/; a finished one is not trained again.
+included; `--macs-budget 0` sets them to the keep schedule's shares instead. It is scored under
+both of its deterministic rules, the same gates: the dithered thresholds (`dither=True`) and the
+plain ones (`dither=False`). The cls model fine-tuned alone by the same recipe is the dense
+control: what SViT's row owes to its host's own gain. `--model-lr-scale` sets the host's learning
+rate over the gates' for both. Runs live under runs/svit-cls/; a finished one is not trained again.
 
 Scored on the test split: the shipped dense model, the dense control and SViT, each with its
 backbone MACs per image (the mean over the test images; SViT's differ per image). Writes
@@ -66,6 +68,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--macs-budget", type=float, default=MACS_BUDGET,
                         help="the share of dense MACs SViT's thresholds spend (0: the schedule's)")
+    parser.add_argument("--model-lr-scale", type=float, default=HOST_LR_SCALE,
+                        help="the host's learning rate over the gates' (1e-3)")
     add_common_arguments(parser, runs=Path("runs/svit-cls"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,13 +92,16 @@ def main() -> None:
     rows = [row("dense", dense, 0, "the shipped model")]
     control = _trained(None, args)
     rows.append(row("dense fine-tuned", control, args.steps, "the host alone, same steps and learning rate"))
-    svit = _trained(ts.SViT(keep=KEEP), args)
-    calibration = calibrate_reference(svit, TASK, macs_budget=args.macs_budget or None)
     target = f"{args.macs_budget:g} of dense MACs" if args.macs_budget else "the keep schedule"
-    share = calibration.macs / calibration.dense_macs
-    rows.append(row(str(ts.SViT(keep=KEEP)), svit, args.steps,
-                    f"thresholds set on validation to {target} ({share:.3f} there)"))
-    default = (args.samples, args.steps) == (None, DEFAULT_STEPS)
+    for dither in (True, False):
+        method = ts.SViT(keep=KEEP, dither=dither)
+        svit = _trained(method, args)
+        calibration = calibrate_reference(svit, TASK, macs_budget=args.macs_budget or None)
+        share = calibration.macs / calibration.dense_macs
+        rule = "dithered thresholds" if dither else "plain thresholds"
+        note = f"{rule} set on validation to {target} ({share:.3f} there)"
+        rows.append(row(str(method), svit, args.steps, note))
+    default = (args.samples, args.steps, args.model_lr_scale) == (None, DEFAULT_STEPS, HOST_LR_SCALE)
     path = args.out / ("svit_cls" if default else "svit_cls-quick")
     command = " ".join(["python benchmarks/svit_cls.py", *sys.argv[1:]])
     path.with_suffix(".json").write_text(json.dumps({"command": command, "rows": [asdict(r) for r in rows]},
@@ -106,10 +113,11 @@ def main() -> None:
 def _trained(method: ts.Method | None, args: argparse.Namespace) -> torch.nn.Module:
     """The cls model fine-tuned with `method` (None: alone), trained now if its run is not done."""
     name = "dense" if method is None else "svit-keep" + f"{method.keep:g}"
-    run = args.runs / f"{name}-steps{args.steps}-hostlr{HOST_LR_SCALE:g}"
+    run = args.runs / f"{name}-steps{args.steps}-hostlr{args.model_lr_scale:g}"
     if _finished_steps(run) != args.steps:
         start = time.perf_counter()
-        train_method(TASK, method, run, steps=args.steps, precision="bf16", model_lr_scale=HOST_LR_SCALE)
+        train_method(TASK, method, run, steps=args.steps, precision="bf16",
+                     model_lr_scale=args.model_lr_scale)
         print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
     model = load_reference(TASK)
     if method is not None:
@@ -125,8 +133,8 @@ def _markdown(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         "# SViT on the cls reference model",
         "",
         f"Produced by `{command}` ({split}; trained rows fine-tuned {args.steps} steps of 32 images under "
-        "bf16 from the shipped cls model, the host at 1e-5). Backbone MACs per image, gates included, "
-        "mean over the scored test images.",
+        f"bf16 from the shipped cls model, the host at {1e-3 * args.model_lr_scale:g}). Backbone MACs per "
+        "image, gates included, mean over the scored test images.",
         "",
         "| method | accuracy | vs dense (points) | vs dense fine-tuned (points) | backbone GMACs "
         "| MACs vs dense | steps | note |",

@@ -27,13 +27,14 @@ gate, each trained the same steps; SViT's gates trained alone over the frozen sh
 (`--freeze-host`, the gates shipped without a host); and DynamicViT itself with and without
 preserved tokens.
 
-`--determinism` scores SViT(keep=0.7) at that budget twice (its outputs must be equal) and with
-its authors' test-time practice, Gumbel sampling of the gates (`sampled=True`, mask mode) under
-seeds 0, 1 and 2, the same gates. Sampling computes every token; its row gives the MACs of the
-tokens it kept (each gated block on its gate's kept tokens), and a last row scores the thresholds
-set to the sampled runs' mean MACs: the two practices at the same compute. Then SViT trained
-under its thresholds (`train_decisions="thresholds"`: training keeps what inference keeps) is
-scored with its thresholds at the budget and at that same compute.
+`--determinism` scores SViT(keep=0.7) at that budget twice (its outputs must be equal) under its
+two deterministic rules, the dithered thresholds (`dither=True`) and the plain ones
+(`dither=False`), and with its authors' test-time practice, Gumbel sampling of the gates
+(`sampled=True`, mask mode) under seeds 0, 1 and 2, the same gates. Sampling computes every
+token; its row gives the MACs of the tokens it kept (each gated block on its gate's kept tokens),
+and two more rows score each rule set to the sampled runs' mean MACs: the practices at the same
+compute. Then SViT trained under its plain thresholds (`train_decisions="thresholds"`: training
+keeps what inference keeps) is scored with them at the budget and at that same compute.
 
 Backbone MACs are the ViT's (gates and predictors included), per image, the mean over the scored
 test images. Writes benchmarks/results/svit_seg.md, .json and, with matplotlib, svit_seg.png
@@ -50,6 +51,7 @@ trained variants (which SViT to ship) are made on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -83,6 +85,7 @@ ABLATIONS = {"no reactivation": {"reactivate": False}, "no preserve (discard)": 
 DEFAULT_STEPS = 400
 DEFAULT_HOST_LR_SCALE = 0.1
 GUMBEL_SEEDS = (0, 1, 2)
+DITHER = True  # SViT's rule here, dithered thresholds: chosen on validation (svit_seg_determinism-val.md)
 NOT_RUN = float("nan")
 MACS_BATCH = 64  # test images a forward while counting MACs
 TOME_RS = range(1, 40)
@@ -173,22 +176,22 @@ class _Bench:
             rows.append(self._untrained_row(group, method) or self._row(group, method, self._trained(method)))
         rows.append(self._row(group, random_drop, load_patched(random_drop)))
         rows.append(self._row(group, *self._tome(budget)))
-        svit = ts.SViT(keep=ABLATION_KEEP)
+        svit = ts.SViT(keep=ABLATION_KEEP, dither=DITHER)
         rows.append(self._row(group, svit, self._calibrated(svit, budget)))
         return rows
 
     def ablations(self) -> list[Row]:
         budget = self._macs(self._trained(ts.DynamicViT(keep=ABLATION_KEEP, layers=BASELINE_LAYERS)))
-        rows = [self._row("ablation", ts.SViT(keep=ABLATION_KEEP),
-                          self._calibrated(ts.SViT(keep=ABLATION_KEEP), budget), note="SViT as shipped")]
+        shipped = ts.SViT(keep=ABLATION_KEEP, dither=DITHER)
+        rows = [self._row("ablation", shipped, self._calibrated(shipped, budget), note="SViT as shipped")]
         for note, setting in ABLATIONS.items():
-            method = ts.SViT(keep=ABLATION_KEEP, **setting)
+            method = ts.SViT(keep=ABLATION_KEEP, dither=DITHER, **setting)
             if (missing := self._untrained_row("ablation", method, f"{note}: ")) is not None:
                 rows.append(missing)
                 continue
             model = self._trained(method) if setting.get("per_image") else self._calibrated(method, budget)
             rows.append(self._row("ablation", method, model, note=note))
-        method = ts.SViT(keep=ABLATION_KEEP)
+        method = shipped
         note = "the gates alone trained, the host frozen (the shipped seg model)"
         rows.append(self._untrained_row("ablation", method, f"{note}: ", freeze_host=True) or self._row(
             "ablation", method, self._calibrated(method, budget, freeze_host=True), note=note))
@@ -200,12 +203,14 @@ class _Bench:
 
     def determinism(self) -> list[Row]:
         budget = self._macs(self._trained(ts.DynamicViT(keep=ABLATION_KEEP, layers=BASELINE_LAYERS)))
-        method = ts.SViT(keep=ABLATION_KEEP)
-        model = self._calibrated(method, budget)
-        with torch.no_grad():
-            first, second = (model(self.images[0]) for _ in range(2))
-        same = torch.equal(first, second)  # the seg model's logits
-        rows = [self._row("determinism", method, model, note=f"thresholds; two runs equal: {same}")]
+        rules = {"dithered thresholds": ts.SViT(keep=ABLATION_KEEP, dither=True),
+                 "plain thresholds": ts.SViT(keep=ABLATION_KEEP, dither=False)}
+        rows = []
+        for rule, method in rules.items():
+            model = self._calibrated(method, budget)
+            with torch.no_grad():
+                same = torch.equal(*(model(self.images[0]) for _ in range(2)))  # the seg model's logits
+            rows.append(self._row("determinism", method, model, note=f"{rule}; two runs equal: {same}"))
         sampled = ts.SViT(keep=ABLATION_KEEP, sampled=True)
         gates = ts.sieve_of(image_encoder(model)).state_dict()
         counted = load_reference(TASK)
@@ -223,10 +228,11 @@ class _Bench:
                             "tokens' (mask mode computes every token)"))
             print(rows[-1], flush=True)
         same_compute = sum(kept) / len(kept)
-        rows.append(self._row("determinism", method, self._calibrated(method, same_compute),
-                              note="thresholds set to the sampled runs' mean MACs"))
-        # Trained under its thresholds: training sees the subsets inference computes.
-        method = ts.SViT(keep=ABLATION_KEEP, train_decisions="thresholds")
+        for rule, method in rules.items():
+            rows.append(self._row("determinism", method, self._calibrated(method, same_compute),
+                                  note=f"{rule} set to the sampled runs' mean MACs"))
+        # Trained under its plain thresholds: training sees the subsets inference computes.
+        method = ts.SViT(keep=ABLATION_KEEP, train_decisions="thresholds", dither=False)
         if (missing := self._untrained_row("determinism", method)) is not None:
             return [*rows, missing]
         model = self._calibrated(method, budget)
@@ -341,8 +347,10 @@ def _trains(method: ts.Method) -> bool:
 
 
 def _slug(method: ts.Method) -> str:
-    """A run directory's name: "SViT(keep=0.7, reactivate=False)" -> svit-keep0.7-reactivatefalse."""
-    text = str(method).lower()
+    """A run directory's name: "SViT(keep=0.7, reactivate=False)" -> svit-keep0.7-reactivatefalse.
+    The method's inference-only settings (SViT's `dither`) are left out: they train nothing."""
+    defaults = {f.name: f.default for f in dataclasses.fields(method) if f.name in method.inference_fields}
+    text = str(dataclasses.replace(method, **defaults)).lower()
     for old, new in (("(", "-"), (")", ""), ("=", ""), (", ", "-"), ("'", "")):
         text = text.replace(old, new)
     return text

@@ -76,6 +76,7 @@ REGISTRY: tuple[Entry, ...] = (
     _entry("tome", ToMe(r=4), off={"r": 0}, fuses=True, equal_counts=True),
     _entry("randomdrop", RandomDrop(keep=0.5, layers=L), overhead=False),
     _entry("svit", SViT(keep=0.5, layers=L, per_image=True), ragged={"per_image": False}),
+    _entry("svit-dither", SViT(keep=0.5, layers=L, per_image=True, dither=True), ragged={"per_image": False}),
     # the paper's "discard": dropped tokens leave the dense map (their own finish step)
     _entry("svit-discard", SViT(keep=0.5, layers=L, per_image=True, preserve=False),
            ragged={"per_image": False}),

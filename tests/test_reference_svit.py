@@ -146,6 +146,23 @@ def test_tokensieve_eval_scores_the_shipped_svit_after_dense(trained):
     assert scored.overhead["gate"] > 0  # the gates' own cost is counted
 
 
+def test_a_bare_method_name_scores_the_shipped_training_with_the_settings_it_was_stored_with(
+        trained, tmp_path, monkeypatch):
+    model = load_method("seg", "svit")
+    gates = ts.sieve_of(image_encoder(model)).state_dict()
+    patch_reference(model, ts.SViT(keep=0.7, dither=True)).load_state_dict(gates)  # shipped dithered
+    save_reference(store.load_reference("seg"), tmp_path / "seg")
+    shipped_methods.save_method(model, tmp_path / "seg-svit")
+    monkeypatch.setattr(store, "shipped_weights", lambda task: tmp_path / task)
+    arguments = ["eval", "seg", "svit", "svit:keep=0.7", "--samples", "2", "--split", "val", "--json"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["method"] for row in rows] == ["dense", "SViT(keep=0.7, dither=True)", "SViT(keep=0.7)"]
+    images = torch.stack([sample["image"] for sample in make_dataset("seg", "val", size=2)])
+    assert rows[1]["gmacs"] == pytest.approx(ts.flops(image_encoder(model), images).macs / 1e9)
+
+
 def test_a_frozen_host_run_trains_the_gates_only_and_stores_them_without_the_host(trained, tmp_path):
     shipped = store.load_reference("seg")
     out = tmp_path / "frozen"

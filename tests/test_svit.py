@@ -20,6 +20,7 @@ from torch import nn
 import tokensieve as ts
 from tokensieve.cli import main
 from tokensieve.methods.dynamicvit import KeepPredictor
+from tokensieve.methods.svit import dither_offsets
 from tokensieve.train import cross_entropy, fit, keep_ratio_stages
 
 PATCHES = 64
@@ -148,13 +149,13 @@ def test_a_token_passed_over_at_one_gate_can_come_back_at_the_next():
     assert any(back)  # active before block 2, though frozen before block 1
 
 
-def _svit_by_hand(model: nn.Module, gates: dict[int, nn.Module], image: torch.Tensor
+def _svit_by_hand(model: nn.Module, gates: dict[int, nn.Module], image: torch.Tensor, dither: bool = False
                   ) -> tuple[list[torch.Tensor], list[set[int]]]:
     """SViT's inference spelled out on the unpatched timm model for one image: the grid holds every
     position's last features; before each gated block the gate scores every patch position from the
-    grid, the block runs on the prefix and the positions rated above the threshold (the best one if
-    none is), and its output is written back. Returns the grid after each block and the positions
-    each block ran on."""
+    grid (with `dither`, plus the gate's fixed offset at each position), the block runs on the
+    prefix and the positions rated above the threshold (the best one if none is), and its output is
+    written back. Returns the grid after each block and the positions each block ran on."""
     prefix = model.num_prefix_tokens
     with torch.no_grad():
         grid = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))  # [1, N0, C]
@@ -165,6 +166,9 @@ def _svit_by_hand(model: nn.Module, gates: dict[int, nn.Module], image: torch.Te
             if gate is not None:
                 logits = gate(grid[:, prefix:])[0]
                 scores = logits[:, 1] - logits[:, 0]
+                if dither:
+                    rank = sorted(gates).index(layer)
+                    scores = scores + dither_offsets(rank, grid.shape[1] + 1)[prefix:-1]
                 votes = scores.double() > torch.logit(gate.threshold.double())
                 kept = votes.nonzero()[:, 0] if votes.any() else scores.argmax()[None]
                 active = torch.cat([torch.arange(prefix), kept + prefix])
@@ -175,15 +179,16 @@ def _svit_by_hand(model: nn.Module, gates: dict[int, nn.Module], image: torch.Te
     return grids, actives
 
 
+@pytest.mark.parametrize("dither", [False, True], ids=["thresholds", "dithered"])
 @pytest.mark.parametrize("images_of", [distinct_images, lambda: distinct_images()[1:2]],
                          ids=["ragged-batch", "one-image"])
-def test_dense_inference_equals_svit_spelled_out_one_image_at_a_time(images_of):
+def test_dense_inference_equals_svit_spelled_out_one_image_at_a_time(images_of, dither):
     """The executor's shortcuts (the grid written back once per block, the selection read off the
     votes, a ragged batch run on its real tokens only) leave each block's dense output what the
     plain computation gives, to float rounding."""
     host = strengthen(host_model("timm-vit"))
     model = copy.deepcopy(host)
-    ts.patch(model, ts.SViT(keep=0.5), dense=True)
+    ts.patch(model, ts.SViT(keep=0.5, dither=dither), dense=True)
     x = images_of()
     ts.calibrate_svit(model, distinct_images())
     outputs: list[torch.Tensor] = []  # kept as given: a later write into the grid must not reach them
@@ -195,9 +200,9 @@ def test_dense_inference_equals_svit_spelled_out_one_image_at_a_time(images_of):
         hook.remove()
     gates = {int(layer): gate for layer, gate in ts.sieve_of(model).parts[0].items()}
     if len(x) > 1:
-        assert traces[0].kept_tokens()[-1].unique().numel() > 1  # a ragged batch
+        assert any(counts.unique().numel() > 1 for counts in traces[0].kept_tokens())  # a ragged batch
     for i in range(len(x)):
-        grids, actives = _svit_by_hand(host, gates, x[i])
+        grids, actives = _svit_by_hand(host, gates, x[i], dither)
         assert [_active(record, i) for record in traces[0].layers] == actives
         for out, grid in zip(outputs, grids, strict=True):
             torch.testing.assert_close(out[i], grid[0], atol=1e-6, rtol=1e-6)
@@ -234,6 +239,36 @@ def test_sampled_inference_draws_gumbel_decisions_as_its_authors_do_and_threshol
     assert [d.layer for d in decisions] == list(GATED)
     assert all(((d.decisions == 0) | (d.decisions == 1)).all() for d in decisions)
     assert all(record.valid is None for record in traces[0].layers)  # mask mode: every token computed
+
+
+def test_dithering_spreads_a_tokens_gates_by_its_keep_probability_more_evenly_than_sampling():
+    """Over many gates, a position's offsets clear logit(1 - p) at a share p of them, for every
+    position: each token is kept at about the share of gates Gumbel sampling keeps it at, without
+    sampling's spread (iid draws stray by up to 0.2 over 40 gates, for some of 197 positions)."""
+    gates, tokens = 40, 197
+    offsets = torch.stack([dither_offsets(rank, tokens) for rank in range(gates)])  # [gates, tokens]
+    torch.testing.assert_close(dither_offsets(3, tokens), offsets[3], atol=0, rtol=0)  # fixed, not drawn
+    for p in (0.1, 0.3, 0.5, 0.8):
+        kept = (offsets + torch.logit(torch.tensor(p)) > 0).float().mean(dim=0)  # each position's share
+        assert (kept - p).abs().max() <= 2 / gates + 1e-6  # within two gates' share
+    assert offsets[0].std() > 1.0  # the offsets differ across positions at each gate
+
+
+def test_dithered_inference_is_deterministic_and_keeps_other_tokens_than_plain_thresholds():
+    model = strengthen(host_model("timm-vit"))
+    gates = ts.patch(model, ts.SViT(keep=0.5)).state_dict()
+    x = distinct_images()
+    with ts.trace(model) as plain:
+        forward(model, x)
+    ts.patch(model, ts.SViT(keep=0.5, dither=True)).load_state_dict(gates)
+    with ts.trace(model) as first:
+        once = forward(model, x)["out"]
+    with ts.trace(model) as second:
+        again = forward(model, x)["out"]
+    torch.testing.assert_close(once, again, atol=0, rtol=0)
+    assert [_active(r, 0) for r in first[0].layers] == [_active(r, 0) for r in second[0].layers]
+    assert any(_active(d, i) != _active(p, i) for d, p in zip(first[0].layers, plain[0].layers, strict=True)
+               for i in range(len(x)))
 
 
 def test_every_gate_keeps_at_least_one_token_per_image_at_threshold_one():
@@ -514,10 +549,10 @@ def _kept_shares(model: nn.Module, batches: list[torch.Tensor], layers=GATED) ->
     return (kept / patches).tolist()
 
 
-@pytest.mark.parametrize("reactivate", [True, False])
-def test_calibration_makes_each_gate_keep_its_target_share_of_the_data_it_was_given(reactivate):
+@pytest.mark.parametrize(("reactivate", "dither"), [(True, False), (False, False), (True, True)])
+def test_calibration_makes_each_gate_keep_its_target_share_of_the_data_it_was_given(reactivate, dither):
     model = strengthen(host_model("timm-vit"))
-    method = ts.SViT(keep=0.6, reactivate=reactivate)
+    method = ts.SViT(keep=0.6, reactivate=reactivate, dither=dither)
     ts.patch(model, method)
     data = images(8, seed=3)
     result = ts.calibrate_svit(model, [(batch, None) for batch in data.split(4)])

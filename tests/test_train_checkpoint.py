@@ -110,6 +110,17 @@ def test_a_config_saved_before_a_field_was_added_loads_at_that_fields_default():
         check_same_method(saved, method_config(other), "run", method_defaults(other))
 
 
+def test_a_checkpoint_loads_into_its_method_with_other_inference_settings_and_no_other_change():
+    trained = ts.SViT(keep=0.7)
+    saved, checked = method_config(trained), trained.inference_fields
+    for inference in (ts.SViT(keep=0.7, dither=True), ts.SViT(keep=0.7, sampled=True)):
+        check_same_method(saved, method_config(inference), "run", method_defaults(inference), checked)
+    other = ts.SViT(keep=0.7, dither=True, reactivate=False)
+    with pytest.raises(ValueError, match="another method"):
+        check_same_method(saved, method_config(other), "run", method_defaults(other), checked)
+    assert ts.DynamicViT().inference_fields == frozenset()
+
+
 def test_resuming_a_method_run_on_other_host_weights_is_refused(tmp_path):
     _train(tmp_path, until=2)
     with pytest.raises(ValueError, match="host with other weights"):

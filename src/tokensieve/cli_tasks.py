@@ -106,6 +106,19 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
     click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}{stored}")
 
 
+def _shipped_or_read(task: str, spec: str, weights: str | None) -> Method:
+    """The method `spec` names; a bare name (no settings) of a method the package ships trained for
+    `task` names that training's method, with its stored settings (SViT's thresholds fit them)."""
+    from tokensieve.loading import METHODS
+    from tokensieve.reference import method_weights
+    from tokensieve.reference.shipped_methods import METHOD_CONFIG, stored_method
+
+    name = spec.strip().lower()
+    if weights is None and name in METHODS and (method_weights(task, name) / METHOD_CONFIG).is_file():
+        return stored_method(method_weights(task, name))
+    return read_method(spec)
+
+
 @click.command(name="eval")
 @click.argument("task", type=TASK)
 @click.argument("methods", nargs=-1)
@@ -125,7 +138,8 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
     """Score TASK's reference model dense and with each of METHODS on a split.
 
     METHODS are NAME:key=value,... as for `tokensieve flops`, e.g. random:keep=0.5,layers=(6,)
-    evit:keep=0.7,fuse=False  dynamicvit:keep=0.7.
+    evit:keep=0.7,fuse=False  dynamicvit:keep=0.7. A bare NAME the package ships trained for TASK
+    (svit) is scored as shipped, with the settings it was stored with.
     """
     from rich.console import Console
     from rich.table import Table
@@ -134,7 +148,7 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
 
     if threads:
         torch.set_num_threads(threads)
-    configs = [read_method(spec) for spec in methods]
+    configs = [_shipped_or_read(task, spec, weights) for spec in methods]
     _check_fits(task, configs, weights)
     runs = {}
     for item in trained:

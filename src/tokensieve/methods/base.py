@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -77,6 +78,10 @@ class Method:
     together); per-call inputs are declared by `call_inputs`; `losses` turns what the runs of one
     training step reported into named loss terms.
     """
+
+    # Fields that only change how inference decides, not what training learns: a checkpoint
+    # trained with one value loads into the method with another.
+    inference_fields: ClassVar[frozenset[str]] = frozenset()
 
     def __str__(self) -> str:
         """Short form: the first setting (keep or r), then those that differ from the defaults."""

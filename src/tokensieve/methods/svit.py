@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,14 @@ class SViT(Method):
     (equal counts). `gate="dynamicvit"` scores with DynamicViT's local + global predictor instead
     of SViT's MLP. keep=1.0 prunes nothing, in training as in inference.
 
+    With `dither`, each gate first adds to every token's log-odds a fixed offset of its input
+    position (`dither_offsets`: logistic, like the noise of a Gumbel decision, but the same on
+    every call and spread evenly over the gates at each position). Inference stays deterministic
+    and ragged, and a token is kept at about the share of gates sampling would keep it at, rather
+    than at all of them or none: the subsets the host learned under Gumbel training. It changes
+    inference only (`train_decisions="thresholds"` trains on the plain thresholds' subsets), so a
+    checkpoint trained with either value loads into the other (`inference_fields`).
+
     `sampled=True` reproduces its authors' test-time practice, for comparison: inference draws
     the gates' decisions as training does (Gumbel noise, mask mode), so it saves no compute and
     its output depends on the random state.
@@ -76,11 +86,14 @@ class SViT(Method):
     rate_weight: float = 4.0
     sampled: bool = False
     train_decisions: str = "gumbel"
+    dither: bool = False
+
+    inference_fields: ClassVar[frozenset[str]] = frozenset({"sampled", "dither"})
 
     def __post_init__(self) -> None:
         settle(self, keep=share, layers=optional(layer_indices), per_image=flag, reactivate=flag,
                preserve=flag, gate=_GATE_CHOICE, rate_weight=real_within(0.0), sampled=flag,
-               train_decisions=_DECISIONS_CHOICE)
+               train_decisions=_DECISIONS_CHOICE, dither=flag)
 
     @property
     def ragged(self) -> bool:
@@ -165,7 +178,7 @@ class SViT(Method):
         available = positions.shape[1] if real is None else real.sum(dim=1)
         logits = gate(features, None if real is None else real.to(features.dtype))
         run.trace.add_overhead("gate", gate.macs(available))
-        scores = logits[..., 1] - logits[..., 0]  # [B, M] log-odds of keeping
+        scores = self._dithered(logits[..., 1] - logits[..., 0], layer, positions, run)  # [B, M]
         _append_report(run, SCORE_REPORT, GateScores(layer, scores, real, available))
         slots, valid = self._choose(scores, real, gate, target, available)
         active = torch.cat([state.index[:, : state.prefix], positions.gather(1, slots)], dim=1)
@@ -182,13 +195,23 @@ class SViT(Method):
         logits = gate(patches, None if valid is None else valid.to(patches.dtype))
         current = state.patch_counts()
         run.trace.add_overhead("gate", gate.macs(current))
-        scores = logits[..., 1] - logits[..., 0]
+        scores = self._dithered(logits[..., 1] - logits[..., 0], layer, state.index[:, state.prefix :], run)
         inputs = _input_patches(state, run)
         _append_report(run, SCORE_REPORT, GateScores(layer, scores, valid, inputs))
         kept = self._kept_counts(scores, valid, gate, target, inputs, current)
         if not ops.prunes(current, kept):
             return state
         return state.select(*ops.keep_top(scores, kept, state.prefix, valid))
+
+    def _dithered(self, scores: Tensor, layer: int, positions: Tensor, run: MethodRun) -> Tensor:
+        """`scores` [B, M] (log-odds of keeping the tokens at input `positions`), with `dither` plus
+        each position's fixed offset at this gate."""
+        if not self.dither:
+            return scores
+        rank = sorted(int(name) for name in run.parts).index(layer)
+        offsets = _offsets(rank, run.trace.input_tokens + 1)  # + the grid's sink row
+        offsets = offsets.to(scores.device, scores.dtype)
+        return scores + offsets[positions]
 
     def _choose(self, scores: Tensor, candidates: Tensor | None, gate: nn.Module, target: float,
                 available: int | Tensor) -> tuple[Tensor, Tensor | None]:
@@ -269,6 +292,27 @@ class PredictorGate(KeepPredictor):
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
         self.register_buffer("threshold", torch.tensor(INITIAL_THRESHOLD))
+
+
+DITHER_SEED = 0
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def dither_offsets(rank: int, tokens: int) -> Tensor:
+    """[tokens] the logistic offsets gate number `rank` adds to the log-odds of the tokens at each
+    input position: logit(u), u = frac(r + rank · golden ratio), r uniform per position from a fixed
+    seed. Over the gates each position's u runs through [0, 1) evenly, so a token the gate rates at
+    probability p is kept at about a share p of the gates, as Gumbel sampling keeps it on average."""
+    return _offsets(rank, tokens).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(rank: int, tokens: int) -> Tensor:
+    """`dither_offsets`, made once per gate and token count; never written to."""
+    generator = torch.Generator().manual_seed(DITHER_SEED)
+    start = torch.rand(tokens, generator=generator, dtype=torch.float64)
+    share = torch.remainder(start + rank * GOLDEN, 1.0).clamp(1e-6, 1 - 1e-6)
+    return torch.logit(share).float()
 
 
 def _thresholded(logits: Tensor, gate: nn.Module, candidates: Tensor | None) -> Tensor:

@@ -280,7 +280,8 @@ def load_trained(model: nn.Module, path: str | os.PathLike, *, sieve: Sieve | No
 def _check_identity(metadata: dict[str, str], model: nn.Module, sieve: Sieve | None, where: str) -> None:
     check_same_host(json.loads(metadata["host"]), _host_identity(model, sieve), where)
     defaults = method_defaults(sieve.method) if sieve is not None else None
-    check_same_method(json.loads(metadata["method_config"]), _method_config(sieve), where, defaults)
+    ignored = sieve.method.inference_fields if sieve is not None else frozenset()
+    check_same_method(json.loads(metadata["method_config"]), _method_config(sieve), where, defaults, ignored)
 
 
 def _host_identity(model: nn.Module, sieve: Sieve | None) -> dict[str, Any]:

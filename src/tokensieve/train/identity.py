@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -64,11 +64,15 @@ def method_defaults(method: Method) -> dict[str, Any]:
 
 
 def check_same_method(saved: dict[str, Any], current: dict[str, Any], where: str,
-                      defaults: dict[str, Any] | None = None) -> None:
+                      defaults: dict[str, Any] | None = None, ignored: Collection[str] = ()) -> None:
     """Refuse a checkpoint of another method. A field the saved config lacks counts as its
-    `defaults` value: a field added to a method later keeps its older runs loadable."""
+    `defaults` value: a field added to a method later keeps its older runs loadable. The `ignored`
+    fields (the method's inference-only ones) may differ."""
     if defaults and saved.get("class") == current.get("class"):
         saved = {**{name: value for name, value in defaults.items() if name in current}, **saved}
+    if ignored and saved.get("class") == current.get("class"):
+        saved = {name: value for name, value in saved.items() if name not in ignored}
+        current = {name: value for name, value in current.items() if name not in ignored}
     if saved != current:
         raise ValueError(f"{where} was trained for another method: it holds {_describe_method(saved)}, "
                          f"and this model is patched with {_describe_method(current)}. Patch the model "
