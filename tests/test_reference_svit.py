@@ -149,6 +149,7 @@ def test_tokensieve_eval_scores_the_shipped_svit_after_dense(trained):
 def test_a_bare_method_name_scores_the_shipped_training_with_the_settings_it_was_stored_with(
         trained, tmp_path, monkeypatch):
     model = load_method("seg", "svit")
+    plain = shipped_methods.save_method(model, tmp_path / "plain")
     gates = ts.sieve_of(image_encoder(model)).state_dict()
     patch_reference(model, ts.SViT(keep=0.7, dither=True)).load_state_dict(gates)  # shipped dithered
     save_reference(store.load_reference("seg"), tmp_path / "seg")
@@ -161,6 +162,9 @@ def test_a_bare_method_name_scores_the_shipped_training_with_the_settings_it_was
     assert [row["method"] for row in rows] == ["dense", "SViT(keep=0.7, dither=True)", "SViT(keep=0.7)"]
     images = torch.stack([sample["image"] for sample in make_dataset("seg", "val", size=2)])
     assert rows[1]["gmacs"] == pytest.approx(ts.flops(image_encoder(model), images).macs / 1e9)
+    given = CliRunner().invoke(main, [*arguments[:3], *arguments[4:], "--trained", f"svit={plain}"])
+    assert given.exit_code == 0, given.output
+    assert [row["method"] for row in json.loads(given.stdout)] == ["dense", "SViT(keep=0.7)"]  # the run given
 
 
 def test_a_frozen_host_run_trains_the_gates_only_and_stores_them_without_the_host(trained, tmp_path):

@@ -106,17 +106,19 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
     click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}{stored}")
 
 
-def _shipped_or_read(task: str, spec: str, weights: str | None) -> Method:
+def _shipped_or_read(task: str, spec: str, weights: str | None, trained: tuple[str, ...]) -> Method:
     """The method `spec` names; a bare name (no settings) of a method the package ships trained for
-    `task` names that training's method, with its stored settings (SViT's thresholds fit them)."""
+    `task` names that training's method, with its stored settings (SViT's thresholds fit them),
+    unless other reference weights or a `--trained` run of that spec are given."""
     from tokensieve.loading import METHODS
     from tokensieve.reference import method_weights
     from tokensieve.reference.shipped_methods import METHOD_CONFIG, stored_method
 
     name = spec.strip().lower()
-    if weights is None and name in METHODS and (method_weights(task, name) / METHOD_CONFIG).is_file():
-        return stored_method(method_weights(task, name))
-    return read_method(spec)
+    if weights is not None or name not in METHODS or any(item.rpartition("=")[0] == spec for item in trained):
+        return read_method(spec)
+    shipped = method_weights(task, name)
+    return stored_method(shipped) if (shipped / METHOD_CONFIG).is_file() else read_method(spec)
 
 
 @click.command(name="eval")
@@ -148,7 +150,7 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
 
     if threads:
         torch.set_num_threads(threads)
-    configs = [_shipped_or_read(task, spec, weights) for spec in methods]
+    configs = [_shipped_or_read(task, spec, weights, trained) for spec in methods]
     _check_fits(task, configs, weights)
     runs = {}
     for item in trained:
