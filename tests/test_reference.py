@@ -87,6 +87,7 @@ def test_the_shipped_seg_model_loads_and_segments_validation_scenes():
 @pytest.mark.parametrize(("task", "method", "metric", "floor"), [
     ("seg", ts.SViT(keep=0.7, dither=True), "mIoU", 0.4),  # each rule chosen on validation
     ("det", ts.SViT(keep=0.7), "box_ap", 0.3),
+    ("cls", ts.SViT(keep=0.7, dither=True), "accuracy", 0.4),
 ])
 def test_the_shipped_svit_loads_in_one_call_and_spends_under_65_percent_of_dense_macs(task, method, metric,
                                                                                        floor):
