@@ -31,6 +31,7 @@ REFUSED = {
     "reactivate": [(0, TypeError), ("no", TypeError)],
     "preserve": [(1.0, TypeError), ("False", TypeError)],
     "sampled": [(1, TypeError), ("yes", TypeError), (None, TypeError)],
+    "dither": [(1, TypeError), ("True", TypeError), (None, TypeError)],
     "gate": [(None, TypeError), (2, TypeError), ("MLP", ValueError), ("topk", ValueError)],
     "train_decisions": [(None, TypeError), (True, TypeError), ("threshold", ValueError), ("k", ValueError)],
     "rate_weight": [(True, TypeError), ("4", TypeError), (-1.0, ValueError), (float("inf"), ValueError)],
