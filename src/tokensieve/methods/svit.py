@@ -209,8 +209,7 @@ class SViT(Method):
         if not self.dither:
             return scores
         rank = sorted(int(name) for name in run.parts).index(layer)
-        offsets = _offsets(rank, run.trace.input_tokens + 1)  # + the grid's sink row
-        offsets = offsets.to(scores.device, scores.dtype)
+        offsets = _offsets(rank, run.trace.input_tokens + 1, scores.device, scores.dtype)  # + the sink row
         return scores + offsets[positions]
 
     def _choose(self, scores: Tensor, candidates: Tensor | None, gate: nn.Module, target: float,
@@ -307,12 +306,14 @@ def dither_offsets(rank: int, tokens: int) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _offsets(rank: int, tokens: int) -> Tensor:
-    """`dither_offsets`, made once per gate and token count; never written to."""
+def _offsets(rank: int, tokens: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+             ) -> Tensor:
+    """`dither_offsets` on `device` in `dtype`, made once per gate, token count, device and dtype
+    (no copy to the device in the forward); never written to."""
     generator = torch.Generator().manual_seed(DITHER_SEED)
     start = torch.rand(tokens, generator=generator, dtype=torch.float64)
     share = torch.remainder(start + rank * GOLDEN, 1.0).clamp(1e-6, 1 - 1e-6)
-    return torch.logit(share).float()
+    return torch.logit(share).to(device, dtype)
 
 
 def _thresholded(logits: Tensor, gate: nn.Module, candidates: Tensor | None) -> Tensor:
