@@ -19,6 +19,7 @@ from registry import REGISTRY, SAM, methods
 from torch import Tensor, nn
 
 import tokensieve as ts
+from tokensieve.hosts import hf_sam
 
 TOLERANCE = 1e-5
 GRID = IMAGE // PATCH
@@ -160,9 +161,13 @@ def _active_cells(trace: ts.Trace) -> list[list[Tensor]]:
     return cells
 
 
+@pytest.mark.parametrize("share", [0.0, 0.9, 1.0], ids=["one-padded-batch", "default", "equal-counts"])
 @pytest.mark.parametrize("method", [PRUNED, ts.DynamicViT(keep=0.5, layers=(1, 2), dynamic=True)],
                          ids=["fixed-keep", "ragged"])
-def test_pruned_sam_encoder_equals_a_plain_window_by_window_reference(method):
+def test_pruned_sam_encoder_equals_a_plain_window_by_window_reference(method, share, monkeypatch):
+    # `share` 0 runs a layer's windows in batches padded to their largest: padded keys masked
+    monkeypatch.setattr(hf_sam, "_WINDOW_BATCH_SHARE", share)
+    monkeypatch.setattr(hf_sam, "_WINDOWS_PER_BATCH", 3)  # and several batches of the same count
     model = sam_model()
     x = images(2)
     dense = _embeddings(model, x)
@@ -189,6 +194,15 @@ def test_pruned_sam_encoder_with_eager_attention_equals_the_fused_one():
     fused = _embeddings(model, x)
     ts.patch(model, PRUNED, attention="eager").load_state_dict(sieve.state_dict())
     torch.testing.assert_close(_embeddings(model, x), fused, atol=TOLERANCE, rtol=0)
+
+
+def test_windows_are_batched_from_the_largest_count_down_by_share_and_size():
+    counts = [85, 0, 158, 78, 61, 164, 161, 190]
+    assert hf_sam._window_batches(counts, 0.9, 16) == [[7], [5, 6, 2], [0, 3], [4]]
+    assert hf_sam._window_batches(counts, 0.9, 2) == [[7], [5, 6], [2], [0, 3], [4]]
+    assert hf_sam._window_batches(counts, 1.0, 16) == [[7], [5], [6], [2], [0], [3], [4]]
+    assert hf_sam._window_batches(counts, 0.0, 16) == [[7, 5, 6, 2, 0, 3, 4]]
+    assert hf_sam._window_batches([0, 0], 0.9, 16) == []
 
 
 def test_reference_with_every_cell_active_equals_host():

@@ -269,10 +269,13 @@ class Runner:
         block_input = state.x
         record.attention_tokens = state.token_counts()
         own_attention = runs_own_attention(view)
-        packed = None if own_attention else _packed_rows(state, method, call.opening.block_call)
+        packed = _packed_rows(state, method, call.opening.block_call)
         if packed is not None:
             record.mlp_tokens = record.attention_tokens
             record.index, record.valid = state.index, state.valid
+            if own_attention:
+                record.attention_index, record.attention_valid = state.index, state.valid
+                return state.replace(x=self._run_packed_placed(view, state, packed[0]))
             return state.replace(x=self._run_packed(view, state.x, *packed))
         if own_attention:  # windows or relative positions: the view places the tokens
             heads_out, q, k = view.attend(block_input, state, self.eager)  # [B, N, H*d]
@@ -322,6 +325,19 @@ class Runner:
         heads_out = [ops.attention(*qkv, None, view.scale, dropout, self.eager).transpose(1, 2)
                      for qkv in samples]
         heads_out = torch.cat(heads_out, dim=1).flatten(2)  # [1, T, H*d]
+        x = _norm_after(view, "attention", _residual(x, view.attention_branch(heads_out)))
+        x = _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
+        out = x.new_zeros(batch * tokens, channels).index_copy_(0, rows, x[0])
+        return out.view(batch, tokens, channels)
+
+    def _run_packed_placed(self, view: BlockView, state: TokenState, rows: Tensor) -> Tensor:
+        """`_run_packed` for a view that places the tokens itself (windows, relative positions):
+        it attends over the real tokens of the ragged batch, and the projection, the MLP and the
+        norms here run on its `rows` alone."""
+        heads_out, _, _ = view.attend(state.x, state, self.eager)  # [B, N, H*d], zeros on padding
+        batch, tokens, channels = state.x.shape
+        x = state.x.reshape(batch * tokens, channels).index_select(0, rows)[None]  # [1, T, C]
+        heads_out = heads_out.flatten(0, 1).index_select(0, rows)[None]
         x = _norm_after(view, "attention", _residual(x, view.attention_branch(heads_out)))
         x = _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
         out = x.new_zeros(batch * tokens, channels).index_copy_(0, rows, x[0])

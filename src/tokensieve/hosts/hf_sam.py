@@ -29,6 +29,10 @@ from tokensieve.tokens import TokenState
 
 FAMILY = "transformers SamVisionEncoder/SamVisionModel (for SamModel, patch model.vision_encoder)"
 _ENCODERS = ("SamVisionEncoder", "SamVisionModel")
+# Windows batched together hold at least this share of the batch's largest member count, and
+# are at most this many: a larger batch's scores and bias leave the cache.
+_WINDOW_BATCH_SHARE = 0.9
+_WINDOWS_PER_BATCH = 16
 
 
 def matches(model: nn.Module) -> bool:
@@ -68,13 +72,20 @@ class SamLayerView:
     # PositionalAttention
 
     def attend(self, x: Tensor, state: TokenState, eager: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Runs on the real tokens only: a ragged batch's padding rows get no queries, keys or
+        values (they are no member of any window and no key), and read back as zeros."""
         map_size = _require_map(state.map_size)
-        q, k, v = self._token_qkv(x)  # [B, N, H, d]
-        if self.window:
-            out = self._window_attention(q, k, v, state, map_size, eager)
-        else:
-            out = self._global_attention(q, k, v, state, map_size, eager)
-        return out.flatten(2), q.transpose(1, 2), k.transpose(1, 2)
+        batch, tokens, _ = x.shape
+        heads, dim = self.num_heads, self.head_dim
+        rows = None if state.valid is None else state.valid.flatten().nonzero()[:, 0]  # [T] of [B * N]
+        qkv = self._packed_qkv(x, rows)  # [T + 1, 3, H, d]
+        attend = self._window_attention if self.window else self._global_attention
+        out = attend(qkv, rows, state, map_size, eager)  # [T, H, d]
+        q, k = qkv[:-1, 0], qkv[:-1, 1]
+        if rows is not None:  # back to the padded batch, zeros on its padding rows
+            out, q, k = (t.new_zeros(batch * tokens, heads, dim).index_copy_(0, rows, t) for t in (out, q, k))
+        q, k = (t.view(batch, tokens, heads, dim).transpose(1, 2) for t in (q, k))
+        return out.view(batch, tokens, heads * dim), q, k
 
     def attention_macs(self, index: Tensor, valid: Tensor | None, map_size: tuple[int, int] | None) -> Tensor:
         map_size = _require_map(map_size)
@@ -103,78 +114,128 @@ class SamLayerView:
         qkv = self.attn.qkv(self.layer.layer_norm1(x))
         return qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
 
-    def _padding_qkv(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys, values [H, d] of a padding cell: the host pads the normalised map with
-        zeros, so they are the qkv linear's bias."""
-        linear = self.attn.qkv
-        bias = linear.bias if linear.bias is not None else like.new_zeros(linear.out_features)
-        return bias.to(like.dtype).view(3, self.num_heads, self.head_dim).unbind(0)
+    def _packed_qkv(self, x: Tensor, rows: Tensor | None) -> Tensor:
+        """Block input [B, N, C] -> queries, keys and values [T + 1, 3, H, d] of its real tokens
+        (`rows` of the flattened batch, or all of them) and, last, of a padding cell: the host
+        pads the normalised map with zeros, so one zero row gives every padding cell's."""
+        normed = x.flatten(0, 1) if rows is None else x.flatten(0, 1).index_select(0, rows)
+        normed = self.layer.layer_norm1(normed)
+        normed = torch.cat([normed, normed.new_zeros(1, normed.shape[1])])
+        return self.attn.qkv(normed).view(normed.shape[0], 3, self.num_heads, self.head_dim)
 
-    def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
+    def _global_attention(self, qkv: Tensor, rows: Tensor | None, state: TokenState,
                           map_size: tuple[int, int], eager: bool) -> Tensor:
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, d]
-        index = state.index.clamp_min(0)  # ragged padding rows (index -1) are masked out below
-        rows, cols = index // map_size[1], index % map_size[1]
-        bias = self._position_bias(q, rows, cols, map_size)
-        if state.valid is not None:
-            mask = state.valid[:, None, None, :]
-            bias = mask if bias is None else bias.masked_fill(~mask, -torch.inf)
-        out = self._attention(q, k, v, bias, state.keep, eager)
-        return out.transpose(1, 2)  # [B, N, H, d]
+        """Each sample's real tokens attend to each other, one sample at a time: the bias of a
+        whole batch ([B, H, N, N]) would not stay in cache."""
+        batch, tokens = state.index.shape
+        counts = [tokens] * batch if rows is None else state.valid.sum(dim=1).tolist()
+        index = _real(state.index, rows)  # [T]
+        keep = None if state.keep is None else _real(state.keep, rows)
+        tables = self._relative_tables(map_size, qkv.dtype)
+        outs, start = [], 0
+        for count in counts:
+            end = start + count
+            q, k, v = qkv[start:end].permute(1, 2, 0, 3)[:, None].unbind(0)  # [1, H, n, d] each
+            cells = index[None, start:end]
+            bias = self._position_bias(q, cells // map_size[1], cells % map_size[1], map_size, tables)
+            sample_keep = None if keep is None else keep[None, start:end]
+            outs.append(self._attention(q, k, v, bias, sample_keep, eager)[0].transpose(0, 1))  # [n, H, d]
+            start = end
+        return torch.cat(outs)
 
-    def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, state: TokenState,
+    def _window_attention(self, qkv: Tensor, rows: Tensor | None, state: TokenState,
                           map_size: tuple[int, int], eager: bool) -> Tensor:
         """The active tokens of each window and its padding cells attend to each other (the
-        padding cells' own outputs are dropped, as the host drops them). Windows with the same
-        member count run as one batch, so no work is spent on padding them to a common size."""
+        padding cells' own outputs are dropped, as the host drops them).
+
+        Windows of similar member counts run as one batch, padded to its largest count with masked
+        keys: a pruned map's windows hold any count, and one small attention per distinct count
+        costs more in calls than the padding does. Training (mask mode) batches exact counts only.
+        """
         batch, tokens = state.index.shape
-        size = self.window
+        size, heads, dim = self.window, self.num_heads, self.head_dim
         layout = _WindowLayout.of(state.index, state.valid, map_size, size)
-        pads = layout.rows.shape[1] - tokens
-        pad_q, pad_k, pad_v = (t.expand(batch, pads, -1, -1) for t in self._padding_qkv(q))
+        width = layout.rows.shape[1]  # tokens, then the padding cells
+        sample, column = layout.order // width, layout.order % width
+        real_tokens = qkv.shape[0] - 1
+        packed = sample * tokens + column  # a token member's row of the flattened batch ...
+        if rows is not None:  # ... and of its real tokens
+            packed = (state.valid.flatten().cumsum(0) - 1)[packed.clamp_max(batch * tokens - 1)]
+        is_token = column < tokens
+        # Per member, in window order: its row of `qkv`, its cell in the window, and the row of `out`
+        # its output goes to (padding cells' outputs, dropped, each to a row of its own past the
+        # tokens'). A last entry stands for the rows that pad a batch to its largest count.
+        members = torch.stack([
+            torch.where(is_token, packed, real_tokens),
+            ((layout.rows % size) * size + layout.cols % size).flatten()[layout.order],
+            torch.where(is_token, packed, real_tokens + layout.order),
+        ])
+        spare = real_tokens + batch * width  # the first row past every member's
+        members = torch.cat([members, members.new_tensor([[real_tokens], [0], [spare]])], dim=1)
         keep = state.keep
         if keep is not None:  # mask mode: padding cells always take part
-            keep = torch.cat([keep, keep.new_ones(batch, pads)], dim=1).flatten()[layout.order]
-        # Members grouped by window, each window's in cell order: [M, H, d]
-        q, k, v = (torch.cat([t, p], dim=1).flatten(0, 1)[layout.order]
-                   for t, p in ((q, pad_q), (k, pad_k), (v, pad_v)))
-        local_rows = (layout.rows % size).flatten()[layout.order]  # cell within the window
-        local_cols = (layout.cols % size).flatten()[layout.order]
+            keep = torch.cat([_real(keep, rows), keep.new_ones(1)])[members[0]]
+        counts = layout.counts.tolist()
         starts = layout.counts.cumsum(0) - layout.counts
+        tables = self._relative_tables((size, size), qkv.dtype)
+        share = 1.0 if keep is not None else _WINDOW_BATCH_SHARE
 
-        out = torch.zeros_like(q)
-        for count in layout.counts.unique().tolist():
-            if count == 0:
-                continue
-            chosen = starts[layout.counts == count, None] + torch.arange(count, device=q.device)  # [G, n]
-            group_q, group_k, group_v = (t[chosen].transpose(1, 2) for t in (q, k, v))  # [G, H, n, d]
-            bias = self._position_bias(group_q, local_rows[chosen], local_cols[chosen], (size, size))
+        # One spare row per padded position a batch can have, so that no two outputs share a row.
+        out = qkv.new_zeros(spare + max(counts) * len(counts), heads, dim)
+        for windows in _window_batches(counts, share, _WINDOWS_PER_BATCH):
+            windows = torch.tensor(windows, device=qkv.device)
+            count = counts[int(windows[0])]  # the batch's largest
+            position = torch.arange(count, device=qkv.device)
+            real = position < layout.counts[windows, None]  # [G, n]
+            chosen = torch.where(real, starts[windows, None] + position, members.shape[1] - 1)
+            source, slots, destination = members[:, chosen]  # [G, n] each
+            if not bool(real.all()):
+                padded = spare + torch.arange(real.numel(), device=qkv.device).view_as(real)
+                destination = torch.where(real, destination, padded)
+            q, k, v = qkv[source].permute(2, 0, 3, 1, 4).unbind(0)  # [G, H, n, d] each
+            bias = self._position_bias(q, slots // size, slots % size, (size, size), tables)
+            if not bool(real.all()):
+                mask = real[:, None, None, :]
+                bias = mask if bias is None else bias.masked_fill(~mask, -torch.inf)
             group_keep = None if keep is None else keep[chosen]
-            group_out = self._attention(group_q, group_k, group_v, bias, group_keep, eager)
-            out[chosen.flatten()] = group_out.transpose(1, 2).flatten(0, 1)
-        in_place = out.new_zeros(batch * (tokens + pads), self.num_heads, self.head_dim)
-        in_place[layout.order] = out  # back to tokens-then-padding order; non-members stay zero
-        return in_place.view(batch, tokens + pads, self.num_heads, self.head_dim)[:, :tokens]
+            group_out = self._attention(q, k, v, bias, group_keep, eager)
+            out.index_copy_(0, destination.flatten(), group_out.transpose(1, 2).flatten(0, 1))
+        return out[:real_tokens]
 
-    def _position_bias(self, q: Tensor, rows: Tensor, cols: Tensor, span: tuple[int, int]) -> Tensor | None:
+    def _relative_tables(self, span: tuple[int, int], dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """The host's relative-position tables [span, span, d], one per axis, or None without."""
+        attn = self.attn
+        if not attn.use_rel_pos:
+            return None
+        return (attn.get_rel_pos(span[0], span[0], attn.rel_pos_h).to(dtype),
+                attn.get_rel_pos(span[1], span[1], attn.rel_pos_w).to(dtype))
+
+    def _position_bias(self, q: Tensor, rows: Tensor, cols: Tensor, span: tuple[int, int],
+                       tables: tuple[Tensor, Tensor] | None) -> Tensor | None:
         """Decomposed relative-position bias [G, H, n, n] between tokens at (rows, cols) [G, n].
 
         For query i and key j it is q_i . T_h[row_i, row_j] + q_i . T_w[col_i, col_j], with the
         host's tables T over a span of `span` cells per axis (the window, or the whole map).
         """
-        attn = self.attn
-        if not attn.use_rel_pos:
+        if tables is None:
             return None
-        table_h = attn.get_rel_pos(span[0], span[0], attn.rel_pos_h).to(q.dtype)  # [span, span, d]
-        table_w = attn.get_rel_pos(span[1], span[1], attn.rel_pos_w).to(q.dtype)
+        table_h, table_w = tables
+        groups, heads, tokens, dim = q.shape
         if _fills_span(rows, cols, span):  # nothing pruned here: the host's own layout, no gathers
-            groups, heads, tokens, dim = q.shape
             cells = q.reshape(groups, heads, span[0], span[1], dim)
             # contiguous, so that their broadcast sum is laid out as [G, H, n, n]
             by_row = torch.einsum("ghxyd,xsd->ghxys", cells, table_h).contiguous()
             by_col = torch.einsum("ghxyd,ysd->ghxys", cells, table_w).contiguous()
             return (by_row[..., :, None] + by_col[..., None, :]).view(groups, heads, tokens, tokens)
-        return _axis_bias(q, rows, table_h) + _axis_bias(q, cols, table_w)
+        # Each query against its own table rows (every key cell of the span), then the keys' cells.
+        by_row = torch.einsum("ghnd,gnsd->ghns", q, table_h[rows])  # [G, H, n, span_h]
+        by_col = torch.einsum("ghnd,gnsd->ghns", q, table_w[cols])
+        if span[0] * span[1] <= 2 * tokens:  # a window: one gather from each query's whole span
+            whole = (by_row[..., :, None] + by_col[..., None, :]).flatten(-2)  # [G, H, n, cells]
+            cells = (rows * span[1] + cols)[:, None, None, :].expand(-1, heads, tokens, -1)
+            return whole.gather(-1, cells)
+        return (by_row.gather(-1, rows[:, None, None, :].expand(-1, heads, tokens, -1))
+                + by_col.gather(-1, cols[:, None, None, :].expand(-1, heads, tokens, -1)))
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, keep: Tensor | None,
                    eager: bool) -> Tensor:
@@ -183,12 +244,26 @@ class SamLayerView:
         return ops.attention(q, k, v, bias, self.scale, self.attention_dropout(), eager)
 
 
-def _axis_bias(q: Tensor, coords: Tensor, table: Tensor) -> Tensor:
-    """q [G, H, n, d], coords [G, n] along one axis, table [span, span, d] -> [G, H, n, n]."""
-    # Each query against its own table row (every key coordinate), then pick the keys' ones.
-    per_coordinate = torch.einsum("ghnd,gnsd->ghns", q, table[coords])  # [G, H, n, span]
-    heads, tokens = q.shape[1], q.shape[2]
-    return per_coordinate.gather(-1, coords[:, None, None, :].expand(-1, heads, tokens, -1))
+def _real(values: Tensor, rows: Tensor | None) -> Tensor:
+    """[B, N] -> [T]: the values of a batch's real tokens (`rows` of the flattened batch, or all)."""
+    flat = values.flatten()
+    return flat if rows is None else flat[rows]
+
+
+def _window_batches(counts: list[int], share: float, most: int) -> list[list[int]]:
+    """Windows with members, in batches: each takes the remaining windows, the largest count first,
+    whose count is at least `share` of the batch's largest, up to `most` of them. `share` 1 batches
+    equal counts only."""
+    order = sorted((i for i, c in enumerate(counts) if c > 0), key=lambda i: -counts[i])
+    batches, first = [], 0
+    while first < len(order):
+        least = math.ceil(counts[order[first]] * share)
+        last = first
+        while last < len(order) and last - first < most and counts[order[last]] >= least:
+            last += 1
+        batches.append(order[first:last])
+        first = last
+    return batches
 
 
 def _fills_span(rows: Tensor, cols: Tensor, span: tuple[int, int]) -> bool:
