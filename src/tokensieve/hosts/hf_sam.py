@@ -10,7 +10,9 @@ full map.
 The executor hands this view the active tokens and their input positions (`state.index`, the
 row-major cell of the map); `SamLayerView.attend` puts each token back in its window, lets it
 attend to the active tokens of that window (and the host's zero-padding cells, which the host
-has as keys too), with the bias looked up from each token's (row, col).
+has as keys too), with the bias looked up from each token's (row, col). It computes nothing for
+a ragged batch's padding rows, and keeps each attention call small enough to stay in cache
+(windows in batches of similar counts, global layers one sample at a time).
 """
 
 from __future__ import annotations
