@@ -325,10 +325,7 @@ class Runner:
         heads_out = [ops.attention(*qkv, None, view.scale, dropout, self.eager).transpose(1, 2)
                      for qkv in samples]
         heads_out = torch.cat(heads_out, dim=1).flatten(2)  # [1, T, H*d]
-        x = _norm_after(view, "attention", _residual(x, view.attention_branch(heads_out)))
-        x = _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
-        out = x.new_zeros(batch * tokens, channels).index_copy_(0, rows, x[0])
-        return out.view(batch, tokens, channels)
+        return _packed_block_rest(view, x, heads_out, rows, batch, tokens)
 
     def _run_packed_placed(self, view: BlockView, state: TokenState, rows: Tensor) -> Tensor:
         """`_run_packed` for a view that places the tokens itself (windows, relative positions):
@@ -338,10 +335,7 @@ class Runner:
         batch, tokens, channels = state.x.shape
         x = state.x.reshape(batch * tokens, channels).index_select(0, rows)[None]  # [1, T, C]
         heads_out = heads_out.flatten(0, 1).index_select(0, rows)[None]
-        x = _norm_after(view, "attention", _residual(x, view.attention_branch(heads_out)))
-        x = _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
-        out = x.new_zeros(batch * tokens, channels).index_copy_(0, rows, x[0])
-        return out.view(batch, tokens, channels)
+        return _packed_block_rest(view, x, heads_out, rows, batch, tokens)
 
     def _cross_attend(self, view: BlockView, x: Tensor, call: BlockCall) -> Tensor:
         """The block's attention from its tokens to the call's memory (another modality's tokens)."""
@@ -456,6 +450,16 @@ def _packed_rows(state: TokenState, method: Method, call: BlockCall) -> tuple[Te
             or type(method).after_attention is not Method.after_attention):
         return None
     return state.valid.flatten().nonzero()[:, 0], state.valid.sum(dim=1).tolist()
+
+
+def _packed_block_rest(view: BlockView, x: Tensor, heads_out: Tensor, rows: Tensor, batch: int,
+                       tokens: int) -> Tensor:
+    """The block after attention on packed tokens `x` [1, T, C] (`heads_out` [1, T, H*d]), returned
+    as [B, N, C] with zeros on the padding rows (those not in `rows`)."""
+    x = _norm_after(view, "attention", _residual(x, view.attention_branch(heads_out)))
+    x = _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
+    out = x.new_zeros(batch * tokens, x.shape[-1]).index_copy_(0, rows, x[0])
+    return out.view(batch, tokens, -1)
 
 
 def _attention_bias(state: TokenState, dtype: torch.dtype, causal: bool = False) -> Tensor | None:
