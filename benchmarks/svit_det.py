@@ -31,6 +31,7 @@ work. Writes benchmarks/results/svit_det.md and .json ("-quick" for other steps 
     python benchmarks/svit_det.py --speed                    # train what is missing, score and time it all
     python benchmarks/svit_det.py --trained-only             # score the finished runs, mark the others
     python benchmarks/svit_det.py --samples 50 --steps 10    # a quick look, not for the docs
+    python benchmarks/svit_det.py --fill                     # train and score only the rows marked missing
 """
 
 from __future__ import annotations
@@ -44,7 +45,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from svit_seg import BASELINE_LAYERS, _finished_steps, _slug, _trains, add_common_arguments, load_patched
+from svit_seg import (
+    BASELINE_LAYERS,
+    NOT_TRAINED,
+    _filled_note,
+    _finished_steps,
+    _slug,
+    _trains,
+    add_common_arguments,
+    load_patched,
+    method_of,
+)
 from svit_speed import median_image
 
 import tokensieve as ts
@@ -97,14 +108,22 @@ def main() -> None:
                         help="leave out the rows whose runs are not finished instead of training them")
     parser.add_argument("--speed", action="store_true", help="also time each row's backbone at batch 1")
     parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--fill", action="store_true",
+                        help="train and score only the rows the results file marks not trained, keeping "
+                             "the others")
     add_common_arguments(parser, runs=Path("runs/svit-det"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = _Bench(args).rows()
     default = (args.samples, args.steps, args.model_lr_scale) == (None, DEFAULT_STEPS, DEFAULT_HOST_LR_SCALE)
     path = args.out / f"svit_det{'' if default else '-quick'}{'-val' if args.split == 'val' else ''}"
-    args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python benchmarks/svit_det.py", *sys.argv[1:]])
+    if args.fill:
+        record = json.loads(path.with_suffix(".json").read_text())
+        rows = _Bench(args).fill([Row(**row) for row in record["rows"]])
+        command = f"{record['command']}, then {command} for the rows not trained"
+    else:
+        rows = _Bench(args).rows()
+    args.out.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({"command": command, "rows": [asdict(r) for r in rows]},
                                                     indent=2) + "\n")
     path.with_suffix(".md").write_text(_markdown(rows, args, command))
@@ -150,11 +169,28 @@ class _Bench:
         rows.append(self._method_row(svit, model, "thresholds set on validation to the budget"))
         return rows
 
+    def fill(self, rows: list[Row]) -> list[Row]:
+        """`rows` (a results file's) with each one marked not trained now trained and scored, the
+        others kept; the dense row's MACs stand for dense. SViT's row is calibrated to the
+        budget, which takes the full run."""
+        self.dense_macs = rows[0].gmacs * 1e9
+        filled = list(rows)
+        for index, row in enumerate(rows):
+            missing = math.isnan(row.box_ap) and row.note.endswith(NOT_TRAINED)
+            if not missing or row.method == "dense fine-tuned":
+                continue
+            method = method_of(row.method)
+            if isinstance(method, ts.SViT):
+                raise SystemExit(f"{method} is calibrated to the budget: run without --fill")
+            note = _filled_note(row.note, self.args.precision)
+            filled[index] = self._method_row(method, self._trained(method), note)
+        return filled
+
     def _trained(self, method: ts.Method | None) -> torch.nn.Module:
         run = self._run_dir(method)
         if _finished_steps(run) != self.args.steps:
             start = time.perf_counter()
-            train_method(TASK, method, run, steps=self.args.steps, precision="bf16",
+            train_method(TASK, method, run, steps=self.args.steps, precision=self.args.precision,
                          model_lr_scale=self.args.model_lr_scale)
             print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
         model = load_patched(method, TASK) if method is not None else load_reference(TASK)
@@ -171,7 +207,7 @@ class _Bench:
         if not self.args.trained_only or _finished_steps(self._run_dir(method)) == self.args.steps:
             return None
         name = "dense fine-tuned" if method is None else str(method)
-        return Row(name, *(NOT_RUN,) * 6, 0, note="not trained yet (--trained-only)")
+        return Row(name, *(NOT_RUN,) * 6, 0, note=NOT_TRAINED)
 
     def _tome(self, budget: float) -> ts.ToMe:
         def macs(r: int) -> float:  # the same for every image: one batch counts them

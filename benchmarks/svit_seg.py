@@ -46,6 +46,7 @@ trained variants (which SViT to ship) are made on.
     python benchmarks/svit_seg.py                           # train what is missing, score it all
     python benchmarks/svit_seg.py --keeps --ablations       # the four ablations only
     python benchmarks/svit_seg.py --samples 200 --steps 20  # a quick look, not for the docs
+    python benchmarks/svit_seg.py --fill                    # train and score only the rows marked missing
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import plotting
 import torch
 
 import tokensieve as ts
+from tokensieve.loading import METHODS, parse_method
 from tokensieve.methods.svit import KEEP_REPORT
 from tokensieve.reference import (
     calibrate_reference,
@@ -87,6 +90,7 @@ DEFAULT_HOST_LR_SCALE = 0.1
 GUMBEL_SEEDS = (0, 1, 2)
 DITHER = True  # SViT's rule here, dithered thresholds: chosen on validation (svit_seg_determinism-val.md)
 NOT_RUN = float("nan")
+NOT_TRAINED = "not trained yet (--trained-only)"  # a row's note when its run is missing
 MACS_BATCH = 64  # test images a forward while counting MACs
 TOME_RS = range(1, 40)
 
@@ -118,12 +122,15 @@ def main() -> None:
     add_common_arguments(parser, runs=Path("runs/svit-seg"))
     parser.add_argument("--rewrite", action="store_true",
                         help="remake the markdown and plot of each section from its .json, scoring nothing")
+    parser.add_argument("--fill", action="store_true",
+                        help="train and score only the rows each asked-for results file marks not trained, "
+                             "keeping its other rows as they are")
     args = parser.parse_args()
     if args.rewrite:
         return _rewrite(args)
     torch.set_num_threads(args.threads)
     bench = _Bench(args)
-    dense = bench.dense()
+    dense = None if args.fill else bench.dense()
     default = (args.samples, args.steps, args.model_lr_scale) == (None, DEFAULT_STEPS, DEFAULT_HOST_LR_SCALE)
     quick = ("" if default else "-quick") + ("-val" if args.split == "val" else "")
     sections = [("svit_seg", lambda: [row for keep in args.keeps for row in bench.budget(keep)], args.keeps),
@@ -133,9 +140,13 @@ def main() -> None:
     for name, rows_of, wanted in sections:
         if not wanted:
             continue
-        rows = [dense, bench.dense_fine_tuned(), *rows_of()]
         path = args.out / f"{name}{quick}"
-        record = {"command": _command(), "rows": [asdict(row) for row in rows]}
+        if args.fill:
+            record = bench.fill(json.loads(path.with_suffix(".json").read_text()))
+            rows = [Row(**row) for row in record["rows"]]
+        else:
+            rows = [dense, bench.dense_fine_tuned(), *rows_of()]
+            record = {"command": _command(), "rows": [asdict(row) for row in rows]}
         path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         path.with_suffix(".md").write_text(_markdown(rows, args, name, record["command"]))
         if name == "svit_seg":
@@ -245,6 +256,26 @@ class _Bench:
                                    "mean MACs"))
         return rows
 
+    def fill(self, record: dict) -> dict:
+        """`record` (a results file) with each row it marks not trained now trained and scored, its
+        other rows kept; the dense row's MACs stand for dense. SViT's rows are calibrated to their
+        group's budget, which takes the full run."""
+        rows = [Row(**row) for row in record["rows"]]
+        self.dense_macs = rows[0].gmacs * 1e9
+        filled = []
+        for index, row in enumerate(rows):
+            if not (math.isnan(row.miou) and row.note.endswith(NOT_TRAINED)):
+                continue
+            method = method_of(row.method)
+            if isinstance(method, ts.SViT):
+                raise SystemExit(f"{method} is calibrated to its group's budget: run without --fill")
+            note = _filled_note(row.note, self.args.precision)
+            rows[index] = self._row(row.group, method, self._trained(method), note)
+            filled.append(row.method)
+        if filled:
+            record["command"] += f", then {_command()} for {', '.join(filled)}"
+        return {**record, "rows": [asdict(row) for row in rows]}
+
     def _untrained_row(self, group: str, method: ts.Method, note: str = "",
                        freeze_host: bool = False) -> Row | None:
         """With --trained-only, a row that says `method`'s run is not trained (None: it is, or
@@ -252,8 +283,7 @@ class _Bench:
         run = self.run_dir(method, freeze_host)
         if not self.args.trained_only or _finished_steps(run) == self.args.steps:
             return None
-        return Row(group, str(method), NOT_RUN, NOT_RUN, NOT_RUN, 0,
-                   f"{note}not trained yet (--trained-only)")
+        return Row(group, str(method), NOT_RUN, NOT_RUN, NOT_RUN, 0, f"{note}{NOT_TRAINED}")
 
     def _kept_macs(self, model: torch.nn.Module) -> float:
         """Backbone MACs per image a sampled SViT's kept tokens alone would spend (each gated block
@@ -281,7 +311,7 @@ class _Bench:
         run = self.run_dir(method, freeze_host)
         if _finished_steps(run) != self.args.steps:
             start = time.perf_counter()
-            train_method(TASK, method, run, steps=self.args.steps, precision="bf16",
+            train_method(TASK, method, run, steps=self.args.steps, precision=self.args.precision,
                          model_lr_scale=self.args.model_lr_scale, freeze_host=freeze_host)
             print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
         model = load_patched(method) if method is not None else load_reference(TASK).eval()
@@ -333,6 +363,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, runs: Path) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=Path, default=runs)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="of the training steps: bf16 autocast, or fp32 (on a CPU without fast bfloat16, "
+                             "AVX2 only, bf16 runs far slower)")
 
 
 def load_patched(method: ts.Method, task: str = TASK) -> torch.nn.Module:
@@ -340,6 +373,22 @@ def load_patched(method: ts.Method, task: str = TASK) -> torch.nn.Module:
     model = load_reference(task)
     patch_reference(model, method)
     return model.eval()
+
+
+def _filled_note(note: str, precision: str) -> str:
+    """A missing row's note once `--fill` trained it: its own part, and the precision if not the
+    table's bf16."""
+    own = note.removesuffix(NOT_TRAINED).removesuffix(": ")
+    return ", ".join(part for part in (own, "" if precision == "bf16" else f"trained in {precision}") if part)
+
+
+def method_of(text: str) -> ts.Method:
+    """A results row's method column back to the method: 'DynamicViT(keep=0.8, preserve=False)'."""
+    name, _, arguments = text.partition("(")
+    keys = {cls.__name__: key for key, cls in METHODS.items()}
+    if name not in keys:
+        raise ValueError(f"{text!r} names no method; methods are {', '.join(keys)}")
+    return parse_method(f"{keys[name]}:{arguments.removesuffix(')')}")
 
 
 def _trains(method: ts.Method) -> bool:
@@ -412,13 +461,8 @@ def _markdown(rows: list[Row], args: argparse.Namespace, name: str, command: str
 
 
 def _plot(rows: list[Row], path: Path, split: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    pyplot = plotting.pyplot()
+    if pyplot is None:
         return
     curves: dict[str, list[Row]] = {}
     for row in rows:

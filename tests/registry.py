@@ -8,15 +8,20 @@ test_registry.py fails for a method that tokensieve exports but REGISTRY does no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 from models import HF_CLASSES, TIMM_HOSTS
+from torch import nn
 
-from tokensieve import DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
+import tokensieve as ts
+from tokensieve import VLTP, DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
+from tokensieve.patch import patched_within
 
 VARIANTS = ("pruned", "off", "ragged")
 
@@ -33,6 +38,7 @@ class Entry:
     fuses: bool = False  # makes tokens of no single input position (fused, merged): not on positional hosts
     equal_counts: bool = False  # pruned and off need equal counts per image: not on padded batches
     overhead: bool = True  # spends MACs outside the host's own layers (scores, matching), as FLOPs count
+    map_only: bool = False  # rates the cells of an image map: SAM's encoder only
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Host:
     positional: bool = False  # reads its output by input position (dense only), or attends causally
     padded: bool = False  # its batch carries padding (padded texts)
     mean_pooled: bool = False  # its head averages the tokens, so padding of a ragged batch is refused
+    image_map: bool = False  # its blocks take an image map (SAM's encoder)
 
     def runs(self, entry: Entry, variant: str = "pruned") -> bool:
         """Whether this host runs `entry`'s `variant` ("pruned", "off" or "ragged")."""
@@ -51,6 +58,8 @@ class Host:
         if variant == "ragged" and (entry.ragged is None or self.mean_pooled):
             return False
         if variant != "ragged" and entry.equal_counts and self.padded:
+            return False
+        if entry.map_only and not self.image_map:
             return False
         return not (entry.class_attention and not self.class_token) and not (entry.fuses and self.positional)
 
@@ -67,6 +76,7 @@ def _entry(name: str, pruned: Method, off: dict[str, Any] = KEEP_ALL, ragged: di
 
 
 L = (1, 2)  # pruning layers of the 4-block hosts
+GUIDANCE_WIDTH = 12  # of the guidance a guided method reads per call
 
 REGISTRY: tuple[Entry, ...] = (
     _entry("topk", TopK(keep=0.5, layers=L), ragged={"mass": 0.6}, class_attention=True),
@@ -82,13 +92,15 @@ REGISTRY: tuple[Entry, ...] = (
            ragged={"per_image": False}),
     _entry("dynamicvit-discard", DynamicViT(keep=0.5, layers=L, preserve=False), ragged={"dynamic": True},
            equal_counts=True),
+    # guided by a per-call embedding (`given`); its stages before SAM's blocks 1 and 2
+    _entry("vltp", VLTP(keep=0.5, layers=L, guidance_width=GUIDANCE_WIDTH, width=16, heads=2), map_only=True),
 )
 
 # What each host of models.py asks (the timm and transformers image towers), and the other families.
 MEAN_POOLED = ("timm-reg-gap", "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
 HOSTS: dict[str, Host] = {name: Host(mean_pooled=name in MEAN_POOLED) for name in [*TIMM_HOSTS, *HF_CLASSES]}
 VISION = Host()  # a class-token image tower read by its class token
-SAM = Host(class_token=False, positional=True)  # SAM's image encoder: no class token, its neck reads a map
+SAM = Host(class_token=False, positional=True, image_map=True)  # no class token, its neck reads a map
 CLIP_TEXT = Host(positional=True)  # causal, pooled at each text's end token, returned by position
 BLIP_TEXT = Host()
 
@@ -115,3 +127,18 @@ def host_methods(hosts: Iterable[str], *variants: str) -> list:
     `methods` gives them, by "<host>-<method id>"."""
     return [pytest.param(host, *param.values, id=f"{host}-{param.id}")
             for host in hosts for param in methods(*variants, host=HOSTS[host])]
+
+
+@contextlib.contextmanager
+def given(model: nn.Module, batch: int, seed: int = 0) -> Iterator[None]:
+    """Inside the block, every call of `model` (patched) gets the per-call inputs its method
+    requires, made up for `batch` samples: seeded random rows of each input's width."""
+    sieve = patched_within(model)[1]
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {spec.name: torch.randn(batch, spec.width or GUIDANCE_WIDTH, generator=generator)
+               for spec in sieve.method.call_inputs(sieve.spec) if spec.required}
+    if not tensors:
+        yield
+        return
+    with ts.inputs(model, **tensors):
+        yield

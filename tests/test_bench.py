@@ -63,3 +63,15 @@ def test_pixels_that_disagree_with_batch_or_image_size_are_refused():
         ts.benchmark(model, batch=2, pixels=images(3), **QUICK)
     with pytest.raises(ValueError, match="leave batch and image_size out"):
         ts.benchmark(model, image_size=32, pixels=images(3), **QUICK)
+
+
+def test_a_guided_method_is_timed_with_the_per_call_inputs_given():
+    from models import sam_model
+
+    model = sam_model()
+    method = ts.VLTP(keep=0.25, layers=(1,), guidance_width=12, width=16, heads=2)
+    guidance = torch.randn(2, 12)
+    result = ts.benchmark(model, method, batch=2, repeats=1, warmup=0, inputs={"guidance": guidance})
+    assert result.flops_ratio > 1.2 and result.pruned_ms > 0
+    with pytest.raises(ValueError, match=r"needs the per-call input 'guidance'"):
+        ts.benchmark(model, method, batch=2, repeats=1, warmup=0)

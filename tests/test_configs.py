@@ -35,6 +35,12 @@ REFUSED = {
     "gate": [(None, TypeError), (2, TypeError), ("MLP", ValueError), ("topk", ValueError)],
     "train_decisions": [(None, TypeError), (True, TypeError), ("threshold", ValueError), ("k", ValueError)],
     "rate_weight": [(True, TypeError), ("4", TypeError), (-1.0, ValueError), (float("inf"), ValueError)],
+    "guidance_width": [(0, ValueError), (1.5, TypeError), ("128", TypeError), (True, TypeError)],
+    "width": [(1, ValueError), (2.5, TypeError), ("256", TypeError)],
+    "heads": [(0, ValueError), ("8", TypeError), (None, TypeError)],
+    "decoder_layers": [(0, ValueError), (1.5, TypeError)],
+    "shared": [(1, TypeError), ("True", TypeError), (None, TypeError)],
+    "relevance_weight": [(True, TypeError), ("1", TypeError), (-1.0, ValueError), (float("inf"), ValueError)],
 }
 REFUSED_CASES = [pytest.param(cls, name, value, error, id=f"{cls.__name__}-{name}={value!r}")
                  for cls in CLASSES for f in dataclasses.fields(cls) if f.name in REFUSED

@@ -35,7 +35,8 @@ PUBLISHED_DEIT_S = [
     (ts.ToMe(r=16), 2.3),
 ]
 # (method, whether it spends MACs outside the host's layers): every registered method, and a ToMe schedule
-METHODS = [pytest.param(entry.pruned, entry.overhead, id=entry.name) for entry in REGISTRY] + [
+METHODS = [pytest.param(entry.pruned, entry.overhead, id=entry.name) for entry in REGISTRY
+           if not entry.map_only] + [
     pytest.param(ts.ToMe(r=(3, -0.5)), True, id="tome-inflect"),
 ]
 

@@ -280,3 +280,52 @@ def test_several_sentences_per_image_equal_repeating_the_image():
                          (torch.tensor([0, 1]), "one vector per sentence")):
         with pytest.raises(ValueError, match=message):
             model(images, text=texts, image_of=bad)
+
+
+def _guided(model: TosModel, **settings) -> TosModel:
+    patch_reference(model, ts.VLTP(**{"keep": 0.5, "layers": (1,), "width": 16, "heads": 2, **settings}))
+    return model.eval()
+
+
+def test_vltp_on_the_tos_model_reads_its_guidance_and_encodes_each_sentence_of_an_image_alone():
+    torch.manual_seed(0)
+    model = _guided(tiny_tos())
+    assert ts.sieve_of(model.sam.vision_encoder).method.guidance_width == model.prompt_width
+    images = torch.rand(2, 3, 96, 96)
+    texts = ["the red star", "every circle", "the blue square"]
+    image_of = torch.tensor([0, 0, 1])
+    with torch.no_grad():
+        grouped = model(images, text=texts, image_of=image_of)
+    assert grouped.image_embeddings.shape[0] == 3  # one encoding per sentence: it depends on the sentence
+    for t in range(3):
+        with torch.no_grad():
+            alone = model(images[image_of[t] : image_of[t] + 1], text=texts[t : t + 1])
+        torch.testing.assert_close(alone.logits, grouped.logits[t : t + 1], atol=1e-5, rtol=0)
+
+
+def test_vltp_training_on_the_tos_model_gets_the_sentences_masks_for_its_relevance_loss():
+    model = _guided(tiny_tos()).train()
+    sieve = ts.sieve_of(model.sam.vision_encoder)
+    batch = _batch(2, 96, split="train")
+    with ts.trace(model.sam.vision_encoder) as traces:
+        model(batch["image"], text=batch["text"], masks=batch["mask"])
+    assert set(sieve.method.losses(traces)) == {"relevance"}
+    with ts.trace(model.sam.vision_encoder) as traces:
+        model(batch["image"], text=batch["text"])  # without masks: no relevance loss, no error
+    assert sieve.method.losses(traces) == {}
+
+
+def test_pruning_guidance_replaces_only_what_the_encoders_pruning_reads():
+    torch.manual_seed(0)
+    model = _guided(tiny_tos())
+    images, texts = torch.rand(2, 3, 96, 96), ["the red star", "every circle"]
+    with torch.no_grad():
+        guidance = model.guidance(texts)
+        own = model(images, text=texts, pruning_guidance=guidance)
+        zeroed = model(images, text=texts, pruning_guidance=torch.zeros_like(guidance))
+        torch.testing.assert_close(own.logits, model(images, text=texts).logits)
+        assert not torch.equal(zeroed.image_embeddings, own.image_embeddings)
+        with pytest.raises(ValueError, match=r"pruning_guidance replaces"):
+            model(images, text=texts, pruning_guidance=guidance[:1])
+        with pytest.raises(ValueError, match=r"pruning_guidance replaces"):
+            tiny_tos()(images, text=texts, pruning_guidance=guidance)

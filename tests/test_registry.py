@@ -1,8 +1,8 @@
 """The registry of tests/registry.py lists every method, and says true things about methods and hosts."""
 
 import pytest
-from models import forward, host_model, images
-from registry import HOSTS, REGISTRY, Entry
+from models import forward, host_model, images, sam_model
+from registry import HOSTS, REGISTRY, Entry, given
 
 import tokensieve as ts
 
@@ -20,21 +20,22 @@ def test_registry_names_are_unique():
 
 
 def _kept(model, method) -> list[list[int]]:
-    ts.patch(model, method)
-    with ts.trace(model) as traces:
+    ts.patch(model, method, dense=type(model).__name__.startswith("Sam"))
+    with ts.trace(model) as traces, given(model, 2):
         forward(model, images(2))
     return traces[0].kept_tokens().tolist()
 
 
 @pytest.mark.parametrize("entry", REGISTRY, ids=lambda entry: entry.name)
 def test_each_entry_prunes_with_its_pruned_config_and_keeps_every_token_with_pruning_off(entry: Entry):
-    model = host_model("timm-vit")
-    tokens = 1 + 64
+    model = sam_model() if entry.map_only else host_model("timm-vit")
+    tokens = 64 if entry.map_only else 1 + 64
     variants = [entry.pruned, entry.off] + ([entry.ragged] if entry.ragged else [])
     assert all(type(method) is type(entry.pruned) for method in variants)
     assert not entry.pruned.ragged and not entry.off.ragged
     assert entry.ragged is None or entry.ragged.ragged
-    assert _kept(model, entry.off) == [[tokens, tokens]] * len(model.blocks)
+    blocks = model.layers if entry.map_only else model.blocks
+    assert _kept(model, entry.off) == [[tokens, tokens]] * len(blocks)
     assert max(_kept(model, entry.pruned)[-1]) < tokens
 
 

@@ -1,6 +1,7 @@
 """Checkpoints hold only what was trained, are written atomically, and are refused by another
 model or another method."""
 
+import dataclasses
 import json
 import re
 import signal
@@ -256,3 +257,21 @@ def test_a_checkpoint_dir_that_is_a_file_is_refused_before_any_step(tmp_path, in
         fit(patched_model(), random_dataset(16), counting_loss,
             quiet_config(steps=2, checkpoint_dir=str(directory)))
     assert steps == []
+
+
+def test_a_saved_host_identity_matches_across_json_and_a_spec_field_added_since():
+    from tokensieve.spec import ModelSpec
+    from tokensieve.train.identity import check_same_host, host_identity
+
+    model = torch.nn.Linear(2, 2)
+    spec = ModelSpec(family="SAM", depth=4, dim=8, num_heads=2, head_dim=4, prefix=0, has_class_token=False,
+                     input_tokens=16, image_size=32, dense_only=True, global_blocks=(1, 3))
+    current = host_identity(model, [spec])
+    saved = json.loads(json.dumps(current))  # as a checkpoint holds it: tuples become lists
+    check_same_host(saved, current, "run")
+    plain = dataclasses.replace(spec, global_blocks=())
+    older = json.loads(json.dumps(host_identity(model, [plain])))
+    del older["spec"]["global_blocks"]  # written before ModelSpec had the field
+    check_same_host(older, host_identity(model, [plain]), "run")
+    with pytest.raises(ValueError, match="trained on another model"):
+        check_same_host(older, current, "run")

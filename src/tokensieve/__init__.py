@@ -3,7 +3,18 @@
 from tokensieve.bench import BenchResult, benchmark
 from tokensieve.calls import prepacked
 from tokensieve.flops import FlopsReport, flops
-from tokensieve.methods import CallInput, DynamicViT, EViT, Method, MethodRun, RandomDrop, SViT, ToMe, TopK
+from tokensieve.methods import (
+    VLTP,
+    CallInput,
+    DynamicViT,
+    EViT,
+    Method,
+    MethodRun,
+    RandomDrop,
+    SViT,
+    ToMe,
+    TopK,
+)
 from tokensieve.patch import Sieve, inputs, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
 from tokensieve.svit_calibration import SViTCalibration, calibrate_svit
 from tokensieve.tokens import TokenState, Trace
@@ -11,6 +22,7 @@ from tokensieve.tokens import TokenState, Trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "VLTP",
     "BenchResult",
     "CallInput",
     "DynamicViT",

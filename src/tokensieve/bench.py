@@ -7,7 +7,7 @@ import copy
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,6 +17,7 @@ from tokensieve.calls import prepacked
 from tokensieve.flops import flops
 from tokensieve.hosts import resolve_host
 from tokensieve.methods import Method
+from tokensieve.patch import inputs as call_inputs
 from tokensieve.patch import is_patched, method_timing, patch, pruning_disabled, sieve_of, unpatch
 
 
@@ -60,7 +61,8 @@ class BenchResult:
 def benchmark(model: nn.Module, method: Method | None = None, batch: int = 1, image_size: int | None = None,
               repeats: int = 20, warmup: int = 3, threads: int | None = None,
               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              prepack: bool = False, pixels: torch.Tensor | None = None) -> BenchResult:
+              prepack: bool = False, pixels: torch.Tensor | None = None,
+              inputs: Mapping[str, torch.Tensor] | None = None) -> BenchResult:
     """Time `model`'s own forward, and a copy patched with `method` with pruning disabled and
     enabled, on the same batch.
 
@@ -73,7 +75,8 @@ def benchmark(model: nn.Module, method: Method | None = None, batch: int = 1, im
     The three forwards alternate (each round in another order) after `warmup` rounds, and the
     medians are compared; `model` itself is left as it was. With `prepack`, the patched copy runs
     inside `tokensieve.prepacked`. Then the pruned model runs `repeats` more times with the
-    method's own steps timed, for the overhead share.
+    method's own steps timed, for the overhead share. `inputs` are the per-call inputs the method
+    reads (VLTP's guidance, one row per image), given to every call of the patched copy.
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be at least 1, warmup at least 0")
@@ -97,8 +100,10 @@ def benchmark(model: nn.Module, method: Method | None = None, batch: int = 1, im
             return pruned(x)
 
     runs = {"host": host_model, "unpruned": unpruned, "pruned": pruned}
+    given = {name: value.to(device=device, dtype=dtype) for name, value in (inputs or {}).items()}
     with (_threads(threads) as used, torch.inference_mode(),
-          prepacked(pruned) if prepack else contextlib.nullcontext()):
+          prepacked(pruned) if prepack else contextlib.nullcontext(),
+          call_inputs(pruned, **given) if given else contextlib.nullcontext()):
         report = flops(pruned, pixels)
         dense_report = flops(host_model, pixels)
         for _ in range(warmup):

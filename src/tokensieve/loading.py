@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tokensieve.methods import DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
+from tokensieve.methods import VLTP, DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
 
 METHODS: dict[str, type[Method]] = {"topk": TopK, "evit": EViT, "dynamicvit": DynamicViT, "tome": ToMe,
-                                    "random": RandomDrop, "svit": SViT}
+                                    "random": RandomDrop, "svit": SViT, "vltp": VLTP}
 
 
 def load_model(name: str, checkpoint: str | None = None, image_size: int | None = None) -> nn.Module:

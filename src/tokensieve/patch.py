@@ -248,6 +248,13 @@ def inputs(model: nn.Module, **tensors: Tensor) -> Iterator[None]:
             scope.inputs.pop()
 
 
+def call_input_names(model: nn.Module) -> frozenset[str]:
+    """The per-call inputs the methods patched in `model` read (`Method.call_inputs`); empty when
+    none is patched or none reads any."""
+    runners = [runner_of(m) for m in model.modules() if is_patched(m)]
+    return frozenset(spec.name for runner in runners for spec in runner.method.call_inputs(runner.host.spec))
+
+
 @contextlib.contextmanager
 def method_timing(model: nn.Module) -> Iterator[list[float]]:
     """Time the method's own steps in `model`'s forwards inside the block (this thread only): the

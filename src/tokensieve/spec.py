@@ -18,3 +18,5 @@ class ModelSpec:
     image_size: int  # the model's default input side, in pixels (0 for text towers)
     # The output is read by input position (SAM's neck, CLIP text's end-token pooling): always dense.
     dense_only: bool = False
+    # Blocks that attend over the whole map where the others attend within windows (SAM); () for none.
+    global_blocks: tuple[int, ...] = ()

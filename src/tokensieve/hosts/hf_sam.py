@@ -364,6 +364,7 @@ def resolve(model: nn.Module) -> Host:
         family=f"transformers {type(model).__name__}", depth=len(views), dim=config.hidden_size,
         num_heads=views[0].num_heads, head_dim=views[0].head_dim, prefix=0, has_class_token=False,
         input_tokens=rows * cols, image_size=image[0], dense_only=True,
+        global_blocks=tuple(i for i, view in enumerate(views) if not view.window),
     )
     neck_convs = [m for m in encoder.neck.modules() if isinstance(m, nn.Conv2d)]
     return Host(

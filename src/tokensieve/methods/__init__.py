@@ -8,6 +8,18 @@ from tokensieve.methods.run import CallInput, MethodRun
 from tokensieve.methods.svit import SViT
 from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopK
+from tokensieve.methods.vltp import VLTP
 
-__all__ = ["AttentionView", "CallInput", "DynamicViT", "EViT", "Method", "MethodRun", "RandomDrop", "SViT",
-           "ToMe", "TopK"]
+__all__ = [
+           "VLTP",
+           "AttentionView",
+           "CallInput",
+           "DynamicViT",
+           "EViT",
+           "Method",
+           "MethodRun",
+           "RandomDrop",
+           "SViT",
+           "ToMe",
+           "TopK",
+]

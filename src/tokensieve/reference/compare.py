@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 
 import tokensieve as ts
 from tokensieve.methods import Method
+from tokensieve.methods.vltp import GUIDANCE
+from tokensieve.patch import call_input_names
 from tokensieve.reference.evaluation import METRICS, evaluate
 from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.reference.patching import image_encoder, patch_reference
@@ -46,14 +48,13 @@ def compare(task: str, methods: list[Method], split: str = "test", samples: int 
     scoring it; without one, a method the package ships trained with exactly these settings
     (`load_method`) is scored as shipped, unless `weights` names other reference weights."""
     data = make_dataset(task, split, size=samples, image_size=IMAGE_SIZES[task])
-    flop_images = _distinct_images(data, FLOPS_SAMPLES)
     rows: list[Row] = []
     for method in [None, *methods]:
         name = "dense" if method is None else str(method)
         model = _scored_model(task, method, weights, (trained or {}).get(name))
         scores = evaluate(model, task, data, progress=progress)
         score = scores.pop(METRICS[task])
-        gmacs = ts.flops(image_encoder(model), flop_images).macs / 1e9
+        gmacs = encoder_macs(model, data) / 1e9
         dense_score = rows[0].score if rows else score
         rows.append(Row(task, name, METRICS[task], score, _relative(score, dense_score), gmacs, scores))
     return rows
@@ -81,6 +82,20 @@ def _scored_model(task: str, method: Method | None, weights: str | os.PathLike |
         if run is not None:
             load_trained(model, run)
     return model
+
+
+def encoder_macs(model: torch.nn.Module, data: Dataset, count: int = FLOPS_SAMPLES) -> float:
+    """The reference model's encoder MACs per image, the mean over the first `count` different
+    images of `data`; a guided encoder's (VLTP on tos) over the first `count` samples, each image
+    under its sentence's guidance."""
+    encoder = image_encoder(model)
+    if GUIDANCE not in call_input_names(encoder):
+        return ts.flops(encoder, _distinct_images(data, count)).macs
+    samples = [data[i] for i in range(min(count, len(data)))]
+    with torch.no_grad():
+        guidance = model.guidance([sample["text"] for sample in samples])
+    with ts.inputs(encoder, guidance=guidance):
+        return ts.flops(encoder, torch.stack([sample["image"] for sample in samples])).macs
 
 
 def _relative(score: float, dense: float) -> float:

@@ -24,6 +24,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
+from tokensieve.layer_norm import LayerNorm2d
 from tokensieve.reference.models import IMAGE_SIZE, tiny_vit_config
 from tokensieve.tasks.det import DET_CLASSES
 
@@ -40,17 +41,6 @@ POOL_LEVEL = "pool"  # one more level at twice the coarsest stride, for the larg
 # occluded; these give 16, 32, 64, 96 and 128 px at 224 px.
 ANCHOR_SHARES = (1 / 14, 1 / 7, 2 / 7, 3 / 7, 4 / 7)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of each position of a [B, C, H, W] map."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(channels, eps=eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class SimplePyramidBackbone(nn.Module):

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+from tokensieve.methods.vltp import GUIDANCE, TARGET
+from tokensieve.patch import call_input_names, inputs
 from tokensieve.reference.guidance import TextGuidance, build_guidance
 
 TOS_IMAGE_SIZE = 256
@@ -49,7 +51,9 @@ def tos_sam_config() -> transformers.SamConfig:
 class TosOutput:
     logits: Tensor  # [B, 1, H/4, W/4] mask logits
     guidance: Tensor  # [B, PROMPT_WIDTH] the projected sentence embedding given to the mask decoder
-    image_embeddings: Tensor  # [images, PROMPT_WIDTH, H/16, W/16] the vision encoder's (neck's) output
+    # [images, PROMPT_WIDTH, H/16, W/16] the vision encoder's (neck's) output; one per sentence
+    # [B, ...] when the encoder's pruning reads the guidance (VLTP)
+    image_embeddings: Tensor
 
 
 class TosModel(nn.Module):
@@ -59,6 +63,12 @@ class TosModel(nn.Module):
     as VLTP needs them before the image encoder runs); pass them back as
     `model(pixel_values, guidance=g)`. To ask each image several sentences with one encoder pass,
     give `image_of` [T], the image row of each of the T sentences (`tasks.TosImages` batches).
+    When the vision encoder is patched with a method that reads the guidance (VLTP), each
+    sentence's image is encoded under that sentence's guidance, so an image asked several
+    sentences is encoded once per sentence, never shared; `masks` [B, H, W] (the sentences'
+    target masks) reach such a method's training loss too, and are ignored otherwise.
+    `pruning_guidance` [B, D] replaces the guidance only that method reads (the mask decoder
+    still reads the sentences' own): for ablations such as zeroed or shuffled guidance.
     The native size is 256×256; other multiples of 16 interpolate the absolute position
     embeddings (SAM's relative-position tables interpolate themselves), which the training
     recipe uses for its cheaper early phase.
@@ -87,7 +97,8 @@ class TosModel(nn.Module):
         return self.projection(self.text(text))
 
     def forward(self, pixel_values: Tensor, text: Sequence[str] | None = None,
-                guidance: Tensor | None = None, image_of: Tensor | None = None) -> TosOutput:
+                guidance: Tensor | None = None, image_of: Tensor | None = None,
+                masks: Tensor | None = None, pruning_guidance: Tensor | None = None) -> TosOutput:
         if (text is None) == (guidance is None):
             raise ValueError("give the task sentences as text=[...] or their vectors as guidance=...")
         self._check_images(pixel_values)
@@ -97,8 +108,21 @@ class TosModel(nn.Module):
         if guidance.shape != (batch, self.prompt_width):
             raise ValueError(f"guidance must be [{batch}, {self.prompt_width}] (one vector per sentence, "
                              f"from model.guidance(text)), got {tuple(guidance.shape)}")
-        encoded = self.image_embeddings(pixel_values)  # [images, C, h, w]
-        image = encoded if image_of is None else encoded[image_of]  # [B, C, h, w], one per sentence
+        reads = call_input_names(self.sam.vision_encoder)
+        if pruning_guidance is not None and (GUIDANCE not in reads
+                                             or pruning_guidance.shape != guidance.shape):
+            raise ValueError(f"pruning_guidance replaces the guidance a guided encoder (VLTP) reads: give it "
+                             f"as [{batch}, {self.prompt_width}], to an encoder patched with such a method")
+        if GUIDANCE in reads:  # a guided encoder: each (image, sentence) pair has an encoding of its own
+            pixels = pixel_values if image_of is None else pixel_values[image_of]
+            given = {GUIDANCE: guidance if pruning_guidance is None else pruning_guidance}
+            if masks is not None and TARGET in reads:
+                given[TARGET] = masks
+            with inputs(self.sam.vision_encoder, **given):
+                image = encoded = self.image_embeddings(pixels)
+        else:
+            encoded = self.image_embeddings(pixel_values)  # [images, C, h, w]
+            image = encoded if image_of is None else encoded[image_of]  # [B, C, h, w], one per sentence
         rows, cols = image.shape[-2:]
         positions = self.positional_map(rows, cols).expand(batch, -1, -1, -1)
         # the dense prompt SAM's prompt encoder gives when no mask is prompted
@@ -113,9 +137,11 @@ class TosModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, pixel_values: Tensor, text: Sequence[str] | None = None,
-                guidance: Tensor | None = None, image_of: Tensor | None = None) -> Tensor:
+                guidance: Tensor | None = None, image_of: Tensor | None = None,
+                pruning_guidance: Tensor | None = None) -> Tensor:
         """Bool masks [B, H, W] (one per sentence) at the input's resolution (logits upsampled, then > 0)."""
-        logits = self(pixel_values, text=text, guidance=guidance, image_of=image_of).logits
+        logits = self(pixel_values, text=text, guidance=guidance, image_of=image_of,
+                      pruning_guidance=pruning_guidance).logits
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         return logits[:, 0] > 0
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from tokensieve.methods import Method, SViT
+from tokensieve.methods import VLTP, Method, SViT
+from tokensieve.methods.vltp import TARGET
+from tokensieve.patch import call_input_names
 from tokensieve.reference.calibration import calibrate_reference, reads_thresholds
 from tokensieve.reference.detection import build_detector
 from tokensieve.reference.models import IMAGE_SIZES, build_classifier, build_segmenter
-from tokensieve.reference.patching import patch_reference
+from tokensieve.reference.patching import image_encoder, patch_reference
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
 from tokensieve.reference.recipes.auxiliary import AttributeHead
 from tokensieve.reference.recipes.batches import task_collate
@@ -30,7 +33,7 @@ from tokensieve.reference.recipes.phases import (
 )
 from tokensieve.reference.shipped_methods import save_method
 from tokensieve.reference.store import load_reference, save_reference
-from tokensieve.reference.tos import build_tos
+from tokensieve.reference.tos import TosModel, build_tos
 from tokensieve.reference.transfer import start_from_seg
 from tokensieve.reference.vl import build_nlvr, build_retrieval
 from tokensieve.tasks import make_dataset
@@ -142,7 +145,7 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
                  batch_size: int | None = None, lr: float = 1e-3, model_lr_scale: float = 0.01,
                  precision: Precision = "fp32", progress: bool = True,
                  out_dir: str | os.PathLike | None = None, macs_budget: float | None = None,
-                 freeze_host: bool = False) -> nn.Module:
+                 freeze_host: bool = False, freeze_encoder: bool | None = None) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
     trained, and the method's predictors start random), task + keep-ratio + self-distillation
@@ -159,6 +162,13 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
 
     With `freeze_host`, only the method's parameters train (TrainConfig(train="method")): the
     host stays the shipped model.
+
+    With `freeze_encoder` (tos only; the default for VLTP, its paper's recipe) the image encoder
+    and the text guidance stay frozen: the method's parameters train at `lr` and SAM's mask
+    decoder at lr · model_lr_scale (it learns the pruned maps; with `freeze_host` it stays too).
+    With `method=None` that is the dense control of such runs. VLTP trains with the task's mask
+    loss and its relevance loss against each sentence's mask, which the batches hand the model
+    (`TosModel(masks=...)`), and no distillation.
 
     With `method=None` the shipped model is fine-tuned alone, by the same recipe (the host at
     lr · model_lr_scale, the task loss alone): the dense control of a method's run, since part of
@@ -179,8 +189,14 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
         patch_reference(model, method)
     size = IMAGE_SIZES[task]
     batch_size = batch_size or METHOD_BATCH_SIZES.get(task, 32)
-    # SViT's paper has no self-distillation; the dense control would distil from itself
-    distills = task not in NO_DISTILLATION and method is not None and not isinstance(method, SViT)
+    # SViT's and VLTP's papers have no self-distillation; the dense control would distil from itself
+    distills = task not in NO_DISTILLATION and method is not None and not isinstance(method, (SViT, VLTP))
+    collate = task_collate(task, size)
+    trainable = {param: param.requires_grad for param in model.parameters()}
+    if (isinstance(method, VLTP) if freeze_encoder is None else freeze_encoder) and not freeze_host:
+        _train_only_mask_decoder(model)
+    if TARGET in call_input_names(image_encoder(model)):
+        collate = _with_target_masks(collate)
     config = TrainConfig(
         train="method" if freeze_host else "model", steps=steps, batch_size=batch_size, lr=lr,
         model_lr_scale=model_lr_scale,
@@ -190,8 +206,12 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
         precision=precision, progress=progress,
     )
     data = make_dataset(task, "train", size=steps * batch_size, image_size=size)
-    fit(model, data, task_loss(task), config, collate_fn=task_collate(task, size),
-        evaluate=validation(task, size), logits_of=task_logits(task))
+    try:
+        fit(model, data, task_loss(task), config, collate_fn=collate, evaluate=validation(task, size),
+            logits_of=task_logits(task))
+    finally:
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
     model.eval()
     if out_dir is not None and not freeze_host:  # a frozen host is the shipped fp16 model already
         _round_to_half(model)
@@ -200,6 +220,27 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     if out_dir is not None:
         save_method(model, out_dir, shipped_host=task if freeze_host else None)
     return model
+
+
+def _train_only_mask_decoder(model: nn.Module) -> None:
+    """VLTP's recipe on the tos model: every host parameter frozen but SAM's mask decoder's."""
+    if not isinstance(model, TosModel):
+        raise ValueError("a frozen encoder with a trained mask decoder (VLTP's recipe) is the tos reference "
+                         f"model's (a SAM encoder guided by a sentence), not {type(model).__name__}'s")
+    model.requires_grad_(False)
+    model.sam.mask_decoder.requires_grad_(True)
+    model.sam.shared_image_embedding.positional_embedding.requires_grad_(False)
+
+
+def _with_target_masks(collate: Callable[[list[dict]], tuple]) -> Callable[[list[dict]], tuple]:
+    """`collate` with each sentence's target mask also handed to the model (`masks`), for a method
+    that learns from it."""
+
+    def with_masks(samples: list[dict]) -> tuple[dict, Tensor]:
+        inputs, targets = collate(samples)
+        return {**inputs, "masks": targets}, targets
+
+    return with_masks
 
 
 @torch.no_grad()

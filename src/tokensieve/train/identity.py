@@ -48,10 +48,25 @@ def method_config(method: Method) -> dict[str, Any]:
 
 
 def check_same_host(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint of another host. Both are compared as JSON values (tuples as lists), a
+    saved spec without a field ModelSpec gained since at that field's default."""
+    saved, current = _as_json(saved), _as_json(current)
+    specs = saved.get("spec")
+    for spec in specs if isinstance(specs, list) else [specs] if specs is not None else []:
+        for name, default in _SPEC_DEFAULTS.items():
+            spec.setdefault(name, default)
     if saved != current:
         raise ValueError(f"{where} was trained on another model: it holds {_describe_host(saved)}, and "
                          f"this model is {_describe_host(current)}. Load it into the model it was "
                          "trained on, or train a new one for this model")
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+_SPEC_DEFAULTS = _as_json({f.name: f.default for f in dataclasses.fields(ModelSpec)
+                           if f.default is not dataclasses.MISSING})
 
 
 def method_defaults(method: Method) -> dict[str, Any]:

@@ -1,0 +1,355 @@
+"""VLTP on the tos reference model: its curve over encoder-MACs budgets, guided against unguided
+pruning at −40%, and how much the kept cells depend on the sentence.
+
+Every trained row starts from the shipped tos model with its image encoder and text guidance
+frozen (VLTP's recipe, `train_method(..., freeze_encoder=True)`): the method's parameters train at
+1e-3 and SAM's mask decoder at 1e-3 · `--model-lr-scale` (0.1) for the same `--steps`, 32
+sentences a step, in fp32 (`--precision`); runs live under runs/vltp-tos/ and a finished one is not
+trained again. The shipped model's mask decoder fine-tuned alone the same way over the dense
+encoder is the dense control.
+
+- VLTP(keep=0.3): its pruning decoder (64 wide, 4 heads, 2 two-way layers) before block 3, the
+  first global-attention block, trained with the mask loss and its relevance loss; scored at the
+  keeps of `KEEPS` (the same decoder: keep only sets how many cells go on), −25% to −40% of the
+  encoder's dense MACs, decoder included.
+- At −40%: the same decoder with its guidance zeroed, and shuffled across the batch (each
+  sentence's image pruned under another sentence's guidance); DynamicViT(keep=0.32) before block
+  3 (its predictor reads the image alone; MACs within 2% of VLTP's), SViT(keep=0.7) with its
+  thresholds set on the validation split to VLTP's MACs, each trained the same steps on the
+  same frozen encoder; RandomDrop(keep=0.3) before block 3, untrained.
+- Task dependence: over the test images asked about two objects whose target masks do not
+  overlap, the IoU of the cells VLTP keeps at block 3 for the two sentences; and a picture of one
+  image's kept cells under each of its sentences.
+
+gIoU and cIoU over the split (`--split val` for choices); encoder MACs per sentence (each image is
+encoded under its sentence), the mean over `MACS_SAMPLES` scored samples. Writes
+benchmarks/results/vltp_tos.md, .json, .png (the curve) and vltp_tos_keep_maps.png ("-quick" for
+other steps or samples, "-val" for the validation split).
+
+    python benchmarks/vltp_tos.py                            # train what is missing, score it all
+    python benchmarks/vltp_tos.py --trained-only             # score the finished runs, mark the others
+    python benchmarks/vltp_tos.py --samples 100 --steps 10   # a quick look, not for the docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import plotting
+import torch
+from svit_seg import _finished_steps, _slug, add_common_arguments
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+import tokensieve as ts
+from tokensieve.reference import (
+    calibrate_reference,
+    image_encoder,
+    load_reference,
+    patch_reference,
+    train_method,
+)
+from tokensieve.reference.compare import encoder_macs
+from tokensieve.reference.models import IMAGE_SIZES
+from tokensieve.tasks import ciou, collate, giou, intersection_union, make_dataset
+from tokensieve.train import load_trained
+
+TASK = "tos"
+DEFAULT_STEPS = 300
+DEFAULT_HOST_LR_SCALE = 0.1
+TRAINED_KEEP = 0.3  # VLTP is trained at the −40% budget's keep
+KEEPS = (0.56, 0.47, 0.39, 0.3)  # about −25%, −30%, −35% and −40% of the dense encoder MACs
+DECODER = dict(width=64, heads=4)
+STAGE = (3,)  # the tos encoder's first global-attention block
+DYNAMICVIT_KEEP = 0.32  # DynamicViT's MACs at this keep lie within 2% of VLTP's at 0.3
+MACS_SAMPLES = 64
+SCORE_BATCH = 50
+NOT_RUN = float("nan")
+NOT_TRAINED = "not trained yet (--trained-only)"
+
+
+@dataclass
+class Row:
+    group: str  # "dense", "budget", "-40%"
+    method: str
+    giou: float
+    ciou: float
+    gmacs: float  # encoder MACs per sentence, 1e9
+    macs_share: float  # of dense
+    trained_steps: int
+    note: str = ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--model-lr-scale", type=float, default=DEFAULT_HOST_LR_SCALE,
+                        help="the mask decoder's learning rate over the method's")
+    parser.add_argument("--trained-only", action="store_true",
+                        help="mark the rows whose runs are not finished instead of training them")
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    add_common_arguments(parser, runs=Path("runs/vltp-tos"))
+    parser.set_defaults(precision="fp32")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bench = _Bench(args)
+    rows = bench.rows()
+    overlap = bench.task_dependence()
+    default = (args.samples, args.steps, args.model_lr_scale) == (None, DEFAULT_STEPS, DEFAULT_HOST_LR_SCALE)
+    path = args.out / f"vltp_tos{'' if default else '-quick'}{'-val' if args.split == 'val' else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python benchmarks/vltp_tos.py", *sys.argv[1:]])
+    record = {"command": command, "rows": [asdict(row) for row in rows], "task_dependence": overlap}
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".md").write_text(_markdown(rows, overlap, args, command))
+    _plot(rows, path.with_suffix(".png"), args.split)
+    bench.keep_maps(path.with_name(f"{path.name}_keep_maps.png"))
+    print(path.with_suffix(".md").read_text())
+
+
+class _Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data = make_dataset(TASK, args.split, size=args.samples, image_size=IMAGE_SIZES[TASK])
+        self.dense_macs = 0.0
+
+    def rows(self) -> list[Row]:
+        dense = load_reference(TASK).eval()
+        self.dense_macs = encoder_macs(dense, self.data, MACS_SAMPLES)
+        rows = [self._row("dense", "dense", dense, 0)]
+        note = "the mask decoder alone fine-tuned over the dense encoder, same steps"
+        rows.append(self._missing("dense", None)
+                    or self._row("dense", "dense fine-tuned", self._trained(None), self.args.steps, note))
+        vltp = ts.VLTP(keep=TRAINED_KEEP, layers=STAGE, **DECODER)
+        if (missing := self._missing("budget", vltp)) is not None:
+            return [*rows, missing]
+        trained = self._trained(vltp)
+        for keep in KEEPS:
+            model = _with_keep(trained, keep)
+            rows.append(self._row("budget", str(_method(model)), model, self.args.steps,
+                                  f"trained at keep {TRAINED_KEEP}"))
+        pruned = _with_keep(trained, TRAINED_KEEP)
+        budget = rows[-1].gmacs * 1e9
+        for name, transform in (("guidance zeroed", torch.zeros_like), ("guidance shuffled", _shuffled)):
+            rows.append(self._row("-40%", f"{_method(pruned)}, {name}", pruned, self.args.steps,
+                                  "the same decoder; the mask decoder reads the sentence's own guidance",
+                                  transform))
+        dynamicvit = ts.DynamicViT(keep=DYNAMICVIT_KEEP, layers=STAGE)
+        note = "its predictor reads the image alone"
+        rows.append(self._missing("-40%", dynamicvit)
+                    or self._row("-40%", str(dynamicvit), self._trained(dynamicvit), self.args.steps, note))
+        svit = ts.SViT(keep=0.7)
+        if (missing := self._missing("-40%", svit)) is not None:
+            rows.append(missing)
+        else:
+            model = self._trained(svit)
+            calibrate_reference(model, TASK, macs_budget=budget / self.dense_macs)
+            rows.append(self._row("-40%", str(svit), model, self.args.steps,
+                                  "thresholds set on validation to VLTP's MACs"))
+        random_drop = ts.RandomDrop(keep=TRAINED_KEEP, layers=STAGE)
+        model = load_reference(TASK).eval()
+        patch_reference(model, random_drop)
+        rows.append(self._row("-40%", str(random_drop), model, 0, "untrained"))
+        self.vltp = pruned
+        return rows
+
+    def task_dependence(self) -> dict[str, float] | None:
+        """The mean IoU of the cells VLTP keeps at its stage for two sentences about one image that
+        name objects whose masks do not overlap, over the split's such pairs."""
+        model = getattr(self, "vltp", None)
+        if model is None:
+            return None
+        overlaps = []
+        by_image: dict[int, list[dict]] = {}
+        for i in range(len(self.data)):
+            sample = self.data[i]
+            by_image.setdefault(sample["image_index"], []).append(sample)
+        for samples in by_image.values():
+            kept = _kept_cells(model, samples)
+            for a in range(len(samples)):
+                for b in range(a + 1, len(samples)):
+                    if not (samples[a]["mask"] & samples[b]["mask"]).any():
+                        overlaps.append(len(kept[a] & kept[b]) / len(kept[a] | kept[b]))
+        return {"pairs": len(overlaps), "mean_kept_iou": sum(overlaps) / max(1, len(overlaps))}
+
+    def keep_maps(self, path: Path) -> None:
+        """One image's kept cells under each of its sentences, beside the target masks."""
+        model = getattr(self, "vltp", None)
+        if model is None:
+            return
+        pyplot = plotting.pyplot()
+        if pyplot is None:
+            return
+        first = self.data[0]["image_index"]
+        samples = [self.data[i] for i in range(len(self.data)) if self.data[i]["image_index"] == first]
+        kept = _kept_cells(model, samples)
+        grid = model.sam.config.vision_config.image_size // model.sam.config.vision_config.patch_size
+        figure, axes = pyplot.subplots(2, len(samples), figsize=(3 * len(samples), 6.4))
+        for column, (sample, cells) in enumerate(zip(samples, kept, strict=True)):
+            image = sample["image"].permute(1, 2, 0).numpy()
+            frozen = torch.ones(grid * grid)
+            frozen[list(cells)] = 0.0
+            target = torch.zeros(*sample["mask"].shape, 4)
+            target[sample["mask"]] = torch.tensor([0.0, 1.0, 1.0, 0.65])  # the target in cyan
+            shade = torch.zeros(grid, grid, 4)
+            shade[..., 3] = 0.75 * frozen.view(grid, grid)  # frozen cells darkened
+            axes[0, column].imshow(image)
+            axes[0, column].imshow(target.numpy())
+            axes[0, column].set_title(f"“{sample['text']}”", fontsize=9)
+            axes[1, column].imshow(image)
+            axes[1, column].imshow(shade.numpy(), extent=(0, image.shape[1], image.shape[0], 0))
+            axes[1, column].set_title(f"{len(cells)} of {grid * grid} cells go on", fontsize=9)
+            for row in (0, 1):
+                axes[row, column].axis("off")
+        axes[0, 0].text(-8, image.shape[0] / 2, "the task's mask", rotation=90, va="center", ha="right")
+        axes[1, 0].text(-8, image.shape[0] / 2, "cells VLTP keeps (others dark)", rotation=90, va="center",
+                        ha="right")
+        figure.suptitle(f"VLTP(keep={TRAINED_KEEP}) at block {STAGE[0]}: one image, {len(samples)} tasks")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        print(f"wrote {path}")
+
+    def _trained(self, method: ts.Method | None) -> torch.nn.Module:
+        run = self._run_dir(method)
+        if _finished_steps(run) != self.args.steps:
+            start = time.perf_counter()
+            train_method(TASK, method, run, steps=self.args.steps, precision=self.args.precision,
+                         model_lr_scale=self.args.model_lr_scale, freeze_encoder=True)
+            print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
+        model = load_reference(TASK)
+        if method is not None:
+            patch_reference(model, method)
+        load_trained(model, run)
+        return model.eval()
+
+    def _run_dir(self, method: ts.Method | None) -> Path:
+        name = "dense" if method is None else _slug(method)
+        steps, scale = self.args.steps, self.args.model_lr_scale
+        return self.args.runs / f"{name}-frozenencoder-steps{steps}-hostlr{scale:g}"
+
+    def _missing(self, group: str, method: ts.Method | None) -> Row | None:
+        if not self.args.trained_only or _finished_steps(self._run_dir(method)) == self.args.steps:
+            return None
+        name = "dense fine-tuned" if method is None else str(method)
+        return Row(group, name, NOT_RUN, NOT_RUN, NOT_RUN, NOT_RUN, 0, NOT_TRAINED)
+
+    def _row(self, group: str, name: str, model: torch.nn.Module, steps: int, note: str = "",
+             transform: Callable[[Tensor], Tensor] | None = None) -> Row:
+        macs = encoder_macs(model, self.data, MACS_SAMPLES)
+        scores = _scores(model, self.data, transform)
+        share = macs / self.dense_macs
+        row = Row(group, name, scores["gIoU"], scores["cIoU"], macs / 1e9, share, steps, note)
+        print(row, flush=True)
+        return row
+
+
+def _method(model: torch.nn.Module) -> ts.Method:
+    return ts.sieve_of(image_encoder(model)).method
+
+
+def _with_keep(model: torch.nn.Module, keep: float) -> torch.nn.Module:
+    """`model` (patched with VLTP) with its trained decoder re-patched at another keep."""
+    encoder = image_encoder(model)
+    sieve = ts.sieve_of(encoder)
+    state = sieve.state_dict()
+    ts.unpatch(encoder)
+    patch_reference(model, ts.VLTP(**{**_fields(sieve.method), "keep": keep})).load_state_dict(state)
+    return model.eval()
+
+
+def _fields(method: ts.VLTP) -> dict:
+    return {name: getattr(method, name) for name in method.__dataclass_fields__}
+
+
+def _shuffled(guidance: Tensor) -> Tensor:
+    """Each sentence's guidance replaced by the next one's in the batch."""
+    return guidance.roll(1, dims=0)
+
+
+@torch.no_grad()
+def _scores(model: torch.nn.Module, data, transform: Callable[[Tensor], Tensor] | None) -> dict[str, float]:
+    """gIoU and cIoU over `data`, as `evaluate` scores tos; with `transform`, the encoder's pruning
+    reads transform(guidance) instead of the sentences' own."""
+    pairs = []
+    for batch in DataLoader(data, batch_size=SCORE_BATCH, collate_fn=collate):
+        guidance = model.guidance(batch["text"])
+        pruning = None if transform is None else transform(guidance)
+        predicted = model.predict(batch["image"], guidance=guidance, pruning_guidance=pruning)
+        pairs.append(intersection_union(predicted, batch["mask"]))
+    intersections, unions = torch.cat([i for i, _ in pairs]), torch.cat([u for _, u in pairs])
+    return {"gIoU": giou(intersections, unions), "cIoU": ciou(intersections, unions)}
+
+
+@torch.no_grad()
+def _kept_cells(model: torch.nn.Module, samples: list[dict]) -> list[set[int]]:
+    """The cells each sample's sentence lets go on at VLTP's stage."""
+    images = torch.stack([sample["image"] for sample in samples])
+    with ts.trace(image_encoder(model)) as traces:
+        model(images, text=[sample["text"] for sample in samples])
+    record = traces[0].layers[STAGE[0]]
+    return [set(record.index[b].tolist()) for b in range(len(samples))]
+
+
+def _markdown(rows: list[Row], overlap: dict | None, args: argparse.Namespace, command: str) -> str:
+    dense = rows[0]
+    named = "validation" if args.split == "val" else "test"
+    split = f"{named} split" if args.samples is None else f"first {args.samples} {named} samples"
+    lines = [
+        "# VLTP on the tos reference model, against unguided pruning at equal encoder MACs",
+        "",
+        f"Produced by `{command}` ({split}; trained rows: the encoder and text guidance frozen, the "
+        f"method and the mask decoder trained {args.steps} steps of 32 sentences in {args.precision}, the "
+        f"mask decoder at {args.model_lr_scale:g} of the method's learning rate). Encoder MACs per "
+        "sentence, the pruning decoder, predictors and gates included.",
+        "",
+        "| group | method | gIoU | vs dense (points) | cIoU | encoder GMACs | MACs vs dense | steps | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if math.isnan(row.giou):
+            lines.append(f"| {row.group} | {row.method} | — | — | — | — | — | — | {row.note} |")
+            continue
+        points = 100 * (row.giou - dense.giou)
+        lines.append(f"| {row.group} | {row.method} | {row.giou:.4f} | {points:+.2f} | {row.ciou:.4f} | "
+                     f"{row.gmacs:.3f} | {row.macs_share:.3f} | {row.trained_steps} | {row.note} |")
+    if overlap is not None:
+        lines += ["", f"Task dependence: over {overlap['pairs']} pairs of sentences about one image whose "
+                  "target masks do not overlap, the cells VLTP keeps at its stage overlap by a mean IoU of "
+                  f"{overlap['mean_kept_iou']:.3f} (1.0: the same cells whatever the sentence)."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[Row], path: Path, split: str) -> None:
+    pyplot = plotting.pyplot()
+    if pyplot is None:
+        return
+    dense = rows[0]
+    figure, axis = pyplot.subplots(figsize=(6.4, 4.4))
+    curve = [row for row in rows if row.group == "budget" and not math.isnan(row.giou)]
+    axis.plot([r.gmacs for r in curve], [r.giou for r in curve], "o-", label="VLTP")
+    markers = iter("sv^DPX")
+    for row in rows:
+        if row.group == "-40%" and not math.isnan(row.giou):
+            axis.plot(row.gmacs, row.giou, next(markers), label=row.method)
+    for row in rows:
+        if row.group == "dense" and not math.isnan(row.giou):
+            axis.plot(row.gmacs, row.giou, "k*" if row is dense else "k+", markersize=10, label=row.method)
+    axis.set_xlabel("encoder GMACs per sentence")
+    axis.set_ylabel(f"gIoU ({'validation' if split == 'val' else 'test'})")
+    axis.set_title("tos: VLTP against unguided pruning")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
