@@ -329,3 +329,30 @@ def test_pruning_guidance_replaces_only_what_the_encoders_pruning_reads():
             model(images, text=texts, pruning_guidance=guidance[:1])
         with pytest.raises(ValueError, match=r"pruning_guidance replaces"):
             tiny_tos()(images, text=texts, pruning_guidance=guidance)
+
+
+def test_vltp_trains_with_the_encoder_and_guidance_frozen_and_the_cli_chooses_that(tmp_path, monkeypatch):
+    from tokensieve.reference import train_method
+
+    monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
+    shipped = load_reference("tos").state_dict()
+    method = ts.VLTP(keep=0.5, width=16, heads=2)
+    model = train_method("tos", method, tmp_path / "run", steps=2, batch_size=4, progress=False)
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, shipped[name])}
+    assert changed and all(name.startswith("sam.mask_decoder.") for name in changed)
+    assert all(param.requires_grad for name, param in model.named_parameters()
+               if "shared_image_embedding" not in name)  # the flags are given back after training
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(set(line["method_losses"]) == {"relevance"} for line in logs)  # the masks reached VLTP
+
+    import tokensieve.reference as reference
+
+    calls = []
+    monkeypatch.setattr(reference, "train_method", lambda task, method, run, **options: calls.append(options))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "tos", "--method", "dynamicvit:keep=0.5,layers=(3,)",
+                                 "--steps", "2", "--freeze-encoder"])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["freeze_encoder"] is True
+    result = runner.invoke(cli, ["train", "seg", "--method", "dynamicvit", "--freeze-encoder"])
+    assert result.exit_code != 0 and "give tos and --method" in result.output

@@ -32,6 +32,9 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
               help="A method run's lr for the host, relative to the method's own (default: 0.01).")
 @click.option("--freeze-host", is_flag=True, default=False,
               help="A method run trains the method's parameters only; the host stays the shipped model.")
+@click.option("--freeze-encoder/--train-encoder", default=None,
+              help="tos only: a method run keeps the image encoder and text guidance frozen and trains the "
+                   "method and SAM's mask decoder (VLTP's recipe; the default for vltp, not for others).")
 @click.option("--macs-budget", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="An SViT run's thresholds spend this share of the encoder's dense MACs, gates included "
                    "(default: SViT's keep schedule), set on the validation split.")
@@ -45,8 +48,8 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: torch's choice).")
 def train(task: str, method_spec: str | None, run_dir: str | None, out: str | None, steps: int,
-          model_lr_scale: float | None, freeze_host: bool, macs_budget: float | None, text_encoder: str,
-          precision: str | None, threads: int | None) -> None:
+          model_lr_scale: float | None, freeze_host: bool, freeze_encoder: bool | None,
+          macs_budget: float | None, text_encoder: str, precision: str | None, threads: int | None) -> None:
     """Train TASK's reference model by its committed recipe, or a method on the shipped one.
 
     Seeded: the same command gives the same weights (up to thread nondeterminism).
@@ -67,6 +70,9 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
                                "--method, and no --model-lr-scale (the host does not train)")
     if macs_budget is not None and method_spec is None:
         raise click.UsageError("--macs-budget sets an SViT run's thresholds; give --method svit:... too")
+    if freeze_encoder is not None and (task != "tos" or method_spec is None):
+        raise click.UsageError("--freeze-encoder/--train-encoder choose a tos method run's recipe: give "
+                               "tos and --method")
     if precision is not None and method_spec is None:
         raise click.UsageError("--precision sets a method run's; a reference run takes its recipe's "
                                "(RECIPES[task].precision)")
@@ -96,6 +102,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         options["macs_budget"] = macs_budget
     if freeze_host:
         options["freeze_host"] = True
+    if freeze_encoder is not None:
+        options["freeze_encoder"] = freeze_encoder
     # An SViT run's product is its calibrated thresholds, which the run's checkpoints do not hold:
     # it is stored (in the package by default). Other runs are loaded from their checkpoints.
     target = Path(out) if out else None
