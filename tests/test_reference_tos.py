@@ -332,14 +332,23 @@ def test_pruning_guidance_replaces_only_what_the_encoders_pruning_reads():
 
 
 def test_vltp_trains_with_the_encoder_and_guidance_frozen_and_the_cli_chooses_that(tmp_path, monkeypatch):
-    from tokensieve.reference import train_method
+    from tokensieve.reference import load_method, train_method
 
     monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
     shipped = load_reference("tos").state_dict()
     method = ts.VLTP(keep=0.5, width=16, heads=2)
-    model = train_method("tos", method, tmp_path / "run", steps=2, batch_size=4, progress=False)
+    model = train_method("tos", method, tmp_path / "run", steps=2, batch_size=4, progress=False,
+                         out_dir=tmp_path / "out")
     changed = {name for name, value in model.state_dict().items() if not torch.equal(value, shipped[name])}
     assert changed and all(name.startswith("sam.mask_decoder.") for name in changed)
+    # stored without the host it left frozen: the shipped model's name and fingerprint, and its mask decoder
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "host.json", "host_parts.safetensors", "method.json", "method.safetensors"]
+    loaded = load_method("tos", "vltp", tmp_path / "out")
+    batch = _batch(2, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch["image"], text=batch["text"]).logits,
+                                   model(batch["image"], text=batch["text"]).logits)
     assert all(param.requires_grad for name, param in model.named_parameters()
                if "shared_image_embedding" not in name)  # the flags are given back after training
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -25,6 +26,7 @@ from tokensieve.train.identity import method_config, weights_fingerprint
 METHOD_CONFIG = "method.json"
 METHOD_STATE = "method.safetensors"
 HOST_RECORD = "host.json"  # a frozen-host run: which shipped model the method was trained on
+HOST_PARTS = "host_parts.safetensors"  # the host's parts such a run trained (fp16), if any
 
 
 def method_name(method: Method) -> str:
@@ -43,12 +45,15 @@ def method_weights(task: str, name: str) -> Path:
     return store.shipped_weights(task).parent / f"{task}-{name}"
 
 
-def save_method(model: nn.Module, directory: str | os.PathLike, shipped_host: str | None = None) -> Path:
+def save_method(model: nn.Module, directory: str | os.PathLike, shipped_host: str | None = None,
+                trained_parts: Sequence[str] = ()) -> Path:
     """Write a reference model patched with a method (by `patch_reference`): the method's
     settings and state, and the model in fp16 as `save_reference` writes it. With
     `shipped_host=TASK` (a run that left the host frozen) the host is not stored: `host.json`
     names TASK's shipped reference model and the fingerprint of its weights, which `load_method`
-    takes and checks. The model is not changed."""
+    takes and checks; `trained_parts` name the host's modules the run trained all the same (the
+    tos model's `sam.mask_decoder` under VLTP's recipe), stored alone in fp16 and left out of the
+    fingerprint. The model is not changed."""
     directory = Path(directory)
     sieve = sieve_of(image_encoder(model))
     held = store.stored_files(directory) if directory.is_dir() else []
@@ -63,7 +68,13 @@ def save_method(model: nn.Module, directory: str | os.PathLike, shipped_host: st
         directory.mkdir(parents=True, exist_ok=True)
         for name in held:  # an earlier run's fine-tuned host is not this run's
             (directory / name).unlink()
-        record = {"task": shipped_host, "weights": weights_fingerprint(model)}
+        (directory / HOST_PARTS).unlink(missing_ok=True)
+        record = {"task": shipped_host, "weights": weights_fingerprint(model, trained_parts)}
+        if trained_parts:
+            record["trained_parts"] = list(trained_parts)
+            parts = {key: value.detach().half().contiguous() for key, value in model.state_dict().items()
+                     if any(key.startswith(f"{part}.") for part in trained_parts)}
+            save_file(parts, directory / HOST_PARTS, metadata={"format": "pt"})
         (directory / HOST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     state = {key: value.detach().float().contiguous() for key, value in sieve.state_dict().items()}
     save_file(state, directory / METHOD_STATE, metadata={"format": "pt"})
@@ -111,9 +122,17 @@ def _shipped_host(task: str, path: Path) -> nn.Module:
     if record["task"] != task:
         raise ValueError(f"{path} was trained on the {record['task']} reference model, not {task}")
     model = store.load_reference(task)
-    if weights_fingerprint(model) != record["weights"]:
+    trained_parts = record.get("trained_parts", [])
+    if weights_fingerprint(model, trained_parts) != record["weights"]:
         raise ValueError(f"{path} was trained on other weights of the {task} reference model than the "
                          f"ones installed; retrain: `tokensieve train {task} --method M --freeze-host`")
+    if trained_parts:
+        parts = load_file(path / HOST_PARTS)
+        expected = {key for key in model.state_dict() if any(key.startswith(f"{p}.") for p in trained_parts)}
+        if set(parts) != expected:
+            raise ValueError(f"{path / HOST_PARTS} does not hold the {task} model's "
+                             f"{', '.join(trained_parts)}; train the method again")
+        model.load_state_dict(parts, strict=False)
     return model
 
 

@@ -193,7 +193,8 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     distills = task not in NO_DISTILLATION and method is not None and not isinstance(method, (SViT, VLTP))
     collate = task_collate(task, size)
     trainable = {param: param.requires_grad for param in model.parameters()}
-    if (isinstance(method, VLTP) if freeze_encoder is None else freeze_encoder) and not freeze_host:
+    encoder_frozen = isinstance(method, VLTP) if freeze_encoder is None else freeze_encoder
+    if encoder_frozen and not freeze_host:
         _train_only_mask_decoder(model)
     if TARGET in call_input_names(image_encoder(model)):
         collate = _with_target_masks(collate)
@@ -218,8 +219,12 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     if calibrates:
         calibrate_reference(model, task, macs_budget)
     if out_dir is not None:
-        save_method(model, out_dir, shipped_host=task if freeze_host else None)
+        save_method(model, out_dir, shipped_host=task if freeze_host or encoder_frozen else None,
+                    trained_parts=TOS_TRAINED_PARTS if encoder_frozen and not freeze_host else ())
     return model
+
+
+TOS_TRAINED_PARTS = ("sam.mask_decoder",)  # what VLTP's recipe trains of the tos model, besides the method
 
 
 def _train_only_mask_decoder(model: nn.Module) -> None:
@@ -228,7 +233,8 @@ def _train_only_mask_decoder(model: nn.Module) -> None:
         raise ValueError("a frozen encoder with a trained mask decoder (VLTP's recipe) is the tos reference "
                          f"model's (a SAM encoder guided by a sentence), not {type(model).__name__}'s")
     model.requires_grad_(False)
-    model.sam.mask_decoder.requires_grad_(True)
+    for part in TOS_TRAINED_PARTS:
+        model.get_submodule(part).requires_grad_(True)
     model.sam.shared_image_embedding.positional_embedding.requires_grad_(False)
 
 

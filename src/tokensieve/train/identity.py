@@ -30,12 +30,15 @@ def host_identity(model: nn.Module, specs: Sequence[ModelSpec] | None) -> dict[s
     }
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module, excluding: Sequence[str] = ()) -> str:
     """A short hash of the host's parameter values: a method trained on a frozen host only fits
-    that host's weights, so a resumed run checks it is the same host."""
+    that host's weights, so a resumed run checks it is the same host. Parameters under the
+    module names `excluding` (parts trained with the method) are left out."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if any(name.startswith(f"{part}.") for part in excluding):
+                continue
             digest.update(name.encode())
             digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:SHORT_HASH]
