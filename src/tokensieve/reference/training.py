@@ -18,6 +18,7 @@ from tokensieve.methods.vltp import TARGET
 from tokensieve.patch import call_input_names
 from tokensieve.reference.calibration import calibrate_reference, reads_thresholds
 from tokensieve.reference.detection import build_detector
+from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import IMAGE_SIZES, build_classifier, build_segmenter
 from tokensieve.reference.patching import image_encoder, patch_reference
 from tokensieve.reference.recipes import RECIPES, Phase, Recipe
@@ -145,7 +146,8 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
                  batch_size: int | None = None, lr: float = 1e-3, model_lr_scale: float = 0.01,
                  precision: Precision = "fp32", progress: bool = True,
                  out_dir: str | os.PathLike | None = None, macs_budget: float | None = None,
-                 freeze_host: bool = False, freeze_encoder: bool | None = None) -> nn.Module:
+                 freeze_host: bool = False, freeze_encoder: bool | None = None,
+                 pruning_text: str | None = None) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
     trained, and the method's predictors start random), task + keep-ratio + self-distillation
@@ -166,9 +168,11 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     With `freeze_encoder` (tos only; the default for VLTP, its paper's recipe) the image encoder
     and the text guidance stay frozen: the method's parameters train at `lr` and SAM's mask
     decoder at lr · model_lr_scale (it learns the pruned maps; with `freeze_host` it stays too).
-    With `method=None` that is the dense control of such runs. VLTP trains with the task's mask
-    loss and its relevance loss against each sentence's mask, which the batches hand the model
-    (`TosModel(masks=...)`), and no distillation.
+    With `method=None` that is the dense control of such runs. `pruning_text="minilm"` gives the
+    tos model the frozen pretrained MiniLM, whose sentence embedding a guided method reads instead
+    of the model's own guidance (`TosModel.pruning_text`; such a run is not stored). VLTP trains
+    with the task's mask loss and its relevance loss against each sentence's mask, which the
+    batches hand the model (`TosModel(masks=...)`), and no distillation.
 
     With `method=None` the shipped model is fine-tuned alone, by the same recipe (the host at
     lr · model_lr_scale, the task loss alone): the dense control of a method's run, since part of
@@ -185,6 +189,11 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
         raise ValueError(f"macs_budget sets SViT's thresholds; {method} has none to set. Drop the budget, or "
                          "train SViT with per_image=False and keep < 1")
     model = load_reference(task)
+    if pruning_text is not None:
+        if pruning_text != "minilm" or not isinstance(model, TosModel) or out_dir is not None:
+            raise ValueError("pruning_text='minilm' gives the tos model's guided pruning the pretrained "
+                             "MiniLM, for a run that is not stored: give task 'tos' and no out_dir")
+        model.pruning_text = build_guidance(pruning_text).requires_grad_(False)
     if method is not None:
         patch_reference(model, method)
     size = IMAGE_SIZES[task]
