@@ -1,10 +1,11 @@
 """VLTP's speed on a SAM ViT-B-sized encoder at 1024×1024, the size SAM runs at (random weights).
 
 The encoder is transformers' `SamVisionModel` at width 768, 12 blocks, windows of 14 and global
-attention in blocks 2, 5, 8 and 11 (4 096 tokens); VLTP's pruning decoder (256 wide, 8 heads, 2
-two-way layers, one decoder for all stages) rates the map before blocks 2, 5 and 8, guided by one
-random 256-wide vector per image, and the keep share of every stage is the one (searched on the
-MACs count, decoder included) whose encoder MACs are `--budget` of dense (default 0.6: −40%).
+attention in blocks 2, 5, 8 and 11 (4 096 tokens); VLTP's pruning decoder (256 wide as in the
+paper, `--width` for another; 8 heads, 2 two-way layers, one decoder for all stages) rates the map
+before blocks 2, 5 and 8, guided by one random 256-wide vector per image, and the keep share of
+every stage is the one (searched on the MACs count, decoder included) whose encoder MACs are
+`--budget` of dense (default 0.6: −40%).
 `ts.benchmark` times the host's forward, the patched encoder with pruning disabled, and pruned, at
 batch 1, interleaved after warm-up, and compares medians (fp32, `--threads` threads); the pruned
 encoder is then run again with the method's own steps timed, for the decoder's share of the
@@ -46,10 +47,11 @@ def build() -> torch.nn.Module:
     return transformers.SamVisionModel(config).eval()
 
 
-def keep_for(model: torch.nn.Module, budget: float, pixels: torch.Tensor, guidance: torch.Tensor) -> float:
+def keep_for(model: torch.nn.Module, budget: float, pixels: torch.Tensor, guidance: torch.Tensor,
+             width: int) -> float:
     """The keep share, to 0.005, whose MACs (decoder included) come closest to `budget` of dense."""
     def share(keep: float) -> float:
-        patched = ts.patch(model, _method(keep), dense=True)
+        patched = ts.patch(model, _method(keep, width), dense=True)
         try:
             with ts.inputs(model, guidance=guidance):
                 report = ts.flops(model, pixels)
@@ -65,8 +67,8 @@ def keep_for(model: torch.nn.Module, budget: float, pixels: torch.Tensor, guidan
     return round(min((low, high), key=lambda keep: abs(share(keep) - budget)), 3)
 
 
-def _method(keep: float) -> ts.VLTP:
-    return ts.VLTP(keep=keep, layers=STAGES, guidance_width=GUIDANCE_WIDTH)
+def _method(keep: float, width: int) -> ts.VLTP:
+    return ts.VLTP(keep=keep, layers=STAGES, guidance_width=GUIDANCE_WIDTH, width=width)
 
 
 def main() -> None:
@@ -74,6 +76,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=0.6, help="share of the dense encoder MACs")
     parser.add_argument("--quick", action="store_true", help="5 rounds instead of 20")
+    parser.add_argument("--width", type=int, default=256, help="the pruning decoder's width (the paper's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -81,8 +84,8 @@ def main() -> None:
     model = build()
     pixels = torch.randn(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
     guidance = torch.randn(1, GUIDANCE_WIDTH, generator=torch.Generator().manual_seed(2))
-    keep = keep_for(model, args.budget, pixels, guidance)
-    ts.patch(model, _method(keep), dense=True)
+    keep = keep_for(model, args.budget, pixels, guidance, args.width)
+    ts.patch(model, _method(keep, args.width), dense=True)
     with ts.inputs(model, guidance=guidance):
         report = ts.flops(model, pixels)
     repeats = 5 if args.quick else 20
@@ -90,11 +93,12 @@ def main() -> None:
                           inputs={"guidance": guidance})
     record = {
         "command": " ".join(["python benchmarks/vltp_speed.py", *sys.argv[1:]]),
-        "keep": keep, "stages": STAGES, "macs_share": report.macs / report.dense_macs,
+        "keep": keep, "stages": STAGES, "width": args.width, "macs_share": report.macs / report.dense_macs,
         "decoder_macs_share": report.overhead_macs / report.macs,
         "efficiency": result.pruning_speedup / result.flops_ratio, **asdict(result),
     }
-    path = args.out / f"vltp_speed{'-quick' if args.quick else ''}"
+    width = "" if args.width == 256 else f"-width{args.width}"
+    path = args.out / f"vltp_speed{width}{'-quick' if args.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     path.with_suffix(".md").write_text(_markdown(record))
@@ -109,7 +113,7 @@ def _markdown(r: dict) -> str:
         "",
         f"Produced by `{r['command']}` (random weights, batch 1, fp32, {r['threads']} threads, "
         f"{r['repeats']} interleaved rounds, medians). VLTP(keep={r['keep']}) before blocks "
-        f"{', '.join(map(str, r['stages']))}, one 256-wide decoder, guided by a random vector.",
+        f"{', '.join(map(str, r['stages']))}, one {r['width']}-wide decoder, guided by a random vector.",
         "",
         "| measure | value |",
         "|---|---|",
