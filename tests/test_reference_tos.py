@@ -3,6 +3,7 @@ recipe, shipped in fp16, scored with gIoU and cIoU."""
 
 import importlib.util
 import json
+import math
 import sys
 
 import pytest
@@ -365,3 +366,20 @@ def test_vltp_trains_with_the_encoder_and_guidance_frozen_and_the_cli_chooses_th
     assert calls[0]["freeze_encoder"] is True
     result = runner.invoke(cli, ["train", "seg", "--method", "dynamicvit", "--freeze-encoder"])
     assert result.exit_code != 0 and "give tos and --method" in result.output
+
+
+def test_the_shipped_vltp_is_its_decoder_alone_and_loads_over_the_shipped_tos_model_in_one_call():
+    from tokensieve.reference import load_method, method_weights
+
+    directory = method_weights("tos", "vltp")
+    assert sum(path.stat().st_size for path in directory.iterdir()) < 2_000_000  # no copy of the host
+    model = load_method("tos", "vltp")
+    encoder = model.sam.vision_encoder
+    method = ts.sieve_of(encoder).method
+    assert method.guidance_width == model.prompt_width
+    batch = _batch(2, 256, split="test")
+    with torch.no_grad(), ts.trace(encoder) as traces:
+        masks = model.predict(batch["image"], text=batch["text"])
+    assert masks.shape == (2, 256, 256)
+    stage = method.layers[0]
+    assert traces[0].kept_tokens()[stage].tolist() == [math.ceil(method.keep * 256)] * 2
