@@ -20,6 +20,7 @@ Writes benchmarks/results/vltp_choice-val.md and .json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -120,7 +121,7 @@ def _score(model: torch.nn.Module, data, oracle: bool = False) -> tuple[float, f
         target = F.adaptive_avg_pool2d(batch["mask"].float()[:, None], (grid, grid)).flatten(1) > 0
         restore = _with_bonus(encoder, ORACLE_BONUS * target.float()) if oracle else None
         try:
-            with ts.trace(encoder) as traces:
+            with ts.trace(encoder) if stage is not None else contextlib.nullcontext([]) as traces:
                 predicted = model.predict(batch["image"], text=batch["text"])
         finally:
             if restore is not None:
