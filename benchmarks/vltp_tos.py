@@ -303,12 +303,8 @@ def _with_keep(model: torch.nn.Module, keep: float) -> torch.nn.Module:
     sieve = ts.sieve_of(encoder)
     state = sieve.state_dict()
     ts.unpatch(encoder)
-    patch_reference(model, ts.VLTP(**{**_fields(sieve.method), "keep": keep})).load_state_dict(state)
+    patch_reference(model, dataclasses.replace(sieve.method, keep=keep)).load_state_dict(state)
     return model.eval()
-
-
-def _fields(method: ts.VLTP) -> dict:
-    return {name: getattr(method, name) for name in method.__dataclass_fields__}
 
 
 def _shuffled(guidance: Tensor) -> Tensor:

@@ -10,16 +10,5 @@ from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopK
 from tokensieve.methods.vltp import VLTP
 
-__all__ = [
-           "VLTP",
-           "AttentionView",
-           "CallInput",
-           "DynamicViT",
-           "EViT",
-           "Method",
-           "MethodRun",
-           "RandomDrop",
-           "SViT",
-           "ToMe",
-           "TopK",
-]
+__all__ = ["VLTP", "AttentionView", "CallInput", "DynamicViT", "EViT", "Method", "MethodRun", "RandomDrop",
+           "SViT", "ToMe", "TopK"]

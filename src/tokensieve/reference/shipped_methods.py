@@ -21,7 +21,7 @@ from tokensieve.methods import Method
 from tokensieve.patch import sieve_of
 from tokensieve.reference import store
 from tokensieve.reference.patching import image_encoder, patch_reference
-from tokensieve.train.identity import method_config, weights_fingerprint
+from tokensieve.train.identity import method_config, weights_fingerprint, within
 
 METHOD_CONFIG = "method.json"
 METHOD_STATE = "method.safetensors"
@@ -73,7 +73,7 @@ def save_method(model: nn.Module, directory: str | os.PathLike, shipped_host: st
         if trained_parts:
             record["trained_parts"] = list(trained_parts)
             parts = {key: value.detach().half().contiguous() for key, value in model.state_dict().items()
-                     if any(key.startswith(f"{part}.") for part in trained_parts)}
+                     if within(key, trained_parts)}
             save_file(parts, directory / HOST_PARTS, metadata={"format": "pt"})
         (directory / HOST_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     state = {key: value.detach().float().contiguous() for key, value in sieve.state_dict().items()}
@@ -128,7 +128,7 @@ def _shipped_host(task: str, path: Path) -> nn.Module:
                          f"ones installed; retrain: `tokensieve train {task} --method M --freeze-host`")
     if trained_parts:
         parts = load_file(path / HOST_PARTS)
-        expected = {key for key in model.state_dict() if any(key.startswith(f"{p}.") for p in trained_parts)}
+        expected = {key for key in model.state_dict() if within(key, trained_parts)}
         if set(parts) != expected:
             raise ValueError(f"{path / HOST_PARTS} does not hold the {task} model's "
                              f"{', '.join(trained_parts)}; train the method again")

@@ -244,7 +244,6 @@ def _train_only_mask_decoder(model: nn.Module) -> None:
     model.requires_grad_(False)
     for part in TOS_TRAINED_PARTS:
         model.get_submodule(part).requires_grad_(True)
-    model.sam.shared_image_embedding.positional_embedding.requires_grad_(False)
 
 
 def _with_target_masks(collate: Callable[[list[dict]], tuple]) -> Callable[[list[dict]], tuple]:

@@ -37,11 +37,16 @@ def weights_fingerprint(model: nn.Module, excluding: Sequence[str] = ()) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if any(name.startswith(f"{part}.") for part in excluding):
+            if within(name, excluding):
                 continue
             digest.update(name.encode())
             digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:SHORT_HASH]
+
+
+def within(name: str, modules: Sequence[str]) -> bool:
+    """Whether the parameter or buffer `name` belongs to one of the sub-modules named `modules`."""
+    return any(name.startswith(f"{module}.") for module in modules)
 
 
 def method_config(method: Method) -> dict[str, Any]:
