@@ -2,7 +2,7 @@
 
 Random weights, fp32, CPU. Each model is patched with `ts.SViT(keep=0.7)` (DeiT-S: dense, as a
 detector or segmenter needs it, and the headline; and sparse; the SAM encoder always runs dense),
-its untrained gates' thresholds are set by `ts.calibrate_svit` on seeded calibration images, so
+its untrained gates' thresholds are set by `ts.calibrate` on seeded calibration images, so
 that the gates keep 0.7, 0.49 and 0.343 of the patch tokens on average, and then
 `ts.benchmark(patched, pixels=...)` times, interleaved after warm-up, the host's own forward, the
 patched model with pruning disabled and the pruned model, on other images drawn the same way.
@@ -137,9 +137,9 @@ def measure(setting: Setting, args: argparse.Namespace, timed: Tensor) -> tuple[
     ts.patch(model, ts.SViT(keep=KEEP), dense=setting.dense)
     label = f"{setting.name} ({'dense' if setting.dense else 'sparse'})"
     # Untrained gates on plain noise: how far apart are the per-image counts?
-    ts.calibrate_svit(model, noise(CALIBRATION_IMAGES, args.image_size, CALIBRATION_SEED))
+    ts.calibrate(model, noise(CALIBRATION_IMAGES, args.image_size, CALIBRATION_SEED))
     noise_spread = spread(kept_shares(model, noise(len(timed), args.image_size, NOISE_CHECK_SEED)))
-    result = ts.calibrate_svit(model, scenes(CALIBRATION_IMAGES, args.image_size, CALIBRATION_SEED))
+    result = ts.calibrate(model, scenes(CALIBRATION_IMAGES, args.image_size, CALIBRATION_SEED))
     calibration = {"model": label, "thresholds": result.thresholds, "shares": result.shares,
                    "calibration_macs_ratio": result.dense_macs / result.macs,
                    "noise_spread": noise_spread, "timed_spread": spread(kept_shares(model, timed))}
@@ -232,7 +232,7 @@ def _markdown(rows: list[dict], calibrations: list[dict], args: argparse.Namespa
         "always runs dense."
     )
     counts = (
-        "**Thresholds and per-image counts.** The gates are untrained. `ts.calibrate_svit` sets "
+        "**Thresholds and per-image counts.** The gates are untrained. `ts.calibrate` sets "
         f"their thresholds on {CALIBRATION_IMAGES} seeded calibration images (seed "
         f"{CALIBRATION_SEED}) so that they keep {KEEP}, {KEEP ** 2:.2f} and {KEEP ** 3:.3f} of the "
         "patch tokens on average; each image then keeps the tokens its gates rate above the "

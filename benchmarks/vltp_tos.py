@@ -11,6 +11,9 @@ distillation losses); runs live under runs/vltp-tos/ and a finished one is not t
   block 2, the last windowed block before the first global one; scored at the keeps of `KEEPS`
   (the same decoder: keep only sets how many cells go on), −25% to −40% of the encoder's dense
   MACs, decoder included.
+- VLTP(keep=0.42, layers=(2,), by_threshold=True): the same decoder keeping each sentence's cells
+  rated above a threshold (per-sentence counts), the threshold set on the validation split
+  (`calibrate_reference`) to each top-k row's encoder MACs.
 - The paper's recipe, for the choice: VLTP(keep=0.3) at its default stage (block 3, the first
   global-attention block; the same MACs) with SAM's mask decoder trained beside it
   (`freeze_encoder=True`, the mask decoder at 1e-3 · `--model-lr-scale`); and the dense control of
@@ -34,6 +37,7 @@ other steps or samples, "-val" for the validation split).
 
     python benchmarks/vltp_tos.py                            # train what is missing, score it all
     python benchmarks/vltp_tos.py --trained-only             # score the finished runs, mark the others
+    python benchmarks/vltp_tos.py --fill                     # keep the file's scored rows, add the rest
     python benchmarks/vltp_tos.py --samples 100 --steps 10   # a quick look, not for the docs
 """
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -108,17 +113,25 @@ def main() -> None:
     parser.add_argument("--trained-only", action="store_true",
                         help="mark the rows whose runs are not finished instead of training them")
     parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--fill", action="store_true",
+                        help="keep the rows the results file has scored (and its task dependence); train and "
+                             "score only the others")
     add_common_arguments(parser, runs=Path("runs/vltp-tos"))
     parser.set_defaults(precision="fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bench = _Bench(args)
-    rows = bench.rows()
-    overlap = bench.task_dependence()
     default = (args.samples, args.steps, args.model_lr_scale) == (None, DEFAULT_STEPS, DEFAULT_HOST_LR_SCALE)
     path = args.out / f"vltp_tos{'' if default else '-quick'}{'-val' if args.split == 'val' else ''}"
-    args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python benchmarks/vltp_tos.py", *sys.argv[1:]])
+    earlier = json.loads(path.with_suffix(".json").read_text()) if args.fill else None
+    bench = _Bench(args, earlier)
+    rows = bench.rows()
+    overlap = (earlier or {}).get("task_dependence") or bench.task_dependence()
+    if earlier is not None:
+        added = [row.method for row in rows if (row.group, row.method) not in bench.scored
+                 and not math.isnan(row.giou)]
+        command = f"{earlier['command']}, then {command}" + (f" for {'; '.join(added)}" if added else "")
+    args.out.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "rows": [asdict(row) for row in rows], "task_dependence": overlap}
     path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     path.with_suffix(".md").write_text(_markdown(rows, overlap, args, command))
@@ -128,14 +141,18 @@ def main() -> None:
 
 
 class _Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, earlier: dict | None = None) -> None:
         self.args = args
         self.data = make_dataset(TASK, args.split, size=args.samples, image_size=IMAGE_SIZES[TASK])
         self.dense_macs = 0.0
+        # --fill: the rows an earlier run scored, by (group, method), reused as they are
+        rows = [Row(**row) for row in earlier["rows"]] if earlier else []
+        self.scored = {(row.group, row.method): row for row in rows if not math.isnan(row.giou)}
 
     def rows(self) -> list[Row]:
         dense = load_reference(TASK).eval()
-        self.dense_macs = encoder_macs(dense, self.data, MACS_SAMPLES)
+        known = self.scored.get(("dense", "dense"))
+        self.dense_macs = known.gmacs * 1e9 if known else encoder_macs(dense, self.data, MACS_SAMPLES)
         rows = [self._row("dense", "dense", dense, 0)]
         note = "the paper's recipe's dense control: the mask decoder alone fine-tuned, same steps"
         name = "dense, mask decoder fine-tuned"
@@ -149,8 +166,14 @@ class _Bench:
             model = _with_keep(trained, keep)
             rows.append(self._row("budget", str(_method(model)), model, self.args.steps,
                                   f"trained at keep {TRAINED_KEEP}"))
-        pruned = _with_keep(trained, TRAINED_KEEP)
         budget = rows[-1].gmacs * 1e9
+        for row in rows[-len(KEEPS):]:
+            method = dataclasses.replace(_method(trained), keep=TRAINED_KEEP, by_threshold=True)
+            name = f"{method} at {row.macs_share:.3f} of dense MACs"
+            note = f"trained at keep {TRAINED_KEEP}; threshold set on validation to the top-k row's MACs"
+            made = functools.partial(_by_threshold, trained, row.gmacs * 1e9 / self.dense_macs)
+            rows.append(self._row("threshold", name, made, self.args.steps, note))
+        pruned = _with_keep(trained, TRAINED_KEEP)
         paper = ts.VLTP(keep=PAPER_KEEP, **DECODER)
         note = "the paper's recipe: its default stage (block 3), SAM's mask decoder trained beside it"
         rows.append(self._missing("-40%", paper, mask_decoder=True) or self._row(
@@ -283,8 +306,13 @@ class _Bench:
         name = "dense fine-tuned" if method is None else str(method)
         return Row(group, name, NOT_RUN, NOT_RUN, NOT_RUN, NOT_RUN, 0, NOT_TRAINED)
 
-    def _row(self, group: str, name: str, model: torch.nn.Module, steps: int, note: str = "",
-             transform: Callable[[Tensor], Tensor] | None = None) -> Row:
+    def _row(self, group: str, name: str, model: torch.nn.Module | Callable[[], torch.nn.Module], steps: int,
+             note: str = "", transform: Callable[[Tensor], Tensor] | None = None) -> Row:
+        """The row of `model` (or of what the callable makes, made only if the row is not reused)."""
+        if (group, name) in self.scored:
+            return self.scored[(group, name)]
+        if not isinstance(model, torch.nn.Module):
+            model = model()
         macs = encoder_macs(model, self.data, MACS_SAMPLES)
         scores = _scores(model, self.data, transform)
         share = macs / self.dense_macs
@@ -305,6 +333,20 @@ def _with_keep(model: torch.nn.Module, keep: float) -> torch.nn.Module:
     ts.unpatch(encoder)
     patch_reference(model, dataclasses.replace(sieve.method, keep=keep)).load_state_dict(state)
     return model.eval()
+
+
+def _by_threshold(model: torch.nn.Module, budget: float) -> torch.nn.Module:
+    """A copy of `model` (patched with VLTP, top-k) whose decoder keeps the cells rated above a
+    threshold per stage, set on the validation split so that the encoder spends `budget` of its
+    dense MACs."""
+    encoder = image_encoder(model)
+    sieve = ts.sieve_of(encoder)
+    copy = load_reference(TASK)
+    method = dataclasses.replace(sieve.method, keep=TRAINED_KEEP, by_threshold=True)
+    missing = patch_reference(copy, method).load_state_dict(sieve.state_dict(), strict=False).missing_keys
+    assert all(key.endswith("thresholds.values") for key in missing), missing
+    calibrate_reference(copy.eval(), TASK, macs_budget=budget)
+    return copy.eval()
 
 
 def _shuffled(guidance: Tensor) -> Tensor:
@@ -373,8 +415,9 @@ def _plot(rows: list[Row], path: Path, split: str) -> None:
         return
     dense = rows[0]
     figure, axis = pyplot.subplots(figsize=(6.4, 4.4))
-    curve = [row for row in rows if row.group == "budget" and not math.isnan(row.giou)]
-    axis.plot([r.gmacs for r in curve], [r.giou for r in curve], "o-", label="VLTP")
+    for group, label in (("budget", "VLTP (top-k)"), ("threshold", "VLTP (thresholds, per-sentence counts)")):
+        curve = [row for row in rows if row.group == group and not math.isnan(row.giou)]
+        axis.plot([r.gmacs for r in curve], [r.giou for r in curve], "o-", label=label)
     markers = iter("sv^DPX")
     for row in rows:
         if row.group == "-40%" and not math.isnan(row.giou):

@@ -93,7 +93,8 @@ REGISTRY: tuple[Entry, ...] = (
     _entry("dynamicvit-discard", DynamicViT(keep=0.5, layers=L, preserve=False), ragged={"dynamic": True},
            equal_counts=True),
     # guided by a per-call embedding (`given`); its stages before SAM's blocks 1 and 2
-    _entry("vltp", VLTP(keep=0.5, layers=L, guidance_width=GUIDANCE_WIDTH, width=16, heads=2), map_only=True),
+    _entry("vltp", VLTP(keep=0.5, layers=L, guidance_width=GUIDANCE_WIDTH, width=16, heads=2),
+           ragged={"by_threshold": True}, map_only=True),
 )
 
 # What each host of models.py asks (the timm and transformers image towers), and the other families.

@@ -15,7 +15,7 @@ QUICK = dict(repeats=1, warmup=0, threads=1)
 def _calibrated_svit(dense: bool) -> torch.nn.Module:
     model = strengthen(host_model("timm-vit"))
     ts.patch(model, ts.SViT(keep=0.5), dense=dense)
-    ts.calibrate_svit(model, images(4, seed=1))
+    ts.calibrate(model, images(4, seed=1))
     return model
 
 

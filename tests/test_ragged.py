@@ -24,7 +24,7 @@ def _ragged_model(host: str, method: ts.Method, x: torch.Tensor, attention: str 
     if isinstance(method, ts.DynamicViT):
         calibrate_predictors(model, x)
     if isinstance(method, ts.SViT) and method.ragged:  # thresholds that split an untrained gate's ratings
-        ts.calibrate_svit(model, x)
+        ts.calibrate(model, x)
     return model
 
 

@@ -85,7 +85,7 @@ def test_the_detector_runs_on_a_dense_patched_vit_that_prunes(method, batch):
     detector = _detector()
     ts.patch(detector.backbone.vit, method, dense=True)
     if isinstance(method, ts.SViT) and method.ragged:  # thresholds that split an untrained gate's ratings
-        ts.calibrate_svit(detector.backbone.vit, batch["image"])
+        ts.calibrate(detector.backbone.vit, batch["image"])
     with ts.trace(detector.backbone.vit) as traces:
         predictions = _predict(detector, batch)
     assert all(torch.isfinite(p["boxes"]).all() and torch.isfinite(p["masks"]).all() for p in predictions)

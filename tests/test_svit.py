@@ -128,7 +128,7 @@ def test_each_image_of_a_batch_gives_what_it_gives_alone_with_three_heads(gate, 
     model = strengthen(host_model("timm-vit", embed_dim=48, num_heads=3))
     ts.patch(model, ts.SViT(keep=0.5, gate=gate), attention=attention)
     x = distinct_images()
-    ts.calibrate_svit(model, x)  # an untrained predictor rates every token alike: thresholds that split them
+    ts.calibrate(model, x)  # an untrained predictor rates every token alike: thresholds that split them
     with ts.trace(model) as traces:
         batch = forward(model, x)["out"]
     assert traces[0].kept_tokens()[-1].unique().numel() > 1
@@ -190,7 +190,7 @@ def test_dense_inference_equals_svit_spelled_out_one_image_at_a_time(images_of, 
     model = copy.deepcopy(host)
     ts.patch(model, ts.SViT(keep=0.5, dither=dither), dense=True)
     x = images_of()
-    ts.calibrate_svit(model, distinct_images())
+    ts.calibrate(model, distinct_images())
     outputs: list[torch.Tensor] = []  # kept as given: a later write into the grid must not reach them
     hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out))
              for block in model.blocks]
@@ -555,7 +555,7 @@ def test_calibration_makes_each_gate_keep_its_target_share_of_the_data_it_was_gi
     method = ts.SViT(keep=0.6, reactivate=reactivate, dither=dither)
     ts.patch(model, method)
     data = images(8, seed=3)
-    result = ts.calibrate_svit(model, [(batch, None) for batch in data.split(4)])
+    result = ts.calibrate(model, [(batch, None) for batch in data.split(4)])
     assert result.layers == GATED and result.targets == pytest.approx(tuple(method.schedule(4).values()))
     assert [gate.threshold.item() for gate in _gates(model)] == pytest.approx(result.thresholds)
     assert result.thresholds != (0.5, 0.5, 0.5)
@@ -570,7 +570,7 @@ def test_calibration_to_a_macs_budget_lands_within_two_percent_of_it():
     ts.patch(model, ts.SViT(keep=0.7))
     data = images(8, seed=4)
     task_model = nn.Sequential(model)  # the patched module inside a larger model
-    result = ts.calibrate_svit(task_model, data, macs_budget=0.6, batch_size=4)
+    result = ts.calibrate(task_model, data, macs_budget=0.6, batch_size=4)
     report = ts.flops(model, data)
     assert report.macs / report.dense_macs == pytest.approx(0.6, rel=0.02)
     assert result.macs == pytest.approx(report.macs, rel=1e-3) and result.scale != 1.0
@@ -578,16 +578,16 @@ def test_calibration_to_a_macs_budget_lands_within_two_percent_of_it():
 
 def test_calibration_refuses_what_it_cannot_calibrate_naming_the_fix():
     model = host_model("timm-vit")
-    with pytest.raises(ValueError, match="patched with SViT"):
-        ts.calibrate_svit(model, images(2))
+    with pytest.raises(ValueError, match="no module of this model is patched with a method that keeps"):
+        ts.calibrate(model, images(2))
     ts.patch(model, ts.SViT(per_image=True))
     with pytest.raises(ValueError, match="per_image=False"):
-        ts.calibrate_svit(model, images(2))
+        ts.calibrate(model, images(2))
     ts.patch(model, ts.SViT())
     with pytest.raises(ValueError, match="re-iterable"):
-        ts.calibrate_svit(model, iter([images(2)]))
+        ts.calibrate(model, iter([images(2)]))
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
-        ts.calibrate_svit(model, images(2), macs_budget=1.5)
+        ts.calibrate(model, images(2), macs_budget=1.5)
 
 
 @pytest.mark.parametrize("rounds", [1, 20])
@@ -596,11 +596,11 @@ def test_a_budget_just_under_the_fewest_macs_is_refused_however_few_the_rounds(r
     ts.patch(model, ts.SViT(keep=0.7))
     data = images(4, seed=5)
     with pytest.raises(ValueError, match="fewest MACs") as refused:
-        ts.calibrate_svit(model, data, macs_budget=0.05)
+        ts.calibrate(model, data, macs_budget=0.05)
     fewest = float(re.search(r"are ([0-9.]+) of dense", str(refused.value)).group(1))
     with pytest.raises(ValueError, match="fewest MACs"):
-        ts.calibrate_svit(model, data, macs_budget=fewest - 0.02, max_rounds=rounds)
-    result = ts.calibrate_svit(model, data, macs_budget=fewest + 0.05, max_rounds=rounds + 5)
+        ts.calibrate(model, data, macs_budget=fewest - 0.02, max_rounds=rounds)
+    result = ts.calibrate(model, data, macs_budget=fewest + 0.05, max_rounds=rounds + 5)
     assert result.macs / result.dense_macs == pytest.approx(fewest + 0.05, abs=0.02)
 
 
@@ -608,5 +608,5 @@ def test_a_failed_calibration_leaves_the_thresholds_as_they_were():
     model = host_model("timm-vit")
     ts.patch(model, ts.SViT(keep=0.7))
     with pytest.raises(ValueError, match="fewest MACs"):
-        ts.calibrate_svit(model, images(2), macs_budget=0.05)
+        ts.calibrate(model, images(2), macs_budget=0.05)
     assert [gate.threshold.item() for gate in _gates(model)] == [0.5] * len(GATED)

@@ -173,7 +173,7 @@ def test_clip_text_padded_batch_with_pruning_equals_each_text_alone(method):
     if isinstance(method, ts.DynamicViT):
         calibrate_predictors(model, input_ids=ids, attention_mask=mask)
     if isinstance(method, ts.SViT) and method.ragged:  # thresholds that split an untrained gate's ratings
-        ts.calibrate_svit(model, {"input_ids": ids, "attention_mask": mask})
+        ts.calibrate(model, {"input_ids": ids, "attention_mask": mask})
     with torch.no_grad(), ts.trace(model) as traces:
         batch = model(input_ids=ids, attention_mask=mask)
     kept = traces[0].kept_tokens()[-1]

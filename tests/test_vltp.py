@@ -212,3 +212,81 @@ def test_no_relevance_loss_without_a_target_mask():
     with ts.inputs(model, guidance=_guidance(2)), ts.trace(model) as traces:
         model(pixel_values=images(2))
     assert sieve.method.losses(traces) == {}
+
+
+def _thresholded(model, keep=(0.5, 0.25)) -> ts.Sieve:
+    return ts.patch(model, _vltp(keep=keep, by_threshold=True), dense=True)
+
+
+def _batches(count: int, batch: int = 2) -> list[dict[str, Tensor]]:
+    """Validation batches for calibration: images with their guidance, given as a per-call input."""
+    return [{"pixel_values": images(batch, seed=10 + i), "guidance": _guidance(batch, seed=10 + i)}
+            for i in range(count)]
+
+
+def test_by_threshold_calibrates_to_the_keep_shares_and_keeps_each_images_cells_above_them():
+    model = sam_model()
+    sieve = _thresholded(model)
+    result = ts.calibrate(model, _batches(4))
+    thresholds = sieve.parts[0]["thresholds"].values
+    assert result.layers == (1, 2) and result.targets == (0.5, 0.25)
+    assert thresholds.tolist() == pytest.approx(list(result.thresholds))
+    assert result.shares == pytest.approx(result.targets, abs=1 / CELLS)  # over all of the data
+    x, guidance = images(3, seed=1), _guidance(3, seed=1)
+    pruned, trace = _run(model, x, guidance)
+    active = _active_cells(trace)
+    torch.testing.assert_close(pruned, reference_encoder(model, x, active), atol=TOLERANCE, rtol=0)
+    stages = {stage.layer: stage.logits for stage in trace.reports[RELEVANCE_REPORT]}
+    for index, layer in enumerate((1, 2)):
+        above = stages[layer] > torch.logit(thresholds[index])
+        for b in range(3):  # each image keeps its own cells rated above the stage's threshold
+            expected = above[b].nonzero()[:, 0] if above[b].any() else stages[layer][b].argmax()[None]
+            assert torch.equal(active[layer][b], expected)
+    counts = {len(cells) for cells in active[1]}
+    assert len(counts) > 1  # per-image counts: a ragged batch
+    for b in range(3):
+        alone, _ = _run(model, x[b : b + 1], guidance[b : b + 1])
+        torch.testing.assert_close(alone, pruned[b : b + 1], atol=TOLERANCE, rtol=0)
+
+
+def test_by_threshold_meets_a_macs_budget_with_the_decoder_counted():
+    model = sam_model()
+    _thresholded(model)
+    data = _batches(4)
+    result = ts.calibrate(model, data, macs_budget=0.8)
+    assert result.macs == pytest.approx(0.8 * result.dense_macs, rel=0.01)
+    spent = []
+    for batch in data:
+        with ts.inputs(model, guidance=batch["guidance"]):
+            spent.append(ts.flops(model, batch["pixel_values"]).macs)
+    assert sum(spent) / len(spent) == pytest.approx(result.macs, rel=1e-6)
+
+
+def test_a_threshold_of_zero_keeps_every_cell_and_one_of_one_keeps_the_best_cell_per_image():
+    model = sam_model()
+    x, guidance = images(2), _guidance(2)
+    with torch.no_grad():
+        dense = model(pixel_values=x).last_hidden_state
+    sieve = _thresholded(model)
+    sieve.parts[0]["thresholds"].values.fill_(0.0)
+    kept_all, _ = _run(model, x, guidance)
+    torch.testing.assert_close(kept_all, dense, atol=TOLERANCE, rtol=0)
+    sieve.parts[0]["thresholds"].values.fill_(1.0)
+    _, trace = _run(model, x, guidance)
+    assert [len(cells) for cells in _active_cells(trace)[2]] == [1, 1]
+
+
+def test_thresholds_are_stored_only_when_kept_by_threshold_and_the_decoder_is_shared_with_top_k():
+    top_k = ts.patch(sam_model(), _vltp(), dense=True)
+    assert "thresholds" not in top_k.parts[0]
+    thresholded = _thresholded(sam_model())
+    assert thresholded.method.ragged and thresholded.method.reads_thresholds
+    missing = thresholded.parts[0].load_state_dict(top_k.parts[0].state_dict(), strict=False).missing_keys
+    assert missing == ["thresholds.values"]  # a decoder trained top-k serves by threshold
+
+
+def test_calibration_refuses_vltp_without_thresholds_naming_the_switch():
+    model = sam_model()
+    ts.patch(model, _vltp(), dense=True)
+    with pytest.raises(ValueError, match="by_threshold=True"):
+        ts.calibrate(model, _batches(1))

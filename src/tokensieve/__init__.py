@@ -1,6 +1,7 @@
 """tokensieve: token pruning for Vision and Vision-Language Transformers."""
 
 from tokensieve.bench import BenchResult, benchmark
+from tokensieve.calibration import Calibration, calibrate
 from tokensieve.calls import prepacked
 from tokensieve.flops import FlopsReport, flops
 from tokensieve.methods import (
@@ -16,7 +17,6 @@ from tokensieve.methods import (
     TopK,
 )
 from tokensieve.patch import Sieve, inputs, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
-from tokensieve.svit_calibration import SViTCalibration, calibrate_svit
 from tokensieve.tokens import TokenState, Trace
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "VLTP",
     "BenchResult",
+    "Calibration",
     "CallInput",
     "DynamicViT",
     "EViT",
@@ -32,14 +33,13 @@ __all__ = [
     "MethodRun",
     "RandomDrop",
     "SViT",
-    "SViTCalibration",
     "Sieve",
     "ToMe",
     "TokenState",
     "TopK",
     "Trace",
     "benchmark",
-    "calibrate_svit",
+    "calibrate",
     "flops",
     "inputs",
     "is_patched",

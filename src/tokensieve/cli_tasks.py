@@ -36,8 +36,9 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
               help="tos only: a method run keeps the image encoder and text guidance frozen and trains the "
                    "method and SAM's mask decoder (VLTP's recipe; the default for vltp, not for others).")
 @click.option("--macs-budget", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-              help="An SViT run's thresholds spend this share of the encoder's dense MACs, gates included "
-                   "(default: SViT's keep schedule), set on the validation split.")
+              help="A thresholded run's thresholds (SViT's, VLTP's with by_threshold=true) spend this share "
+                   "of the encoder's dense MACs, gates and decoders included (default: the method's keep "
+                   "shares), set on the validation split.")
 @click.option("--text", "text_encoder", type=click.Choice(["words", "minilm"]), default="words",
               show_default=True,
               help="tos only: the text encoder, trained over the task words, or the frozen pretrained MiniLM "
@@ -55,7 +56,6 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
     Seeded: the same command gives the same weights (up to thread nondeterminism).
     """
     from tokensieve.reference import method_weights, shipped_weights, train_method, train_reference
-    from tokensieve.reference.calibration import reads_thresholds
     from tokensieve.reference.shipped_methods import method_name
 
     if threads:
@@ -69,7 +69,8 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         raise click.UsageError("--freeze-host trains a method's parameters on the frozen shipped model: give "
                                "--method, and no --model-lr-scale (the host does not train)")
     if macs_budget is not None and method_spec is None:
-        raise click.UsageError("--macs-budget sets an SViT run's thresholds; give --method svit:... too")
+        raise click.UsageError("--macs-budget sets a method's thresholds; give --method svit:... (or "
+                               "vltp:by_threshold=true,...) too")
     if freeze_encoder is not None and (task != "tos" or method_spec is None):
         raise click.UsageError("--freeze-encoder/--train-encoder choose a tos method run's recipe: give "
                                "tos and --method")
@@ -89,9 +90,10 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         click.echo(f"reference weights written to {target}")
         return
     method = read_method(method_spec, "--method")
-    if macs_budget is not None and not reads_thresholds(method):
-        raise click.UsageError(f"--macs-budget sets SViT's thresholds; {method} has none (give svit with "
-                               "per_image=False and keep < 1, or drop --macs-budget)")
+    if macs_budget is not None and not method.reads_thresholds:
+        raise click.UsageError(f"--macs-budget sets a method's thresholds; {method} has none (give svit "
+                               "with per_image=False and keep < 1, vltp with by_threshold=True, or "
+                               "drop --macs-budget)")
     _check_fits(task, [method], None, "--method")
     frozen = "-frozen" if freeze_host else ""  # a run of another kind: its own directory
     run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}{frozen}"
@@ -104,10 +106,10 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         options["freeze_host"] = True
     if freeze_encoder is not None:
         options["freeze_encoder"] = freeze_encoder
-    # An SViT run's product is its calibrated thresholds, which the run's checkpoints do not hold:
+    # A thresholded run's product is its calibrated thresholds, which its checkpoints do not hold:
     # it is stored (in the package by default). Other runs are loaded from their checkpoints.
     target = Path(out) if out else None
-    if target is None and reads_thresholds(method):
+    if target is None and method.reads_thresholds:
         target = method_weights(task, method_name(method))
     train_method(task, method, run, steps=steps, out_dir=target, **options)
     stored = "" if target is None else f", the model and method in {target}"

@@ -107,6 +107,22 @@ class Method:
         features and a later step may bring them back (`TokenState.activate`)."""
         return False
 
+    @property
+    def reads_thresholds(self) -> bool:
+        """Whether inference keeps the tokens rated above a threshold per stage, which
+        `tokensieve.calibrate` sets (the method then reports `thresholds.StageScores`)."""
+        return False
+
+    def threshold_targets(self, spec: ModelSpec) -> dict[int, float]:
+        """The blocks whose thresholds calibration sets, in order, each with the share of the
+        input's patch tokens its stage aims to keep."""
+        raise NotImplementedError(f"{self} keeps no tokens by thresholds")
+
+    def thresholds(self, parts: nn.Module, spec: ModelSpec) -> dict[int, Tensor]:
+        """Each stage's threshold in the `parts` the method bound for `spec`, by block: 0-dim
+        tensors that calibration writes."""
+        raise NotImplementedError(f"{self} keeps no tokens by thresholds")
+
     def call_inputs(self, spec: ModelSpec) -> tuple[CallInput, ...]:
         """The tensors the method reads from every forward call (`tokensieve.inputs`)."""
         return ()

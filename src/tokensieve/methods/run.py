@@ -85,3 +85,9 @@ class MethodRun:
     def report(self, name: str, value: Any) -> None:
         """Keep `value` with the call's trace, for the method's losses (`Method.losses`)."""
         self.trace.reports[name] = value
+
+    def append_report(self, name: str, value: Any) -> None:
+        """Add `value` to the call's tuple of reports `name` (one per stage, in order)."""
+        # A new tuple each time: a block run again by activation checkpointing starts from a blank
+        # trace, and must not add to the one the forward filled.
+        self.report(name, (*self.trace.reports.get(name, ()), value))

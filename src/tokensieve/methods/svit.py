@@ -18,6 +18,7 @@ from tokensieve.methods.base import Method, MethodRun
 from tokensieve.methods.discard import discard_dropped
 from tokensieve.methods.dynamicvit import KeepPredictor
 from tokensieve.methods.fields import check_layers, flag, layer_indices, optional, settle, share
+from tokensieve.methods.thresholds import INITIAL_THRESHOLD, SCORE_REPORT, StageScores, kept_above, votes
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState, Trace, gather_tokens
 
@@ -27,9 +28,7 @@ TRAIN_DECISIONS = ("gumbel", "thresholds")
 _DECISIONS_CHOICE = choice(TRAIN_DECISIONS, "hard Gumbel-softmax samples (the paper), or the thresholds "
                                             "inference keeps tokens above, straight-through")
 SCHEDULE_GROUPS = 3  # the gates split into this many equal groups, aiming at keep, keep², keep³
-INITIAL_THRESHOLD = 0.5  # keep probability above which an uncalibrated gate keeps a token
 KEEP_REPORT = "svit_keep"  # what a mask-mode call reports for the keep-rate loss: GateKeep per gate
-SCORE_REPORT = "svit_scores"  # what an inference call reports for calibration: GateScores per gate
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class SViT(Method):
     fixed-rate variant). `fit`'s keep-ratio loss leaves these decisions to it.
 
     Inference is deterministic: each gate keeps the tokens whose keep probability exceeds its
-    `threshold` buffer (0.5 until `calibrate_svit` sets it on validation data), at least one per
+    `threshold` buffer (0.5 until `calibrate` sets it on validation data), at least one per
     image, so images keep their own counts (a ragged batch), each giving what it gives alone. With
     `per_image`, each image keeps its gate's target share of its patch tokens, the best-rated ones
     (equal counts). `gate="dynamicvit"` scores with DynamicViT's local + global predictor instead
@@ -98,6 +97,16 @@ class SViT(Method):
     @property
     def ragged(self) -> bool:
         return not self.per_image and not self.sampled
+
+    @property
+    def reads_thresholds(self) -> bool:
+        return self.ragged and self.keep < 1.0
+
+    def threshold_targets(self, spec: ModelSpec) -> dict[int, float]:
+        return self.schedule(spec.depth)
+
+    def thresholds(self, parts: nn.Module, spec: ModelSpec) -> dict[int, Tensor]:
+        return {int(name): gate.threshold for name, gate in parts.items()}
 
     @property
     def uses_grid(self) -> bool:
@@ -161,7 +170,7 @@ class SViT(Method):
         patch_keep = decision if previous is None else decision * previous
         keep = torch.cat([patch_keep.new_ones(patch_keep.shape[0], state.prefix), patch_keep], dim=1)
         run.trace.add_keep_decision(patch_keep, target, ratio_loss=False)  # the method weighs it itself
-        _append_report(run, KEEP_REPORT, GateKeep(patch_keep, valid, target))
+        run.append_report(KEEP_REPORT, GateKeep(patch_keep, valid, target))
         return state.replace(keep=keep)
 
     def _reselect(self, layer: int, state: TokenState, run: MethodRun, gate: nn.Module,
@@ -179,7 +188,7 @@ class SViT(Method):
         logits = gate(features, None if real is None else real.to(features.dtype))
         run.trace.add_overhead("gate", gate.macs(available))
         scores = self._dithered(logits[..., 1] - logits[..., 0], layer, positions, run)  # [B, M]
-        _append_report(run, SCORE_REPORT, GateScores(layer, scores, real, available))
+        run.append_report(SCORE_REPORT, StageScores(layer, scores, real, available))
         slots, valid = self._choose(scores, real, gate, target, available)
         active = torch.cat([state.index[:, : state.prefix], positions.gather(1, slots)], dim=1)
         if valid is not None:
@@ -197,7 +206,7 @@ class SViT(Method):
         run.trace.add_overhead("gate", gate.macs(current))
         scores = self._dithered(logits[..., 1] - logits[..., 0], layer, state.index[:, state.prefix :], run)
         inputs = _input_patches(state, run)
-        _append_report(run, SCORE_REPORT, GateScores(layer, scores, valid, inputs))
+        run.append_report(SCORE_REPORT, StageScores(layer, scores, valid, inputs))
         kept = self._kept_counts(scores, valid, gate, target, inputs, current)
         if not ops.prunes(current, kept):
             return state
@@ -218,9 +227,7 @@ class SViT(Method):
         (None: no padding). Those rated above the threshold are the top-rated ones at their count,
         read off the votes without ranking; keep_top ranks when an image has too few (or `per_image`)."""
         if not self.per_image:
-            chosen = ops.marked_positions(_votes(scores, candidates, gate))
-            if chosen is not None:
-                return chosen
+            return kept_above(scores, candidates, gate.threshold)
         counts = self._kept_counts(scores, candidates, gate, target, available, available)
         return ops.keep_top(scores, counts, 0, candidates)
 
@@ -231,8 +238,8 @@ class SViT(Method):
         the `available` candidates."""
         if self.per_image:
             return _at_most(ops.keep_count(inputs, target), available)
-        votes = _votes(scores, candidates, gate)
-        return _at_most(votes.sum(dim=1).clamp_min(ops.MIN_KEPT_TOKENS), available)
+        above = votes(scores, candidates, gate.threshold)
+        return _at_most(above.sum(dim=1).clamp_min(ops.MIN_KEPT_TOKENS), available)
 
 
 @dataclass(frozen=True)
@@ -250,16 +257,6 @@ class GateKeep:
         if per_image:
             return (kept / tokens.clamp_min(1.0) - self.target).pow(2).mean()
         return (kept.sum() / tokens.sum().clamp_min(1.0) - self.target).pow(2)
-
-
-@dataclass(frozen=True)
-class GateScores:
-    """One gate's inference scores, for calibration."""
-
-    layer: int
-    scores: Tensor  # [B, M] log-odds of keeping each scored token
-    candidates: Tensor | None  # [B, M] False on the tokens the gate cannot keep; None: it can keep all
-    input_patches: int | Tensor  # the input's patch tokens, per image (an int: the same for all)
 
 
 class MlpGate(nn.Module):
@@ -320,18 +317,12 @@ def _thresholded(logits: Tensor, gate: nn.Module, candidates: Tensor | None) -> 
     """[B, Np] 1 where a token is rated above the gate's threshold (the best-rated candidate when
     none is), 0 elsewhere, carrying the keep probability's straight-through gradient."""
     scores = logits[..., 1] - logits[..., 0]
-    votes = _votes(scores.detach(), candidates, gate)
+    above = votes(scores.detach(), candidates, gate.threshold)
     ranked = scores.detach() if candidates is None else scores.detach().masked_fill(~candidates, -math.inf)
     best = F.one_hot(ranked.argmax(dim=1), scores.shape[1]).bool()
-    votes = votes | (best & ~votes.any(dim=1, keepdim=True))
+    above = above | (best & ~above.any(dim=1, keepdim=True))
     probability = logits.softmax(dim=-1)[..., 1]
-    return votes.to(probability.dtype) + probability - probability.detach()
-
-
-def _votes(scores: Tensor, candidates: Tensor | None, gate: nn.Module) -> Tensor:
-    """[B, M] whether each scored token is rated above the gate's threshold (and may be kept)."""
-    votes = scores.double() > torch.logit(gate.threshold.double())  # logit(0) = -inf keeps every token
-    return votes if candidates is None else votes & candidates
+    return above.to(probability.dtype) + probability - probability.detach()
 
 
 def _patch_positions(state: TokenState, run: MethodRun) -> tuple[Tensor, bool]:
@@ -382,10 +373,4 @@ def _at_most(counts: int | Tensor, limit: int | Tensor) -> int | Tensor:
     return limit.clamp_max(counts) if isinstance(limit, Tensor) else min(counts, limit)
 
 
-def _append_report(run: MethodRun, name: str, value: object) -> None:
-    # A new tuple each time: a block run again by activation checkpointing starts from a blank
-    # trace, and must not add to the one the forward filled.
-    run.report(name, (*run.trace.reports.get(name, ()), value))
-
-
-__all__ = ["GateKeep", "GateScores", "MlpGate", "PredictorGate", "SViT"]
+__all__ = ["GateKeep", "MlpGate", "PredictorGate", "SViT"]

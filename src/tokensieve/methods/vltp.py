@@ -16,6 +16,7 @@ from tokensieve.fields import is_real, not_a_string, real_within, whole_from
 from tokensieve.methods.base import Method, MethodRun
 from tokensieve.methods.fields import check_layers, flag, layer_indices, optional, settle, share
 from tokensieve.methods.run import CallInput
+from tokensieve.methods.thresholds import SCORE_REPORT, StageScores, StageThresholds, kept_above
 from tokensieve.methods.vltp_decoder import PruningDecoder
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState, Trace
@@ -45,6 +46,12 @@ class VLTP(Method):
     forward. Given the task's mask as the per-call input `target_mask` ([B, H, W], any size), the
     method's loss `relevance` is relevance_weight · the binary cross-entropy of each stage's
     logits against the share of each cell the mask covers. keep=1.0 prunes nothing.
+
+    With `by_threshold`, inference keeps at each stage the cells rated above the stage's threshold
+    instead of a fixed share: each image as many as its task needs (at least one), so a batch is
+    ragged. `tokensieve.calibrate` sets the thresholds on validation data, to the keep shares over
+    all of it or to a MACs budget, and they are stored with the decoder. Training is the same
+    either way (top-k at `keep`), so a decoder trained without thresholds serves with them.
     """
 
     keep: float | tuple[float, ...] = 0.5
@@ -55,11 +62,12 @@ class VLTP(Method):
     decoder_layers: int = 2
     shared: bool = True
     relevance_weight: float = 1.0
+    by_threshold: bool = False
 
     def __post_init__(self) -> None:
         settle(self, keep=_shares, layers=optional(layer_indices), guidance_width=optional(whole_from(1)),
                width=whole_from(2), heads=whole_from(1), decoder_layers=whole_from(1), shared=flag,
-               relevance_weight=real_within(0.0))
+               relevance_weight=real_within(0.0), by_threshold=flag)
         if isinstance(self.keep, tuple) and self.layers is not None and len(self.keep) != len(self.layers):
             raise ValueError(f"VLTP has {len(self.layers)} stages and {len(self.keep)} keep shares; give one "
                              "share per stage, or one for all")
@@ -67,6 +75,21 @@ class VLTP(Method):
     @property
     def uses_grid(self) -> bool:
         return True
+
+    @property
+    def ragged(self) -> bool:
+        return self.by_threshold
+
+    @property
+    def reads_thresholds(self) -> bool:
+        return self.by_threshold and not _keeps_all(self.keep)
+
+    def threshold_targets(self, spec: ModelSpec) -> dict[int, float]:
+        return self.stages(spec)
+
+    def thresholds(self, parts: nn.Module, spec: ModelSpec) -> dict[int, Tensor]:
+        stored = parts["thresholds"]
+        return {layer: stored(stage) for stage, layer in enumerate(self.stages(spec))}
 
     def call_inputs(self, spec: ModelSpec) -> tuple[CallInput, ...]:
         return (CallInput(GUIDANCE, self.guidance_width),
@@ -99,9 +122,11 @@ class VLTP(Method):
         def decoder() -> PruningDecoder:
             return PruningDecoder(spec.dim, self.guidance_width, self.width, self.heads, self.decoder_layers)
 
-        if self.shared:
-            return nn.ModuleDict({"decoder": decoder()})
-        return nn.ModuleDict({str(layer): decoder() for layer in stages})
+        parts = nn.ModuleDict({"decoder": decoder()} if self.shared
+                              else {str(layer): decoder() for layer in stages})
+        if self.by_threshold:
+            parts["thresholds"] = StageThresholds(len(stages))
+        return parts
 
     def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
         keep = self.stages(run.spec).get(layer)
@@ -117,6 +142,11 @@ class VLTP(Method):
         guidance = _guidance_tokens(run.inputs[GUIDANCE])
         logits = decoder(features.to(decoder.query.dtype), guidance.to(decoder.query.dtype)).float()
         run.trace.add_overhead("decoder", decoder.macs(cells, guidance.shape[1]))
+        if self.by_threshold and not run.training:
+            run.append_report(RELEVANCE_REPORT, StageRelevance(layer, logits, None))
+            run.append_report(SCORE_REPORT, StageScores(layer, logits, None, cells))
+            threshold = self.thresholds(run.parts, run.spec)[layer]
+            return state.activate(*kept_above(logits, None, threshold))
         count = ops.keep_count(cells, keep)
         kept = ops.top_positions(logits, count)  # [B, K], ascending
         if run.training:
@@ -125,9 +155,9 @@ class VLTP(Method):
             decision = (hard + probability - probability.detach()).to(state.x.dtype)
             run.trace.add_keep_decision(decision, keep, ratio_loss=False)  # top-k meets its share itself
             target = _target(run.inputs.get(TARGET), state.map_size)
-            _append_report(run, StageRelevance(layer, logits, target))
+            run.append_report(RELEVANCE_REPORT, StageRelevance(layer, logits, target))
             return state.replace(keep=decision)
-        _append_report(run, StageRelevance(layer, logits, None))
+        run.append_report(RELEVANCE_REPORT, StageRelevance(layer, logits, None))
         if count == cells and state.tokens == cells:
             return state
         return state.activate(kept)
@@ -176,11 +206,6 @@ def _target(mask: Tensor | None, map_size: tuple[int, int]) -> Tensor | None:
         return None
     cells = F.adaptive_avg_pool2d(mask.detach().float()[:, None], map_size)
     return cells.flatten(1).clamp(0.0, 1.0)
-
-
-def _append_report(run: MethodRun, value: StageRelevance) -> None:
-    # A new tuple each time: a block run again by activation checkpointing starts from a blank trace.
-    run.report(RELEVANCE_REPORT, (*run.trace.reports.get(RELEVANCE_REPORT, ()), value))
 
 
 __all__ = ["VLTP", "StageRelevance"]

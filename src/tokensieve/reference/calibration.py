@@ -1,14 +1,13 @@
-"""SViT's thresholds for a reference model, set on the task's validation split (never the test
-split, which scores the result)."""
+"""The thresholds of a method on a reference model (SViT's, VLTP's with `by_threshold`), set on
+the task's validation split (never the test split, which scores the result)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from tokensieve.methods import Method, SViT
+from tokensieve.calibration import Calibration, calibrate
 from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.reference.recipes.batches import task_collate
-from tokensieve.svit_calibration import SViTCalibration, calibrate_svit
 from tokensieve.tasks import make_dataset
 
 CALIBRATION_SPLIT = "val"
@@ -19,24 +18,19 @@ CALIBRATION_BATCHES = {"det": 8}
 DEFAULT_CALIBRATION_BATCH = 32
 
 
-def reads_thresholds(method: Method) -> bool:
-    """Whether `method` keeps tokens by thresholds that calibration sets (SViT's default)."""
-    return isinstance(method, SViT) and not method.per_image and not method.sampled and method.keep < 1.0
-
-
-def calibrate_reference(model: nn.Module, task: str, macs_budget: float | None = None) -> SViTCalibration:
-    """Set the thresholds of the SViT gates of `task`'s reference model (patched by
+def calibrate_reference(model: nn.Module, task: str, macs_budget: float | None = None) -> Calibration:
+    """Set the thresholds of the method patched in `task`'s reference model (patched by
     `patch_reference`) on validation samples: to the method's keep schedule, or so that the
-    patched encoder spends `macs_budget` of its dense MACs, gates included."""
+    patched encoder spends `macs_budget` of its dense MACs, gates and decoders included."""
     size = IMAGE_SIZES[task]
     count = CALIBRATION_SAMPLES.get(task, DEFAULT_CALIBRATION_SAMPLES)
     data = make_dataset(task, CALIBRATION_SPLIT, size=count, image_size=size)
     collate = task_collate(task, size)
     step = CALIBRATION_BATCHES.get(task, DEFAULT_CALIBRATION_BATCH)
-    # Built once and held: calibration passes over the data once per gate (more with a budget).
+    # Built once and held: calibration passes over the data once per stage (more with a budget).
     batches = []
     for start in range(0, len(data), step):
         inputs, _ = collate([data[i] for i in range(start, min(start + step, len(data)))])
         inputs.pop("targets", None)  # det: detections in eval mode need no targets
         batches.append(inputs)
-    return calibrate_svit(model, batches, macs_budget=macs_budget)
+    return calibrate(model, batches, macs_budget=macs_budget)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tokensieve.methods import VLTP, Method, SViT
 from tokensieve.methods.vltp import TARGET
 from tokensieve.patch import call_input_names
-from tokensieve.reference.calibration import calibrate_reference, reads_thresholds
+from tokensieve.reference.calibration import calibrate_reference
 from tokensieve.reference.detection import build_detector
 from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import IMAGE_SIZES, build_classifier, build_segmenter
@@ -181,13 +181,14 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     With `out_dir`, the trained model and method are stored there (`save_method`; load them with
     `load_method`): the host in fp16, which SViT's thresholds are calibrated on, so that the
     stored model is the one calibrated; a frozen host is not stored (it is the shipped model)."""
-    calibrates = method is not None and reads_thresholds(method)
+    calibrates = method is not None and method.reads_thresholds
     if method is None and (out_dir is not None or freeze_host):
         raise ValueError("method=None fine-tunes the host alone: there is no method to store or to train "
                          "over a frozen host; give a method, or drop out_dir and freeze_host")
     if macs_budget is not None and not calibrates:
-        raise ValueError(f"macs_budget sets SViT's thresholds; {method} has none to set. Drop the budget, or "
-                         "train SViT with per_image=False and keep < 1")
+        raise ValueError(f"macs_budget sets a method's thresholds; {method} has none to set. Drop the "
+                         "budget, or train SViT with per_image=False and keep < 1, or VLTP with "
+                         "by_threshold=True")
     model = load_reference(task)
     if pruning_text is not None:
         if pruning_text != "minilm" or not isinstance(model, TosModel) or out_dir is not None:
