@@ -20,6 +20,7 @@ from tokensieve.reference import (
     TosModel,
     WordEncoder,
     build_tos,
+    calibrate_reference,
     evaluate,
     load_reference,
     patch_reference,
@@ -383,3 +384,22 @@ def test_the_shipped_vltp_is_its_decoder_alone_and_loads_over_the_shipped_tos_mo
     assert masks.shape == (2, 256, 256)
     stage = method.layers[0]
     assert traces[0].kept_tokens()[stage].tolist() == [math.ceil(method.keep * 256)] * 2
+
+
+def test_vltp_by_threshold_is_calibrated_on_the_tos_validation_split_to_a_macs_budget(monkeypatch):
+    from tokensieve.reference import calibration
+
+    monkeypatch.setattr(calibration, "DEFAULT_CALIBRATION_SAMPLES", 16)
+    monkeypatch.setattr(calibration, "DEFAULT_CALIBRATION_BATCH", 8)
+    torch.manual_seed(0)
+    model = load_reference("tos")
+    method = ts.VLTP(keep=0.5, layers=(2,), width=16, heads=2, by_threshold=True)
+    sieve = patch_reference(model, method)
+    result = calibrate_reference(model.eval(), "tos", macs_budget=0.7)
+    assert result.macs == pytest.approx(0.7 * result.dense_macs, rel=0.01)
+    assert sieve.parts[0]["thresholds"].values.item() == pytest.approx(result.thresholds[0])
+    batch = _batch(4, 256)
+    with ts.trace(model.sam.vision_encoder) as traces, torch.no_grad():
+        model(batch["image"], text=batch["text"])
+    kept = traces[0].attention_tokens()[2]  # [B]: each sentence's own count at the stage
+    assert kept.unique().numel() > 1 and bool((kept < traces[0].input_tokens).all())
