@@ -26,6 +26,9 @@ distillation losses); runs live under runs/vltp-tos/ and a finished one is not t
   reads the image alone; its MACs equal VLTP's) and SViT(keep=0.7) with its thresholds set on
   the validation split to VLTP's MACs, each trained the same way; RandomDrop(keep=0.44) before
   block 2, untrained.
+- Tighter budgets (keeps of `TIGHT_KEEPS`, below −40%): the same decoder, its guidance as given,
+  zeroed and shuffled, to find where guidance starts to matter: a budget every object of a scene
+  fits in leaves an unguided ranking little to get wrong.
 - Task dependence: over the test images asked about two objects whose target masks do not
   overlap, the IoU of the cells VLTP keeps for the two sentences; and a picture of one image's
   kept cells under each of its sentences.
@@ -85,6 +88,7 @@ STAGE = (2,)  # chosen on validation over the default, block 3 (the first global
 PAPER_KEEP = 0.3  # the paper's recipe at its default stage, block 3: the same MACs
 DYNAMICVIT_KEEP = 0.43  # DynamicViT's MACs at this keep equal VLTP's at 0.42
 RANDOM_KEEP = 0.44  # RandomDrop's, which has no overhead, within 2% of them
+TIGHT_KEEPS = (0.3, 0.2, 0.1)
 MACS_SAMPLES = 64
 SCORE_BATCH = 50
 MINILM = "minilm"  # the pretrained text encoder the MiniLM row's decoder reads
@@ -128,9 +132,9 @@ def main() -> None:
     rows = bench.rows()
     overlap = (earlier or {}).get("task_dependence") or bench.task_dependence()
     if earlier is not None:
-        added = [row.method for row in rows if (row.group, row.method) not in bench.scored
-                 and not math.isnan(row.giou)]
-        command = f"{earlier['command']}, then {command}" + (f" for {'; '.join(added)}" if added else "")
+        added = [row for row in rows if (row.group, row.method) not in bench.scored and not math.isnan(row.giou)]
+        groups = ", ".join(dict.fromkeys(row.group for row in added))
+        command = f"{earlier['command']}, then {command}" + (f" for the {groups} rows it lacked" if added else "")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "rows": [asdict(row) for row in rows], "task_dependence": overlap}
     path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
@@ -178,10 +182,7 @@ class _Bench:
         note = "the paper's recipe: its default stage (block 3), SAM's mask decoder trained beside it"
         rows.append(self._missing("-40%", paper, mask_decoder=True) or self._row(
             "-40%", str(paper), self._trained(paper, mask_decoder=True), self.args.steps, note))
-        for name, transform in (("guidance zeroed", torch.zeros_like), ("guidance shuffled", _shuffled)):
-            rows.append(self._row("-40%", f"{_method(pruned)}, {name}", pruned, self.args.steps,
-                                  "the same decoder; the mask decoder reads the sentence's own guidance",
-                                  transform))
+        rows += self._unguided("-40%", pruned)
         rows.append(self._minilm_row(vltp))
         dynamicvit = ts.DynamicViT(keep=DYNAMICVIT_KEEP, layers=STAGE)
         note = "its predictor reads the image alone"
@@ -199,8 +200,19 @@ class _Bench:
         model = load_reference(TASK).eval()
         patch_reference(model, random_drop)
         rows.append(self._row("-40%", str(random_drop), model, 0, "untrained"))
-        self.vltp = pruned
+        for keep in TIGHT_KEEPS:
+            model = _with_keep(trained, keep)
+            rows.append(self._row("tight", str(_method(model)), model, self.args.steps,
+                                  f"trained at keep {TRAINED_KEEP}"))
+            rows += self._unguided("tight", model)
+        self.vltp = _with_keep(trained, TRAINED_KEEP)
         return rows
+
+    def _unguided(self, group: str, model: torch.nn.Module) -> list[Row]:
+        """`model`'s rows with its pruning's guidance zeroed, and shuffled across the batch."""
+        note = "the same decoder; the mask decoder reads the sentence's own guidance"
+        return [self._row(group, f"{_method(model)}, {name}", model, self.args.steps, note, transform)
+                for name, transform in UNGUIDED.items()]
 
     def task_dependence(self) -> dict[str, float] | None:
         """The mean IoU of the cells VLTP keeps at its stage for two sentences about one image that
@@ -354,6 +366,9 @@ def _shuffled(guidance: Tensor) -> Tensor:
     return guidance.roll(1, dims=0)
 
 
+UNGUIDED = {"guidance zeroed": torch.zeros_like, "guidance shuffled": _shuffled}
+
+
 @torch.no_grad()
 def _scores(model: torch.nn.Module, data, transform: Callable[[Tensor], Tensor] | None) -> dict[str, float]:
     """gIoU and cIoU over `data`, as `evaluate` scores tos; with `transform`, the encoder's pruning
@@ -415,12 +430,20 @@ def _plot(rows: list[Row], path: Path, split: str) -> None:
         return
     dense = rows[0]
     figure, axis = pyplot.subplots(figsize=(6.4, 4.4))
-    for group, label in (("budget", "VLTP (top-k)"), ("threshold", "VLTP (thresholds, per-sentence counts)")):
-        curve = [row for row in rows if row.group == group and not math.isnan(row.giou)]
-        axis.plot([r.gmacs for r in curve], [r.giou for r in curve], "o-", label=label)
+    scored = [row for row in rows if not math.isnan(row.giou)]
+    unguided = tuple(UNGUIDED)
+    vltp = [row for row in scored if row.group in ("budget", "tight") and not row.method.endswith(unguided)]
+    curves = {"VLTP (top-k)": vltp,
+              "VLTP (thresholds, per-sentence counts)": [row for row in scored if row.group == "threshold"]}
+    for name in UNGUIDED:
+        curves[f"VLTP, {name}"] = [row for row in scored if row.method.endswith(name)]
+    for label, curve in curves.items():
+        curve = sorted(curve, key=lambda row: row.gmacs)
+        style = "o--" if label.endswith(unguided) else "o-"
+        axis.plot([r.gmacs for r in curve], [r.giou for r in curve], style, label=label, markersize=4)
     markers = iter("sv^DPX")
-    for row in rows:
-        if row.group == "-40%" and not math.isnan(row.giou):
+    for row in scored:
+        if row.group == "-40%" and not row.method.endswith(unguided):
             axis.plot(row.gmacs, row.giou, next(markers), label=row.method)
     for row in rows:
         if row.group == "dense" and not math.isnan(row.giou):
