@@ -132,9 +132,10 @@ def main() -> None:
     rows = bench.rows()
     overlap = (earlier or {}).get("task_dependence") or bench.task_dependence()
     if earlier is not None:
-        added = [row for row in rows if (row.group, row.method) not in bench.scored and not math.isnan(row.giou)]
-        groups = ", ".join(dict.fromkeys(row.group for row in added))
-        command = f"{earlier['command']}, then {command}" + (f" for the {groups} rows it lacked" if added else "")
+        added = [row.group for row in rows
+                 if (row.group, row.method) not in bench.scored and not math.isnan(row.giou)]
+        lacked = f" for the {', '.join(dict.fromkeys(added))} rows it lacked" if added else ""
+        command = f"{earlier['command']}, then {command}{lacked}"
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "rows": [asdict(row) for row in rows], "task_dependence": overlap}
     path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
