@@ -20,7 +20,7 @@ from models import HF_CLASSES, TIMM_HOSTS
 from torch import nn
 
 import tokensieve as ts
-from tokensieve import VLTP, DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
+from tokensieve import MADTP, VLTP, DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
 from tokensieve.patch import patched_within
 
 VARIANTS = ("pruned", "off", "ragged")
@@ -39,6 +39,7 @@ class Entry:
     equal_counts: bool = False  # pruned and off need equal counts per image: not on padded batches
     overhead: bool = True  # spends MACs outside the host's own layers (scores, matching), as FLOPs count
     map_only: bool = False  # rates the cells of an image map: SAM's encoder only
+    batch_dependent: bool = False  # pruned keeps the batch's largest count: a sample depends on its batch
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Host:
             raise ValueError(f"variant {variant!r}: use one of {VARIANTS}")
         if variant == "ragged" and (entry.ragged is None or self.mean_pooled):
             return False
+        if variant == "pruned" and entry.batch_dependent and self.padded:
+            return False  # a short text's count is set by the longest: it would not equal itself alone
         if variant != "ragged" and entry.equal_counts and self.padded:
             return False
         if entry.map_only and not self.image_map:
@@ -95,6 +98,10 @@ REGISTRY: tuple[Entry, ...] = (
     # guided by a per-call embedding (`given`); its stages before SAM's blocks 1 and 2
     _entry("vltp", VLTP(keep=0.5, layers=L, guidance_width=GUIDANCE_WIDTH, width=16, heads=2),
            ragged={"by_threshold": True}, map_only=True),
+    # alignment tokens shared by the towers patched together; every layer prunes and merges
+    # (pruned: the authors' batch count, the largest of the batch; ragged: each sample's own)
+    _entry("madtp", MADTP(temperature=16.0, batch_max=True), off={"temperature": 0.0},
+           ragged={"batch_max": False}, class_attention=True, fuses=True, batch_dependent=True),
 )
 
 # What each host of models.py asks (the timm and transformers image towers), and the other families.

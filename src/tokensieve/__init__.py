@@ -5,6 +5,7 @@ from tokensieve.calibration import Calibration, calibrate
 from tokensieve.calls import prepacked
 from tokensieve.flops import FlopsReport, flops
 from tokensieve.methods import (
+    MADTP,
     VLTP,
     CallInput,
     DynamicViT,
@@ -22,6 +23,7 @@ from tokensieve.tokens import TokenState, Trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "MADTP",
     "VLTP",
     "BenchResult",
     "Calibration",

@@ -292,7 +292,7 @@ class Runner:
             heads_out = heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim)
         x = _residual(block_input, view.attention_branch(heads_out))
         state = state.replace(x=_norm_after(view, "attention", x))
-        attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention)
+        attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention, heads_out=heads_out)
         state = self._step(scope, method.after_attention, layer, state, attn, run)
         # Free the attention's buffers before the MLP allocates its own, as the host's block does:
         # a larger live set makes the allocator return and re-fault pages on every call.

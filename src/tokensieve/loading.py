@@ -10,10 +10,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tokensieve.methods import VLTP, DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
+from tokensieve.methods import MADTP, VLTP, DynamicViT, EViT, Method, RandomDrop, SViT, ToMe, TopK
 
 METHODS: dict[str, type[Method]] = {"topk": TopK, "evit": EViT, "dynamicvit": DynamicViT, "tome": ToMe,
-                                    "random": RandomDrop, "svit": SViT, "vltp": VLTP}
+                                    "random": RandomDrop, "svit": SViT, "vltp": VLTP,
+                                    "madtp": MADTP}
 
 
 def load_model(name: str, checkpoint: str | None = None, image_size: int | None = None) -> nn.Module:

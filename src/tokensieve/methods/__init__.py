@@ -3,6 +3,7 @@
 from tokensieve.methods.base import AttentionView, Method
 from tokensieve.methods.dynamicvit import DynamicViT
 from tokensieve.methods.evit import EViT
+from tokensieve.methods.madtp import MADTP
 from tokensieve.methods.random_drop import RandomDrop
 from tokensieve.methods.run import CallInput, MethodRun
 from tokensieve.methods.svit import SViT
@@ -10,5 +11,5 @@ from tokensieve.methods.tome import ToMe
 from tokensieve.methods.topk import TopK
 from tokensieve.methods.vltp import VLTP
 
-__all__ = ["VLTP", "AttentionView", "CallInput", "DynamicViT", "EViT", "Method", "MethodRun", "RandomDrop",
-           "SViT", "ToMe", "TopK"]
+__all__ = ["MADTP", "VLTP", "AttentionView", "CallInput", "DynamicViT", "EViT", "Method", "MethodRun",
+           "RandomDrop", "SViT", "ToMe", "TopK"]

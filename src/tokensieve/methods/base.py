@@ -29,6 +29,7 @@ class AttentionView:
     scale: float
     state: TokenState
     exact: bool = True
+    heads_out: Tensor | None = None  # [B, N, H*d] each head's output, before the output projection
 
     def class_attention(self) -> Tensor:
         """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix]."""

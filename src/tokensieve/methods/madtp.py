@@ -1,0 +1,255 @@
+"""MADTP: alignment tokens shared by an image and a text tower guide per-sample pruning of both."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokensieve import ops
+from tokensieve.fields import real_within, whole_from
+from tokensieve.methods.base import AttentionView, Method, MethodRun, needs_class_token
+from tokensieve.methods.fields import check_layers, flag, layer_indices, optional, settle
+from tokensieve.spec import ModelSpec
+from tokensieve.tokens import TokenState, Trace
+
+POOLED_REPORT = "madtp_pooled"  # what a training call reports: [B, M, W] pooled features, summed over layers
+IMPORTANCE_REPORT = "madtp_importance"  # what every call reports: LayerImportance per pruning layer
+_SCORES = "madtp_scores"  # scratch: the layer's token-bank scores, from before_block to after_attention
+_EPSILON = 1e-8
+MIN_PRUNED = 2  # a sample prunes at a layer only if at least this many of its tokens would go
+
+
+@dataclass(frozen=True)
+class MADTP(Method):
+    """A bank of `alignment_tokens` learnable alignment tokens (`alignment_width` wide; None: the
+    widest patched tower's width), shared by every tower patched together (an image tower and a
+    text tower: `tokensieve.patch([vision, text], MADTP())`) and by all their layers, guides the
+    pruning of each tower at each of `layers` (None: every block).
+
+    At each such block, the non-prefix tokens entering it are scored against the bank,
+    S[n, m] = x_n · E_m (through a per-layer linear map where the tower's width differs from the
+    bank's, or everywhere with `project`). After self-attention (before the MLP, and before a text
+    tower's cross-attention) each token's importance is the mean of three terms over the sample's
+    tokens: the attention it receives (max over heads, summed over the real non-prefix queries),
+    divided by its sum; its best match to any alignment token (max over m of S), divided by its
+    sum; the class token's attention to it, each head weighted per token by its share of the
+    heads' output norms. A sample's threshold is min over m of Σ_n softmax_n(S[n, m] / T) · I_n;
+    its tokens rated above it are kept (at least one), the others merged into one token, their
+    importance-weighted mean, placed after the kept ones (a later layer treats it as any token). A
+    sample prunes at a layer only if at least two of its tokens would go. Prefix tokens are always
+    kept; text padding is never a query, a candidate or part of a merged token.
+
+    Each sample keeps its own count (a ragged batch: each sample's output equals running it
+    alone). `batch_max=True` keeps, in every sample, its best-rated tokens at the batch's largest
+    count, as the authors' code does. `temperature=0` prunes nothing; a higher T prunes more.
+
+    Training (model.train()) prunes as inference does; the importance reaches the bank through
+    the merge weights. Each training call also reports its pooled features per alignment token
+    (softmax over its tokens of S / √width, summed over the layers), and `losses` gives
+    `alignment`: alignment_weight · the mean over samples and alignment tokens of 1 − cos between
+    the image tower's and the text tower's pooled features (a tower run on k samples per pair,
+    as NLVR's two images in one batch, averaged over them).
+    """
+
+    temperature: float = 1.0
+    layers: tuple[int, ...] | None = None
+    alignment_tokens: int = 100
+    alignment_width: int | None = None
+    project: bool = False
+    alignment_weight: float = 0.1
+    batch_max: bool = False
+
+    inference_fields: ClassVar[frozenset[str]] = frozenset({"temperature", "batch_max"})
+
+    def __post_init__(self) -> None:
+        settle(self, temperature=real_within(0.0), layers=optional(layer_indices),
+               alignment_tokens=whole_from(1), alignment_width=optional(whole_from(1)), project=flag,
+               alignment_weight=real_within(0.0), batch_max=flag)
+
+    @property
+    def ragged(self) -> bool:
+        return not self.batch_max and self.temperature > 0.0
+
+    @property
+    def keeps_positions(self) -> bool:
+        return False
+
+    def pruning_layers(self, spec: ModelSpec) -> tuple[int, ...]:
+        layers = tuple(range(spec.depth)) if self.layers is None else self.layers
+        check_layers(layers, spec.depth, "MADTP")
+        return layers
+
+    def bind(self, spec: ModelSpec) -> None:
+        needs_class_token(spec, "MADTP")
+        if spec.dense_only:
+            raise ValueError(f"MADTP merges tokens, and {spec.family}'s output is read by input position; "
+                             "patch an image tower or a bidirectional text tower (BLIP's)")
+        self.pruning_layers(spec)
+        return None
+
+    def bind_shared(self, specs: Sequence[ModelSpec]) -> nn.ModuleDict:
+        width = self.alignment_width or max(spec.dim for spec in specs)
+        parts = nn.ModuleDict({"bank": AlignmentBank(self.alignment_tokens, width)})
+        for tower, spec in enumerate(specs):
+            if self.project or spec.dim != width:
+                projections = (nn.Linear(spec.dim, width) for _ in range(spec.depth))
+                parts[f"project{tower}"] = nn.ModuleList(projections)
+        return parts
+
+    def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
+        if self.temperature == 0.0 or layer not in self.pruning_layers(run.spec):
+            return state
+        tokens = state.x[:, state.prefix :]
+        projections = getattr(run.shared, f"project{run.module}", None)  # only where widths differ
+        features = tokens if projections is None else projections[layer](tokens)
+        bank = run.shared["bank"].tokens
+        scores = features @ bank.to(features.dtype).T  # [B, N, M]
+        run.scratch[_SCORES] = scores
+        counts = state.patch_counts()
+        macs = counts * bank.numel()
+        if projections is not None:
+            macs = macs + counts * features.shape[-1] * tokens.shape[-1]
+        if run.training:  # pooled features per alignment token, for the alignment loss
+            pooled = _softmax_over_tokens(scores / math.sqrt(bank.shape[1]), state.patch_valid())
+            layer_pooled = pooled.transpose(1, 2) @ features  # [B, M, W]
+            before = run.trace.reports.get(POOLED_REPORT)
+            run.report(POOLED_REPORT, layer_pooled if before is None else before + layer_pooled)
+            macs = macs + counts * bank.numel()
+        run.trace.add_overhead("alignment", macs)
+        return state
+
+    def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
+                        run: MethodRun) -> TokenState:
+        scores = run.scratch.pop(_SCORES, None)
+        if scores is None or self.temperature == 0.0:
+            return state
+        valid = state.patch_valid()
+        importance = layer_importance(attn, scores, valid)
+        threshold = alignment_threshold(scores, importance, self.temperature, valid)
+        candidates = importance > threshold[:, None]
+        if valid is not None:
+            candidates &= valid
+        available = state.patch_counts()
+        counts = candidates.sum(dim=1).clamp_min(ops.MIN_KEPT_TOKENS)
+        if self.batch_max:
+            counts = counts.max().expand_as(counts)
+        counts = torch.where(available - counts >= MIN_PRUNED, counts, available)
+        run.append_report(IMPORTANCE_REPORT, LayerImportance(layer, importance, threshold, counts))
+        if not bool((counts < available).any()):
+            return state
+        ranked = importance if valid is None else importance.masked_fill(~valid, -math.inf)
+        slots, kept_valid = ops.keep_top(ranked, int(counts[0]) if self.batch_max else counts, state.prefix,
+                                         valid)
+        weights = _merge_weights(importance, slots[:, state.prefix :] - state.prefix, kept_valid, valid,
+                                 state.prefix)
+        if state.trace is not None:
+            state.trace.add_overhead("merge", available * state.x.shape[-1])
+        return state.fuse_rest(slots, weights, kept_valid)
+
+    def losses(self, traces: Sequence[Trace]) -> dict[str, Tensor]:
+        if self.alignment_weight == 0.0:
+            return {}
+        by_tower: dict[int, list[Tensor]] = {}
+        for trace in traces:
+            if POOLED_REPORT in trace.reports:
+                by_tower.setdefault(trace.module, []).append(trace.reports[POOLED_REPORT])
+        if len(by_tower) < 2:
+            return {}
+        if len(by_tower) > 2:
+            raise ValueError("MADTP aligns two towers (an image and a text tower); patch those two together")
+        first, second = (torch.cat(pooled) for _, pooled in sorted(by_tower.items()))
+        first, second = _paired(first, second), _paired(second, first)
+        similarity = F.cosine_similarity(first, second, dim=-1, eps=_EPSILON)  # [B, M]
+        return {"alignment": self.alignment_weight * (1.0 - similarity).mean()}
+
+
+class AlignmentBank(nn.Module):
+    """The alignment tokens [M, W], standard-normal at the start, as the authors' bank."""
+
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(tokens, width))
+
+
+@dataclass(frozen=True)
+class LayerImportance:
+    """One pruning layer of a call: each token's importance, each sample's threshold and count kept."""
+
+    layer: int
+    importance: Tensor  # [B, N] per non-prefix token
+    threshold: Tensor  # [B]
+    kept: Tensor  # [B] non-prefix tokens kept (the rest merged into one)
+
+
+def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None) -> Tensor:
+    """[B, N] the importance of each non-prefix token: the mean of the attention it receives and
+    its best alignment match, each divided by its sum over the sample's tokens, and the class
+    token's attention to it weighted per head by the heads' output norms."""
+    state = attn.state
+    prefix = state.prefix
+    weights = ops.attention_weights(attn.q, attn.k, attn.bias, attn.scale)  # [B, H, N, N]
+    if state.trace is not None:  # the map again: the fused kernel gives no weights
+        width = attn.k.shape[1] * attn.k.shape[3]
+        state.trace.add_overhead("importance", state.token_counts() ** 2 * width)
+    queries = torch.ones(weights.shape[:1] + weights.shape[2:3], dtype=weights.dtype, device=weights.device)
+    queries[:, :prefix] = 0.0  # the non-prefix queries that are tokens
+    if valid is not None:
+        queries[:, prefix:] = valid.to(weights.dtype)
+    received = (weights.amax(dim=1) * queries[:, :, None]).sum(dim=1)[:, prefix:]  # [B, N]
+    best = scores.amax(dim=-1)
+    if valid is not None:
+        received, best = received * valid, best * valid
+    received = received / (received.sum(dim=1, keepdim=True) + _EPSILON)
+    best = best / (best.sum(dim=1, keepdim=True) + _EPSILON)
+    heads = attn.heads_out.unflatten(-1, (attn.k.shape[1], attn.k.shape[3])).norm(dim=-1)  # [B, N, H]
+    shares = heads / (heads.sum(dim=-1, keepdim=True) + _EPSILON)
+    by_class = (weights[:, :, 0, prefix:] * shares[:, prefix:].transpose(1, 2)).sum(dim=1)  # [B, N]
+    importance = (received + best + by_class) / 3.0
+    return importance if valid is None else importance * valid
+
+
+def alignment_threshold(scores: Tensor, importance: Tensor, temperature: float,
+                        valid: Tensor | None) -> Tensor:
+    """[B] min over alignment tokens m of Σ_n softmax_n(S[n, m] / T) · I_n: each alignment token's
+    expected importance over the tokens it matches, the least of them."""
+    matched = _softmax_over_tokens(scores / temperature, valid)  # [B, N, M]
+    return (matched * importance[..., None]).sum(dim=1).amin(dim=1)
+
+
+def _softmax_over_tokens(scores: Tensor, valid: Tensor | None) -> Tensor:
+    """softmax over the tokens (dim 1) of [B, N, M] scores, padding left out."""
+    if valid is not None:
+        scores = scores.masked_fill(~valid[..., None], -math.inf)
+    return scores.softmax(dim=1)
+
+
+def _merge_weights(importance: Tensor, kept: Tensor, kept_valid: Tensor | None, valid: Tensor | None,
+                   prefix: int) -> Tensor:
+    """[B, N] each merged token's importance over the sum of the merged tokens' (0 elsewhere)."""
+    rest = torch.ones_like(importance) if valid is None else valid.to(importance.dtype)
+    # a ragged selection's padding slots point at tokens not kept: those stay in the rest
+    padding = 0.0 if kept_valid is None else (~kept_valid[:, prefix:]).to(rest.dtype)
+    rest = rest.scatter(1, kept, padding * rest.gather(1, kept))
+    merged = importance * rest
+    return merged / (merged.sum(dim=1, keepdim=True) + _EPSILON)
+
+
+def _paired(pooled: Tensor, other: Tensor) -> Tensor:
+    """`pooled` [R, M, W] as one row per pair of `other`'s [P, M, W]: R = k · P rows (k samples per
+    pair, as NLVR's two images, stacked sample-block by sample-block) averaged over k."""
+    rows, pairs = pooled.shape[0], other.shape[0]
+    if rows % pairs and pairs % rows:
+        raise ValueError(f"MADTP's alignment pairs the towers' samples: one tower ran {rows} samples and the "
+                         f"other {pairs}; run them on the same pairs (or k samples per pair in k blocks)")
+    if rows <= pairs:
+        return pooled
+    return pooled.view(rows // pairs, pairs, *pooled.shape[1:]).mean(dim=0)
+
+
+__all__ = ["MADTP", "AlignmentBank", "LayerImportance", "alignment_threshold", "layer_importance"]

@@ -1,0 +1,192 @@
+"""MADTP: alignment tokens shared by the towers guide per-sample pruning; each layer keeps the tokens
+rated above an alignment-weighted threshold and merges the rest into one importance-weighted token."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import blip_retrieval, distinct_images, host_model, images, strengthen, texts
+from torch import Tensor, nn
+
+import tokensieve as ts
+from tokensieve.methods.madtp import IMPORTANCE_REPORT, POOLED_REPORT
+
+TOLERANCE = 1e-5
+LAYER = 1  # the layer the reference prunes at
+
+
+def _reference_block(block: nn.Module, x: Tensor, bank: Tensor, temperature: float) -> Tensor:
+    """timm's block on one sample's tokens x [1, N, C] with MADTP after its self-attention, spelled
+    out as the algorithm reads: token·bank scores on the block input; importance = the mean of the
+    attention received (max over heads, summed over the non-class queries), the best match and
+    the head-weighted class attention, the first two divided by their sums; threshold = min over
+    alignment tokens of the softmax(S / T)-weighted importance; the rest merged by importance."""
+    attn = block.attn
+    heads = attn.num_heads
+    scores = x[0, 1:] @ bank.T  # [N-1, M]
+    normed = block.norm1(x)
+    qkv = attn.qkv(normed).reshape(1, x.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[0]  # [H, N, N]
+    per_head = (weights @ v[0])  # [H, N, d]
+    x = x + block.ls1(attn.proj(per_head.transpose(0, 1).reshape(1, x.shape[1], -1)))
+    tokens = x.shape[1] - 1
+    received = torch.stack([max(weights[h, query, n] for h in range(heads)) for n in range(1, tokens + 1)
+                            for query in range(1, tokens + 1)]).view(tokens, tokens).sum(dim=1)
+    best = scores.max(dim=1).values
+    norms = per_head.norm(dim=-1)  # [H, N]
+    by_class = torch.stack([sum(norms[h, n] / norms[:, n].sum() * weights[h, 0, n] for h in range(heads))
+                            for n in range(1, tokens + 1)])
+    importance = (received / received.sum() + best / best.sum() + by_class) / 3
+    threshold = min(float((scores[:, m] / temperature).softmax(dim=0) @ importance) for m in range(len(bank)))
+    kept = importance > threshold
+    if tokens - int(kept.sum()) >= 2:
+        rest = ~kept
+        merged = (importance[rest, None] * x[0, 1:][rest]).sum(dim=0) / importance[rest].sum()
+        x = torch.cat([x[:, :1], x[:, 1:][:, kept], merged[None, None]], dim=1)
+    return x + block.ls2(block.mlp(block.norm2(x)))
+
+
+def test_a_pruned_layer_is_the_plain_algorithm_and_each_image_keeps_its_own_count():
+    model = strengthen(host_model("timm-vit"))
+    plain = copy.deepcopy(model)
+    x = images(3)
+    torch.manual_seed(0)
+    sieve = ts.patch(model, ts.MADTP(temperature=8.0, layers=(LAYER,)))
+    bank = sieve.shared["bank"].tokens.detach()
+    with torch.no_grad(), ts.trace(model) as traces:
+        pruned = model(x)
+    counts = traces[0].kept_tokens()[LAYER]
+    assert len(set(counts.tolist())) > 1 and bool((counts < traces[0].input_tokens).all())
+    for b in range(3):
+        with torch.no_grad():
+            tokens = plain.norm_pre(plain._pos_embed(plain.patch_embed(x[b : b + 1])))
+            for block in plain.blocks[:LAYER]:
+                tokens = block(tokens)
+            tokens = _reference_block(plain.blocks[LAYER], tokens, bank, 8.0)
+            for block in plain.blocks[LAYER + 1 :]:
+                tokens = block(tokens)
+            expected = plain.forward_head(plain.norm(tokens))
+        torch.testing.assert_close(pruned[b : b + 1], expected, atol=TOLERANCE, rtol=0)
+
+
+def test_the_batch_count_keeps_the_batchs_largest_count_in_every_image_by_importance():
+    model = strengthen(host_model("timm-vit"))
+    x = images(3)
+    torch.manual_seed(0)
+    ts.patch(model, ts.MADTP(temperature=8.0, layers=(LAYER,)))
+    with torch.no_grad(), ts.trace(model) as traces:
+        model(x)
+    own = traces[0].reports[IMPORTANCE_REPORT][0]
+    torch.manual_seed(0)
+    ts.patch(model, ts.MADTP(temperature=8.0, layers=(LAYER,), batch_max=True))
+    with torch.no_grad(), ts.trace(model) as traces:
+        model(x)
+    largest = int(own.kept.max())
+    record = traces[0].layers[LAYER]
+    assert traces[0].kept_tokens()[LAYER].tolist() == [1 + largest + 1] * 3  # class, kept, merged
+    for b in range(3):  # the best-rated tokens at that count, whatever the image's own threshold
+        best = own.importance[b].topk(largest).indices.sort().values + 1
+        assert torch.equal(record.index[b, 1 : 1 + largest], best)
+        assert record.index[b, -1] == -1  # the merged token
+
+
+def test_temperature_zero_prunes_nothing_and_higher_prunes_more():
+    model = strengthen(host_model("timm-vit"))
+    x = images(2)
+    expected = model(x)
+    kept = []
+    for temperature in (0.0, 2.0, 32.0):
+        torch.manual_seed(0)
+        ts.patch(model, ts.MADTP(temperature=temperature))
+        with torch.no_grad(), ts.trace(model) as traces:
+            out = model(x)
+        kept.append(int(traces[0].kept_tokens()[-1].sum()))
+        if temperature == 0.0:
+            torch.testing.assert_close(out, expected, atol=TOLERANCE, rtol=0)
+    assert kept[0] > kept[1] > kept[2]
+
+
+def _towers(**settings) -> tuple[nn.Module, ts.Sieve]:
+    model = blip_retrieval()
+    torch.manual_seed(0)
+    sieve = ts.patch([model.vision_model, model.text_encoder], ts.MADTP(temperature=16.0, **settings))
+    return model, sieve
+
+
+def test_one_bank_serves_both_towers_with_a_projection_per_layer_where_widths_differ():
+    sieve = _towers()[1]
+    names = sorted(name for name, _ in sieve.named_parameters())
+    assert names[0] == "shared.bank.tokens" and sieve.shared["bank"].tokens.shape == (100, 48)
+    assert not hasattr(sieve.shared, "project0")  # the vision tower is 48 wide, as the bank
+    assert len(sieve.shared["project1"]) == 3  # the text tower (32 wide): one per layer
+    projected = _towers(project=True, alignment_width=24)[1]
+    assert len(projected.shared["project0"]) == 2 and projected.shared["bank"].tokens.shape == (100, 24)
+
+
+def _run_towers(model: nn.Module, pixels: Tensor, lengths: list[int]) -> list[ts.Trace]:
+    ids, mask = texts(lengths)
+    with ts.trace(model.vision_model) as image, ts.trace(model.text_encoder) as text:
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    return [*image, *text]
+
+
+def test_the_alignment_loss_pulls_each_alignment_tokens_pooled_features_together_across_towers():
+    model, sieve = _towers()
+    model.train()
+    traces = _run_towers(model, distinct_images()[:, :, :32, :32], [5, 9, 12])
+    image, text = (trace.reports[POOLED_REPORT] for trace in traces)  # [B, M, W], summed over layers
+    assert image.shape == text.shape == (3, 100, 48)
+    expected = 0.1 * (1 - F.cosine_similarity(image, text, dim=-1)).mean()
+    loss = sieve.method.losses(traces)["alignment"]
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert sieve.shared["bank"].tokens.grad.abs().sum() > 0
+    assert model.text_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert next(model.vision_model.parameters()).grad.abs().sum() > 0
+
+
+def test_two_images_per_sentence_are_averaged_and_a_mismatched_batch_is_refused():
+    model, sieve = _towers()
+    model.train()
+    pixels = distinct_images()[:, :, :32, :32]
+    traces = _run_towers(model, pixels, [5, 9, 12])
+    pairs = torch.cat([pixels[:2], pixels[1:]])  # image 0 of pairs 0-1, then image 1 of pairs 0-1
+    ids, mask = texts([5, 9])
+    with ts.trace(model.vision_model) as image, ts.trace(model.text_encoder) as text:
+        model.vision_model(pixel_values=pairs)
+        model.text_encoder(input_ids=ids, attention_mask=mask,
+                           encoder_hidden_states=torch.zeros(2, 17, 48))
+    pooled = image[0].reports[POOLED_REPORT]
+    averaged = (pooled[:2] + pooled[2:]) / 2
+    expected = 0.1 * (1 - F.cosine_similarity(averaged, text[0].reports[POOLED_REPORT], dim=-1)).mean()
+    torch.testing.assert_close(sieve.method.losses([*image, *text])["alignment"], expected)
+    with pytest.raises(ValueError, match="one tower ran 3 samples and the other 2"):
+        sieve.method.losses([traces[0], text[0]])
+    assert sieve.method.losses(traces[:1]) == {}  # one tower alone: nothing to align
+
+
+def test_text_padding_is_never_a_candidate_or_merged():
+    model = _towers()[0]
+    ids, mask = texts([4, 12])
+    with torch.no_grad(), ts.trace(model.text_encoder) as traces:
+        model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=torch.zeros(2, 17, 48))
+    first = traces[0].reports[IMPORTANCE_REPORT][0]
+    assert bool((first.importance[0, 3:] == 0).all())  # the short text's padding rates nothing
+    assert first.kept[0] <= 3
+    for record in traces[0].layers:
+        real = record.index[0][record.valid[0]] if record.valid is not None else record.index[0]
+        assert bool((real < 4).all())  # only the short text's own positions (or merged, -1)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"temperature": -1.0}, "temperature"),
+    ({"alignment_tokens": 0}, "alignment_tokens"),
+    ({"layers": (7,)}, "MADTP"),
+])
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        ts.patch(host_model("timm-vit"), ts.MADTP(**settings))
