@@ -12,7 +12,9 @@ from models import blip_retrieval, distinct_images, host_model, images, strength
 from torch import Tensor, nn
 
 import tokensieve as ts
+from tokensieve.flops import report_from_trace
 from tokensieve.methods.madtp import IMPORTANCE_REPORT, POOLED_REPORT
+from tokensieve.patch import runner_of
 
 TOLERANCE = 1e-5
 LAYER = 1  # the layer the reference prunes at
@@ -190,3 +192,37 @@ def test_text_padding_is_never_a_candidate_or_merged():
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises((TypeError, ValueError), match=message):
         ts.patch(host_model("timm-vit"), ts.MADTP(**settings))
+
+
+def _pairs() -> list[dict[str, Tensor]]:
+    ids, mask = texts([5, 9, 12], seed=3)
+    return [{"input_ids": ids, "attention_mask": mask, "pixel_values": distinct_images()[:, :, :32, :32]}]
+
+
+def test_temperature_is_set_to_a_macs_budget_of_both_towers_together_and_stored_with_the_bank():
+    model, sieve = _towers(alignment_tokens=8)  # (a tiny tower: a bank of 100 would cost more than it saves)
+    result = ts.calibrate_temperature(model, _pairs(), macs_budget=0.85)
+    assert result.macs == pytest.approx(0.85 * result.dense_macs, rel=0.02)
+    assert float(sieve.shared["bank"].temperature) == result.temperature > 0
+    assert sieve.state_dict()["shared.bank.temperature"] == result.temperature
+    spent = dense = 0.0  # the same figure from each tower's own report
+    batch = _pairs()[0]
+    with torch.no_grad(), ts.trace(model.vision_model) as image, ts.trace(model.text_encoder) as text:
+        model(**batch)
+    for tower, traces in ((model.vision_model, image), (model.text_encoder, text)):
+        report = report_from_trace(runner_of(tower).host, traces[0])
+        spent, dense = spent + report.macs, dense + report.dense_macs
+    assert spent == pytest.approx(result.macs) and dense == pytest.approx(result.dense_macs)
+
+
+def test_a_budget_out_of_reach_or_without_madtp_is_refused_and_leaves_t_as_it_was():
+    model, sieve = _towers(alignment_tokens=8)
+    with pytest.raises(ValueError, match="give a larger budget"):
+        ts.calibrate_temperature(model, _pairs(), macs_budget=0.01)
+    assert float(sieve.shared["bank"].temperature) == 16.0
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        ts.calibrate_temperature(model, _pairs(), macs_budget=1.5)
+    plain = host_model("timm-vit")
+    ts.patch(plain, ts.EViT(layers=(1,)))
+    with pytest.raises(ValueError, match="sets MADTP's T"):
+        ts.calibrate_temperature(plain, images(2), macs_budget=0.5)

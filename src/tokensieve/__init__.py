@@ -18,6 +18,7 @@ from tokensieve.methods import (
     TopK,
 )
 from tokensieve.patch import Sieve, inputs, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
+from tokensieve.temperature_calibration import TemperatureCalibration, calibrate_temperature
 from tokensieve.tokens import TokenState, Trace
 
 __version__ = "0.1.0"
@@ -36,12 +37,14 @@ __all__ = [
     "RandomDrop",
     "SViT",
     "Sieve",
+    "TemperatureCalibration",
     "ToMe",
     "TokenState",
     "TopK",
     "Trace",
     "benchmark",
     "calibrate",
+    "calibrate_temperature",
     "flops",
     "inputs",
     "is_patched",

@@ -69,7 +69,7 @@ def calibrate(model: nn.Module, data: Tensor | Mapping[str, Tensor] | Iterable[A
     runner = runner_of(module)
     targets = runner.method.threshold_targets(runner.host.spec)
     thresholds = runner.method.thresholds(runner.parts, runner.host.spec)
-    batches = _batches(data, batch_size)
+    batches = data_batches(data, batch_size)
     calibrate = _Calibration(model, module, thresholds, tuple(targets), tuple(targets.values()), batches)
     before = {layer: threshold.clone() for layer, threshold in thresholds.items()}
     try:
@@ -150,7 +150,7 @@ class _Calibration:
         found = False
         for batch in self.batches():
             with trace(self.module) as traces:
-                _call(self.model, batch)
+                call_model(self.model, batch)
             found = found or bool(traces)
             yield from traces
         if not found:
@@ -240,7 +240,7 @@ def _thresholded_module(model: nn.Module) -> nn.Module:
                      "runs it")
 
 
-def _batches(data: Any, batch_size: int) -> Batches:
+def data_batches(data: Any, batch_size: int) -> Batches:
     """Passes over `data`'s model inputs, as many as asked for."""
     if isinstance(data, Tensor):
         return lambda: iter(data.split(batch_size))
@@ -252,7 +252,7 @@ def _batches(data: Any, batch_size: int) -> Batches:
     return lambda: (item[0] if isinstance(item, (tuple, list)) else item for item in data)
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
+def call_model(model: nn.Module, batch: Any) -> Any:
     """`model` on one batch; a dict's entries named as per-call inputs go through `inputs`."""
     if not isinstance(batch, Mapping):
         return model(batch)
@@ -264,4 +264,4 @@ def _call(model: nn.Module, batch: Any) -> Any:
         return model(**{name: value for name, value in batch.items() if name not in names})
 
 
-__all__ = ["Calibration", "calibrate"]
+__all__ = ["Batches", "Calibration", "calibrate", "call_model", "data_batches"]

@@ -21,6 +21,7 @@ from tokensieve.tokens import TokenState, Trace
 POOLED_REPORT = "madtp_pooled"  # what a training call reports: [B, M, W] pooled features, summed over layers
 IMPORTANCE_REPORT = "madtp_importance"  # what every call reports: LayerImportance per pruning layer
 _SCORES = "madtp_scores"  # scratch: the layer's token-bank scores, from before_block to after_attention
+_TEMPERATURE = "madtp_temperature"  # scratch: the call's T, read once from the shared buffer
 _EPSILON = 1e-8
 MIN_PRUNED = 2  # a sample prunes at a layer only if at least this many of its tokens would go
 
@@ -47,7 +48,9 @@ class MADTP(Method):
 
     Each sample keeps its own count (a ragged batch: each sample's output equals running it
     alone). `batch_max=True` keeps, in every sample, its best-rated tokens at the batch's largest
-    count, as the authors' code does. `temperature=0` prunes nothing; a higher T prunes more.
+    count, as the authors' code does. `temperature=0` prunes nothing; a higher T prunes more. T
+    lives in a buffer shared by the towers, set from `temperature` when patched and by
+    `tokensieve.calibrate_temperature` to a MACs budget, and stored with the bank.
 
     Training (model.train()) prunes as inference does; the importance reaches the bank through
     the merge weights. Each training call also reports its pooled features per alignment token
@@ -65,6 +68,7 @@ class MADTP(Method):
     alignment_weight: float = 0.1
     batch_max: bool = False
 
+    # T is the shared buffer's once patched (a checkpoint brings its own): the field only starts it
     inference_fields: ClassVar[frozenset[str]] = frozenset({"temperature", "batch_max"})
 
     def __post_init__(self) -> None:
@@ -95,15 +99,19 @@ class MADTP(Method):
 
     def bind_shared(self, specs: Sequence[ModelSpec]) -> nn.ModuleDict:
         width = self.alignment_width or max(spec.dim for spec in specs)
-        parts = nn.ModuleDict({"bank": AlignmentBank(self.alignment_tokens, width)})
+        parts = nn.ModuleDict({"bank": AlignmentBank(self.alignment_tokens, width, self.temperature)})
         for tower, spec in enumerate(specs):
             if self.project or spec.dim != width:
                 projections = (nn.Linear(spec.dim, width) for _ in range(spec.depth))
                 parts[f"project{tower}"] = nn.ModuleList(projections)
         return parts
 
+    def start(self, state: TokenState, run: MethodRun) -> TokenState:
+        run.scratch[_TEMPERATURE] = float(run.shared["bank"].temperature)  # read once a call
+        return state
+
     def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
-        if self.temperature == 0.0 or layer not in self.pruning_layers(run.spec):
+        if run.scratch[_TEMPERATURE] == 0.0 or layer not in self.pruning_layers(run.spec):
             return state
         tokens = state.x[:, state.prefix :]
         projections = getattr(run.shared, f"project{run.module}", None)  # only where widths differ
@@ -127,11 +135,11 @@ class MADTP(Method):
     def after_attention(self, layer: int, state: TokenState, attn: AttentionView,
                         run: MethodRun) -> TokenState:
         scores = run.scratch.pop(_SCORES, None)
-        if scores is None or self.temperature == 0.0:
+        if scores is None:
             return state
         valid = state.patch_valid()
         importance = layer_importance(attn, scores, valid)
-        threshold = alignment_threshold(scores, importance, self.temperature, valid)
+        threshold = alignment_threshold(scores, importance, run.scratch[_TEMPERATURE], valid)
         candidates = importance > threshold[:, None]
         if valid is not None:
             candidates &= valid
@@ -170,11 +178,13 @@ class MADTP(Method):
 
 
 class AlignmentBank(nn.Module):
-    """The alignment tokens [M, W], standard-normal at the start, as the authors' bank."""
+    """The alignment tokens [M, W], standard-normal at the start as the authors' bank, and the
+    pruning temperature T (a buffer: calibration sets it, checkpoints keep it)."""
 
-    def __init__(self, tokens: int, width: int) -> None:
+    def __init__(self, tokens: int, width: int, temperature: float) -> None:
         super().__init__()
         self.tokens = nn.Parameter(torch.randn(tokens, width))
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float64))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,127 @@
+"""Setting MADTP's temperature T on validation data so that the towers it prunes together spend a
+MACs budget: T is one scalar, and a higher T prunes more, so a bracket and bisection find it.
+
+Give it validation data, never the test split: T is fitted to the data it sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tokensieve.calibration import call_model, data_batches
+from tokensieve.flops import report_from_trace
+from tokensieve.methods.madtp import MADTP
+from tokensieve.modes import in_mode
+from tokensieve.patch import patched_within, runner_of, trace
+
+FIRST_TEMPERATURE = 1.0  # the authors' starting T
+MAX_DOUBLINGS = 24  # T up to 2^24: a budget below what that spends is out of reach
+
+
+@dataclass(frozen=True)
+class TemperatureCalibration:
+    """What `calibrate_temperature` set, and what the towers spend with it on the data."""
+
+    temperature: float  # now in the bank's `temperature` buffer
+    macs: float  # MACs per sample of the patched towers together, the method's overhead included
+    dense_macs: float  # the same with every token kept
+    rounds: int  # passes over the data the search took
+
+
+def calibrate_temperature(model: nn.Module, data: Tensor | Mapping[str, Tensor] | Iterable[Any], *,
+                          macs_budget: float, batch_size: int = 16, tolerance: float = 0.02,
+                          max_rounds: int = 40) -> TemperatureCalibration:
+    """Set T of the MADTP patched in `model` (one tower, or the towers patched together, within
+    `model`) so that on `data` the patched towers together spend `macs_budget` of their dense MACs
+    per sample, within `tolerance` (relative), or as close as `max_rounds` passes get.
+
+    A sample is one of the tower that runs fewest (NLVR's image tower runs two images a sentence:
+    a sample is a sentence). T doubles from 1 until the budget is met, then bisection narrows the
+    bracket; the closest T tried is kept. `data` is as `tokensieve.calibrate` reads it: a tensor of
+    inputs, a dict of keyword inputs, or a re-iterable of batches.
+    """
+    if not 0.0 < macs_budget <= 1.0:
+        raise ValueError(f"macs_budget={macs_budget}: give the share of the dense MACs to spend, in (0, 1]")
+    towers, sieve = patched_within(model)
+    if sieve is None or not isinstance(sieve.method, MADTP):
+        raise ValueError("calibrate_temperature sets MADTP's T: patch the towers with "
+                         "tokensieve.patch([...], MADTP()) first")
+    buffer = sieve.shared["bank"].temperature
+    before = buffer.clone()
+    spend = _Spending(model, towers, data_batches(data, batch_size))
+    try:
+        with in_mode(model, training=False), torch.no_grad():
+            return _search(spend, buffer, macs_budget, tolerance, max_rounds)
+    except BaseException:  # a failed search leaves T as it was
+        buffer.copy_(before)
+        raise
+
+
+@dataclass
+class _Spending:
+    model: nn.Module
+    towers: list[nn.Module]
+    batches: Any
+
+    def at(self, buffer: Tensor, temperature: float) -> tuple[float, float]:
+        """MACs and dense MACs per sample of the towers together with T = `temperature`."""
+        buffer.fill_(temperature)
+        macs = dense = 0.0
+        rows = [0] * len(self.towers)
+        for batch in self.batches():
+            with contextlib.ExitStack() as stack:
+                traces = [stack.enter_context(trace(tower)) for tower in self.towers]
+                call_model(self.model, batch)
+            for i, (tower, records) in enumerate(zip(self.towers, traces, strict=True)):
+                host = runner_of(tower).host
+                for record in records:
+                    report = report_from_trace(host, record)
+                    macs += report.macs * record.batch
+                    dense += report.dense_macs * record.batch
+                    rows[i] += record.batch
+        ran = [count for count in rows if count]
+        if not ran:
+            raise ValueError("the model's forward ran none of the towers MADTP is patched on; give the model "
+                             "whose forward runs them, and its inputs")
+        samples = min(ran)
+        return macs / samples, dense / samples
+
+
+def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
+            max_rounds: int) -> TemperatureCalibration:
+    tried: list[tuple[float, float, float]] = []  # (T, macs, dense)
+
+    def trial(temperature: float) -> float:
+        macs, dense = spend.at(buffer, temperature)
+        tried.append((temperature, macs, dense))
+        return macs / dense
+
+    low, high = 0.0, FIRST_TEMPERATURE  # low spends more than the budget, high (once found) less
+    share = trial(high)
+    doublings = 0
+    while share > budget * (1 + tolerance) and doublings < MAX_DOUBLINGS and len(tried) < max_rounds:
+        low, high = high, 2 * high
+        share = trial(high)
+        doublings += 1
+    if share > budget * (1 + tolerance) and doublings == MAX_DOUBLINGS:
+        raise ValueError(f"macs_budget={budget}: at T={high:g} these towers still spend {share:.3f} of their "
+                         "dense MACs on this data; give a larger budget")
+    while abs(share - budget) > tolerance * budget and len(tried) < max_rounds:
+        middle = (low + high) / 2
+        share = trial(middle)
+        if share > budget:
+            low = middle
+        else:
+            high = middle
+    temperature, macs, dense = min(tried, key=lambda t: abs(t[1] / t[2] - budget))
+    buffer.fill_(temperature)
+    return TemperatureCalibration(temperature, macs, dense, len(tried))
+
+
+__all__ = ["TemperatureCalibration", "calibrate_temperature"]
