@@ -411,3 +411,25 @@ def test_warm_up_phases_are_named_and_belong_to_nlvr(tmp_path):
     recipe = Recipe("retrieval", (Phase(64, 2, 1e-3, 0, data="captions"),), batch_size=4)
     with pytest.raises(ValueError, match="warm up the nlvr model, not the retrieval model"):
         train_reference("retrieval", tmp_path / "run", recipe=recipe, progress=False, model=tiny("retrieval"))
+
+
+def test_madtp_prunes_both_towers_of_the_nlvr_model_with_one_bank_and_fit_aligns_them(tmp_path):
+    model = tiny("nlvr")
+    batch = _batch("nlvr", 3)
+    dense = _outputs("nlvr", model, batch)
+    torch.manual_seed(0)
+    sieve = patch_reference(model, ts.MADTP(temperature=16.0, alignment_tokens=8))
+    assert ts.sieve_of(model.vision_model) is sieve is ts.sieve_of(model.text_encoder)
+    with ts.trace(model.vision_model) as image, ts.trace(model.text_encoder) as text:
+        pruned = _outputs("nlvr", model, batch)
+    assert image[0].kept_tokens()[-1].max() < image[0].input_tokens
+    assert text[0].kept_tokens()[-1].max() < text[0].input_tokens
+    assert not torch.allclose(pruned, dense)
+    sieve.shared["bank"].temperature.fill_(0.0)
+    torch.testing.assert_close(_outputs("nlvr", model, batch), dense, atol=1e-5, rtol=0)
+    sieve.shared["bank"].temperature.fill_(16.0)
+    model.train()
+    with ts.trace(model.vision_model) as image, ts.trace(model.text_encoder) as text:
+        logits = match_logits(model, batch["image"], batch["input_ids"], batch["text_mask"])
+    losses = sieve.method.losses([*image, *text])
+    assert set(losses) == {"alignment"} and logits.shape == (3, 2)

@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 import tokensieve as ts
-from tokensieve.methods import VLTP, Method
+from tokensieve.methods import MADTP, VLTP, Method
 from tokensieve.patch import Sieve
 from tokensieve.reference.detection import is_detector
 from tokensieve.reference.models import SegmentationViT
@@ -21,13 +21,16 @@ def patch_reference(model: nn.Module, method: Method) -> Sieve:
     place, so the head, the feature pyramid, the neck and the mask decoder see every position);
     the vision tower of the nlvr (BLIP) and retrieval (CLIP) models as it is (BLIP's text encoder
     cross-attends to the kept image tokens, CLIP pools the class token). Their text encoders are
-    patched on their own: `ts.patch(text_encoder(model), method)`. VLTP on the tos model reads
+    patched on their own: `ts.patch(text_encoder(model), method)`; MADTP, which prunes both towers
+    with one bank, is patched on both together. VLTP on the tos model reads
     the model's own guidance, so a VLTP without `guidance_width` gets the model's prompt width."""
     if isinstance(model, TosModel) and isinstance(method, VLTP) and method.guidance_width is None:
         method = dataclasses.replace(method, guidance_width=model.pruning_width)  # what the model gives it
     if isinstance(model, (SegmentationViT, TosModel)) or is_detector(model):
         return ts.patch(image_encoder(model), method, dense=True)
     if is_vl_model(model):
+        if isinstance(method, MADTP):
+            return ts.patch([image_encoder(model), text_encoder(model)], method)
         return ts.patch(image_encoder(model), method)
     return ts.patch(model, method)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tokensieve.methods import VLTP, Method, SViT
+from tokensieve.methods import MADTP, VLTP, Method, SViT
 from tokensieve.methods.vltp import TARGET
 from tokensieve.patch import call_input_names
 from tokensieve.reference.calibration import calibrate_reference
@@ -172,7 +172,10 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     tos model the frozen pretrained MiniLM, whose sentence embedding a guided method reads instead
     of the model's own guidance (`TosModel.pruning_text`; such a run is not stored). VLTP trains
     with the task's mask loss and its relevance loss against each sentence's mask, which the
-    batches hand the model (`TosModel(masks=...)`), and no distillation.
+    batches hand the model (`TosModel(masks=...)`), and no distillation. MADTP on nlvr prunes both
+    towers with one bank (`patch_reference`) and trains with the task loss and its alignment loss,
+    no distillation; its T is the method's `temperature` (set it to a budget afterwards with
+    `tokensieve.calibrate_temperature` on the validation split).
 
     With `method=None` the shipped model is fine-tuned alone, by the same recipe (the host at
     lr · model_lr_scale, the task loss alone): the dense control of a method's run, since part of
@@ -199,8 +202,9 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
         patch_reference(model, method)
     size = IMAGE_SIZES[task]
     batch_size = batch_size or METHOD_BATCH_SIZES.get(task, 32)
-    # SViT's and VLTP's papers have no self-distillation; the dense control would distil from itself
-    distills = task not in NO_DISTILLATION and method is not None and not isinstance(method, (SViT, VLTP))
+    # SViT's, VLTP's and MADTP's recipes have no self-distillation; the dense control would distil from itself
+    distills = (task not in NO_DISTILLATION and method is not None
+                and not isinstance(method, (SViT, VLTP, MADTP)))
     collate = task_collate(task, size)
     trainable = {param: param.requires_grad for param in model.parameters()}
     encoder_frozen = isinstance(method, VLTP) if freeze_encoder is None else freeze_encoder
