@@ -117,16 +117,18 @@ def main() -> None:
     default = (args.samples, args.steps, args.model_lr_scale) == (None, DEFAULT_STEPS, DEFAULT_HOST_LR_SCALE)
     path = args.out / f"svit_det{'' if default else '-quick'}{'-val' if args.split == 'val' else ''}"
     command = " ".join(["python benchmarks/svit_det.py", *sys.argv[1:]])
+    timing_threads = args.threads
     if args.fill:
         record = json.loads(path.with_suffix(".json").read_text())
         rows = _Bench(args).fill([Row(**row) for row in record["rows"]])
+        timing_threads = record.get("timing_threads") or _threads_of(record["command"])  # the rows timed then
         command = f"{record['command']}, then {command} for the rows not trained"
     else:
         rows = _Bench(args).rows()
     args.out.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps({"command": command, "rows": [asdict(r) for r in rows]},
-                                                    indent=2) + "\n")
-    path.with_suffix(".md").write_text(_markdown(rows, args, command))
+    record = {"command": command, "timing_threads": timing_threads, "rows": [asdict(r) for r in rows]}
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".md").write_text(_markdown(rows, args, command, timing_threads))
     print(path.with_suffix(".md").read_text())
 
 
@@ -236,7 +238,13 @@ class _Bench:
         return row
 
 
-def _markdown(rows: list[Row], args: argparse.Namespace, command: str) -> str:
+def _threads_of(command: str) -> int:
+    """The `--threads` of the first command in a results file's `command` (else the default, 2)."""
+    words = command.split(", then ")[0].split()
+    return int(words[words.index("--threads") + 1]) if "--threads" in words else 2
+
+
+def _markdown(rows: list[Row], args: argparse.Namespace, command: str, timing_threads: int) -> str:
     dense = rows[0]
     named = "validation" if args.split == "val" else "test"
     split = f"{named} split" if args.samples is None else f"first {args.samples} {named} samples"
@@ -252,7 +260,7 @@ def _markdown(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         f"bf16 from the shipped det model, the host at {args.model_lr_scale:g} of the method's learning "
         "rate). COCO box and mask AP; backbone MACs per image (the ViT, gates and predictors included), "
         "mean over the scored images; speedups of the backbone alone at batch 1 (fp32, "
-        f"{args.threads} threads; — where not timed). For comparison, {PAPER}.",
+        f"{timing_threads} threads; — where not timed). For comparison, {PAPER}.",
         "",
         "| method | box AP | Δ box | mask AP | Δ mask | box AP50 | mask AP50 | backbone GMACs "
         "| MACs vs dense | pruning's speedup | vs host | steps | note |",
