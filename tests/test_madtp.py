@@ -226,3 +226,22 @@ def test_a_budget_out_of_reach_or_without_madtp_is_refused_and_leaves_t_as_it_wa
     ts.patch(plain, ts.EViT(layers=(1,)))
     with pytest.raises(ValueError, match="sets MADTP's T"):
         ts.calibrate_temperature(plain, images(2), macs_budget=0.5)
+
+
+def test_without_alignment_guidance_importance_is_the_attention_terms_and_nothing_is_aligned():
+    model = strengthen(host_model("timm-vit"))
+    x = images(2)
+    reports = {}
+    for aligned in (True, False):
+        torch.manual_seed(0)
+        ts.patch(model, ts.MADTP(temperature=8.0, layers=(LAYER,), aligned=aligned))
+        with torch.no_grad(), ts.trace(model) as traces:
+            model(x)
+        reports[aligned] = traces[0].reports[IMPORTANCE_REPORT][0].importance
+    # aligned: (received + best + class) / 3; not: (received + class) / 2; so the best-match term is
+    best = 3 * reports[True] - 2 * reports[False]  # divided by its sum: it sums to 1
+    torch.testing.assert_close(best.sum(dim=1), torch.ones(2), atol=1e-5, rtol=0)
+    model.train()
+    with ts.trace(model) as traces:
+        model(x)
+    assert POOLED_REPORT not in traces[0].reports

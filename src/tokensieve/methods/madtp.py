@@ -58,6 +58,9 @@ class MADTP(Method):
     `alignment`: alignment_weight · the mean over samples and alignment tokens of 1 − cos between
     the image tower's and the text tower's pooled features (a tower run on k samples per pair,
     as NLVR's two images in one batch, averaged over them).
+
+    `aligned=False` is the ablation without alignment guidance: importance from the two attention
+    terms alone, and no alignment loss; the bank still sets each sample's threshold.
     """
 
     temperature: float = 1.0
@@ -67,6 +70,7 @@ class MADTP(Method):
     project: bool = False
     alignment_weight: float = 0.1
     batch_max: bool = False
+    aligned: bool = True
 
     # T is the shared buffer's once patched (a checkpoint brings its own): the field only starts it
     inference_fields: ClassVar[frozenset[str]] = frozenset({"temperature", "batch_max"})
@@ -74,7 +78,7 @@ class MADTP(Method):
     def __post_init__(self) -> None:
         settle(self, temperature=real_within(0.0), layers=optional(layer_indices),
                alignment_tokens=whole_from(1), alignment_width=optional(whole_from(1)), project=flag,
-               alignment_weight=real_within(0.0), batch_max=flag)
+               alignment_weight=real_within(0.0), batch_max=flag, aligned=flag)
 
     @property
     def ragged(self) -> bool:
@@ -123,7 +127,7 @@ class MADTP(Method):
         macs = counts * bank.numel()
         if projections is not None:
             macs = macs + counts * features.shape[-1] * tokens.shape[-1]
-        if run.training:  # pooled features per alignment token, for the alignment loss
+        if run.training and self.aligned:  # pooled features per alignment token, for the alignment loss
             pooled = _softmax_over_tokens(scores / math.sqrt(bank.shape[1]), state.patch_valid())
             layer_pooled = pooled.transpose(1, 2) @ features  # [B, M, W]
             before = run.trace.reports.get(POOLED_REPORT)
@@ -138,7 +142,7 @@ class MADTP(Method):
         if scores is None:
             return state
         valid = state.patch_valid()
-        importance = layer_importance(attn, scores, valid)
+        importance = layer_importance(attn, scores, valid, self.aligned)
         threshold = alignment_threshold(scores, importance, run.scratch[_TEMPERATURE], valid)
         candidates = importance > threshold[:, None]
         if valid is not None:
@@ -197,10 +201,12 @@ class LayerImportance:
     kept: Tensor  # [B] non-prefix tokens kept (the rest merged into one)
 
 
-def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None) -> Tensor:
+def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None,
+                     aligned: bool = True) -> Tensor:
     """[B, N] the importance of each non-prefix token: the mean of the attention it receives and
     its best alignment match, each divided by its sum over the sample's tokens, and the class
-    token's attention to it weighted per head by the heads' output norms."""
+    token's attention to it weighted per head by the heads' output norms (without `aligned`, the
+    mean of the two attention terms alone)."""
     state = attn.state
     prefix = state.prefix
     weights = ops.attention_weights(attn.q, attn.k, attn.bias, attn.scale)  # [B, H, N, N]
@@ -220,7 +226,7 @@ def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None) 
     heads = attn.heads_out.unflatten(-1, (attn.k.shape[1], attn.k.shape[3])).norm(dim=-1)  # [B, N, H]
     shares = heads / (heads.sum(dim=-1, keepdim=True) + _EPSILON)
     by_class = (weights[:, :, 0, prefix:] * shares[:, prefix:].transpose(1, 2)).sum(dim=1)  # [B, N]
-    importance = (received + best + by_class) / 3.0
+    importance = (received + best + by_class) / 3.0 if aligned else (received + by_class) / 2.0
     return importance if valid is None else importance * valid
 
 
