@@ -200,7 +200,7 @@ def _pairs() -> list[dict[str, Tensor]]:
 
 
 def test_temperature_is_set_to_a_macs_budget_of_both_towers_together_and_stored_with_the_bank():
-    model, sieve = _towers(alignment_tokens=8)  # (a tiny tower: a bank of 100 would cost more than it saves)
+    model, sieve = _towers(alignment_tokens=8)  # tiny towers: a bank of 100 would cost more than it saves
     result = ts.calibrate_temperature(model, _pairs(), macs_budget=0.85)
     assert result.macs == pytest.approx(0.85 * result.dense_macs, rel=0.02)
     assert float(sieve.shared["bank"].temperature) == result.temperature > 0
@@ -245,3 +245,15 @@ def test_without_alignment_guidance_importance_is_the_attention_terms_and_nothin
     with ts.trace(model) as traces:
         model(x)
     assert POOLED_REPORT not in traces[0].reports
+
+
+def test_the_attention_map_is_computed_once_and_read_by_the_method():
+    model = strengthen(host_model("timm-vit"))
+    x = images(2)
+    torch.manual_seed(0)
+    ts.patch(model, ts.MADTP(temperature=8.0, layers=(LAYER,)))
+    report = ts.flops(model, x)
+    assert "importance" not in report.overhead  # the block's own map, not a second one
+    torch.manual_seed(0)
+    ts.patch(model, ts.MADTP(temperature=8.0, layers=(LAYER,)), attention="eager")
+    assert ts.flops(model, x).macs == report.macs

@@ -269,6 +269,7 @@ class Runner:
         block_input = state.x
         record.attention_tokens = state.token_counts()
         own_attention = runs_own_attention(view)
+        weights = None  # the attention map, spelled out only for a method that reads it
         packed = _packed_rows(state, method, call.opening.block_call)
         if packed is not None:
             record.mlp_tokens = record.attention_tokens
@@ -286,17 +287,21 @@ class Runner:
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
             if state.keep is not None:
                 heads_out = ops.policy_attention(q, k, v, state.keep, view.scale, bias)
+            elif method.reads_attention_weights(layer):
+                dropout = view.attention_dropout()
+                heads_out, weights = ops.attention_and_weights(q, k, v, bias, view.scale, dropout)
             else:
                 heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
             batch, heads, tokens, dim = heads_out.shape
             heads_out = heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim)
         x = _residual(block_input, view.attention_branch(heads_out))
         state = state.replace(x=_norm_after(view, "attention", x))
-        attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention, heads_out=heads_out)
+        attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention, heads_out=heads_out,
+                             weights=weights)
         state = self._step(scope, method.after_attention, layer, state, attn, run)
         # Free the attention's buffers before the MLP allocates its own, as the host's block does:
         # a larger live set makes the allocator return and re-fault pages on every call.
-        attn = q = k = v = heads_out = x = None
+        attn = q = k = v = heads_out = weights = x = None
         if state.keep is None:
             block_input = None
         record.mlp_tokens = state.token_counts()

@@ -30,6 +30,7 @@ class AttentionView:
     state: TokenState
     exact: bool = True
     heads_out: Tensor | None = None  # [B, N, H*d] each head's output, before the output projection
+    weights: Tensor | None = None  # [B, H, N, N] the attention map, when the method reads it
 
     def class_attention(self) -> Tensor:
         """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix]."""
@@ -123,6 +124,12 @@ class Method:
         """Each stage's threshold in the `parts` the method bound for `spec`, by block: 0-dim
         tensors that calibration writes."""
         raise NotImplementedError(f"{self} keeps no tokens by thresholds")
+
+    def reads_attention_weights(self, layer: int) -> bool:
+        """Whether the method reads block `layer`'s attention map (`AttentionView.weights`): the
+        block then spells its attention out and hands the map over, instead of the fused kernel,
+        which gives no map, and the method computing it again."""
+        return False
 
     def call_inputs(self, spec: ModelSpec) -> tuple[CallInput, ...]:
         """The tensors the method reads from every forward call (`tokensieve.inputs`)."""

@@ -93,6 +93,9 @@ class MADTP(Method):
         check_layers(layers, spec.depth, "MADTP")
         return layers
 
+    def reads_attention_weights(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
     def bind(self, spec: ModelSpec) -> None:
         needs_class_token(spec, "MADTP")
         if spec.dense_only:
@@ -209,10 +212,12 @@ def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None,
     mean of the two attention terms alone)."""
     state = attn.state
     prefix = state.prefix
-    weights = ops.attention_weights(attn.q, attn.k, attn.bias, attn.scale)  # [B, H, N, N]
-    if state.trace is not None:  # the map again: the fused kernel gives no weights
-        width = attn.k.shape[1] * attn.k.shape[3]
-        state.trace.add_overhead("importance", state.token_counts() ** 2 * width)
+    weights = attn.weights  # [B, H, N, N], the map the block's attention used
+    if weights is None:  # attention the host ran its own way: the map again, at its cost
+        weights = ops.attention_weights(attn.q, attn.k, attn.bias, attn.scale)
+        if state.trace is not None:
+            width = attn.k.shape[1] * attn.k.shape[3]
+            state.trace.add_overhead("importance", state.token_counts() ** 2 * width)
     queries = torch.ones(weights.shape[:1] + weights.shape[2:3], dtype=weights.dtype, device=weights.device)
     queries[:, :prefix] = 0.0  # the non-prefix queries that are tokens
     if valid is not None:

@@ -1,6 +1,12 @@
 """Pure tensor functions: no module state, no knowledge of hosts or methods."""
 
-from tokensieve.ops.attention import attention, attention_weights, class_attention, policy_attention
+from tokensieve.ops.attention import (
+    attention,
+    attention_and_weights,
+    attention_weights,
+    class_attention,
+    policy_attention,
+)
 from tokensieve.ops.masks import causal_mask, key_mask
 from tokensieve.ops.matching import bipartite_merge
 from tokensieve.ops.select import (
@@ -16,6 +22,7 @@ from tokensieve.ops.select import (
 __all__ = [
     "MIN_KEPT_TOKENS",
     "attention",
+    "attention_and_weights",
     "attention_weights",
     "bipartite_merge",
     "causal_mask",

@@ -17,8 +17,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
     """
     if not eager:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
-    weights = F.dropout(attention_weights(q, k, bias, scale), p=dropout, training=dropout > 0)
-    return weights @ v
+    return attention_and_weights(q, k, v, bias, scale, dropout)[0]
+
+
+def attention_and_weights(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+                          dropout: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Softmax attention spelled out: the output [B, H, N, d] and the map [B, H, N, N] it used
+    (before dropout), for a method that reads the map (`Method.reads_attention_weights`)."""
+    weights = attention_weights(q, k, bias, scale)
+    return F.dropout(weights, p=dropout, training=dropout > 0) @ v, weights
 
 
 def attention_weights(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
