@@ -200,7 +200,7 @@ def _pairs() -> list[dict[str, Tensor]]:
 
 
 def test_temperature_is_set_to_a_macs_budget_of_both_towers_together_and_stored_with_the_bank():
-    model, sieve = _towers(alignment_tokens=8)  # tiny towers: a small bank, so its cost stays small beside theirs
+    model, sieve = _towers(alignment_tokens=8)  # tiny towers: a bank small beside them
     result = ts.calibrate_temperature(model, _pairs(), macs_budget=0.85)
     assert result.macs == pytest.approx(0.85 * result.dense_macs, rel=0.02)
     assert float(sieve.shared["bank"].temperature) == result.temperature > 0
