@@ -433,3 +433,20 @@ def test_madtp_prunes_both_towers_of_the_nlvr_model_with_one_bank_and_fit_aligns
         logits = match_logits(model, batch["image"], batch["input_ids"], batch["text_mask"])
     losses = sieve.method.losses([*image, *text])
     assert set(losses) == {"alignment"} and logits.shape == (3, 2)
+
+
+def test_blips_own_forward_cross_attends_only_the_image_tokens_a_ragged_tower_kept():
+    model = tiny("nlvr")
+    sharpen_attention(model.vision_model, 12.0)  # peaked class attention: images keep different counts
+    batch = _batch("nlvr", 3)
+    ts.patch(model.vision_model, ts.TopK(mass=0.5, layers=(0,)))
+    with torch.no_grad(), ts.trace(model.vision_model) as traces:
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["text_mask"],
+                    pixel_values=batch["image"]).itm_score
+    assert len(set(traces[0].output_mask().sum(dim=1).tolist())) > 1  # a ragged image batch
+    torch.testing.assert_close(own, _outputs("nlvr", model, batch), atol=1e-5, rtol=0)
+    for i in range(3):  # each pair as it scores alone
+        with torch.no_grad():
+            alone = model(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["text_mask"][i : i + 1],
+                          pixel_values=batch["image"][i : i + 1]).itm_score
+        torch.testing.assert_close(own[i], alone[0], atol=1e-5, rtol=0)

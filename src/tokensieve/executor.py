@@ -34,6 +34,7 @@ class CallScope:
     method_seconds: float | None = None  # set to 0.0 to time the method's own steps
     entry: tuple[Tensor, Any] | None = None  # (entry module's output, what the host read from its inputs)
     handoff: _Handoff | None = None  # what the last block run in this thread handed to the next
+    output_valid: Tensor | None = None  # [B, N_out] the rows the last call returned that are tokens
 
 
 @dataclass
@@ -376,7 +377,7 @@ class Runner:
             out, valid = state.x, state.valid
         if valid is None:
             valid = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
-        state.trace.output_valid = valid
+        state.trace.output_valid = scope.output_valid = valid
         return out
 
     def _follow_input(self, x: Tensor) -> None:

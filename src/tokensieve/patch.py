@@ -248,6 +248,14 @@ def inputs(model: nn.Module, **tensors: Tensor) -> Iterator[None]:
             scope.inputs.pop()
 
 
+def output_mask(model: nn.Module) -> Tensor | None:
+    """[B, N] long: 1 on the rows the patched `model`'s last forward in this thread returned that
+    are tokens, 0 on padding (a ragged batch's); None before its first forward. transformers'
+    mask convention, for a text encoder that cross-attends to that output."""
+    valid = runner_of(model).scope().output_valid
+    return None if valid is None else valid.long()
+
+
 def call_input_names(model: nn.Module) -> frozenset[str]:
     """The per-call inputs the methods patched in `model` read (`Method.call_inputs`); empty when
     none is patched or none reads any."""

@@ -20,11 +20,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tokensieve.hosts.hf_blip_text import keep_cross_attention_mask
 from tokensieve.reference.detection import build_detector, is_detector
 from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import SegmentationViT
 from tokensieve.reference.tos import TosModel
+from tokensieve.reference.vl import cross_attend_kept_image_tokens
 
 TASKS = ("cls", "seg", "tos", "nlvr", "retrieval", "det")
 # the reference models that are one transformers class, loaded whole by from_pretrained
@@ -158,7 +158,7 @@ def _load_plain(task: str, path: Path) -> transformers.PreTrainedModel:
                          f"({cls.__name__}); pass the directory `tokensieve train {task} --out` wrote")
     model = _from_pretrained(cls, path, task)
     if task == "nlvr":  # as build_nlvr: cross-attention skips a ragged tower's padding
-        keep_cross_attention_mask(model.text_encoder)
+        cross_attend_kept_image_tokens(model)
     return model
 
 

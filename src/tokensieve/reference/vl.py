@@ -23,6 +23,8 @@ of each row, wherever padding leaves it. Prune `model.vision_model` (both), `mod
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 import tokensieve as ts
 from tokensieve.hosts.hf_blip_text import keep_cross_attention_mask
+from tokensieve.patch import output_mask
 from tokensieve.tasks import PAD_ID, VOCABULARY
 
 VL_IMAGE_SIZE = 224
@@ -85,9 +88,34 @@ def retrieval_config(vision: dict | None = None, text: dict | None = None,
 
 def build_nlvr(config: transformers.BlipConfig | None = None) -> transformers.BlipForImageTextRetrieval:
     """A fresh nlvr model (default: `nlvr_config()`), its text encoder applying the image mask."""
-    model = transformers.BlipForImageTextRetrieval(config or nlvr_config())
+    return cross_attend_kept_image_tokens(transformers.BlipForImageTextRetrieval(config or nlvr_config()))
+
+
+def cross_attend_kept_image_tokens(model: transformers.BlipForImageTextRetrieval
+                                   ) -> transformers.BlipForImageTextRetrieval:
+    """Make the nlvr model's text encoder cross-attend only to the image tokens its vision tower
+    really returned, in its own forward too (which `fit` trains through): transformers' BLIP
+    forward passes an all-ones image mask, and a patched vision tower that keeps a different count
+    per image pads its output. Where the forward passes no mask or an all-ones one, a pre-hook
+    gives the text encoder the vision tower's last output mask (`tokensieve.patch.output_mask`)
+    when it is the shape of the image tokens passed. Idempotent; returns `model`."""
     keep_cross_attention_mask(model.text_encoder)
+    if not getattr(model.text_encoder, "_tokensieve_reads_image_mask", False):
+        hook = functools.partial(_kept_image_mask, model.vision_model)
+        model.text_encoder.register_forward_pre_hook(hook, with_kwargs=True)
+        model.text_encoder._tokensieve_reads_image_mask = True
     return model
+
+
+def _kept_image_mask(vision: nn.Module, module: nn.Module, args: tuple,
+                     kwargs: dict) -> tuple[tuple, dict] | None:
+    memory, given = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
+    if memory is None or not ts.is_patched(vision) or (given is not None and not bool(given.all())):
+        return None
+    mask = output_mask(vision)
+    if mask is None or mask.shape != memory.shape[:2]:
+        return None
+    return args, {**kwargs, "encoder_attention_mask": mask.to(memory.device)}
 
 
 def build_retrieval(config: transformers.CLIPConfig | None = None) -> transformers.CLIPModel:
