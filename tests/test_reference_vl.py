@@ -447,6 +447,7 @@ def test_blips_own_forward_cross_attends_only_the_image_tokens_a_ragged_tower_ke
     torch.testing.assert_close(own, _outputs("nlvr", model, batch), atol=1e-5, rtol=0)
     for i in range(3):  # each pair as it scores alone
         with torch.no_grad():
-            alone = model(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["text_mask"][i : i + 1],
-                          pixel_values=batch["image"][i : i + 1]).itm_score
+            one = slice(i, i + 1)
+            alone = model(input_ids=batch["input_ids"][one], attention_mask=batch["text_mask"][one],
+                          pixel_values=batch["image"][one]).itm_score
         torch.testing.assert_close(own[i], alone[0], atol=1e-5, rtol=0)
