@@ -451,3 +451,18 @@ def test_blips_own_forward_cross_attends_only_the_image_tokens_a_ragged_tower_ke
             alone = model(input_ids=batch["input_ids"][one], attention_mask=batch["text_mask"][one],
                           pixel_values=batch["image"][one]).itm_score
         torch.testing.assert_close(own[i], alone[0], atol=1e-5, rtol=0)
+
+
+def test_madtp_trains_on_nlvr_at_a_macs_budget_its_temperature_set_on_validation(tmp_path, monkeypatch):
+    from tokensieve.reference import calibration, train_method
+
+    monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
+    monkeypatch.setattr(calibration, "DEFAULT_CALIBRATION_SAMPLES", 8)
+    model = train_method("nlvr", ts.MADTP(alignment_tokens=16), tmp_path / "run", steps=2, batch_size=4,
+                         macs_budget=0.5, progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(set(line["method_losses"]) == {"alignment"} for line in logs)  # both towers ran, aligned
+    bank = ts.sieve_of(model.vision_model).shared["bank"]
+    spent = calibration.calibrate_reference(model, "nlvr", macs_budget=0.5)  # again: the T it found
+    assert spent.temperature == pytest.approx(float(bank.temperature))
+    assert spent.macs == pytest.approx(0.5 * spent.dense_macs, rel=0.02)

@@ -9,7 +9,7 @@ import click
 import torch
 
 from tokensieve.cli_methods import patch_or_refuse, read_method
-from tokensieve.methods import Method
+from tokensieve.methods import MADTP, Method
 from tokensieve.train.precision import PRECISIONS
 
 TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
@@ -38,7 +38,7 @@ TASK = click.Choice(["cls", "seg", "tos", "nlvr", "retrieval", "det"])
 @click.option("--macs-budget", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="A thresholded run's thresholds (SViT's, VLTP's with by_threshold=true) spend this share "
                    "of the encoder's dense MACs, gates and decoders included (default: the method's keep "
-                   "shares), set on the validation split.")
+                   "shares), set on the validation split; MADTP's temperature: both towers together.")
 @click.option("--text", "text_encoder", type=click.Choice(["words", "minilm"]), default="words",
               show_default=True,
               help="tos only: the text encoder, trained over the task words, or the frozen pretrained MiniLM "
@@ -90,10 +90,11 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         click.echo(f"reference weights written to {target}")
         return
     method = read_method(method_spec, "--method")
-    if macs_budget is not None and not method.reads_thresholds:
-        raise click.UsageError(f"--macs-budget sets a method's thresholds; {method} has none (give svit "
-                               "with per_image=False and keep < 1, vltp with by_threshold=True, or "
-                               "drop --macs-budget)")
+    sets_temperature = isinstance(method, MADTP) and macs_budget is not None
+    if macs_budget is not None and not (method.reads_thresholds or sets_temperature):
+        raise click.UsageError(f"--macs-budget sets a method's thresholds or temperature; {method} has "
+                               "neither (give svit with per_image=False and keep < 1, vltp with "
+                               "by_threshold=True, or madtp; or drop --macs-budget)")
     _check_fits(task, [method], None, "--method")
     frozen = "-frozen" if freeze_host else ""  # a run of another kind: its own directory
     run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}{frozen}"
@@ -109,7 +110,7 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
     # A thresholded run's product is its calibrated thresholds, which its checkpoints do not hold:
     # it is stored (in the package by default). Other runs are loaded from their checkpoints.
     target = Path(out) if out else None
-    if target is None and method.reads_thresholds:
+    if target is None and (method.reads_thresholds or sets_temperature):
         target = method_weights(task, method_name(method))
     train_method(task, method, run, steps=steps, out_dir=target, **options)
     stored = "" if target is None else f", the model and method in {target}"

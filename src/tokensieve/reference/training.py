@@ -174,8 +174,8 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     with the task's mask loss and its relevance loss against each sentence's mask, which the
     batches hand the model (`TosModel(masks=...)`), and no distillation. MADTP on nlvr prunes both
     towers with one bank (`patch_reference`) and trains with the task loss and its alignment loss,
-    no distillation; its T is the method's `temperature` (set it to a budget afterwards with
-    `tokensieve.calibrate_temperature` on the validation split).
+    no distillation; with `macs_budget` (a share of both towers' dense MACs) its T is set on the
+    validation split to the budget before training (the untrained bank's) and again after it.
 
     With `method=None` the shipped model is fine-tuned alone, by the same recipe (the host at
     lr · model_lr_scale, the task loss alone): the dense control of a method's run, since part of
@@ -185,13 +185,14 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     `load_method`): the host in fp16, which SViT's thresholds are calibrated on, so that the
     stored model is the one calibrated; a frozen host is not stored (it is the shipped model)."""
     calibrates = method is not None and method.reads_thresholds
+    sets_temperature = isinstance(method, MADTP) and macs_budget is not None
     if method is None and (out_dir is not None or freeze_host):
         raise ValueError("method=None fine-tunes the host alone: there is no method to store or to train "
                          "over a frozen host; give a method, or drop out_dir and freeze_host")
-    if macs_budget is not None and not calibrates:
-        raise ValueError(f"macs_budget sets a method's thresholds; {method} has none to set. Drop the "
-                         "budget, or train SViT with per_image=False and keep < 1, or VLTP with "
-                         "by_threshold=True")
+    if macs_budget is not None and not (calibrates or sets_temperature):
+        raise ValueError(f"macs_budget sets a method's thresholds or temperature; {method} has none to set. "
+                         "Drop the budget, or train SViT with per_image=False and keep < 1, VLTP with "
+                         "by_threshold=True, or MADTP")
     model = load_reference(task)
     if pruning_text is not None:
         if pruning_text != "minilm" or not isinstance(model, TosModel) or out_dir is not None:
@@ -221,6 +222,8 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
         precision=precision, progress=progress,
     )
     data = make_dataset(task, "train", size=steps * batch_size, image_size=size)
+    if sets_temperature:  # train at the budget: T set on validation for the untrained bank first
+        calibrate_reference(model, task, macs_budget)
     try:
         fit(model, data, task_loss(task), config, collate_fn=collate, evaluate=validation(task, size),
             logits_of=task_logits(task))
@@ -230,7 +233,7 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     model.eval()
     if out_dir is not None and not freeze_host:  # a frozen host is the shipped fp16 model already
         _round_to_half(model)
-    if calibrates:
+    if calibrates or sets_temperature:
         calibrate_reference(model, task, macs_budget)
     if out_dir is not None:
         save_method(model, out_dir, shipped_host=task if freeze_host or encoder_frozen else None,
