@@ -41,6 +41,15 @@ REFUSED = {
     "decoder_layers": [(0, ValueError), (1.5, TypeError)],
     "shared": [(1, TypeError), ("True", TypeError), (None, TypeError)],
     "relevance_weight": [(True, TypeError), ("1", TypeError), (-1.0, ValueError), (float("inf"), ValueError)],
+    "by_threshold": [(1, TypeError), ("True", TypeError), (None, TypeError)],
+    "temperature": [(True, TypeError), ("1", TypeError), (-0.5, ValueError), (float("inf"), ValueError)],
+    "alignment_tokens": [(0, ValueError), (1.5, TypeError), ("100", TypeError), (True, TypeError)],
+    "alignment_width": [(0, ValueError), (2.5, TypeError), ("768", TypeError)],
+    "project": [(1, TypeError), ("True", TypeError), (None, TypeError)],
+    "alignment_weight": [(True, TypeError), ("0.1", TypeError), (-1.0, ValueError),
+                         (float("nan"), ValueError)],
+    "batch_max": [(0, TypeError), ("False", TypeError), (None, TypeError)],
+    "aligned": [(1, TypeError), ("yes", TypeError)],
 }
 REFUSED_CASES = [pytest.param(cls, name, value, error, id=f"{cls.__name__}-{name}={value!r}")
                  for cls in CLASSES for f in dataclasses.fields(cls) if f.name in REFUSED
