@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import tokensieve as ts
 from tokensieve.flops import report_from_trace
+from tokensieve.methods import madtp
 from tokensieve.methods.madtp import IMPORTANCE_REPORT, POOLED_REPORT
 from tokensieve.patch import runner_of
 
@@ -115,7 +116,7 @@ def test_temperature_zero_prunes_nothing_and_higher_prunes_more():
 def _towers(**settings) -> tuple[nn.Module, ts.Sieve]:
     model = blip_retrieval()
     torch.manual_seed(0)
-    sieve = ts.patch([model.vision_model, model.text_encoder], ts.MADTP(temperature=16.0, **settings))
+    sieve = ts.patch([model.vision_model, model.text_encoder], ts.MADTP(**{"temperature": 16.0, **settings}))
     return model, sieve
 
 
@@ -257,3 +258,64 @@ def test_the_attention_map_is_computed_once_and_read_by_the_method():
     torch.manual_seed(0)
     ts.patch(model, ts.MADTP(temperature=8.0, layers=(LAYER,)), attention="eager")
     assert ts.flops(model, x).macs == report.macs
+
+
+@pytest.mark.parametrize("lengths", [[4, 12, 12], [12, 12, 4]], ids=["short-first", "short-last"])
+def test_the_batch_count_on_padded_text_is_the_batchs_largest_and_never_keeps_padding(lengths):
+    model = _towers(batch_max=True)[0]
+    ids, mask = texts(lengths)
+    with torch.no_grad(), ts.trace(model.text_encoder) as traces:
+        model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=torch.zeros(3, 17, 48))
+    for stage, record in zip(traces[0].reports[IMPORTANCE_REPORT], traces[0].layers, strict=True):
+        available = torch.tensor(lengths) - 1 if stage.layer == 0 else None
+        if available is not None:
+            largest = int((stage.importance > stage.threshold[:, None]).sum(dim=1).max())
+            expected = torch.minimum(torch.full((3,), largest), available)
+            expected = torch.where(available - expected < 2, available, expected)
+            assert torch.equal(stage.kept, expected)
+        real = record.index[record.valid] if record.valid is not None else record.index.flatten()
+        assert bool((record.valid.sum(dim=1) <= torch.tensor(lengths)).all())  # no padding became a token
+        assert bool((real < max(lengths)).all())
+    short = lengths.index(4)
+    assert bool((traces[0].layers[-1].index[short][traces[0].layers[-1].valid[short]] < 4).all())
+
+
+def test_a_sample_with_no_token_above_its_threshold_keeps_every_token(monkeypatch):
+    model = strengthen(host_model("timm-vit"))
+    torch.manual_seed(0)
+    ts.patch(model, ts.MADTP(temperature=8.0, layers=(LAYER,)))
+
+    def at_the_top(scores, importance, temperature, valid):  # none is rated above it
+        return importance.amax(dim=1)
+
+    monkeypatch.setattr(madtp, "alignment_threshold", at_the_top)
+    with torch.no_grad(), ts.trace(model) as traces:
+        model(images(2))
+    stage = traces[0].reports[IMPORTANCE_REPORT][0]
+    assert stage.kept.tolist() == [64, 64] and traces[0].kept_tokens()[LAYER].tolist() == [65, 65]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_keeps_outputs_finite_and_the_temperature_in_float64(dtype):
+    model, sieve = _towers(temperature=3.0)
+    ids, mask = texts([5, 9, 12])
+    pixels = distinct_images()[:, :, :32, :32]
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score
+    assert torch.isfinite(out).all()
+    sieve.to(dtype)
+    assert sieve.shared["bank"].temperature.dtype == torch.float64
+    assert float(sieve.shared["bank"].temperature) == 3.0
+
+
+def test_blips_own_forward_cross_attends_only_what_the_image_tower_patched_with_it_kept():
+    model, _ = _towers()
+    ids, mask = texts([5, 9, 12])
+    pixels = distinct_images()[:, :, :32, :32]
+    with torch.no_grad(), ts.trace(model.vision_model) as image:
+        batch = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score
+    assert len(set(image[0].output_mask().sum(dim=1).tolist())) > 1  # a ragged image batch
+    for i, length in enumerate([5, 9, 12]):
+        with torch.no_grad():
+            alone = model(input_ids=ids[i : i + 1, :length], pixel_values=pixels[i : i + 1]).itm_score
+        torch.testing.assert_close(batch[i], alone[0], atol=TOLERANCE, rtol=0)

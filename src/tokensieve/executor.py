@@ -92,6 +92,7 @@ class Runner:
         self.host, self.method, self.parts, self.eager, self.dense = host, method, parts, eager, dense
         self.shared, self.module = shared, module
         self.patched: nn.Module | None = None  # the module whose blocks this runner stands in for
+        self.together: list[Runner] = []  # the runners patched in the same call (e.g. the other tower)
         self.last_layer = len(host.blocks) - 1
         self.replaced: dict[int, Callable | None] = {}  # layer -> instance forward found at patch time
         self.replaced_entry: Callable | None = None  # the same, for the host's entry module
@@ -166,7 +167,7 @@ class Runner:
         same), the method (none with pruning off) and the call's inputs."""
         entry, scope.entry = scope.entry, None
         entry_inputs = entry[1] if entry is not None and entry[0] is x else None  # not another call's
-        block_call = self.host.read_call(x, args, kwargs, entry_inputs)
+        block_call = self._with_memory_mask(self.host.read_call(x, args, kwargs, entry_inputs))
         self._follow_input(x)
         method, inputs = _DENSE, {}
         training = self.host.blocks[0].training
@@ -177,6 +178,20 @@ class Runner:
             if training and not torch.is_grad_enabled() and self._checkpoints_reentrantly():
                 raise ValueError(_REENTRANT_CHECKPOINTING)
         return _Opening(block_call, method, inputs, training)
+
+    def _with_memory_mask(self, block_call: BlockCall) -> BlockCall:
+        """`block_call`, its memory masked where a tower patched together with this one last
+        returned padding: a text tower cross-attending to an image tower that keeps a different
+        count per image gets that tower's output rows as its memory, padding included, and a
+        caller (transformers' BLIP forward) that passes no mask, or an all-ones one."""
+        memory = block_call.memory
+        if memory is None or (block_call.memory_mask is not None and not bool(block_call.memory_mask.all())):
+            return block_call
+        for other in self.together:
+            valid = other.scope().output_valid if other is not self else None
+            if valid is not None and valid.shape == memory.shape[:2] and not bool(valid.all()):
+                return dataclasses.replace(block_call, memory_mask=valid.to(memory.device))
+        return block_call
 
     def _checkpoints_reentrantly(self) -> bool:
         """Whether the model's own loop runs this call's blocks through reentrant checkpointing, which

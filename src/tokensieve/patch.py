@@ -91,6 +91,8 @@ def patch(model: nn.Module | Sequence[nn.Module], method: Method,
                       dense=dense or host.spec.dense_only, shared=shared, module=i)
                for i, (host, module_parts) in enumerate(zip(hosts, parts, strict=True))]
     sieve = Sieve(method, runners, shared)
+    for runner in runners:
+        runner.together = runners
     for m, runner in zip(models, runners, strict=True):
         runner.patched = m
         _attach(runner)

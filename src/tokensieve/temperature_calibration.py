@@ -22,6 +22,7 @@ from tokensieve.patch import patched_within, runner_of, trace
 
 FIRST_TEMPERATURE = 1.0  # the authors' starting T
 MAX_DOUBLINGS = 24  # T up to 2^24: a budget below what that spends is out of reach
+FLAT_DOUBLINGS = 3  # doublings in a row that spend no less: the budget is out of reach
 
 
 @dataclass(frozen=True)
@@ -104,14 +105,18 @@ def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
 
     low, high = 0.0, FIRST_TEMPERATURE  # low spends more than the budget, high (once found) less
     share = trial(high)
-    doublings = 0
+    doublings = flat = 0
     while share > budget * (1 + tolerance) and doublings < MAX_DOUBLINGS and len(tried) < max_rounds:
+        before = share
         low, high = high, 2 * high
         share = trial(high)
         doublings += 1
-    if share > budget * (1 + tolerance) and doublings == MAX_DOUBLINGS:
+        flat = flat + 1 if share >= before else 0
+        if flat == FLAT_DOUBLINGS:  # no longer falling: each threshold has reached its mean importance
+            break
+    if share > budget * (1 + tolerance):
         raise ValueError(f"macs_budget={budget}: at T={high:g} these towers still spend {share:.3f} of their "
-                         "dense MACs on this data; give a larger budget")
+                         "dense MACs on this data (more T prunes no more); give a larger budget")
     while abs(share - budget) > tolerance * budget and len(tried) < max_rounds:
         middle = (low + high) / 2
         share = trial(middle)

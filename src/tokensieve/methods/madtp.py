@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -82,7 +82,7 @@ class MADTP(Method):
 
     @property
     def ragged(self) -> bool:
-        return not self.batch_max and self.temperature > 0.0
+        return not self.batch_max  # whatever T starts at: calibration or a checkpoint may raise it
 
     @property
     def keeps_positions(self) -> bool:
@@ -94,7 +94,7 @@ class MADTP(Method):
         return layers
 
     def reads_attention_weights(self, layer: int) -> bool:
-        return self.layers is None or layer in self.layers
+        return self.temperature > 0.0 and (self.layers is None or layer in self.layers)
 
     def bind(self, spec: ModelSpec) -> None:
         needs_class_token(spec, "MADTP")
@@ -145,27 +145,30 @@ class MADTP(Method):
         if scores is None:
             return state
         valid = state.patch_valid()
+        scores = scores.float()  # rated in fp32: in fp16 the sums' epsilon vanishes and S / T overflows
         importance = layer_importance(attn, scores, valid, self.aligned)
         threshold = alignment_threshold(scores, importance, run.scratch[_TEMPERATURE], valid)
         candidates = importance > threshold[:, None]
         if valid is not None:
             candidates &= valid
+        counts = candidates.sum(dim=1)
         available = state.patch_counts()
-        counts = candidates.sum(dim=1).clamp_min(ops.MIN_KEPT_TOKENS)
-        if self.batch_max:
-            counts = counts.max().expand_as(counts)
-        counts = torch.where(available - counts >= MIN_PRUNED, counts, available)
+        available = counts.new_full(counts.shape, available) if isinstance(available, int) else available
+        if self.batch_max:  # the batch's largest count, at most what each sample has
+            counts = torch.minimum(counts.max().expand_as(counts), available)
+        # none above the threshold, or fewer than two tokens to merge: the sample keeps every token
+        counts = torch.where((counts == 0) | (available - counts < MIN_PRUNED), available, counts)
         run.append_report(IMPORTANCE_REPORT, LayerImportance(layer, importance, threshold, counts))
         if not bool((counts < available).any()):
             return state
         ranked = importance if valid is None else importance.masked_fill(~valid, -math.inf)
-        slots, kept_valid = ops.keep_top(ranked, int(counts[0]) if self.batch_max else counts, state.prefix,
-                                         valid)
+        equal = bool((counts == counts[0]).all())
+        slots, kept_valid = ops.keep_top(ranked, int(counts[0]) if equal else counts, state.prefix, valid)
         weights = _merge_weights(importance, slots[:, state.prefix :] - state.prefix, kept_valid, valid,
                                  state.prefix)
         if state.trace is not None:
-            state.trace.add_overhead("merge", available * state.x.shape[-1])
-        return state.fuse_rest(slots, weights, kept_valid)
+            state.trace.add_overhead("merge", state.patch_counts() * state.x.shape[-1])
+        return state.fuse_rest(slots, weights.to(state.x.dtype), kept_valid)
 
     def losses(self, traces: Sequence[Trace]) -> dict[str, Tensor]:
         if self.alignment_weight == 0.0:
@@ -193,6 +196,13 @@ class AlignmentBank(nn.Module):
         self.tokens = nn.Parameter(torch.randn(tokens, width))
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float64))
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AlignmentBank:
+        # T stays float64 whatever the weights are cast to: its value is the calibrated one
+        temperature = self.temperature
+        super()._apply(fn, recurse)
+        self.temperature = temperature.to(self.tokens.device)
+        return self
+
 
 @dataclass(frozen=True)
 class LayerImportance:
@@ -218,6 +228,7 @@ def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None,
         if state.trace is not None:
             width = attn.k.shape[1] * attn.k.shape[3]
             state.trace.add_overhead("importance", state.token_counts() ** 2 * width)
+    weights = weights.float()
     queries = torch.ones(weights.shape[:1] + weights.shape[2:3], dtype=weights.dtype, device=weights.device)
     queries[:, :prefix] = 0.0  # the non-prefix queries that are tokens
     if valid is not None:
@@ -228,7 +239,7 @@ def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None,
         received, best = received * valid, best * valid
     received = received / (received.sum(dim=1, keepdim=True) + _EPSILON)
     best = best / (best.sum(dim=1, keepdim=True) + _EPSILON)
-    heads = attn.heads_out.unflatten(-1, (attn.k.shape[1], attn.k.shape[3])).norm(dim=-1)  # [B, N, H]
+    heads = attn.heads_out.float().unflatten(-1, (attn.k.shape[1], attn.k.shape[3])).norm(dim=-1)  # [B, N, H]
     shares = heads / (heads.sum(dim=-1, keepdim=True) + _EPSILON)
     by_class = (weights[:, :, 0, prefix:] * shares[:, prefix:].transpose(1, 2)).sum(dim=1)  # [B, N]
     importance = (received + best + by_class) / 3.0 if aligned else (received + by_class) / 2.0
