@@ -230,7 +230,7 @@ def test_blip_text_padded_batch_with_padded_image_tokens_equals_each_sample_alon
     ids, mask = texts(LENGTHS)
     image_counts = [17, 11, 6]
     memory, memory_mask = _image_tokens(3, image_counts)
-    torch.manual_seed(0)  # the method's learnable parts (MADTP's bank sets its counts) drawn alike each run
+    torch.manual_seed(1)  # the method's learnable parts (MADTP's bank sets its counts) drawn alike each run
     ts.patch(encoder, method, dense=dense)
     with torch.no_grad(), ts.trace(encoder) as traces:
         batch = encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=memory,
