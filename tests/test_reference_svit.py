@@ -275,3 +275,15 @@ def test_the_dense_control_fine_tunes_the_host_alone_by_the_same_recipe(package,
     assert all(entry["loss_distill"] is None for entry in logged)  # no teacher but itself
     with pytest.raises(ValueError, match="no method to store"):
         train_method("seg", None, tmp_path / "other", steps=2, batch_size=2, out_dir=tmp_path / "out")
+
+
+def test_train_cli_asks_where_to_store_a_calibrated_vltp_or_madtp_run(monkeypatch):
+    import tokensieve.reference as reference
+
+    calls = []
+    monkeypatch.setattr(reference, "train_method", lambda task, method, run, **options: calls.append(options))
+    runner = CliRunner()
+    for task, spec in (("tos", "vltp:by_threshold=true"), ("nlvr", "madtp")):
+        result = runner.invoke(main, ["train", task, "--method", spec, "--macs-budget", "0.6"])
+        assert result.exit_code != 0 and "give --out DIR" in result.output
+    assert calls == []
