@@ -95,6 +95,15 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         raise click.UsageError(f"--macs-budget sets a method's thresholds or temperature; {method} has "
                                "neither (give svit with per_image=False and keep < 1, vltp with "
                                "by_threshold=True, or madtp; or drop --macs-budget)")
+    # A calibrated run's product is its thresholds (or MADTP's T), which its checkpoints do not
+    # hold: it is stored, SViT's in the package by default (as it ships), the others where --out
+    # says (the package's VLTP is another setting). Other runs are loaded from their checkpoints.
+    target = Path(out) if out else None
+    if target is None and method.reads_thresholds and isinstance(method, SViT):
+        target = method_weights(task, method_name(method))
+    elif target is None and (method.reads_thresholds or sets_temperature):
+        raise click.UsageError(f"{method} is calibrated after training, and its checkpoints do not hold what "
+                               "calibration sets: give --out DIR to store the trained model and method")
     _check_fits(task, [method], None, "--method")
     frozen = "-frozen" if freeze_host else ""  # a run of another kind: its own directory
     run = run_dir or f"runs/{task}-{method_spec.replace(':', '-').replace('=', '').replace(',', '-')}{frozen}"
@@ -107,15 +116,6 @@ def train(task: str, method_spec: str | None, run_dir: str | None, out: str | No
         options["freeze_host"] = True
     if freeze_encoder is not None:
         options["freeze_encoder"] = freeze_encoder
-    # A calibrated run's product is its thresholds (or MADTP's T), which its checkpoints do not
-    # hold: it is stored, SViT's in the package by default (as it ships), the others where --out
-    # says (the package's VLTP is another setting). Other runs are loaded from their checkpoints.
-    target = Path(out) if out else None
-    if target is None and method.reads_thresholds and isinstance(method, SViT):
-        target = method_weights(task, method_name(method))
-    elif target is None and (method.reads_thresholds or sets_temperature):
-        raise click.UsageError(f"{method} is calibrated after training, and its checkpoints do not hold what "
-                               "calibration sets: give --out DIR to store the trained model and method")
     train_method(task, method, run, steps=steps, out_dir=target, **options)
     stored = "" if target is None else f", the model and method in {target}"
     click.echo(f"trained {method} on the {task} reference model; checkpoints and log in {run}{stored}")
