@@ -197,19 +197,24 @@ class TokenState:
             grid=self.written_grid(),
         )
 
-    def fuse_rest(self, slots: Tensor, weights: Tensor, valid: Tensor | None = None) -> TokenState:
+    def fuse_rest(self, slots: Tensor, weights: Tensor, valid: Tensor | None = None,
+                  normalized: bool = False) -> TokenState:
         """Keep the tokens at `slots` (as `select`) and fuse every other non-prefix token into one
         token appended after them: their sum weighted by `weights` [B, N - prefix] (one weight per
         non-prefix token), not divided by the weights' sum, as EViT fuses the inattentive tokens by
-        their class attention. Padding is never fused; a sample of a ragged selection that keeps all
-        its tokens gets a fused row marked as padding."""
+        their class attention (`normalized`: divided by their sum over the fused tokens, MADTP's
+        weighted mean). Padding is never fused; a sample of a ragged selection that keeps all its
+        tokens gets a fused row marked as padding."""
         patch_valid = self.patch_valid()
         rest = torch.ones_like(weights) if patch_valid is None else patch_valid.to(weights.dtype)
         kept = slots[:, self.prefix :] - self.prefix
         # Take the kept tokens out; a ragged selection's padding rows point at tokens not kept.
         kept_rest = 0.0 if valid is None else rest.gather(1, kept).masked_fill(valid[:, self.prefix :], 0.0)
         rest = rest.scatter(1, kept, kept_rest)  # [B, N - prefix] 1 on the tokens to fuse
-        fused = torch.bmm((weights * rest)[:, None], self.x[:, self.prefix :])  # [B, 1, C]
+        weights = weights * rest
+        if normalized:
+            weights = weights / (weights.sum(dim=1, keepdim=True) + 1e-8)
+        fused = torch.bmm(weights.to(self.x.dtype)[:, None], self.x[:, self.prefix :])  # [B, 1, C]
         return self.select(slots, valid)._append_fused(fused, rest.sum(dim=1) > 0, self.size)
 
     def activate(self, positions: Tensor, valid: Tensor | None = None) -> TokenState:

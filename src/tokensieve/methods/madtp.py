@@ -164,11 +164,9 @@ class MADTP(Method):
         ranked = importance if valid is None else importance.masked_fill(~valid, -math.inf)
         equal = bool((counts == counts[0]).all())
         slots, kept_valid = ops.keep_top(ranked, int(counts[0]) if equal else counts, state.prefix, valid)
-        weights = _merge_weights(importance, slots[:, state.prefix :] - state.prefix, kept_valid, valid,
-                                 state.prefix)
         if state.trace is not None:
             state.trace.add_overhead("merge", state.patch_counts() * state.x.shape[-1])
-        return state.fuse_rest(slots, weights.to(state.x.dtype), kept_valid)
+        return state.fuse_rest(slots, importance, kept_valid, normalized=True)  # importance in fp32
 
     def losses(self, traces: Sequence[Trace]) -> dict[str, Tensor]:
         if self.alignment_weight == 0.0:
@@ -259,17 +257,6 @@ def _softmax_over_tokens(scores: Tensor, valid: Tensor | None) -> Tensor:
     if valid is not None:
         scores = scores.masked_fill(~valid[..., None], -math.inf)
     return scores.softmax(dim=1)
-
-
-def _merge_weights(importance: Tensor, kept: Tensor, kept_valid: Tensor | None, valid: Tensor | None,
-                   prefix: int) -> Tensor:
-    """[B, N] each merged token's importance over the sum of the merged tokens' (0 elsewhere)."""
-    rest = torch.ones_like(importance) if valid is None else valid.to(importance.dtype)
-    # a ragged selection's padding slots point at tokens not kept: those stay in the rest
-    padding = 0.0 if kept_valid is None else (~kept_valid[:, prefix:]).to(rest.dtype)
-    rest = rest.scatter(1, kept, padding * rest.gather(1, kept))
-    merged = importance * rest
-    return merged / (merged.sum(dim=1, keepdim=True) + _EPSILON)
 
 
 def _paired(pooled: Tensor, other: Tensor) -> Tensor:
