@@ -223,6 +223,16 @@ def predictors(sieve: ts.Sieve) -> list[nn.Module]:
     return found
 
 
+def kept_positions(trace: ts.Trace) -> Tensor:
+    """[B] input positions each sample still has active after the last block: its kept tokens, less
+    the fused token (EViT's, MADTP's), which stands for no single position."""
+    last = trace.layers[-1]
+    fused = last.index < 0
+    if last.valid is not None:
+        fused = fused & last.valid
+    return trace.kept_tokens()[-1] - fused.sum(dim=1)
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The host's transformer blocks, in order."""
     if hasattr(model, "blocks"):

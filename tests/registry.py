@@ -35,7 +35,8 @@ class Entry:
     off: Method  # the same config with pruning off (keep every token, merge none): the host's output
     ragged: Method | None = None  # the variant whose images keep their own token counts, if any
     class_attention: bool = False  # scores by class attention: needs a class token
-    fuses: bool = False  # makes tokens of no single input position (fused, merged): not on positional hosts
+    fuses: bool = False  # makes tokens of no single input position (fused, merged); merged ones (which do
+    # not keep positions) not on positional hosts, fused ones sit at a causal text's end
     equal_counts: bool = False  # pruned and off need equal counts per image: not on padded batches
     overhead: bool = True  # spends MACs outside the host's own layers (scores, matching), as FLOPs count
     map_only: bool = False  # rates the cells of an image map: SAM's encoder only
@@ -64,7 +65,8 @@ class Host:
             return False
         if entry.map_only and not self.image_map:
             return False
-        return not (entry.class_attention and not self.class_token) and not (entry.fuses and self.positional)
+        merges = entry.fuses and not entry.pruned.keeps_positions
+        return not (entry.class_attention and not self.class_token) and not (merges and self.positional)
 
 
 KEEP_ALL = {"keep": 1.0}  # pruning off, for methods with a keep share

@@ -36,6 +36,7 @@ from tokensieve.reference import (
     text_inputs,
     train_reference,
 )
+from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.reference.recipes import phases as recipe_phases
 from tokensieve.reference.recipes.nlvr import phases as nlvr_phases
 from tokensieve.reference.vl import MAX_TEXT_TOKENS, VL_VOCABULARY, nlvr_config, retrieval_config
@@ -332,6 +333,15 @@ def test_tokensieve_eval_scores_the_vl_models_dense_and_pruned(tmp_path):
     assert [row["method"] for row in rows] == ["dense", "RandomDrop(keep=0.5, layers=(1,))"]
     assert all(row["metric"] == "accuracy" for row in rows)
     assert rows[1]["gmacs"] < rows[0]["gmacs"]
+    for row in rows:  # gmacs is both towers' per sample
+        assert set(row["tower_gmacs"]) == {"vision", "text"}
+        assert row["gmacs"] == pytest.approx(sum(row["tower_gmacs"].values()))
+    # the text encoder cross-attends to the image tokens the vision tower kept
+    assert rows[1]["tower_gmacs"]["text"] < rows[0]["tower_gmacs"]["text"]
+    model = load_reference("nlvr", tmp_path / "nlvr")
+    data = make_dataset("nlvr", "val", size=4, image_size=IMAGE_SIZES["nlvr"])
+    vision = ts.flops(model.vision_model, torch.stack([data[i]["image"] for i in range(4)])).macs
+    assert rows[0]["tower_gmacs"]["vision"] == pytest.approx(vision / 1e9)
 
 
 def test_nlvr_warm_ups_train_blips_contrast_then_its_matching_head(tmp_path, monkeypatch):
@@ -453,16 +463,20 @@ def test_blips_own_forward_cross_attends_only_the_image_tokens_a_ragged_tower_ke
         torch.testing.assert_close(own[i], alone[0], atol=1e-5, rtol=0)
 
 
-def test_madtp_trains_on_nlvr_at_a_macs_budget_its_temperature_set_on_validation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["nlvr", "retrieval"])
+def test_madtp_trains_both_towers_at_a_macs_budget_its_temperature_set_on_validation(task, tmp_path,
+                                                                                     monkeypatch):
     from tokensieve.reference import calibration, train_method
 
     monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
     monkeypatch.setattr(calibration, "DEFAULT_CALIBRATION_SAMPLES", 8)
-    model = train_method("nlvr", ts.MADTP(alignment_tokens=16), tmp_path / "run", steps=2, batch_size=4,
-                         macs_budget=0.5, progress=False)
+    # (16 alignment tokens: the least T > 0 already spends under half, so the budget is below that)
+    model = train_method(task, ts.MADTP(alignment_tokens=16), tmp_path / "run", steps=2, batch_size=4,
+                         macs_budget=0.4, progress=False)
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(set(line["method_losses"]) == {"alignment"} for line in logs)  # both towers ran, aligned
+    assert ts.sieve_of(text_encoder(model)) is ts.sieve_of(model.vision_model)  # one bank for both
     bank = ts.sieve_of(model.vision_model).shared["bank"]
-    spent = calibration.calibrate_reference(model, "nlvr", macs_budget=0.5)  # again: the T it found
+    spent = calibration.calibrate_reference(model, task, macs_budget=0.4)  # again: the T it found
     assert spent.temperature == pytest.approx(float(bank.temperature))
-    assert spent.macs == pytest.approx(0.5 * spent.dense_macs, rel=0.02)
+    assert spent.macs == pytest.approx(0.4 * spent.dense_macs, rel=0.02)

@@ -14,6 +14,7 @@ from models import (
     calibrate_predictors,
     clip_text_model,
     distinct_images,
+    kept_positions,
     sharpen_attention,
     texts,
 )
@@ -22,7 +23,9 @@ from torch import nn
 
 import tokensieve as ts
 from tokensieve import ops
+from tokensieve.executor import causal_positions
 from tokensieve.hosts.hf_blip_text import keep_cross_attention_mask
+from tokensieve.tokens import TokenState
 
 TOLERANCE = 1e-5
 LENGTHS = [12, 9, 5]  # three texts, padded to 12 tokens
@@ -176,8 +179,7 @@ def test_clip_text_padded_batch_with_pruning_equals_each_text_alone(method):
         ts.calibrate(model, {"input_ids": ids, "attention_mask": mask})
     with torch.no_grad(), ts.trace(model) as traces:
         batch = model(input_ids=ids, attention_mask=mask)
-    kept = traces[0].kept_tokens()[-1]
-    assert (kept < torch.tensor(LENGTHS)).all()  # every text was pruned
+    assert (kept_positions(traces[0]) < torch.tensor(LENGTHS)).all()  # every text was pruned
     for i, length in enumerate(LENGTHS):
         alone = _clip_alone(model, ids, mask, i)
         torch.testing.assert_close(batch.pooler_output[i], alone.pooler_output[0], atol=TOLERANCE, rtol=0)
@@ -372,16 +374,30 @@ def test_masks_tokensieve_cannot_read_are_refused():
 
 @pytest.mark.parametrize("method", [pytest.param(entry.pruned, id=entry.name)
                                     for entry in REGISTRY if entry.fuses])
-def test_methods_that_break_causal_order_or_positions_are_refused_on_clip_text(method):
+def test_merging_is_refused_on_clip_text_and_fusing_runs_causally(method):
     model = clip_text_model()
     ids, _ = texts([12, 12])
     if not method.keeps_positions:  # merging: refused at once, for the output is read by position
         with pytest.raises(ValueError, match="merges tokens"):
             ts.patch(model, method)
         return
-    ts.patch(model, method)
-    with pytest.raises(ValueError, match="fuse=False"):  # fusing: refused at the first fused token
-        model(input_ids=ids)
+    ts.patch(model, method)  # fusing (EViT's, MADTP's token): the fused token sits at the text's end
+    with ts.trace(model) as traces:
+        out = model(input_ids=ids).pooler_output
+    assert torch.isfinite(out).all()
+    assert any((layer.index == -1).any() for layer in traces[0].layers)  # a fused token ran
+
+
+def test_a_fused_token_on_a_causal_tower_attends_to_all_and_only_the_last_token_attends_to_it():
+    # one text of positions 0..4 (4 its end), position 2 fused away, then input padding at 5
+    index = torch.tensor([[4, 0, 1, 3, 5, -1]])
+    valid = torch.tensor([[True, True, True, True, False, True]])
+    state = TokenState(x=torch.zeros(1, 6, 2), index=index, prefix=2, valid=valid)
+    assert causal_positions(state).tolist() == [[4, 0, 1, 3, 5, 4]]  # at the last real position
+    allowed = ops.causal_mask(causal_positions(state), valid)[0, 0]
+    assert allowed[5].tolist() == [True, True, True, True, False, True]  # the fused token reads all
+    # the end alone reads it (and the padding row, whose output no one reads)
+    assert allowed[:, 5].tolist() == [True, False, False, False, True, True]
 
 
 @pytest.mark.parametrize("method", [pytest.param(entry.pruned, id=entry.name)

@@ -3,7 +3,7 @@
 from tokensieve.bench import BenchResult, benchmark
 from tokensieve.calibration import Calibration, calibrate
 from tokensieve.calls import prepacked
-from tokensieve.flops import FlopsReport, flops
+from tokensieve.flops import FlopsReport, flops, tower_flops
 from tokensieve.methods import (
     MADTP,
     VLTP,
@@ -52,6 +52,7 @@ __all__ = [
     "prepacked",
     "pruning_disabled",
     "sieve_of",
+    "tower_flops",
     "trace",
     "unpatch",
 ]

@@ -179,11 +179,14 @@ def evaluate(task: str, methods: tuple[str, ...], split: str, samples: int | Non
         return
     table = Table(title=f"{task} reference model, {split} split")
     others = list(rows[0].others)  # further scores of the task, e.g. tos's cIoU
-    for column in ("method", rows[0].metric, "vs dense", *others, "encoder GMACs"):
+    towers = list(rows[0].tower_gmacs)  # nlvr, retrieval: each tower's GMACs, then their sum
+    macs_columns = [f"{tower} GMACs" for tower in towers] + ["GMACs (both)" if towers else "encoder GMACs"]
+    for column in ("method", rows[0].metric, "vs dense", *others, *macs_columns):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         table.add_row(row.method, f"{row.score:.4f}", f"{row.relative:+.1%}",
-                      *(f"{row.others[name]:.4f}" for name in others), f"{row.gmacs:.3f}")
+                      *(f"{row.others[name]:.4f}" for name in others),
+                      *(f"{row.tower_gmacs[tower]:.3f}" for tower in towers), f"{row.gmacs:.3f}")
     Console(width=120).print(table)
 
 

@@ -19,7 +19,7 @@ from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.hosts.base import BlockCall, BlockView, Step, is_reentrant, layer_checkpointing
 from tokensieve.methods import AttentionView, Method, MethodRun
 from tokensieve.methods.run import check_inputs
-from tokensieve.tokens import LayerRecord, TokenState, Trace, gather_tokens, repeat_by_size
+from tokensieve.tokens import NO_POSITION, LayerRecord, TokenState, Trace, gather_tokens, repeat_by_size
 
 
 @dataclass
@@ -487,19 +487,28 @@ def _attention_bias(state: TokenState, dtype: torch.dtype, causal: bool = False)
     """Key mask or additive bias [B, 1, 1, N] ([B, 1, N, N] when causal): padding excluded, causal
     order kept by input position (`state.index`), merged tokens weighted by size."""
     if causal:
-        positionless = state.index < 0  # fused tokens, and ragged padding (which is no key anyway)
-        if state.valid is not None:
-            positionless = positionless & state.valid
-        if bool(positionless.any()):
-            raise ValueError("this model attends causally, and a fused or merged token has no single input "
-                             "position to attend from; use TopK, DynamicViT or EViT(fuse=False)")
-        mask = ops.causal_mask(state.index, state.valid)
+        mask = ops.causal_mask(causal_positions(state), state.valid)
     else:
         mask = None if state.valid is None else state.valid[:, None, None, :]
     if state.size is None:
         return mask
     bias = state.size.to(dtype).log()[:, None, None, :]
     return bias if mask is None else bias.masked_fill(~mask, -torch.inf)
+
+
+def causal_positions(state: TokenState) -> Tensor:
+    """[B, N] the input position each token attends from, and is attended at, under a causal mask.
+    A fused token (EViT's, MADTP's) mixes tokens from anywhere in its text, so it sits at the text's
+    last position: it attends to every token, and only the last token (which has seen the whole
+    text; in CLIP the pooled end-of-text token) attends to it. No token reads its own future."""
+    fused = state.index < 0  # fused tokens, and ragged padding (which is no key anyway)
+    if state.valid is not None:
+        fused = fused & state.valid
+    if not bool(fused.any()):
+        return state.index
+    others = ~fused if state.valid is None else state.valid & ~fused  # padding does not end a text
+    last = state.index.masked_fill(~others, NO_POSITION).amax(dim=1, keepdim=True)
+    return torch.where(fused, last, state.index)
 
 
 def _norm_after(view: BlockView, step: Step, x: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ torch.utils.flop_counter.FlopCounterMode counts (it reports FLOPs = 2 x MACs).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,26 @@ def flops(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> FlopsRepor
     with in_mode(model, training=False), _patched(model) as host, torch.no_grad(), trace(model) as traces:
         _call(model, inputs)
     return report_from_trace(host, traces[-1])
+
+
+def tower_flops(model: nn.Module, towers: Sequence[nn.Module],
+                inputs: Tensor | Mapping[str, Tensor]) -> list[FlopsReport]:
+    """Count the MACs of each of `towers` (modules within `model`) in one forward of `model` on
+    `inputs`, one report per tower, per sample of that tower: e.g. BLIP's vision tower and text
+    encoder, whose cross-attention costs what the vision tower kept. A tower that is not patched
+    is counted dense (patched with no method for the call)."""
+    if not towers:
+        raise ValueError("give the towers to count: modules within the model")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(in_mode(model, training=False))
+        stack.enter_context(torch.no_grad())
+        hosts = [stack.enter_context(_patched(tower)) for tower in towers]
+        traces = [stack.enter_context(trace(tower)) for tower in towers]
+        _call(model, inputs)
+    missing = [i for i, records in enumerate(traces) if not records]
+    if missing:
+        raise ValueError(f"the model's forward did not run tower(s) {missing}; give towers within the model")
+    return [report_from_trace(host, records[-1]) for host, records in zip(hosts, traces, strict=True)]
 
 
 def report_from_trace(host: Host, record: Trace) -> FlopsReport:

@@ -31,7 +31,7 @@ class TemperatureCalibration:
 
     temperature: float  # now in the bank's `temperature` buffer
     macs: float  # MACs per sample of the patched towers together, the method's overhead included
-    dense_macs: float  # the same with every token kept
+    dense_macs: float  # the same with every token kept (T = 0), in both towers
     rounds: int  # passes over the data the search took
 
 
@@ -96,11 +96,14 @@ class _Spending:
 
 def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
             max_rounds: int) -> TemperatureCalibration:
-    tried: list[tuple[float, float, float]] = []  # (T, macs, dense)
+    # The dense figure comes from a pass that prunes nothing (T = 0): a pruned pass counts a text
+    # tower's cross-attention over the image tokens that survived, not over all of them.
+    _, dense = spend.at(buffer, 0.0)
+    tried: list[tuple[float, float]] = []  # (T, macs)
 
     def trial(temperature: float) -> float:
-        macs, dense = spend.at(buffer, temperature)
-        tried.append((temperature, macs, dense))
+        macs, _ = spend.at(buffer, temperature)
+        tried.append((temperature, macs))
         return macs / dense
 
     low, high = 0.0, FIRST_TEMPERATURE  # low spends more than the budget, high (once found) less
@@ -124,9 +127,19 @@ def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
             low = middle
         else:
             high = middle
-    temperature, macs, dense = min(tried, key=lambda t: abs(t[1] / t[2] - budget))
+    temperature, macs = min(tried, key=lambda t: abs(t[1] / dense - budget))
+    if abs(macs / dense - budget) > tolerance * budget:
+        # The share is a step function of T (a token more or less in a layer), and T > 0 prunes:
+        # as T falls to 0 each threshold tends to the least importance an alignment token matches
+        # best, which can already spend well under the dense MACs.
+        above = min((m, t) for t, m in [*tried, (0.0, dense)] if m / dense > budget)
+        below = max(((m, t) for t, m in tried if m / dense < budget), default=None)
+        reached = f"T={above[1]:.4g} spends {above[0] / dense:.3f}" + (
+            "" if below is None else f", T={below[1]:.4g} spends {below[0] / dense:.3f}")
+        raise ValueError(f"macs_budget={budget}: no T spends it within {tolerance:.0%} on this data, the "
+                         f"share jumps across it ({reached}); give a budget the towers reach")
     buffer.fill_(temperature)
-    return TemperatureCalibration(temperature, macs, dense, len(tried))
+    return TemperatureCalibration(temperature, macs, dense, len(tried) + 1)
 
 
 __all__ = ["TemperatureCalibration", "calibrate_temperature"]

@@ -86,7 +86,7 @@ class MADTP(Method):
 
     @property
     def keeps_positions(self) -> bool:
-        return False
+        return True  # kept tokens continue their positions; the merged one, appended, has none (as EViT's)
 
     def pruning_layers(self, spec: ModelSpec) -> tuple[int, ...]:
         layers = tuple(range(spec.depth)) if self.layers is None else self.layers
@@ -98,9 +98,6 @@ class MADTP(Method):
 
     def bind(self, spec: ModelSpec) -> None:
         needs_class_token(spec, "MADTP")
-        if spec.dense_only:
-            raise ValueError(f"MADTP merges tokens, and {spec.family}'s output is read by input position; "
-                             "patch an image tower or a bidirectional text tower (BLIP's)")
         self.pruning_layers(spec)
         return None
 

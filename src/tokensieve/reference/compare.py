@@ -16,7 +16,8 @@ from tokensieve.methods.vltp import GUIDANCE
 from tokensieve.patch import call_input_names
 from tokensieve.reference.evaluation import METRICS, evaluate
 from tokensieve.reference.models import IMAGE_SIZES
-from tokensieve.reference.patching import image_encoder, patch_reference
+from tokensieve.reference.patching import image_encoder, patch_reference, text_encoder
+from tokensieve.reference.recipes.batches import VL_TASKS, task_collate
 from tokensieve.reference.shipped_methods import METHOD_STATE, load_method, method_name, shipped_method
 from tokensieve.reference.store import load_reference
 from tokensieve.tasks import make_dataset
@@ -32,8 +33,10 @@ class Row:
     metric: str
     score: float
     relative: float  # score / dense score - 1
-    gmacs: float  # encoder MACs per image (1e9), mean over FLOPS_SAMPLES test images
+    gmacs: float  # encoder MACs per image (1e9), mean over FLOPS_SAMPLES test images; nlvr, retrieval:
+    # both towers' per sample (an image and its text), the sum of `tower_gmacs`
     others: dict[str, float] = field(default_factory=dict)  # further scores, e.g. tos's {"cIoU": ...}
+    tower_gmacs: dict[str, float] = field(default_factory=dict)  # nlvr, retrieval: {"vision": …, "text": …}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,9 +57,12 @@ def compare(task: str, methods: list[Method], split: str = "test", samples: int 
         model = _scored_model(task, method, weights, (trained or {}).get(name))
         scores = evaluate(model, task, data, progress=progress)
         score = scores.pop(METRICS[task])
-        gmacs = encoder_macs(model, data) / 1e9
-        dense_score = rows[0].score if rows else score
-        rows.append(Row(task, name, METRICS[task], score, _relative(score, dense_score), gmacs, scores))
+        towers = {}
+        if task in VL_TASKS:
+            towers = {tower: macs / 1e9 for tower, macs in tower_macs(model, task, data).items()}
+        gmacs = sum(towers.values()) if towers else encoder_macs(model, data) / 1e9
+        relative = _relative(score, rows[0].score if rows else score)
+        rows.append(Row(task, name, METRICS[task], score, relative, gmacs, scores, towers))
     return rows
 
 
@@ -96,6 +102,21 @@ def encoder_macs(model: torch.nn.Module, data: Dataset, count: int = FLOPS_SAMPL
         guidance = model.pruning_guidance_of([sample["text"] for sample in samples])
     with ts.inputs(encoder, guidance=guidance):
         return ts.flops(encoder, torch.stack([sample["image"] for sample in samples])).macs
+
+
+def tower_macs(model: torch.nn.Module, task: str, data: Dataset,
+               count: int = FLOPS_SAMPLES) -> dict[str, float]:
+    """The MACs per sample (an image and its text) of each tower of the nlvr or retrieval reference
+    model, {"vision": …, "text": …}, the mean over the first `count` samples of `data`, in one
+    forward of the whole model: BLIP's text encoder cross-attends to the image tokens the vision
+    tower kept, so its cost depends on them."""
+    if task not in VL_TASKS:
+        raise ValueError(f"tower MACs are the two-tower tasks' ({', '.join(VL_TASKS)}); {task!r} has one "
+                         "encoder")
+    inputs, _ = task_collate(task, IMAGE_SIZES[task])([data[i] for i in range(min(count, len(data)))])
+    towers = {"vision": image_encoder(model), "text": text_encoder(model)}
+    reports = ts.tower_flops(model, list(towers.values()), inputs)
+    return {name: report.macs for name, report in zip(towers, reports, strict=True)}
 
 
 def _relative(score: float, dense: float) -> float:
