@@ -51,7 +51,14 @@ from svit_seg import _finished_steps, add_common_arguments
 from torch.utils.data import Dataset
 
 import tokensieve as ts
-from tokensieve.reference import calibrate_reference, load_reference, patch_reference, train_method
+from tokensieve.reference import (
+    calibrate_reference,
+    load_reference,
+    method_weights,
+    patch_reference,
+    store_trained,
+    train_method,
+)
 from tokensieve.reference.compare import tower_macs
 from tokensieve.reference.evaluation import METRICS, evaluate
 from tokensieve.reference.models import IMAGE_SIZES
@@ -71,12 +78,13 @@ class Setup:
     allowed_drop: dict[float, float]  # the issue's relative drop allowed at each budget
     compared: float  # the budget the other methods are compared at
     variants: tuple[ts.MADTP, ...]  # MADTP's ablations at the compared budget
+    shipped: float  # the budget whose MADTP the package ships (`--ship`)
 
 
 SETUPS = {
     "nlvr": Setup((0.5, 0.3, 0.2), {0.5: 0.01, 0.3: 0.03, 0.2: 0.04}, 0.3,
-                  (ts.MADTP(aligned=False), ts.MADTP(batch_max=True))),
-    "retrieval": Setup((0.5, 0.3), {0.5: 0.02, 0.3: 0.05}, 0.5, ()),
+                  (ts.MADTP(aligned=False), ts.MADTP(batch_max=True)), shipped=0.3),
+    "retrieval": Setup((0.5, 0.3), {0.5: 0.02, 0.3: 0.05}, 0.5, (), shipped=0.5),
 }
 EVIT_LAYERS = (0, 2, 4)  # EViT prunes after a block's attention; from the first block, to reach −70%
 DYNAMICVIT_LAYERS = (1, 3, 5)  # DynamicViT's predictors before blocks 1, 3 and 5
@@ -116,6 +124,9 @@ def main() -> None:
     parser.add_argument("--only", choices=("budgets", "compared"), default=None,
                         help="train and score only MADTP's budget rows (and the dense control), or only the "
                              "comparison at the compared budget")
+    parser.add_argument("--ship", action="store_true",
+                        help="store MADTP's finished run at the shipped budget (nlvr −70%%, retrieval −50%%) "
+                             "as the package's trained method (`load_method(TASK, 'madtp')`)")
     add_common_arguments(parser, runs=None)
     parser.set_defaults(precision="fp32")
     args = parser.parse_args()
@@ -129,6 +140,8 @@ def main() -> None:
     earlier = json.loads(results.read_text()) if args.fill and results.is_file() else None
     bench = _Bench(args, earlier)
     rows = bench.rows()
+    if args.ship:
+        bench.ship()
     if earlier is not None:
         command = f"{earlier['command']}, then {command}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +188,18 @@ class _Bench:
                                       self.args.steps,
                                       "vision tower only; its setting matched on validation to the budget"))
         return rows
+
+    def ship(self) -> None:
+        """Store the finished MADTP run at the shipped budget in the package (fp16 host, T set on
+        the validation split after rounding, as `train_method(..., out_dir=...)` stores a run)."""
+        budget = self.setup.shipped
+        run = self._run_dir(ts.MADTP(), budget)
+        if _finished_steps(run) != self.args.steps:
+            raise SystemExit(f"--ship: {run} is not finished; train it first")
+        model = load_reference(self.task)
+        patch_reference(model, ts.MADTP())
+        load_trained(model, run)
+        print(f"shipped {store_trained(model, self.task, method_weights(self.task, 'madtp'), budget)}")
 
     def _vision_only(self) -> list[ts.Method]:
         """EViT, ToMe and DynamicViT on the vision tower, each at the setting whose MACs (both towers,

@@ -124,11 +124,13 @@ def _markdown(rows: list[Row], args: argparse.Namespace) -> str:
         "split's total intersection over total union, under other scores), nlvr accuracy, retrieval "
         "R@1 (the mean of recall@1 image→text and text→image over the split as one gallery; each "
         "direction at 1 and 5 under other scores), det box AP (COCO's AP over IoU 0.5:0.95; box AP50 "
-        "and mask AP under other scores). `vs dense` is relative. GMACs are the (vision) "
-        "encoder's per image (FLOPs = 2 × MACs; det: the ViT, not the pyramid and heads), mean over "
-        "16 test images.",
+        "and mask AP under other scores). `vs dense` is relative. GMACs are the encoder's per image "
+        "(FLOPs = 2 × MACs; det: the ViT, not the pyramid and heads; nlvr and retrieval: both towers' "
+        "per image-text sample, the vision tower's and the text tower's, which BLIP's cross-attention "
+        "to the kept image tokens makes depend on the vision tower's pruning, each in tasks.json's "
+        "`tower_gmacs`), mean over 16 test samples.",
         "",
-        "| task | method | score | vs dense | other scores | encoder GMACs | check |",
+        "| task | method | score | vs dense | other scores | GMACs | check |",
         "|---|---|---|---|---|---|---|",
     ]
     dense = {row.task: row.score for row in rows if row.method == "dense"}

@@ -232,6 +232,7 @@ def test_a_budget_out_of_reach_or_without_madtp_is_refused_and_leaves_t_as_it_wa
     with pytest.raises(ValueError, match="the share jumps across it"):  # T > 0 already prunes this much
         ts.calibrate_temperature(model, _pairs(), macs_budget=0.9)
     assert float(sieve.shared["bank"].temperature) == 16.0
+    assert ts.calibrate_temperature(model, _pairs(), macs_budget=1.0).temperature == 0.0  # prunes nothing
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         ts.calibrate_temperature(model, _pairs(), macs_budget=1.5)
     plain = host_model("timm-vit")

@@ -25,6 +25,7 @@ from tokensieve.reference import (
     build_retrieval,
     evaluate,
     image_embeddings,
+    load_method,
     load_recipe_phase,
     load_reference,
     match_logits,
@@ -472,7 +473,7 @@ def test_madtp_trains_both_towers_at_a_macs_budget_its_temperature_set_on_valida
     monkeypatch.setattr(calibration, "DEFAULT_CALIBRATION_SAMPLES", 8)
     # (16 alignment tokens: the least T > 0 already spends under half, so the budget is below that)
     model = train_method(task, ts.MADTP(alignment_tokens=16), tmp_path / "run", steps=2, batch_size=4,
-                         macs_budget=0.4, progress=False)
+                         macs_budget=0.4, progress=False, out_dir=tmp_path / "stored")
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(set(line["method_losses"]) == {"alignment"} for line in logs)  # both towers ran, aligned
     assert ts.sieve_of(text_encoder(model)) is ts.sieve_of(model.vision_model)  # one bank for both
@@ -480,3 +481,7 @@ def test_madtp_trains_both_towers_at_a_macs_budget_its_temperature_set_on_valida
     spent = calibration.calibrate_reference(model, task, macs_budget=0.4)  # again: the T it found
     assert spent.temperature == pytest.approx(float(bank.temperature))
     assert spent.macs == pytest.approx(0.4 * spent.dense_macs, rel=0.02)
+    loaded = load_method(task, "madtp", tmp_path / "stored")  # both towers, the bank and its T
+    assert float(ts.sieve_of(text_encoder(loaded)).shared["bank"].temperature) == float(bank.temperature)
+    batch = _batch(task, 3)
+    torch.testing.assert_close(_outputs(task, loaded, batch), _outputs(task, model, batch), atol=1e-5, rtol=0)

@@ -98,14 +98,17 @@ def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
             max_rounds: int) -> TemperatureCalibration:
     # The dense figure comes from a pass that prunes nothing (T = 0): a pruned pass counts a text
     # tower's cross-attention over the image tokens that survived, not over all of them.
-    _, dense = spend.at(buffer, 0.0)
-    tried: list[tuple[float, float]] = []  # (T, macs)
+    unpruned, dense = spend.at(buffer, 0.0)
+    tried: list[tuple[float, float]] = [(0.0, unpruned)]  # (T, macs); T = 0 is a T too (budget 1)
 
     def trial(temperature: float) -> float:
         macs, _ = spend.at(buffer, temperature)
         tried.append((temperature, macs))
         return macs / dense
 
+    if abs(unpruned / dense - budget) <= tolerance * budget:  # pruning nothing meets it
+        buffer.fill_(0.0)
+        return TemperatureCalibration(0.0, unpruned, dense, 1)
     low, high = 0.0, FIRST_TEMPERATURE  # low spends more than the budget, high (once found) less
     share = trial(high)
     doublings = flat = 0
@@ -132,14 +135,14 @@ def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
         # The share is a step function of T (a token more or less in a layer), and T > 0 prunes:
         # as T falls to 0 each threshold tends to the least importance an alignment token matches
         # best, which can already spend well under the dense MACs.
-        above = min((m, t) for t, m in [*tried, (0.0, dense)] if m / dense > budget)
+        above = min((m, t) for t, m in tried if m / dense > budget)
         below = max(((m, t) for t, m in tried if m / dense < budget), default=None)
         reached = f"T={above[1]:.4g} spends {above[0] / dense:.3f}" + (
             "" if below is None else f", T={below[1]:.4g} spends {below[0] / dense:.3f}")
         raise ValueError(f"macs_budget={budget}: no T spends it within {tolerance:.0%} on this data, the "
                          f"share jumps across it ({reached}); give a budget the towers reach")
     buffer.fill_(temperature)
-    return TemperatureCalibration(temperature, macs, dense, len(tried) + 1)
+    return TemperatureCalibration(temperature, macs, dense, len(tried))
 
 
 __all__ = ["TemperatureCalibration", "calibrate_temperature"]

@@ -23,7 +23,13 @@ from tokensieve.reference.recipes import RECIPES, Phase, Recipe
 from tokensieve.reference.shipped_methods import load_method, method_weights, save_method
 from tokensieve.reference.store import TASKS, load_reference, save_reference, shipped_weights
 from tokensieve.reference.tos import TosModel, TosOutput, build_tos
-from tokensieve.reference.training import build_model, load_recipe_phase, train_method, train_reference
+from tokensieve.reference.training import (
+    build_model,
+    load_recipe_phase,
+    store_trained,
+    train_method,
+    train_reference,
+)
 from tokensieve.reference.vl import (
     END_ID,
     START_ID,
@@ -71,6 +77,7 @@ __all__ = [
     "save_method",
     "save_reference",
     "shipped_weights",
+    "store_trained",
     "text_embeddings",
     "text_encoder",
     "text_inputs",

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from tokensieve.methods import MADTP, VLTP, Method, SViT
 from tokensieve.methods.vltp import TARGET
-from tokensieve.patch import call_input_names
+from tokensieve.patch import call_input_names, sieve_of
 from tokensieve.reference.calibration import calibrate_reference
 from tokensieve.reference.detection import build_detector
 from tokensieve.reference.guidance import build_guidance
@@ -231,14 +231,28 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
         for param, flag in trainable.items():
             param.requires_grad_(flag)
     model.eval()
-    if out_dir is not None and not freeze_host:  # a frozen host is the shipped fp16 model already
-        _round_to_half(model)
-    if calibrates or sets_temperature:
-        calibrate_reference(model, task, macs_budget)
     if out_dir is not None:
-        save_method(model, out_dir, shipped_host=task if freeze_host or encoder_frozen else None,
-                    trained_parts=TOS_TRAINED_PARTS if encoder_frozen and not freeze_host else ())
+        store_trained(model, task, out_dir, macs_budget, freeze_host, encoder_frozen)
+    elif calibrates or sets_temperature:
+        calibrate_reference(model, task, macs_budget)
     return model
+
+
+def store_trained(model: nn.Module, task: str, out_dir: str | os.PathLike, macs_budget: float | None = None,
+                  freeze_host: bool = False, freeze_encoder: bool = False) -> Path:
+    """Store `task`'s reference model trained with a method (patched by `patch_reference`, e.g. a
+    run loaded with `load_trained`) as `train_method(..., out_dir=...)` does: the host rounded to
+    fp16 as stored (unless the run froze it), the method's thresholds or MADTP's T then set on
+    the validation split (to `macs_budget`, or to the method's schedule), so that what is stored
+    is what was calibrated; then `save_method`. Load it with `load_method`."""
+    method = sieve_of(image_encoder(model)).method
+    model.eval()
+    if not freeze_host:  # a frozen host is the shipped fp16 model already
+        _round_to_half(model)
+    if method.reads_thresholds or (isinstance(method, MADTP) and macs_budget is not None):
+        calibrate_reference(model, task, macs_budget)
+    return save_method(model, out_dir, shipped_host=task if freeze_host or freeze_encoder else None,
+                       trained_parts=TOS_TRAINED_PARTS if freeze_encoder and not freeze_host else ())
 
 
 TOS_TRAINED_PARTS = ("sam.mask_decoder",)  # what VLTP's recipe trains of the tos model, besides the method
