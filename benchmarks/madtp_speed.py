@@ -98,7 +98,7 @@ def measure(batch: int, budget: float, rounds: int, warmup: int) -> dict:
     result = {
         "batch": batch, "budget": budget, "temperature": calibration.temperature, "rounds": rounds,
         "host_ms": ms["host"], "unpruned_ms": ms["unpruned"], "pruned_ms": ms["pruned"],
-        "gmacs": macs / 1e9 / batch, "dense_gmacs": dense / 1e9 / batch, "flops_ratio": flops_ratio,
+        "gmacs": macs / 1e9, "dense_gmacs": dense / 1e9, "flops_ratio": flops_ratio,  # per sample
         "speedup": ms["host"] / ms["pruned"], "pruning_speedup": pruning_speedup,
         "efficiency": pruning_speedup / flops_ratio, "target_efficiency": TARGET_EFFICIENCY[batch],
     }
