@@ -24,6 +24,8 @@ Scores over the split (`--split val` for choices): nlvr accuracy, retrieval R@1 
 gallery). MACs per sample (an image and its text) of each tower, from the trace of one forward of
 the whole model (BLIP's text encoder cross-attends to the image tokens the vision tower kept), the
 mean over the first `MACS_SAMPLES` scored samples; MADTP's bank products and merges included.
+Everything runs in batches of 32, the size T is set on: the authors' batch counts spend what their
+batch makes them spend.
 Writes benchmarks/results/madtp_TASK.md, .json and .png ("-quick" for other steps, samples or
 learning rates, "-val" for the validation split).
 
@@ -59,6 +61,7 @@ from tokensieve.reference import (
     store_trained,
     train_method,
 )
+from tokensieve.reference.calibration import DEFAULT_CALIBRATION_BATCH
 from tokensieve.reference.compare import tower_macs
 from tokensieve.reference.evaluation import METRICS, evaluate
 from tokensieve.reference.models import IMAGE_SIZES
@@ -90,7 +93,8 @@ EVIT_LAYERS = (0, 2, 4)  # EViT prunes after a block's attention; from the first
 DYNAMICVIT_LAYERS = (1, 3, 5)  # DynamicViT's predictors before blocks 1, 3 and 5
 MATCH_SAMPLES = 64  # validation statements the vision-only methods' settings are matched on
 MACS_SAMPLES = 256
-SCORE_BATCH = 50
+# batches as calibration's: MADTP(batch_max=True) spends what its batch size makes it spend
+BATCH = DEFAULT_CALIBRATION_BATCH
 NOT_RUN = float("nan")
 NOT_TRAINED = "not trained yet (--trained-only)"
 
@@ -166,8 +170,9 @@ class _Bench:
 
     def rows(self) -> list[Row]:
         dense = load_reference(self.task).eval()
-        self.dense_macs = sum(tower_macs(dense, self.task, self.data, MACS_SAMPLES).values())
-        self.dense_match_macs = sum(tower_macs(dense, self.task, self.match_data, MATCH_SAMPLES).values())
+        self.dense_macs = sum(tower_macs(dense, self.task, self.data, MACS_SAMPLES, BATCH).values())
+        matched = tower_macs(dense, self.task, self.match_data, MATCH_SAMPLES, BATCH)
+        self.dense_match_macs = sum(matched.values())
         rows = [self._row("dense", "dense", dense, 0)]
         setup = self.setup
         if self.args.only != "compared":
@@ -218,7 +223,7 @@ class _Bench:
         """Both towers' MACs with `method` on the vision tower, over dense, on validation samples."""
         model = load_reference(self.task).eval()
         patch_reference(model, method)
-        macs = tower_macs(model, self.task, self.match_data, MATCH_SAMPLES)
+        macs = tower_macs(model, self.task, self.match_data, MATCH_SAMPLES, BATCH)
         return sum(macs.values()) / self.dense_match_macs
 
     def _trained(self, method: ts.Method | None, budget: float | None = None) -> torch.nn.Module:
@@ -267,7 +272,7 @@ class _Bench:
             except _OutOfReach as error:
                 note = f"out of reach: {error}"
                 return Row(group, name, NOT_RUN, NOT_RUN, NOT_RUN, NOT_RUN, NOT_RUN, 0, note)
-        towers = tower_macs(model, self.task, self.data, MACS_SAMPLES)
+        towers = tower_macs(model, self.task, self.data, MACS_SAMPLES, BATCH)
         by_family = {}
         if self.task == "nlvr":
             correct = _correct(model, self.data)
@@ -278,7 +283,8 @@ class _Bench:
             by_family = {family: sum(grouped[family]) / len(grouped[family])
                          for family in NLVR_FAMILIES if grouped[family]}
         else:
-            score = evaluate(model, self.task, self.data, progress=False)[METRICS[self.task]]
+            scores = evaluate(model, self.task, self.data, batch_size=BATCH, progress=False)
+            score = scores[METRICS[self.task]]
         macs = sum(towers.values())
         row = Row(group, name, score, macs / 1e9, towers["vision"] / 1e9, towers["text"] / 1e9,
                   macs / self.dense_macs, steps, note, by_family)
@@ -326,8 +332,8 @@ def _correct(model: torch.nn.Module, data: Dataset) -> torch.Tensor:
     """Whether the nlvr model judges each statement of `data` right, as `evaluate` scores nlvr."""
     collate = task_collate("nlvr", IMAGE_SIZES["nlvr"])
     results = []
-    for start in range(0, len(data), SCORE_BATCH):
-        inputs, labels = collate([data[i] for i in range(start, min(start + SCORE_BATCH, len(data)))])
+    for start in range(0, len(data), BATCH):
+        inputs, labels = collate([data[i] for i in range(start, min(start + BATCH, len(data)))])
         logits = match_logits(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
         results.append(logits.argmax(-1) == labels)
     return torch.cat(results)
@@ -351,7 +357,8 @@ def _markdown(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         f"{args.steps} steps of 32 samples in {args.precision}, the method at 1e-3 and the host at "
         f"{1e-3 * args.model_lr_scale:g}). MACs per {SAMPLE[task]}: the vision tower on its image and the "
         f"{TEXT_TOWER[task]}, the methods' own work included, the mean over the first {MACS_SAMPLES} "
-        "scored samples. `vs dense` is relative; `bar` is the issue's allowed drop at that budget.",
+        f"scored samples, in batches of {BATCH} as everything is scored and T set (MADTP's batch count "
+        "depends on its batch). `vs dense` is relative; `bar` is the issue's allowed drop at that budget.",
         "",
         f"| group | method | {metric} | vs dense | bar | GMACs (both) | vision | text | MACs vs dense "
         "| steps | note |",

@@ -104,19 +104,28 @@ def encoder_macs(model: torch.nn.Module, data: Dataset, count: int = FLOPS_SAMPL
         return ts.flops(encoder, torch.stack([sample["image"] for sample in samples])).macs
 
 
-def tower_macs(model: torch.nn.Module, task: str, data: Dataset,
-               count: int = FLOPS_SAMPLES) -> dict[str, float]:
+def tower_macs(model: torch.nn.Module, task: str, data: Dataset, count: int = FLOPS_SAMPLES,
+               batch_size: int | None = None) -> dict[str, float]:
     """The MACs per sample (an image and its text) of each tower of the nlvr or retrieval reference
-    model, {"vision": …, "text": …}, the mean over the first `count` samples of `data`, in one
-    forward of the whole model: BLIP's text encoder cross-attends to the image tokens the vision
-    tower kept, so its cost depends on them."""
+    model, {"vision": …, "text": …}, the mean over the first `count` samples of `data`, in
+    forwards of the whole model (BLIP's text encoder cross-attends to the image tokens the vision
+    tower kept, so its cost depends on them), in batches of `batch_size` (default: all at once;
+    a method whose counts depend on the batch, such as MADTP's `batch_max`, spends what its batch
+    size makes it spend)."""
     if task not in VL_TASKS:
         raise ValueError(f"tower MACs are the two-tower tasks' ({', '.join(VL_TASKS)}); {task!r} has one "
                          "encoder")
-    inputs, _ = task_collate(task, IMAGE_SIZES[task])([data[i] for i in range(min(count, len(data)))])
+    samples = [data[i] for i in range(min(count, len(data)))]
+    step = batch_size or len(samples)
     towers = {"vision": image_encoder(model), "text": text_encoder(model)}
-    reports = ts.tower_flops(model, list(towers.values()), inputs)
-    return {name: report.macs for name, report in zip(towers, reports, strict=True)}
+    totals = dict.fromkeys(towers, 0.0)
+    collate = task_collate(task, IMAGE_SIZES[task])
+    for start in range(0, len(samples), step):
+        inputs, _ = collate(samples[start : start + step])
+        reports = ts.tower_flops(model, list(towers.values()), inputs)
+        for name, report in zip(towers, reports, strict=True):
+            totals[name] += report.macs * len(samples[start : start + step])
+    return {name: total / len(samples) for name, total in totals.items()}
 
 
 def _relative(score: float, dense: float) -> float:
