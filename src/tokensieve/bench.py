@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import statistics
 import time
@@ -106,13 +107,8 @@ def benchmark(model: nn.Module, method: Method | None = None, batch: int = 1, im
           call_inputs(pruned, **given) if given else contextlib.nullcontext()):
         report = flops(pruned, pixels)
         dense_report = flops(host_model, pixels)
-        for _ in range(warmup):
-            for run in runs.values():
-                run(pixels)
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for i in range(repeats):
-            for name in _ORDERS[i % len(_ORDERS)]:
-                times[name].append(_time_one(runs[name], pixels, device))
+        times = interleaved_times({name: functools.partial(run, pixels) for name, run in runs.items()},
+                                  repeats, warmup, device)
         with method_timing(pruned) as method_seconds:
             timed = [_time_one(pruned, pixels, device) for _ in range(repeats)]
     ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
@@ -129,8 +125,24 @@ def benchmark(model: nn.Module, method: Method | None = None, batch: int = 1, im
     )
 
 
-# Every order of the three runs, so none is always first after another's cache traffic.
-_ORDERS = list(itertools.permutations(("host", "unpruned", "pruned")))
+def interleaved_times(runs: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                      device: str | torch.device = "cpu") -> dict[str, list[float]]:
+    """Seconds of each of `runs` (calls of models on a fixed batch) in each of `rounds` rounds,
+    after `warmup` rounds: each round calls every run once, in another order each round, so that
+    none always follows another's cache traffic. Compare their medians."""
+    orders = list(itertools.permutations(runs))
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(rounds):
+        for name in orders[i % len(orders)]:
+            _synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _pixels(pixels: torch.Tensor | None, batch: int, size: int | None, default_size: int,

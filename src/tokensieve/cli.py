@@ -1,5 +1,5 @@
 """The `tokensieve` command line: `flops` and `bench` on a timm model name or a transformers directory;
-`train` and `eval` on the reference task models (cli_tasks.py)."""
+`train` and `eval` on the reference task models (cli_tasks.py); `demo` and `show` (cli_demo.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tokensieve.cli_demo import demo, show
 from tokensieve.cli_methods import patch_or_refuse, read_method
 from tokensieve.cli_tasks import evaluate, train
 from tokensieve.loading import load_checkpoint, load_model
@@ -188,6 +189,8 @@ def _inputs(net: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor | dict[s
 
 main.add_command(train)
 main.add_command(evaluate)
+main.add_command(demo)
+main.add_command(show)
 
 if __name__ == "__main__":
     main()

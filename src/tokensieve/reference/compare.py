@@ -54,20 +54,27 @@ def compare(task: str, methods: list[Method], split: str = "test", samples: int 
     rows: list[Row] = []
     for method in [None, *methods]:
         name = "dense" if method is None else str(method)
-        model = _scored_model(task, method, weights, (trained or {}).get(name))
-        scores = evaluate(model, task, data, progress=progress)
-        score = scores.pop(METRICS[task])
-        towers = {}
-        if task in VL_TASKS:
-            towers = {tower: macs / 1e9 for tower, macs in tower_macs(model, task, data).items()}
-        gmacs = sum(towers.values()) if towers else encoder_macs(model, data) / 1e9
-        relative = _relative(score, rows[0].score if rows else score)
-        rows.append(Row(task, name, METRICS[task], score, relative, gmacs, scores, towers))
+        model = scored_model(task, method, weights, (trained or {}).get(name))
+        rows.append(score_row(model, task, name, data, rows[0].score if rows else None, progress))
     return rows
 
 
-def _scored_model(task: str, method: Method | None, weights: str | os.PathLike | None,
-                  run: str | None) -> torch.nn.Module:
+def score_row(model: torch.nn.Module, task: str, name: str, data: Dataset, dense_score: float | None = None,
+              progress: bool = True) -> Row:
+    """`model`'s row on `data`: its task score (relative to `dense_score`; None: this is dense) and
+    its encoder's MACs per sample (nlvr, retrieval: each tower's, and their sum)."""
+    scores = evaluate(model, task, data, progress=progress)
+    score = scores.pop(METRICS[task])
+    towers = {}
+    if task in VL_TASKS:
+        towers = {tower: macs / 1e9 for tower, macs in tower_macs(model, task, data).items()}
+    gmacs = sum(towers.values()) if towers else encoder_macs(model, data) / 1e9
+    relative = _relative(score, score if dense_score is None else dense_score)
+    return Row(task, name, METRICS[task], score, relative, gmacs, scores, towers)
+
+
+def scored_model(task: str, method: Method | None, weights: str | os.PathLike | None = None,
+                 run: str | None = None) -> torch.nn.Module:
     """The model a row scores: the reference model, patched with `method` and loaded from its
     training `run` if given (a run directory or checkpoint, or a directory `save_method` wrote),
     else from the package's shipped training of exactly this method (e.g. SViT with its

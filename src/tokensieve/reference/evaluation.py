@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import transformers
 from torch import nn
@@ -52,31 +54,46 @@ def _scores(model: nn.Module, task: str, data: Dataset, batch_size: int, progres
         batch_size = min(batch_size, DET_BATCH)
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate)
     batches = tqdm(loader, desc=f"eval {task}", disable=not progress, leave=False)
-    if task == "cls":
-        pairs = [(_classify(model, batch["image"]), batch["label"]) for batch in batches]
+    if task in ("cls", "nlvr"):
+        pairs = [(predict(model, task, batch), batch["label"]) for batch in batches]
         return {"accuracy": accuracy(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]))}
     if task == "seg":
-        confusion = sum(confusion_matrix(_segment(model, batch["image"]), batch["mask"], len(SEG_CLASSES))
+        confusion = sum(confusion_matrix(predict(model, task, batch), batch["mask"], len(SEG_CLASSES))
                         for batch in batches)
         return {"mIoU": mean_iou(confusion)}
     if task == "tos":
-        pairs = [intersection_union(_ground(model, batch["image"], batch["text"]), batch["mask"])
-                 for batch in batches]
+        pairs = [intersection_union(predict(model, task, batch), batch["mask"]) for batch in batches]
         intersections, unions = torch.cat([i for i, _ in pairs]), torch.cat([u for _, u in pairs])
         return {"gIoU": giou(intersections, unions), "cIoU": ciou(intersections, unions)}
-    if task == "nlvr":
-        pairs = [(_verify(model, batch), batch["label"]) for batch in batches]
-        return {"accuracy": accuracy(torch.cat([p for p, _ in pairs]), torch.cat([t for _, t in pairs]))}
     if task == "retrieval":
-        pairs = [_embed(model, batch) for batch in batches]
+        pairs = [predict(model, task, batch) for batch in batches]
         return retrieval_scores(torch.cat([i for i, _ in pairs]), torch.cat([t for _, t in pairs]))
     if task == "det":
         meter = detection_meter()
         for batch in batches:
-            meter.update(binary_masks(_detect(model, batch["image"])), binary_masks(batch["target"]))
+            meter.update(binary_masks(predict(model, task, batch)), binary_masks(batch["target"]))
         return detection_scores(meter)
     raise ValueError(f"no reference evaluation for task {task!r}; choose cls, seg, tos, nlvr, "
                      "retrieval or det")
+
+
+def predict(model: nn.Module, task: str, batch: dict) -> Any:
+    """The task model's prediction on one batch of samples (`collate` of the task's dataset items),
+    as scoring runs it: class ids (cls), class maps (seg), masks (tos), match decisions (nlvr),
+    (image, text) embeddings (retrieval) or detections (det). Timing a task model times this."""
+    if task == "cls":
+        return _classify(model, batch["image"])
+    if task == "seg":
+        return _segment(model, batch["image"])
+    if task == "tos":
+        return _ground(model, batch["image"], batch["text"])
+    if task == "nlvr":
+        return _verify(model, batch)
+    if task == "retrieval":
+        return _embed(model, batch)
+    if task == "det":
+        return _detect(model, batch["image"])
+    raise ValueError(f"no reference model for task {task!r}; choose cls, seg, tos, nlvr, retrieval or det")
 
 
 def _classify(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
