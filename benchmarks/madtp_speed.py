@@ -17,6 +17,13 @@ beside other work. Writes benchmarks/results/madtp_speed.md and .json ("-quick" 
 
     python benchmarks/madtp_speed.py            # 10 rounds per batch (about 15 minutes on 2 cores)
     python benchmarks/madtp_speed.py --quick    # 3 rounds
+    python benchmarks/madtp_speed.py --breakdown   # where the pruned forward's time goes (3 minutes)
+
+`--breakdown` writes madtp_speed_breakdown.md: per batch, the share of the pruned forward spent in
+MADTP's own steps (scores, importance, threshold, merge: `ts.method_timing`), the tokens each
+layer of both towers runs, and what one of the towers' linear layers (768 → 3072) does per
+second at those token counts against the dense count: at batch 1 a pruned layer runs tens of
+tokens, where a matrix product reads its weights for little work.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pathlib import Path
 import torch
 
 import tokensieve as ts
+from tokensieve.patch import method_timing
 from tokensieve.reference.vl import START_ID, build_nlvr, nlvr_config
 
 IMAGE = 384
@@ -107,16 +115,67 @@ def measure(batch: int, budget: float, rounds: int, warmup: int) -> dict:
     return result
 
 
+def breakdown(batch: int, budget: float, rounds: int) -> dict:
+    """The method's own share of the pruned forward, the mean tokens per layer of each tower, and a
+    768 → 3072 linear layer's throughput at the vision tower's pruned token counts."""
+    host = build()
+    pruned = copy.deepcopy(host)
+    ts.patch(towers(pruned), ts.MADTP())
+    given = inputs(batch)
+    ts.calibrate_temperature(pruned, [given], macs_budget=budget)
+    shares = []
+    with torch.inference_mode():
+        pruned(**given)
+        for _ in range(rounds):
+            with method_timing(pruned.vision_model) as vision, method_timing(pruned.text_encoder) as text:
+                start = time.perf_counter()
+                pruned(**given)
+                total = time.perf_counter() - start
+            shares.append((vision[0] + text[0]) / total)
+        with ts.trace(pruned.vision_model) as seen, ts.trace(pruned.text_encoder) as read:
+            pruned(**given)
+    counts = {name: [float(torch.as_tensor(record.mlp_tokens).float().mean()) for record in traces[0].layers]
+              for name, traces in (("vision", seen), ("text", read))}
+    linear = torch.nn.Linear(WIDTH, 4 * WIDTH)
+    sizes = sorted({577, *(round(count) for count in counts["vision"])}, reverse=True)
+    throughput = {}
+    with torch.inference_mode():
+        for tokens in sizes:
+            x = torch.randn(batch * tokens, WIDTH)
+            times = interleaved_linear(linear, x, rounds=9)
+            throughput[tokens] = batch * tokens * WIDTH * 4 * WIDTH / times / 1e9
+    result = {"batch": batch, "budget": budget, "method_share": statistics.median(shares), "tokens": counts,
+              "linear_gmacs_per_s": throughput}
+    print(result, flush=True)
+    return result
+
+
+def interleaved_linear(linear: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
+    """Median seconds of `linear(x)` after a warm-up call."""
+    linear(x)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        linear(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=0.3, help="share of both towers' dense MACs")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up (not for the docs)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="where the pruned forward's time goes (madtp_speed_breakdown.md)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds, warmup = (3, 1) if args.quick else (10, 2)
+    if args.breakdown:
+        _write_breakdown([breakdown(batch, args.budget, rounds) for batch in TARGET_EFFICIENCY], args)
+        return
     results = [measure(batch, args.budget, rounds, warmup) for batch in TARGET_EFFICIENCY]
     command = " ".join(["python benchmarks/madtp_speed.py", *sys.argv[1:]])
     budget = "" if args.budget == 0.3 else f"-{args.budget:g}"
@@ -149,6 +208,42 @@ def _markdown(results: list[dict], command: str, threads: int) -> str:
                      f"{r['pruned_ms']:.0f} | {r['speedup']:.2f}× | {r['pruning_speedup']:.2f}× | "
                      f"{r['efficiency']:.2f} | ≥ {r['target_efficiency']}: {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
+    command = " ".join(["python benchmarks/madtp_speed.py", *sys.argv[1:]])
+    lines = [
+        "# Where MADTP's pruned forward spends its time (BLIP-base-sized towers, random weights)",
+        "",
+        f"Produced by `{command}` (fp32, {args.threads} threads; the towers and texts of madtp_speed.md, "
+        f"T set on the batch to {args.budget:g} of both towers' dense MACs). *Method share*: MADTP's own "
+        "steps (alignment scores, importance, threshold, merge) over the pruned forward's time, median over "
+        "rounds. *Tokens*: the mean tokens each layer's MLP ran, per sample. *Linear*: a 768 → 3072 "
+        "layer (one of the towers' MLP products) timed alone on batch × tokens rows: GMAC/s at each "
+        "vision layer's pruned count against the dense 577.",
+        "",
+    ]
+    for r in results:
+        dense = r["linear_gmacs_per_s"][577]
+        lines += [
+            f"## Batch {r['batch']}",
+            "",
+            f"Method share of the pruned forward: {r['method_share']:.1%}.",
+            "",
+            "| tower | tokens per layer |",
+            "|---|---|",
+            *(f"| {tower} | {', '.join(f'{c:.0f}' for c in counts)} |"
+              for tower, counts in r["tokens"].items()),
+            "",
+            "| tokens | linear GMAC/s | of dense |",
+            "|---|---|---|",
+            *(f"| {tokens} | {speed:.1f} | {speed / dense:.2f} |"
+              for tokens, speed in r["linear_gmacs_per_s"].items()),
+            "",
+        ]
+    path = args.out / f"madtp_speed_breakdown{'-quick' if args.quick else ''}.md"
+    path.write_text("\n".join(lines))
+    print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -134,3 +134,17 @@ def test_show_refuses_a_file_that_is_no_image(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["show", str(not_image), "--task", "seg"])
     assert exit_.value.code == USAGE_ERROR and "cannot read" in capsys.readouterr().err
+
+
+def test_demo_command_prints_its_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--tasks", "cls", "--samples", "2", "--timing-rounds", "1", "--timing-batch", "1",
+              "--threads", "1", "--out", str(out), "--json"])
+    assert exit_.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {row["task"] for row in printed["rows"]} == {"cls"} and printed["samples"] == 2
+    assert (out / "index.html").is_file() and (out / "cls_keep_maps.png").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--samples", "1", "--out", str(out)])
+    assert exit_.value.code == USAGE_ERROR

@@ -34,8 +34,13 @@ def demo(out: str, samples: int, tasks: tuple[str, ...], threads: int, timing_ro
     from tokensieve.demo import run_demo
     from tokensieve.demo.report import COLUMNS, table_cells
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    report = run_demo(out, samples, tasks or tuple(CASES), timing_batch, timing_rounds, progress=not as_json)
+    try:
+        report = run_demo(out, samples, tasks or tuple(CASES), timing_batch, timing_rounds,
+                          progress=not as_json)
+    finally:
+        torch.set_num_threads(before)  # a caller in the same process keeps its own
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

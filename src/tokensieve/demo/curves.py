@@ -46,7 +46,8 @@ def curve(path: Path, case: Case, rows: list[dict], metric: str, caption: str) -
         point = (claim.macs_share * dense["gmacs"], claim.score(dense[case.score_key]))
         axis.plot(*point, marker="x", markersize=9, markeredgewidth=2, color="red", linestyle="none")
         axis.annotate(claim.label, point, fontsize=6, color="red", xytext=(6, 6 - 12 * i),
-                      textcoords="offset points")
+                      textcoords="offset points",
+                      bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
     axis.set_xlabel("GMACs per sample")
     axis.set_ylabel(metric)
     axis.set_title(f"{case.task}: {metric} against GMACs (committed full results)", fontsize=10)
