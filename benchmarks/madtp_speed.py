@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import itertools
 import json
 import statistics
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 import tokensieve as ts
+from tokensieve.bench import interleaved_times
 from tokensieve.patch import method_timing
 from tokensieve.reference.vl import START_ID, build_nlvr, nlvr_config
 
@@ -48,7 +48,6 @@ IMAGE = 384
 WIDTH = 768
 TEXT_LENGTHS = (20, 35)  # tokens per text, inclusive
 TARGET_EFFICIENCY = {1: 0.9, 8: 0.85}
-ORDERS = list(itertools.permutations(("host", "unpruned", "pruned")))
 
 
 def build() -> torch.nn.Module:
@@ -91,16 +90,8 @@ def measure(batch: int, budget: float, rounds: int, warmup: int) -> dict:
             pruned(**given)
 
     runs = {"host": lambda: host(**given), "unpruned": unpruned, "pruned": lambda: pruned(**given)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
-        for _ in range(warmup):
-            for run in runs.values():
-                run()
-        for i in range(rounds):
-            for name in ORDERS[i % len(ORDERS)]:
-                start = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved_times(runs, rounds, warmup)
     ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     flops_ratio = dense / macs
     pruning_speedup = ms["unpruned"] / ms["pruned"]
@@ -142,7 +133,7 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
     with torch.inference_mode():
         for tokens in sizes:
             x = torch.randn(batch * tokens, WIDTH)
-            times = interleaved_linear(linear, x, rounds=9)
+            times = median_seconds(linear, x, rounds=9)
             throughput[tokens] = batch * tokens * WIDTH * 4 * WIDTH / times / 1e9
     result = {"batch": batch, "budget": budget, "method_share": statistics.median(shares), "tokens": counts,
               "linear_gmacs_per_s": throughput}
@@ -150,7 +141,7 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
     return result
 
 
-def interleaved_linear(linear: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
+def median_seconds(linear: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
     """Median seconds of `linear(x)` after a warm-up call."""
     linear(x)
     times = []

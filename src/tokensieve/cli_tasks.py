@@ -126,14 +126,13 @@ def _shipped_or_read(task: str, spec: str, weights: str | None, trained: tuple[s
     `task` names that training's method, with its stored settings (SViT's thresholds fit them),
     unless other reference weights or a `--trained` run of that spec are given."""
     from tokensieve.loading import METHODS
-    from tokensieve.reference import method_weights
-    from tokensieve.reference.shipped_methods import METHOD_CONFIG, stored_method
+    from tokensieve.reference.shipped_methods import shipped_by_name
 
     name = spec.strip().lower()
     if weights is not None or name not in METHODS or any(item.rpartition("=")[0] == spec for item in trained):
         return read_method(spec)
-    shipped = method_weights(task, name)
-    return stored_method(shipped) if (shipped / METHOD_CONFIG).is_file() else read_method(spec)
+    shipped = shipped_by_name(task, name)
+    return read_method(spec) if shipped is None else shipped
 
 
 @click.command(name="eval")

@@ -28,7 +28,7 @@ from tokensieve.methods import Method
 from tokensieve.reference.compare import score_row, scored_model
 from tokensieve.reference.evaluation import METRICS, predict
 from tokensieve.reference.models import IMAGE_SIZES
-from tokensieve.reference.shipped_methods import METHOD_CONFIG, method_weights, stored_method
+from tokensieve.reference.shipped_methods import shipped_by_name
 from tokensieve.tasks import collate, make_dataset
 
 DEFAULT_SAMPLES = 100  # the first samples of each test split
@@ -113,7 +113,7 @@ def run_demo(out: str | Path = "tokensieve-demo", samples: int = DEFAULT_SAMPLES
                     drawn.append(_sentences(out, data, model, case))
             bar.update()
         notes += [f"{case.task}: {name} is not shipped trained for this task; its row is left out"
-                  for name in case.shipped if not _shipped(case.task, name)]
+                  for name in case.shipped if shipped_by_name(case.task, name) is None]
         drawn += _pictures(out, case, shown, kept, METRICS[case.task], notes)
     bar.close()
     seconds = time.perf_counter() - start
@@ -125,13 +125,9 @@ def run_demo(out: str | Path = "tokensieve-demo", samples: int = DEFAULT_SAMPLES
 
 def _methods(case: Case) -> list[tuple[str, Method | None]]:
     """Dense, the shipped methods (those stored in this package), then the baselines."""
-    shipped = [("shipped", stored_method(method_weights(case.task, name))) for name in case.shipped
-               if _shipped(case.task, name)]
+    shipped = [("shipped", method) for name in case.shipped
+               if (method := shipped_by_name(case.task, name)) is not None]
     return [("dense", None), *shipped, *(("training-free", parse_method(spec)) for spec in case.baselines)]
-
-
-def _shipped(task: str, name: str) -> bool:
-    return (method_weights(task, name) / METHOD_CONFIG).is_file()
 
 
 def _speedups(model: nn.Module, task: str, batch: dict, rounds: int) -> tuple[float, float]:

@@ -12,11 +12,11 @@ from tokensieve.demo import pictures
 from tokensieve.demo.cases import CASES
 from tokensieve.demo.keep_maps import kept_tokens
 from tokensieve.demo.pictures import Picture
-from tokensieve.loading import METHODS, parse_method
+from tokensieve.loading import parse_method
 from tokensieve.methods import Method
 from tokensieve.reference.compare import scored_model
 from tokensieve.reference.models import IMAGE_SIZES
-from tokensieve.reference.shipped_methods import METHOD_CONFIG, method_weights, stored_method
+from tokensieve.reference.shipped_methods import shipped_by_name
 from tokensieve.tasks.language import UNKNOWN_ID, split_words, tokenize
 
 TEXT_TASKS = ("tos", "nlvr", "retrieval")
@@ -79,7 +79,5 @@ def _text(text: str) -> dict:
 def _method(task: str, method: str | Method) -> Method:
     if isinstance(method, Method):
         return method
-    name = method.strip().lower()
-    if name in METHODS and (method_weights(task, name) / METHOD_CONFIG).is_file():
-        return stored_method(method_weights(task, name))
-    return parse_method(method)
+    shipped = shipped_by_name(task, method.strip().lower())
+    return parse_method(method) if shipped is None else shipped

@@ -96,6 +96,15 @@ def stored_method(directory: str | os.PathLike) -> Method:
     return kind(**config)
 
 
+def shipped_by_name(task: str, name: str) -> Method | None:
+    """The method the package ships trained for `task` under `name` (e.g. "svit"), with its stored
+    settings; None when it ships none (or `name` is no method's)."""
+    if name not in METHODS:
+        return None
+    directory = method_weights(task, name)
+    return stored_method(directory) if (directory / METHOD_CONFIG).is_file() else None
+
+
 def load_method(task: str, name: str, directory: str | os.PathLike | None = None) -> nn.Module:
     """`task`'s reference model as trained with the `name` method (e.g. "svit"), patched with it
     and in eval mode, from `directory` (default: the package's `weights/TASK-NAME`)."""
