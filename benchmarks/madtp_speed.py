@@ -12,10 +12,12 @@ Three forwards of the whole model (image–text matching score) are timed on the
 interleaved after warm-up, and their medians compared (fp32, `--threads` threads): the host's own
 forward, the patched towers with pruning disabled, and pruned. Pruning's own speedup is the
 unpruned time over the pruned; its efficiency is that speedup over the MACs ratio (both towers,
-MADTP's own work included). The issue's bars: ≥ 0.9 at batch 1, ≥ 0.85 at batch 8. Never run it
-beside other work. Writes benchmarks/results/madtp_speed.md and .json ("-quick" with fewer rounds).
+MADTP's own work included). Each batch is timed twice: plain, and with the patched towers inside
+`ts.prepacked` (their linear layers on weights laid out once for oneDNN); the host always runs its
+own forward. The issue's bars: ≥ 0.9 at batch 1, ≥ 0.85 at batch 8. Never run it beside other work.
+Writes benchmarks/results/madtp_speed.md and .json ("-quick" with fewer rounds).
 
-    python benchmarks/madtp_speed.py            # 10 rounds per batch (about 15 minutes on 2 cores)
+    python benchmarks/madtp_speed.py            # 10 rounds per row (about 30 minutes on 2 cores)
     python benchmarks/madtp_speed.py --quick    # 3 rounds
     python benchmarks/madtp_speed.py --breakdown   # where the pruned forward's time goes (3 minutes)
 
@@ -35,11 +37,14 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import tokensieve as ts
+from tokensieve import calls
 from tokensieve.bench import interleaved_times
 from tokensieve.patch import method_timing
 from tokensieve.reference.vl import START_ID, build_nlvr, nlvr_config
@@ -74,7 +79,7 @@ def towers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [model.vision_model, model.text_encoder]
 
 
-def measure(batch: int, budget: float, rounds: int, warmup: int) -> dict:
+def measure(batch: int, budget: float, rounds: int, warmup: int, prepack: bool) -> dict:
     host = build()
     pruned = copy.deepcopy(host)
     ts.patch(towers(pruned), ts.MADTP())
@@ -90,13 +95,14 @@ def measure(batch: int, budget: float, rounds: int, warmup: int) -> dict:
             pruned(**given)
 
     runs = {"host": lambda: host(**given), "unpruned": unpruned, "pruned": lambda: pruned(**given)}
-    with torch.inference_mode():
+    with torch.inference_mode(), ts.prepacked(pruned) if prepack else contextlib.nullcontext():
         times = interleaved_times(runs, rounds, warmup)
     ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     flops_ratio = dense / macs
     pruning_speedup = ms["unpruned"] / ms["pruned"]
     result = {
-        "batch": batch, "budget": budget, "temperature": calibration.temperature, "rounds": rounds,
+        "batch": batch, "prepacked": prepack, "budget": budget, "temperature": calibration.temperature,
+        "rounds": rounds,
         "host_ms": ms["host"], "unpruned_ms": ms["unpruned"], "pruned_ms": ms["pruned"],
         "gmacs": macs / 1e9, "dense_gmacs": dense / 1e9, "flops_ratio": flops_ratio,  # per sample
         "speedup": ms["host"] / ms["pruned"], "pruning_speedup": pruning_speedup,
@@ -129,19 +135,21 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
               for name, traces in (("vision", seen), ("text", read))}
     linear = torch.nn.Linear(WIDTH, 4 * WIDTH)
     sizes = sorted({577, *(round(count) for count in counts["vision"])}, reverse=True)
-    throughput = {}
-    with torch.inference_mode():
+    throughput, packed_throughput = {}, {}
+    with torch.inference_mode(), ts.prepacked(linear):
         for tokens in sizes:
             x = torch.randn(batch * tokens, WIDTH)
-            times = median_seconds(linear, x, rounds=9)
-            throughput[tokens] = batch * tokens * WIDTH * 4 * WIDTH / times / 1e9
+            macs = batch * tokens * WIDTH * 4 * WIDTH
+            throughput[tokens] = macs / median_seconds(linear, x, rounds=9) / 1e9
+            packed = median_seconds(partial(calls.linear, linear), x, rounds=9)
+            packed_throughput[tokens] = macs / packed / 1e9
     result = {"batch": batch, "budget": budget, "method_share": statistics.median(shares), "tokens": counts,
-              "linear_gmacs_per_s": throughput}
+              "linear_gmacs_per_s": throughput, "prepacked_linear_gmacs_per_s": packed_throughput}
     print(result, flush=True)
     return result
 
 
-def median_seconds(linear: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
+def median_seconds(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rounds: int) -> float:
     """Median seconds of `linear(x)` after a warm-up call."""
     linear(x)
     times = []
@@ -167,7 +175,8 @@ def main() -> None:
     if args.breakdown:
         _write_breakdown([breakdown(batch, args.budget, rounds) for batch in TARGET_EFFICIENCY], args)
         return
-    results = [measure(batch, args.budget, rounds, warmup) for batch in TARGET_EFFICIENCY]
+    results = [measure(batch, args.budget, rounds, warmup, prepack)
+               for batch in TARGET_EFFICIENCY for prepack in (False, True)]
     command = " ".join(["python benchmarks/madtp_speed.py", *sys.argv[1:]])
     budget = "" if args.budget == 0.3 else f"-{args.budget:g}"
     path = args.out / f"madtp_speed{'-quick' if args.quick else ''}{budget}"
@@ -186,18 +195,22 @@ def _markdown(results: list[dict], command: str, threads: int) -> str:
         f"cross-attention, texts of {TEXT_LENGTHS[0]}–{TEXT_LENGTHS[1]} tokens; MADTP on both towers with "
         "per-instance counts, T set on the timed batch to the budget. GMACs per sample, both towers, "
         "MADTP's own work included. Efficiency: pruning's own speedup (against the same patched towers "
-        "with pruning disabled) over the MACs ratio.",
+        "with pruning disabled) over the MACs ratio. *Prepacked*: the patched towers (unpruned and pruned) "
+        "ran inside `ts.prepacked`, their linear layers on weights laid out once for oneDNN's product; "
+        "the host always runs its own forward.",
         "",
-        "| batch | T | GMACs | dense GMACs | MACs ratio | host ms | unpruned ms | pruned ms | speedup over "
-        "the host | pruning's own speedup | efficiency | bar |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | prepacked | T | GMACs | dense GMACs | MACs ratio | host ms | unpruned ms | pruned ms | "
+        "speedup over the host | pruning's own speedup | efficiency | bar |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         met = "met" if r["efficiency"] >= r["target_efficiency"] else "not met"
-        lines.append(f"| {r['batch']} | {r['temperature']:.3g} | {r['gmacs']:.2f} | {r['dense_gmacs']:.2f} | "
-                     f"{r['flops_ratio']:.2f}× | {r['host_ms']:.0f} | {r['unpruned_ms']:.0f} | "
-                     f"{r['pruned_ms']:.0f} | {r['speedup']:.2f}× | {r['pruning_speedup']:.2f}× | "
-                     f"{r['efficiency']:.2f} | ≥ {r['target_efficiency']}: {met} |")
+        prepacked = "yes" if r["prepacked"] else "no"
+        lines.append(f"| {r['batch']} | {prepacked} | {r['temperature']:.3g} | {r['gmacs']:.2f} | "
+                     f"{r['dense_gmacs']:.2f} | {r['flops_ratio']:.2f}× | {r['host_ms']:.0f} | "
+                     f"{r['unpruned_ms']:.0f} | {r['pruned_ms']:.0f} | {r['speedup']:.2f}× | "
+                     f"{r['pruning_speedup']:.2f}× | {r['efficiency']:.2f} | "
+                     f"≥ {r['target_efficiency']}: {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,11 +224,12 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
         "steps (alignment scores, importance, threshold, merge) over the pruned forward's time, median over "
         "rounds. *Tokens*: the mean tokens each layer's MLP ran, per sample. *Linear*: a 768 → 3072 "
         "layer (one of the towers' MLP products) timed alone on batch × tokens rows: GMAC/s at each "
-        "vision layer's pruned count against the dense 577.",
+        "vision layer's pruned count against the dense 577, plain and on its prepacked weight "
+        "(`ts.prepacked`).",
         "",
     ]
     for r in results:
-        dense = r["linear_gmacs_per_s"][577]
+        dense, packed = r["linear_gmacs_per_s"][577], r["prepacked_linear_gmacs_per_s"]
         lines += [
             f"## Batch {r['batch']}",
             "",
@@ -226,10 +240,10 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
             *(f"| {tower} | {', '.join(f'{c:.0f}' for c in counts)} |"
               for tower, counts in r["tokens"].items()),
             "",
-            "| tokens | linear GMAC/s | of dense |",
-            "|---|---|---|",
-            *(f"| {tokens} | {speed:.1f} | {speed / dense:.2f} |"
-              for tokens, speed in r["linear_gmacs_per_s"].items()),
+            "| tokens | linear GMAC/s | of dense | prepacked GMAC/s | of dense (plain) |",
+            "|---|---|---|---|---|",
+            *(f"| {tokens} | {speed:.1f} | {speed / dense:.2f} | {packed[tokens]:.1f} | "
+              f"{packed[tokens] / dense:.2f} |" for tokens, speed in r["linear_gmacs_per_s"].items()),
             "",
         ]
     path = args.out / f"madtp_speed_breakdown{'-quick' if args.quick else ''}.md"

@@ -8,7 +8,17 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from models import blocks_of, forward, host_model, images, max_difference
+from models import (
+    blip_retrieval,
+    blocks_of,
+    clip_text_model,
+    forward,
+    host_model,
+    images,
+    max_difference,
+    sam_model,
+    texts,
+)
 from registry import HOSTS
 from torch import nn
 from transformers.activations import ACT2FN, GELUActivation
@@ -216,6 +226,10 @@ def test_prepacked_weights_serve_only_inside_the_block_that_promises_them():
         assert (patched(pixels) - host(pixels)).abs().max().item() <= 1e-5
 
 
+def _linears_of_blocks(blocks: list[nn.Module]) -> list[nn.Linear]:
+    return [m for block in blocks for m in block.modules() if type(m) is nn.Linear]
+
+
 @pytest.mark.parametrize("name", list(HOSTS))
 def test_prepacked_linears_keep_every_host_equal_to_its_own_forward(name):
     host = host_model(name).eval()
@@ -224,6 +238,24 @@ def test_prepacked_linears_keep_every_host_equal_to_its_own_forward(name):
     ts.patch(patched, ts.TopK(keep=1.0, layers=(1,)))
     with torch.no_grad(), ts.prepacked(patched):
         difference = max_difference(forward(patched, pixels), forward(host, pixels))
-        if name != "BlipVisionModel":  # BLIP's view calls its attention's linears whole
-            assert any(layer in calls._PACKED for layer in patched.modules())  # some ran packed
+        unpacked = [m for m in _linears_of_blocks(blocks_of(patched)) if m not in calls._PACKED]
+    assert not unpacked  # every linear layer of every block ran on its packed weight
     assert difference <= 1e-4
+
+
+def test_prepacked_linears_serve_sam_and_both_text_towers():
+    pixels = images(2)
+    ids, mask = texts([5, 7])
+    sam, blip, clip = sam_model(), blip_retrieval(), clip_text_model()
+    cases = [(sam, lambda m: m, lambda m: m(pixels).last_hidden_state),
+             (blip, lambda m: m.text_encoder,
+              lambda m: m(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, :, :32, :32]).itm_score),
+             (clip, lambda m: m, lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state)]
+    for host, tower_of, run in cases:
+        patched = copy.deepcopy(host)
+        ts.patch(tower_of(patched), ts.RandomDrop(keep=1.0, layers=(1,)))
+        with torch.no_grad(), ts.prepacked(patched):
+            difference = (run(patched) - run(host)).abs().max().item()
+            unpacked = [m for m in _linears_of_blocks(blocks_of(tower_of(patched))) if m not in calls._PACKED]
+        assert not unpacked, type(host).__name__  # every linear layer of every block ran packed
+        assert difference <= 1e-4, type(host).__name__

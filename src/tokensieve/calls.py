@@ -56,15 +56,17 @@ def activate(activation: nn.Module, x: Tensor) -> Tensor:
 
 
 def mlp(module: nn.Module, x: Tensor) -> Tensor:
-    """`module(x)` for a plain fc1 -> activation -> fc2 MLP (timm's Mlp, with its dropouts and
-    norm; transformers' ViT, DeiT and DINOv2 MLPs), run piece by piece so the activation can run
-    in place and idle dropouts are skipped; any other MLP, or one with hooks, runs whole."""
-    activation = _PLAIN_MLPS.get(type(module).__name__)
-    if activation is None or module._forward_hooks or module._forward_pre_hooks:
+    """`module(x)` for a plain linear -> activation -> linear MLP (timm's Mlp, with its dropouts and
+    norm; transformers' ViT, DeiT, DINOv2, CLIP, BLIP and SAM MLPs), run piece by piece so the
+    activation can run in place and idle dropouts are skipped; any other MLP, or one with hooks,
+    runs whole."""
+    names = _PLAIN_MLPS.get(type(module).__name__)
+    if names is None or module._forward_hooks or module._forward_pre_hooks:
         return module(x)
-    hidden = activate(getattr(module, activation), linear(module.fc1, x))
+    first, activation, second = (getattr(module, name) for name in names)
+    hidden = activate(activation, linear(first, x))
     hidden = apply([getattr(module, name) for name in ("drop1", "norm") if hasattr(module, name)], hidden)
-    out = linear(module.fc2, hidden)
+    out = linear(second, hidden)
     return apply((module.drop2,), out) if hasattr(module, "drop2") else out
 
 
@@ -138,9 +140,11 @@ _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary
 _PREPACKED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 _PREPACKED_LOCK = threading.Lock()
 
-# class name -> its activation's attribute
-_PLAIN_MLPS = {"Mlp": "act", "ViTMLP": "activation_fn", "DeiTMLP": "activation_fn",
-               "Dinov2MLP": "activation_fn", "Dinov2WithRegistersMLP": "activation_fn"}
+# class name -> its first linear, activation and second linear attributes
+_HF_MLP = ("fc1", "activation_fn", "fc2")
+_PLAIN_MLPS = {"Mlp": ("fc1", "act", "fc2"), "ViTMLP": _HF_MLP, "DeiTMLP": _HF_MLP, "Dinov2MLP": _HF_MLP,
+               "Dinov2WithRegistersMLP": _HF_MLP, "BlipMLP": _HF_MLP, "CLIPMLP": _HF_MLP,
+               "SamMLPBlock": ("lin1", "act", "lin2")}
 
 
 def _gelu_mode(activation: nn.Module) -> str | None:

@@ -294,12 +294,14 @@ class Runner:
                 record.attention_index, record.attention_valid = state.index, state.valid
                 return state.replace(x=self._run_packed_placed(view, state, packed[0]))
             return state.replace(x=self._run_packed(view, state.x, *packed))
+        # a ragged batch's token-wise steps (projections, MLP, norms) run on its real rows only
+        rows = _real_rows(state, call.opening.block_call)
         if own_attention:  # windows or relative positions: the view places the tokens
             heads_out, q, k = view.attend(block_input, state, self.eager)  # [B, N, H*d]
             record.attention_index, record.attention_valid = state.index, state.valid
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
         else:
-            q, k, v = view.qkv(block_input)
+            q, k, v = view.qkv(block_input) if rows is None else _heads_on_rows(view.qkv, block_input, rows)
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
             if state.keep is not None:
                 heads_out = ops.policy_attention(q, k, v, state.keep, view.scale, bias)
@@ -310,8 +312,12 @@ class Runner:
                 heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
             batch, heads, tokens, dim = heads_out.shape
             heads_out = heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim)
-        x = _residual(block_input, view.attention_branch(heads_out))
-        state = state.replace(x=_norm_after(view, "attention", x))
+        if rows is None:
+            x = _norm_after(view, "attention", _residual(block_input, view.attention_branch(heads_out)))
+        else:
+            x = _on_rows(lambda x, heads_out: _norm_after(view, "attention", _residual(
+                x, view.attention_branch(heads_out))), rows, block_input, heads_out)
+        state = state.replace(x=x)
         attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention, heads_out=heads_out,
                              weights=weights)
         state = self._step(scope, method.after_attention, layer, state, attn, run)
@@ -326,7 +332,11 @@ class Runner:
             state = state.replace(x=self._cross_attend(view, state.x, block_call))
             mask = block_call.memory_mask
             record.memory_tokens = block_call.memory.shape[1] if mask is None else mask.sum(dim=1)
-        x = _norm_after(view, "mlp", _residual(state.x, view.mlp_branch(state.x)))
+        rows = _real_rows(state, block_call)  # the method may have pruned or merged
+        if rows is None:
+            x = _norm_after(view, "mlp", _residual(state.x, view.mlp_branch(state.x)))
+        else:
+            x = _on_rows(lambda x: _norm_after(view, "mlp", _residual(x, view.mlp_branch(x))), rows, state.x)
         if state.keep is not None:  # mask mode: pruned tokens pass through the block unchanged
             keep = state.keep[..., None]
             x = keep * x + (1.0 - keep) * block_input
@@ -365,7 +375,11 @@ class Runner:
             raise ValueError("this block has no cross-attention, but the call passes tokens to attend to "
                              "(encoder_hidden_states)")
         q = cross.query(x)
-        k, v = cross.key_value(call.memory)
+        mask = call.memory_mask
+        if mask is None or torch.is_grad_enabled() or bool(mask.all()):
+            k, v = cross.key_value(call.memory)
+        else:  # the memory's padding (a ragged image tower's) gets no keys or values
+            k, v = _heads_on_rows(cross.key_value, call.memory, mask.flatten().nonzero()[:, 0])
         bias = None if call.memory_mask is None else call.memory_mask[:, None, None, :]
         heads_out = ops.attention(q, k, v, bias, cross.scale, cross.attention_dropout(), self.eager)
         batch, heads, tokens, dim = heads_out.shape
@@ -481,6 +495,35 @@ def _packed_block_rest(view: BlockView, x: Tensor, heads_out: Tensor, rows: Tens
     x = _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
     out = x.new_zeros(batch * tokens, x.shape[-1]).index_copy_(0, rows, x[0])
     return out.view(batch, tokens, -1)
+
+
+def _real_rows(state: TokenState, call: BlockCall) -> Tensor | None:
+    """The rows [T] of the flattened [B * N] tokens that are not ragged padding, when a block's
+    token-wise steps may skip that padding: no gradient recorded, no mask mode, and no padding of
+    the input (the host's forward computes its rows too, and callers may read them)."""
+    if (state.valid is None or state.keep is not None or torch.is_grad_enabled() or call.key_mask is not None
+            or bool(state.valid.all())):
+        return None
+    return state.valid.flatten().nonzero()[:, 0]
+
+
+def _on_rows(step: Callable[..., Tensor], rows: Tensor, *tensors: Tensor) -> Tensor:
+    """`step` over the `rows` of `tensors` (each [B, N, ...]) alone, returned as [B, N, C] with zeros
+    on the other rows."""
+    batch, tokens = tensors[0].shape[:2]
+    out = step(*(t.flatten(0, 1).index_select(0, rows)[None] for t in tensors))[0]  # [T, C]
+    return out.new_zeros(batch * tokens, out.shape[-1]).index_copy_(0, rows, out).view(batch, tokens, -1)
+
+
+def _heads_on_rows(project: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor,
+                   rows: Tensor) -> tuple[Tensor, ...]:
+    """`project(x)` (heads [B, H, N, d] each: queries, keys, values) computed on the `rows` of `x`
+    alone, zeros elsewhere."""
+    batch, tokens, _ = x.shape
+    packed = project(x.flatten(0, 1).index_select(0, rows)[None])  # [1, H, T, d] each
+    heads, dim = packed[0].shape[1], packed[0].shape[3]
+    return tuple(t.new_zeros(batch * tokens, heads, dim).index_copy_(0, rows, t[0].transpose(0, 1))
+                 .view(batch, tokens, heads, dim).transpose(1, 2) for t in packed)
 
 
 def _attention_bias(state: TokenState, dtype: torch.dtype, causal: bool = False) -> Tensor | None:

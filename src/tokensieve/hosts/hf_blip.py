@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from tokensieve import calls
 from tokensieve.hosts.base import Host, linear_macs
 from tokensieve.spec import ModelSpec
 
@@ -27,15 +28,15 @@ class BlipLayerView:
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, tokens, _ = x.shape
-        qkv = self.attention.qkv(self.layer.layer_norm1(x))
+        qkv = calls.linear(self.attention.qkv, self.layer.layer_norm1(x))
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
-        return self.attention.projection(heads_out)
+        return calls.linear(self.attention.projection, heads_out)
 
     def mlp_branch(self, x: Tensor) -> Tensor:
-        return self.layer.mlp(self.layer.layer_norm2(x))
+        return calls.mlp(self.layer.mlp, self.layer.layer_norm2(x))
 
     def attention_dropout(self) -> float:
         return self.attention.dropout.p if self.attention.training else 0.0

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tokensieve import ops
+from tokensieve import calls, ops
 from tokensieve.hosts.base import BlockCall, Host, Step, linear_macs
 from tokensieve.spec import ModelSpec
 
@@ -38,11 +38,11 @@ class _Heads:
 
     def split(self, linear: nn.Linear, x: Tensor) -> Tensor:
         batch, tokens, _ = x.shape
-        return linear(x).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        return calls.linear(linear, x).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
     def branch(self, heads_out: Tensor) -> Tensor:
         """Output projection and dropout; the residual add and LayerNorm follow in `norm_after`."""
-        return self.output.dropout(self.output.dense(heads_out))
+        return calls.apply((self.output.dropout,), calls.linear(self.output.dense, heads_out))
 
     def attention_dropout(self) -> float:
         return self.inner.dropout.p if self.inner.training else 0.0
@@ -84,8 +84,9 @@ class BlipTextLayerView(_Heads):
         return self.branch(heads_out)
 
     def mlp_branch(self, x: Tensor) -> Tensor:
-        output = self.layer.output
-        return output.dropout(output.dense(self.layer.intermediate(x)))
+        intermediate, output = self.layer.intermediate, self.layer.output
+        hidden = calls.activate(intermediate.intermediate_act_fn, calls.linear(intermediate.dense, x))
+        return calls.apply((output.dropout,), calls.linear(output.dense, hidden))
 
     def norm_after(self, step: Step, x: Tensor) -> Tensor:
         return self._norms[step](x)

@@ -33,7 +33,7 @@ class CLIPLayerView(HFAttentionPart):
         return calls.linear(self.output_projection, heads_out)
 
     def mlp_branch(self, x: Tensor) -> Tensor:
-        return self.layer.mlp(self.layer.layer_norm2(x))
+        return calls.mlp(self.layer.mlp, self.layer.layer_norm2(x))
 
 
 def resolve(model: nn.Module) -> Host:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tokensieve import ops
+from tokensieve import calls, ops
 from tokensieve.hosts.base import Host, linear_macs
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState
@@ -63,10 +63,10 @@ class SamLayerView:
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attention_branch(self, heads_out: Tensor) -> Tensor:
-        return self.attn.proj(heads_out)
+        return calls.linear(self.attn.proj, heads_out)
 
     def mlp_branch(self, x: Tensor) -> Tensor:
-        return self.layer.mlp(self.layer.layer_norm2(x))
+        return calls.mlp(self.layer.mlp, self.layer.layer_norm2(x))
 
     def attention_dropout(self) -> float:
         return self.attn.dropout if self.attn.training else 0.0
@@ -113,7 +113,7 @@ class SamLayerView:
     def _token_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Block input [B, N, C] -> queries, keys, values [B, N, H, d] (normalised, as the host)."""
         batch, tokens, _ = x.shape
-        qkv = self.attn.qkv(self.layer.layer_norm1(x))
+        qkv = calls.linear(self.attn.qkv, self.layer.layer_norm1(x))
         return qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
 
     def _packed_qkv(self, x: Tensor, rows: Tensor | None) -> Tensor:
@@ -123,7 +123,7 @@ class SamLayerView:
         normed = x.flatten(0, 1) if rows is None else x.flatten(0, 1).index_select(0, rows)
         normed = self.layer.layer_norm1(normed)
         normed = torch.cat([normed, normed.new_zeros(1, normed.shape[1])])
-        return self.attn.qkv(normed).view(normed.shape[0], 3, self.num_heads, self.head_dim)
+        return calls.linear(self.attn.qkv, normed).view(normed.shape[0], 3, self.num_heads, self.head_dim)
 
     def _global_attention(self, qkv: Tensor, rows: Tensor | None, state: TokenState,
                           map_size: tuple[int, int], eager: bool) -> Tensor:
