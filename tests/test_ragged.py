@@ -75,3 +75,31 @@ def test_ragged_methods_are_refused_on_mean_pooled_heads(host, method):
     """A head that averages the tokens would average the padding of a ragged batch in."""
     with pytest.raises(ValueError, match="fixed keep rate"):
         ts.patch(host_model(host), method)
+
+
+@pytest.mark.parametrize("method", methods("ragged"))
+def test_real_rows_only_equals_running_the_padding_too(method, monkeypatch):
+    """Without gradients a ragged batch's token-wise steps skip its padding rows (a whole block
+    does when the method reads nothing of its attention); the plain path, which runs them too,
+    gives the same outputs."""
+    from tokensieve import executor
+
+    x = distinct_images()
+    model = _ragged_model("timm-vit", method, x)
+    calls = []
+
+    def counted(step):
+        def run(*args, **kwargs):
+            calls.append(step.__name__)
+            return step(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(executor, "_on_rows", counted(executor._on_rows))
+    monkeypatch.setattr(executor.Runner, "_run_packed", counted(executor.Runner._run_packed))
+    skipped = _outputs(model, x)
+    assert calls, "the batch took neither path that skips padding"
+    monkeypatch.setattr(executor, "_real_rows", lambda state, call: None)
+    monkeypatch.setattr(executor, "_packed_rows", lambda state, method, call: None)
+    padded = _outputs(model, x)
+    for key in skipped:
+        torch.testing.assert_close(skipped[key], padded[key], atol=TOLERANCE, rtol=0, msg=key)
