@@ -131,8 +131,10 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
             shares.append((vision[0] + text[0]) / total)
         with ts.trace(pruned.vision_model) as seen, ts.trace(pruned.text_encoder) as read:
             pruned(**given)
-    counts = {name: [float(torch.as_tensor(record.mlp_tokens).float().mean()) for record in traces[0].layers]
-              for name, traces in (("vision", seen), ("text", read))}
+    per_layer = {name: [torch.as_tensor(record.mlp_tokens).float() for record in traces[0].layers]
+                 for name, traces in (("vision", seen), ("text", read))}
+    counts = {name: [float(c.mean()) for c in layers] for name, layers in per_layer.items()}
+    longest = {name: [float(c.max()) for c in layers] for name, layers in per_layer.items()}
     linear = torch.nn.Linear(WIDTH, 4 * WIDTH)
     sizes = sorted({577, *(round(count) for count in counts["vision"])}, reverse=True)
     throughput, packed_throughput = {}, {}
@@ -144,7 +146,8 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
             packed = median_seconds(partial(calls.linear, linear), x, rounds=9)
             packed_throughput[tokens] = macs / packed / 1e9
     result = {"batch": batch, "budget": budget, "method_share": statistics.median(shares), "tokens": counts,
-              "linear_gmacs_per_s": throughput, "prepacked_linear_gmacs_per_s": packed_throughput}
+              "longest": longest, "linear_gmacs_per_s": throughput,
+              "prepacked_linear_gmacs_per_s": packed_throughput}
     print(result, flush=True)
     return result
 
@@ -222,7 +225,8 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
         f"Produced by `{command}` (fp32, {args.threads} threads; the towers and texts of madtp_speed.md, "
         f"T set on the batch to {args.budget:g} of both towers' dense MACs). *Method share*: MADTP's own "
         "steps (alignment scores, importance, threshold, merge) over the pruned forward's time, median over "
-        "rounds. *Tokens*: the mean tokens each layer's MLP ran, per sample. *Linear*: a 768 → 3072 "
+        "rounds. *Tokens*: the mean tokens each layer's MLP ran, per sample, and the most any sample of "
+        "the batch ran (the ragged batch's padded length). *Linear*: a 768 → 3072 "
         "layer (one of the towers' MLP products) timed alone on batch × tokens rows: GMAC/s at each "
         "vision layer's pruned count against the dense 577, plain and on its prepacked weight "
         "(`ts.prepacked`).",
@@ -235,9 +239,10 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
             "",
             f"Method share of the pruned forward: {r['method_share']:.1%}.",
             "",
-            "| tower | tokens per layer |",
-            "|---|---|",
-            *(f"| {tower} | {', '.join(f'{c:.0f}' for c in counts)} |"
+            "| tower | tokens per layer: mean | longest sample |",
+            "|---|---|---|",
+            *(f"| {tower} | {', '.join(f'{c:.0f}' for c in counts)} | "
+              f"{', '.join(f'{c:.0f}' for c in r['longest'][tower])} |"
               for tower, counts in r["tokens"].items()),
             "",
             "| tokens | linear GMAC/s | of dense | prepacked GMAC/s | of dense (plain) |",

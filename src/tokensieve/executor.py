@@ -301,7 +301,7 @@ class Runner:
             record.attention_index, record.attention_valid = state.index, state.valid
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
         else:
-            q, k, v = view.qkv(block_input) if rows is None else _heads_on_rows(view.qkv, block_input, rows)
+            q, k, v = _heads_on_rows(view.qkv, block_input, rows)
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
             if state.keep is not None:
                 heads_out = ops.policy_attention(q, k, v, state.keep, view.scale, bias)
@@ -312,11 +312,7 @@ class Runner:
                 heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
             batch, heads, tokens, dim = heads_out.shape
             heads_out = heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim)
-        if rows is None:
-            x = _norm_after(view, "attention", _residual(block_input, view.attention_branch(heads_out)))
-        else:
-            x = _on_rows(lambda x, heads_out: _norm_after(view, "attention", _residual(
-                x, view.attention_branch(heads_out))), rows, block_input, heads_out)
+        x = _on_rows(functools.partial(_attention_rest, view), rows, block_input, heads_out)
         state = state.replace(x=x)
         attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention, heads_out=heads_out,
                              weights=weights)
@@ -333,10 +329,7 @@ class Runner:
             mask = block_call.memory_mask
             record.memory_tokens = block_call.memory.shape[1] if mask is None else mask.sum(dim=1)
         rows = _real_rows(state, block_call)  # the method may have pruned or merged
-        if rows is None:
-            x = _norm_after(view, "mlp", _residual(state.x, view.mlp_branch(state.x)))
-        else:
-            x = _on_rows(lambda x: _norm_after(view, "mlp", _residual(x, view.mlp_branch(x))), rows, state.x)
+        x = _on_rows(functools.partial(_mlp_rest, view), rows, state.x)
         if state.keep is not None:  # mask mode: pruned tokens pass through the block unchanged
             keep = state.keep[..., None]
             x = keep * x + (1.0 - keep) * block_input
@@ -348,8 +341,8 @@ class Runner:
         its `rows`, each sample attending to its own `counts` tokens; returned as [B, N, C] with
         zeros on the padding rows. The padded batch would run every token-wise step (the linear
         layers, norms, the MLP) on each sample's padding too, and attention on the longest count."""
-        batch, tokens, channels = x.shape
-        x = x.reshape(batch * tokens, channels).index_select(0, rows)[None]  # [1, T, C]
+        batch, tokens, _ = x.shape
+        x = _gather_rows(x, rows)  # [1, T, C]
         q, k, v = view.qkv(x)  # [1, H, T, d]
         dropout = view.attention_dropout()
         samples = zip(q.split(counts, 2), k.split(counts, 2), v.split(counts, 2), strict=True)
@@ -363,10 +356,8 @@ class Runner:
         it attends over the real tokens of the ragged batch, and the projection, the MLP and the
         norms here run on its `rows` alone."""
         heads_out, _, _ = view.attend(state.x, state, self.eager)  # [B, N, H*d], zeros on padding
-        batch, tokens, channels = state.x.shape
-        x = state.x.reshape(batch * tokens, channels).index_select(0, rows)[None]  # [1, T, C]
-        heads_out = heads_out.flatten(0, 1).index_select(0, rows)[None]
-        return _packed_block_rest(view, x, heads_out, rows, batch, tokens)
+        return _on_rows(lambda x, heads_out: _mlp_rest(view, _attention_rest(view, x, heads_out)), rows,
+                        state.x, heads_out)
 
     def _cross_attend(self, view: BlockView, x: Tensor, call: BlockCall) -> Tensor:
         """The block's attention from its tokens to the call's memory (another modality's tokens)."""
@@ -375,11 +366,8 @@ class Runner:
             raise ValueError("this block has no cross-attention, but the call passes tokens to attend to "
                              "(encoder_hidden_states)")
         q = cross.query(x)
-        mask = call.memory_mask
-        if mask is None or torch.is_grad_enabled() or bool(mask.all()):
-            k, v = cross.key_value(call.memory)
-        else:  # the memory's padding (a ragged image tower's) gets no keys or values
-            k, v = _heads_on_rows(cross.key_value, call.memory, mask.flatten().nonzero()[:, 0])
+        # the padding of a ragged memory (an image tower's) gets no keys or values
+        k, v = _heads_on_rows(cross.key_value, call.memory, _unpadded_rows(call.memory_mask))
         bias = None if call.memory_mask is None else call.memory_mask[:, None, None, :]
         heads_out = ops.attention(q, k, v, bias, cross.scale, cross.attention_dropout(), self.eager)
         batch, heads, tokens, dim = heads_out.shape
@@ -476,54 +464,79 @@ def _adopt_dense(state: TokenState, given: Tensor) -> TokenState:
 
 
 def _packed_rows(state: TokenState, method: Method, call: BlockCall) -> tuple[Tensor, list[int]] | None:
-    """The rows [T] of the flattened [B * N] tokens that are not ragged padding, and each sample's
-    count of them, when the block can run on those alone (`Runner._run_packed`): a ragged batch
-    without gradients, whose tokens attend by plain key masks (no input padding, causal order,
-    merged sizes or memory) and whose method reads nothing of the block's attention."""
-    if (state.valid is None or state.keep is not None or state.size is not None or torch.is_grad_enabled()
-            or call.key_mask is not None or call.causal or call.memory is not None
+    """`_real_rows` and each sample's count of them, when the whole block can run on those rows
+    alone (`Runner._run_packed`): its tokens attend by plain key masks (no causal order, merged
+    sizes or memory) and its method reads nothing of the block's attention."""
+    if (state.size is not None or call.causal or call.memory is not None
             or type(method).after_attention is not Method.after_attention):
         return None
-    return state.valid.flatten().nonzero()[:, 0], state.valid.sum(dim=1).tolist()
+    rows = _real_rows(state, call)
+    return None if rows is None else (rows, state.valid.sum(dim=1).tolist())
+
+
+def _real_rows(state: TokenState, call: BlockCall) -> Tensor | None:
+    """`_unpadded_rows` of a ragged batch, when a block's token-wise steps may skip its padding:
+    no mask mode, and no padding of the input (the host's forward computes its rows too, and
+    callers may read them)."""
+    if state.keep is not None or call.key_mask is not None:
+        return None
+    return _unpadded_rows(state.valid)
+
+
+def _unpadded_rows(valid: Tensor | None) -> Tensor | None:
+    """The rows [T] of the flattened [B * N] tokens that `valid` marks real, when some are padding
+    and no gradient is recorded; otherwise None (every row runs)."""
+    if valid is None or torch.is_grad_enabled() or bool(valid.all()):
+        return None
+    return valid.flatten().nonzero()[:, 0]
+
+
+def _attention_rest(view: BlockView, x: Tensor, heads_out: Tensor) -> Tensor:
+    """The block's output projection, residual add and (post-norm) norm after attention."""
+    return _norm_after(view, "attention", _residual(x, view.attention_branch(heads_out)))
+
+
+def _mlp_rest(view: BlockView, x: Tensor) -> Tensor:
+    """The block's MLP, residual add and (post-norm) norm."""
+    return _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
 
 
 def _packed_block_rest(view: BlockView, x: Tensor, heads_out: Tensor, rows: Tensor, batch: int,
                        tokens: int) -> Tensor:
     """The block after attention on packed tokens `x` [1, T, C] (`heads_out` [1, T, H*d]), returned
     as [B, N, C] with zeros on the padding rows (those not in `rows`)."""
-    x = _norm_after(view, "attention", _residual(x, view.attention_branch(heads_out)))
-    x = _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
-    out = x.new_zeros(batch * tokens, x.shape[-1]).index_copy_(0, rows, x[0])
-    return out.view(batch, tokens, -1)
+    return _scatter_rows(_mlp_rest(view, _attention_rest(view, x, heads_out))[0], rows, batch, tokens)
 
 
-def _real_rows(state: TokenState, call: BlockCall) -> Tensor | None:
-    """The rows [T] of the flattened [B * N] tokens that are not ragged padding, when a block's
-    token-wise steps may skip that padding: no gradient recorded, no mask mode, and no padding of
-    the input (the host's forward computes its rows too, and callers may read them)."""
-    if (state.valid is None or state.keep is not None or torch.is_grad_enabled() or call.key_mask is not None
-            or bool(state.valid.all())):
-        return None
-    return state.valid.flatten().nonzero()[:, 0]
+def _gather_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """[B, N, ...] -> [1, T, ...]: the `rows` of the flattened batch."""
+    return t.flatten(0, 1).index_select(0, rows)[None]
 
 
-def _on_rows(step: Callable[..., Tensor], rows: Tensor, *tensors: Tensor) -> Tensor:
-    """`step` over the `rows` of `tensors` (each [B, N, ...]) alone, returned as [B, N, C] with zeros
-    on the other rows."""
+def _scatter_rows(packed: Tensor, rows: Tensor, batch: int, tokens: int) -> Tensor:
+    """[T, ...] -> [B, N, ...]: `packed` at the `rows` of the flattened batch, zeros elsewhere."""
+    out = packed.new_zeros(batch * tokens, *packed.shape[1:]).index_copy_(0, rows, packed)
+    return out.view(batch, tokens, *packed.shape[1:])
+
+
+def _on_rows(step: Callable[..., Tensor], rows: Tensor | None, *tensors: Tensor) -> Tensor:
+    """`step(*tensors)` (each [B, N, ...]), token-wise; with `rows`, on those rows alone, and zeros
+    on the others."""
+    if rows is None:
+        return step(*tensors)
     batch, tokens = tensors[0].shape[:2]
-    out = step(*(t.flatten(0, 1).index_select(0, rows)[None] for t in tensors))[0]  # [T, C]
-    return out.new_zeros(batch * tokens, out.shape[-1]).index_copy_(0, rows, out).view(batch, tokens, -1)
+    return _scatter_rows(step(*(_gather_rows(t, rows) for t in tensors))[0], rows, batch, tokens)
 
 
 def _heads_on_rows(project: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor,
-                   rows: Tensor) -> tuple[Tensor, ...]:
-    """`project(x)` (heads [B, H, N, d] each: queries, keys, values) computed on the `rows` of `x`
-    alone, zeros elsewhere."""
+                   rows: Tensor | None) -> tuple[Tensor, ...]:
+    """`project(x)` (heads [B, H, N, d] each: queries, keys, values); with `rows`, computed on those
+    rows of `x` alone, zeros elsewhere."""
+    if rows is None:
+        return project(x)
     batch, tokens, _ = x.shape
-    packed = project(x.flatten(0, 1).index_select(0, rows)[None])  # [1, H, T, d] each
-    heads, dim = packed[0].shape[1], packed[0].shape[3]
-    return tuple(t.new_zeros(batch * tokens, heads, dim).index_copy_(0, rows, t[0].transpose(0, 1))
-                 .view(batch, tokens, heads, dim).transpose(1, 2) for t in packed)
+    packed = project(_gather_rows(x, rows))  # [1, H, T, d] each
+    return tuple(_scatter_rows(t[0].transpose(0, 1), rows, batch, tokens).transpose(1, 2) for t in packed)
 
 
 def _attention_bias(state: TokenState, dtype: torch.dtype, causal: bool = False) -> Tensor | None:
