@@ -183,7 +183,9 @@ class SamLayerView:
         share = 1.0 if keep is not None else _WINDOW_BATCH_SHARE
 
         # One spare row per padded position a batch can have, so that no two outputs share a row.
-        out = qkv.new_zeros(spare + max(counts) * len(counts), heads, dim)
+        # Every token row is written once (each token is a member of exactly one window), so the
+        # buffer is not zeroed: at batch 16 zeroing it cost as much as a tenth of the attention.
+        out = qkv.new_empty(spare + max(counts) * len(counts), heads, dim)
         for windows in _window_batches(counts, share, _WINDOWS_PER_BATCH):
             windows = torch.tensor(windows, device=qkv.device)
             count = counts[int(windows[0])]  # the batch's largest
