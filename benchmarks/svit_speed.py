@@ -17,11 +17,12 @@ scenes it times); no weight is altered.
 
 The SAM encoder runs at 512x512 (1 024 tokens, the same input as DeiT-S) rather than SAM's own
 1024x1024: four times the tokens make one batch-16 forward take minutes on 2 CPU cores, too long
-to time over repeats here.
+to time over repeats here. Its batch-1 rows at 1024x1024 are a run of their own (about an hour).
 
     python benchmarks/svit_speed.py             # every model, batch 1 and 16, with and without prepack
     python benchmarks/svit_speed.py --quick     # fewer repeats, without prepack
     python benchmarks/svit_speed.py --model deit --batch 1
+    python benchmarks/svit_speed.py --model sam --batch 1 --image-size 1024   # SAM at its own size
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tokensieve.patch import runner_of
 
 KEEP = 0.7
 IMAGE = 512
+SAM_IMAGE = 1024  # the size SAM runs at; its batch-1 rows come from `--model sam --batch 1 --image-size 1024`
 CELL = 16  # the patch side of both models: one busy/flat cell per token
 BUSY_LOW, BUSY_HIGH = 0.2, 0.9  # the share of busy cells, per image
 CALIBRATION_IMAGES = 8  # 8 192 patch tokens at 512x512, for each gate's quantile
@@ -167,7 +169,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, choices=sorted(REPEATS), help="this batch size only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=IMAGE,
-                        help=f"input side (default {IMAGE}; a small one only to check the script runs)")
+                        help=f"input side (default {IMAGE}; {SAM_IMAGE} for SAM's own size; a small one "
+                             "only to check the script runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if args.image_size % CELL:
@@ -217,6 +220,13 @@ def _spread_table(calibration: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _sam_size_note(size: int) -> str:
+    if size == SAM_IMAGE:
+        return f"SAM's own input size, {SAM_IMAGE}x{SAM_IMAGE}"
+    return (f"SAM's own {SAM_IMAGE}x{SAM_IMAGE} has {(SAM_IMAGE / size) ** 2:g} times the tokens, and one "
+            "batch-16 forward then takes minutes on 2 cores")
+
+
 def _markdown(rows: list[dict], calibrations: list[dict], args: argparse.Namespace, command: str) -> str:
     size, repeats = args.image_size, QUICK_REPEATS if args.quick else REPEATS
     cpu = platform.processor() or platform.machine()
@@ -226,8 +236,7 @@ def _markdown(rows: list[dict], calibrations: list[dict], args: argparse.Namespa
         f"{size}x{size} ({(size // CELL) ** 2} tokens). DeiT-S is timm's `deit_small_patch16_224` "
         f"built at img_size={size}; the SAM encoder is transformers' `SamVisionModel` at width 768, "
         "12 blocks, 12 heads, windows of 14, global attention in blocks 2, 5, 8, 11, at the same "
-        "size (SAM's own 1024x1024 has four times the tokens, and one batch-16 forward then takes "
-        f"minutes on 2 cores). Each is patched with `ts.SViT(keep={KEEP})`: DeiT-S dense (every "
+        f"size ({_sam_size_note(size)}). Each is patched with `ts.SViT(keep={KEEP})`: DeiT-S dense (every "
         "position returned, as a detector's neck needs: the headline rows, in bold) and sparse; SAM "
         "always runs dense."
     )
