@@ -286,16 +286,16 @@ class Runner:
         record.attention_tokens = state.token_counts()
         own_attention = runs_own_attention(view)
         weights = None  # the attention map, spelled out only for a method that reads it
-        packed = _packed_rows(state, method, call.opening.block_call)
-        if packed is not None:
+        # a ragged batch's token-wise steps (projections, MLP, norms) run on its real rows only
+        rows = _real_rows(state, call.opening.block_call)
+        if rows is not None and _packs_whole_block(state, method, call.opening.block_call):
             record.mlp_tokens = record.attention_tokens
             record.index, record.valid = state.index, state.valid
             if own_attention:
                 record.attention_index, record.attention_valid = state.index, state.valid
-                return state.replace(x=self._run_packed_placed(view, state, packed[0]))
-            return state.replace(x=self._run_packed(view, state.x, *packed))
-        # a ragged batch's token-wise steps (projections, MLP, norms) run on its real rows only
-        rows = _real_rows(state, call.opening.block_call)
+                return state.replace(x=self._run_packed_placed(view, state, rows))
+            counts = state.valid.sum(dim=1).tolist()
+            return state.replace(x=self._run_packed(view, state.x, rows, counts))
         if own_attention:  # windows or relative positions: the view places the tokens
             heads_out, q, k = view.attend(block_input, state, self.eager)  # [B, N, H*d]
             record.attention_index, record.attention_valid = state.index, state.valid
@@ -349,15 +349,14 @@ class Runner:
         heads_out = [ops.attention(*qkv, None, view.scale, dropout, self.eager).transpose(1, 2)
                      for qkv in samples]
         heads_out = torch.cat(heads_out, dim=1).flatten(2)  # [1, T, H*d]
-        return _packed_block_rest(view, x, heads_out, rows, batch, tokens)
+        return _scatter_rows(_block_rest(view, x, heads_out)[0], rows, batch, tokens)
 
     def _run_packed_placed(self, view: BlockView, state: TokenState, rows: Tensor) -> Tensor:
         """`_run_packed` for a view that places the tokens itself (windows, relative positions):
         it attends over the real tokens of the ragged batch, and the projection, the MLP and the
         norms here run on its `rows` alone."""
         heads_out, _, _ = view.attend(state.x, state, self.eager)  # [B, N, H*d], zeros on padding
-        return _on_rows(lambda x, heads_out: _mlp_rest(view, _attention_rest(view, x, heads_out)), rows,
-                        state.x, heads_out)
+        return _on_rows(functools.partial(_block_rest, view), rows, state.x, heads_out)
 
     def _cross_attend(self, view: BlockView, x: Tensor, call: BlockCall) -> Tensor:
         """The block's attention from its tokens to the call's memory (another modality's tokens)."""
@@ -463,15 +462,12 @@ def _adopt_dense(state: TokenState, given: Tensor) -> TokenState:
     return state.replace(x=x, grid=grid)
 
 
-def _packed_rows(state: TokenState, method: Method, call: BlockCall) -> tuple[Tensor, list[int]] | None:
-    """`_real_rows` and each sample's count of them, when the whole block can run on those rows
-    alone (`Runner._run_packed`): its tokens attend by plain key masks (no causal order, merged
-    sizes or memory) and its method reads nothing of the block's attention."""
-    if (state.size is not None or call.causal or call.memory is not None
-            or type(method).after_attention is not Method.after_attention):
-        return None
-    rows = _real_rows(state, call)
-    return None if rows is None else (rows, state.valid.sum(dim=1).tolist())
+def _packs_whole_block(state: TokenState, method: Method, call: BlockCall) -> bool:
+    """Whether the whole block can run on a ragged batch's `_real_rows` alone
+    (`Runner._run_packed`): its tokens attend by plain key masks (no causal order, merged sizes or
+    memory) and its method reads nothing of the block's attention."""
+    return not (state.size is not None or call.causal or call.memory is not None
+                or type(method).after_attention is not Method.after_attention)
 
 
 def _real_rows(state: TokenState, call: BlockCall) -> Tensor | None:
@@ -501,11 +497,9 @@ def _mlp_rest(view: BlockView, x: Tensor) -> Tensor:
     return _norm_after(view, "mlp", _residual(x, view.mlp_branch(x)))
 
 
-def _packed_block_rest(view: BlockView, x: Tensor, heads_out: Tensor, rows: Tensor, batch: int,
-                       tokens: int) -> Tensor:
-    """The block after attention on packed tokens `x` [1, T, C] (`heads_out` [1, T, H*d]), returned
-    as [B, N, C] with zeros on the padding rows (those not in `rows`)."""
-    return _scatter_rows(_mlp_rest(view, _attention_rest(view, x, heads_out))[0], rows, batch, tokens)
+def _block_rest(view: BlockView, x: Tensor, heads_out: Tensor) -> Tensor:
+    """The block after attention, with no step between: `_attention_rest`, then `_mlp_rest`."""
+    return _mlp_rest(view, _attention_rest(view, x, heads_out))
 
 
 def _gather_rows(t: Tensor, rows: Tensor) -> Tensor:
