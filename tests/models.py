@@ -212,8 +212,10 @@ def calibrate_predictors(model: nn.Module, *inputs, **named_inputs) -> None:
                 model(*inputs, **named_inputs)
         finally:
             handle.remove()
-        with torch.no_grad():
-            predictor.head[-1].bias[1] -= scores[0].median()
+        ranked = scores[0].sort().values
+        middle = len(ranked) // 2
+        with torch.no_grad():  # halfway between two scores: no token on the edge, where rounding decides
+            predictor.head[-1].bias[1] -= (ranked[middle - 1] + ranked[middle]) / 2
 
 
 def predictors(sieve: ts.Sieve) -> list[nn.Module]:

@@ -4,6 +4,7 @@ rated above an alignment-weighted threshold and merges the rest into one importa
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from models import blip_retrieval, distinct_images, host_model, images, strength
 from torch import Tensor, nn
 
 import tokensieve as ts
+from tokensieve import ops
 from tokensieve.flops import report_from_trace
 from tokensieve.methods import madtp
 from tokensieve.methods.madtp import IMPORTANCE_REPORT, POOLED_REPORT
@@ -53,7 +55,10 @@ def _reference_block(block: nn.Module, x: Tensor, bank: Tensor, temperature: flo
     return x + block.ls2(block.mlp(block.norm2(x)))
 
 
-def test_a_pruned_layer_is_the_plain_algorithm_and_each_image_keeps_its_own_count():
+@pytest.mark.parametrize("map_in_blocks", [False, True], ids=["whole map", "map in blocks of rows"])
+def test_a_pruned_layer_is_the_plain_algorithm_and_each_image_keeps_its_own_count(map_in_blocks, monkeypatch):
+    if map_in_blocks:  # the 65 tokens' map summarised 32 query rows at a time
+        monkeypatch.setattr(sys.modules["tokensieve.ops.attention"], "SUMMARY_BLOCK_FLOATS", 1)
     model = strengthen(host_model("timm-vit"))
     plain = copy.deepcopy(model)
     x = images(3)
@@ -74,6 +79,31 @@ def test_a_pruned_layer_is_the_plain_algorithm_and_each_image_keeps_its_own_coun
                 tokens = block(tokens)
             expected = plain.forward_head(plain.norm(tokens))
         torch.testing.assert_close(pruned[b : b + 1], expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("bias", ["none", "padded keys", "causal"])
+def test_the_attention_summary_in_blocks_of_query_rows_is_the_whole_maps(bias, monkeypatch):
+    """A large map is summarised a block of query rows at a time: the same output, summary and
+    gradients as the whole map."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 8, requires_grad=True) for _ in range(3))
+    queries = torch.ones(2, 70)
+    queries[1, 60:] = 0.0
+    masks = {"none": None, "padded keys": (torch.arange(70) < torch.tensor([[70], [60]]))[:, None, None],
+             "causal": torch.ones(70, 70, dtype=torch.bool).tril()[None, None].expand(2, 1, 70, 70)}
+    mask = masks[bias]
+    weights = ops.attention_weights(q, k, mask, 0.35)
+    whole = ops.summarize_attention(weights, queries)
+    expected = [weights @ v, whole.received, whole.first_row]
+    monkeypatch.setattr(sys.modules["tokensieve.ops.attention"], "SUMMARY_BLOCK_FLOATS", 1)  # 32 rows
+    output, summary = ops.attention_and_summary(q, k, v, mask, 0.35, queries)
+    found = [output, summary.received, summary.first_row]
+    for got, want in zip(found, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    grads = torch.autograd.grad(sum(t.square().sum() for t in found), (q, k, v))
+    wanted = torch.autograd.grad(sum(t.square().sum() for t in expected), (q, k, v))
+    for got, want in zip(grads, wanted, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_the_batch_count_keeps_the_batchs_largest_count_in_every_image_by_importance():

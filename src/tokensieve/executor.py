@@ -18,6 +18,7 @@ from tokensieve import ops
 from tokensieve.hosts import Host, runs_own_attention
 from tokensieve.hosts.base import BlockCall, BlockView, Step, is_reentrant, layer_checkpointing
 from tokensieve.methods import AttentionView, Method, MethodRun
+from tokensieve.methods.base import token_queries
 from tokensieve.methods.run import check_inputs
 from tokensieve.tokens import NO_POSITION, LayerRecord, TokenState, Trace, gather_tokens, repeat_by_size
 
@@ -285,7 +286,7 @@ class Runner:
         block_input = state.x
         record.attention_tokens = state.token_counts()
         own_attention = runs_own_attention(view)
-        weights = None  # the attention map, spelled out only for a method that reads it
+        summary = None  # what a method reads of the attention map, spelled out only for it
         # a ragged batch's token-wise steps (projections, MLP, norms) run on its real rows only
         rows = _real_rows(state, call.opening.block_call)
         if rows is not None and _packs_whole_block(state, method, call.opening.block_call):
@@ -305,9 +306,9 @@ class Runner:
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
             if state.keep is not None:
                 heads_out = ops.policy_attention(q, k, v, state.keep, view.scale, bias)
-            elif method.reads_attention_weights(layer):
-                dropout = view.attention_dropout()
-                heads_out, weights = ops.attention_and_weights(q, k, v, bias, view.scale, dropout)
+            elif method.reads_attention_summary(layer):
+                queries, dropout = token_queries(state), view.attention_dropout()
+                heads_out, summary = ops.attention_and_summary(q, k, v, bias, view.scale, queries, dropout)
             else:
                 heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
             batch, heads, tokens, dim = heads_out.shape
@@ -315,11 +316,11 @@ class Runner:
         x = _on_rows(functools.partial(_attention_rest, view), rows, block_input, heads_out)
         state = state.replace(x=x)
         attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention, heads_out=heads_out,
-                             weights=weights)
+                             summary=summary)
         state = self._step(scope, method.after_attention, layer, state, attn, run)
         # Free the attention's buffers before the MLP allocates its own, as the host's block does:
         # a larger live set makes the allocator return and re-fault pages on every call.
-        attn = q = k = v = heads_out = weights = x = None
+        attn = q = k = v = heads_out = summary = x = None
         if state.keep is None:
             block_input = None
         record.mlp_tokens = state.token_counts()

@@ -7,12 +7,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from tokensieve import ops
 from tokensieve.methods.run import CallInput, MethodRun
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState, Trace
+
+
+def token_queries(state: TokenState) -> Tensor:
+    """[B, N] 1 on the rows whose queries an attention summary counts (`AttentionView.summary`):
+    the real tokens, prefix tokens excluded."""
+    queries = torch.ones(state.x.shape[:2], dtype=torch.float32, device=state.x.device)
+    if state.valid is not None:
+        queries = queries * state.valid
+    queries[:, : state.prefix] = 0.0
+    return queries
 
 
 @dataclass
@@ -30,7 +41,7 @@ class AttentionView:
     state: TokenState
     exact: bool = True
     heads_out: Tensor | None = None  # [B, N, H*d] each head's output, before the output projection
-    weights: Tensor | None = None  # [B, H, N, N] the attention map, when the method reads it
+    summary: ops.AttentionSummary | None = None  # what the method reads of the map, when it reads it
 
     def class_attention(self) -> Tensor:
         """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix]."""
@@ -125,10 +136,12 @@ class Method:
         tensors that calibration writes."""
         raise NotImplementedError(f"{self} keeps no tokens by thresholds")
 
-    def reads_attention_weights(self, layer: int) -> bool:
-        """Whether the method reads block `layer`'s attention map (`AttentionView.weights`): the
-        block then spells its attention out and hands the map over, instead of the fused kernel,
-        which gives no map, and the method computing it again."""
+    def reads_attention_summary(self, layer: int) -> bool:
+        """Whether the method reads a summary of block `layer`'s attention map
+        (`AttentionView.summary`: the attention each token receives from the patch tokens' queries,
+        strongest head, and the class token's row): the block then spells its attention out and
+        hands the summary over, instead of the fused kernel, which gives none, and the method
+        computing the map again."""
         return False
 
     def call_inputs(self, spec: ModelSpec) -> tuple[CallInput, ...]:

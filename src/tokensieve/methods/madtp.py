@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from tokensieve import ops
 from tokensieve.fields import real_within, whole_from
-from tokensieve.methods.base import AttentionView, Method, MethodRun, needs_class_token
+from tokensieve.methods.base import AttentionView, Method, MethodRun, needs_class_token, token_queries
 from tokensieve.methods.fields import check_layers, flag, layer_indices, optional, settle
 from tokensieve.spec import ModelSpec
 from tokensieve.tokens import TokenState, Trace
@@ -93,7 +93,7 @@ class MADTP(Method):
         check_layers(layers, spec.depth, "MADTP")
         return layers
 
-    def reads_attention_weights(self, layer: int) -> bool:
+    def reads_attention_summary(self, layer: int) -> bool:
         return self.temperature > 0.0 and (self.layers is None or layer in self.layers)
 
     def bind(self, spec: ModelSpec) -> None:
@@ -217,18 +217,14 @@ def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None,
     mean of the two attention terms alone)."""
     state = attn.state
     prefix = state.prefix
-    weights = attn.weights  # [B, H, N, N], the map the block's attention used
-    if weights is None:  # attention the host ran its own way: the map again, at its cost
+    summary = attn.summary  # of the map the block's attention used
+    if summary is None:  # attention the host ran its own way: the map again, at its cost
         weights = ops.attention_weights(attn.q, attn.k, attn.bias, attn.scale)
+        summary = ops.summarize_attention(weights, token_queries(state))
         if state.trace is not None:
             width = attn.k.shape[1] * attn.k.shape[3]
             state.trace.add_overhead("importance", state.token_counts() ** 2 * width)
-    weights = weights.float()
-    queries = torch.ones(weights.shape[:1] + weights.shape[2:3], dtype=weights.dtype, device=weights.device)
-    queries[:, :prefix] = 0.0  # the non-prefix queries that are tokens
-    if valid is not None:
-        queries[:, prefix:] = valid.to(weights.dtype)
-    received = (weights.amax(dim=1) * queries[:, :, None]).sum(dim=1)[:, prefix:]  # [B, N]
+    received = summary.received[:, prefix:]  # [B, N]
     best = scores.amax(dim=-1)
     if valid is not None:
         received, best = received * valid, best * valid
@@ -236,7 +232,8 @@ def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None,
     best = best / (best.sum(dim=1, keepdim=True) + _EPSILON)
     heads = attn.heads_out.float().unflatten(-1, (attn.k.shape[1], attn.k.shape[3])).norm(dim=-1)  # [B, N, H]
     shares = heads / (heads.sum(dim=-1, keepdim=True) + _EPSILON)
-    by_class = (weights[:, :, 0, prefix:] * shares[:, prefix:].transpose(1, 2)).sum(dim=1)  # [B, N]
+    class_row = summary.first_row.float()[:, :, prefix:]  # [B, H, N]
+    by_class = (class_row * shares[:, prefix:].transpose(1, 2)).sum(dim=1)  # [B, N]
     importance = (received + best + by_class) / 3.0 if aligned else (received + by_class) / 2.0
     return importance if valid is None else importance * valid
 

@@ -1,11 +1,14 @@
 """Pure tensor functions: no module state, no knowledge of hosts or methods."""
 
 from tokensieve.ops.attention import (
+    AttentionSummary,
     attention,
+    attention_and_summary,
     attention_and_weights,
     attention_weights,
     class_attention,
     policy_attention,
+    summarize_attention,
 )
 from tokensieve.ops.masks import causal_mask, key_mask
 from tokensieve.ops.matching import bipartite_merge
@@ -21,7 +24,9 @@ from tokensieve.ops.select import (
 
 __all__ = [
     "MIN_KEPT_TOKENS",
+    "AttentionSummary",
     "attention",
+    "attention_and_summary",
     "attention_and_weights",
     "attention_weights",
     "bipartite_merge",
@@ -34,5 +39,6 @@ __all__ = [
     "policy_attention",
     "prunes",
     "select_by_count",
+    "summarize_attention",
     "top_positions",
 ]

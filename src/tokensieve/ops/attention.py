@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# A map of this many floats or fewer is computed whole; a larger one a block of query rows at a time.
+# A whole [1, 12, 577, 577] map (16 MB) ran attention about half again slower than blocks of a few
+# MB, and a fresh buffer that size is faulted in again on every call (measured, fp32, 2 threads).
+SUMMARY_BLOCK_FLOATS = 3_000_000
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
@@ -23,9 +30,53 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
 def attention_and_weights(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
                           dropout: float = 0.0) -> tuple[Tensor, Tensor]:
     """Softmax attention spelled out: the output [B, H, N, d] and the map [B, H, N, N] it used
-    (before dropout), for a method that reads the map (`Method.reads_attention_weights`)."""
+    (before dropout)."""
     weights = attention_weights(q, k, bias, scale)
     return F.dropout(weights, p=dropout, training=dropout > 0) @ v, weights
+
+
+@dataclass(frozen=True)
+class AttentionSummary:
+    """What a method reads of an attention map P [B, H, N, N], without holding the map whole.
+
+    `received[b, n]` = Σ_q queries[b, q] · max_h P[b, h, q, n] (fp32): the attention each token
+    receives from the weighted queries, each query's strongest head; `first_row` = P[:, :, 0] [B, H, N], the
+    first (class) token's attention in every head.
+    """
+
+    received: Tensor
+    first_row: Tensor
+
+
+def summarize_attention(weights: Tensor, queries: Tensor) -> AttentionSummary:
+    """The summary of a whole map `weights` [B, H, N, N], `queries` [B, N] weighting its rows."""
+    received = (weights.amax(dim=1).float() * queries[:, :, None].float()).sum(dim=1)  # summed in fp32
+    return AttentionSummary(received, weights[:, :, 0])
+
+
+def attention_and_summary(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+                          queries: Tensor, dropout: float = 0.0) -> tuple[Tensor, AttentionSummary]:
+    """Softmax attention spelled out [B, H, N, d] and the summary of its map (before dropout),
+    with `queries` [B, N] weighting the map's rows (`summarize_attention`).
+
+    A large map is computed a block of query rows at a time, each block's output and share of the
+    summary taken before the next: the same numbers as `attention_and_weights` without the whole map.
+    """
+    batch, heads, tokens, _ = q.shape
+    rows = max(32, SUMMARY_BLOCK_FLOATS // (batch * heads * k.shape[2]))
+    if rows >= tokens:
+        output, weights = attention_and_weights(q, k, v, bias, scale, dropout)
+        return output, summarize_attention(weights, queries)
+    outputs, received, first_row = [], None, None
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        block_bias = bias if bias is None or bias.shape[-2] == 1 else bias[..., start:stop, :]
+        weights = attention_weights(q[:, :, start:stop], k, block_bias, scale)  # [B, H, rows, N]
+        outputs.append(F.dropout(weights, p=dropout, training=dropout > 0) @ v)
+        part = summarize_attention(weights, queries[:, start:stop])
+        received = part.received if received is None else received + part.received
+        first_row = part.first_row if first_row is None else first_row
+    return torch.cat(outputs, dim=2), AttentionSummary(received, first_row)
 
 
 def attention_weights(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
