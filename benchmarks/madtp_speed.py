@@ -45,7 +45,7 @@ import torch
 
 import tokensieve as ts
 from tokensieve import calls
-from tokensieve.bench import interleaved_times
+from tokensieve.bench import interleaved_times, machine
 from tokensieve.patch import method_timing
 from tokensieve.reference.vl import START_ID, build_nlvr, nlvr_config
 
@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.setup = f"CPU: {machine()}"
+    args.out.mkdir(parents=True, exist_ok=True)
     rounds, warmup = (3, 1) if args.quick else (10, 2)
     if args.breakdown:
         _write_breakdown([breakdown(batch, args.budget, rounds) for batch in TARGET_EFFICIENCY], args)
@@ -183,17 +185,18 @@ def main() -> None:
     command = " ".join(["python benchmarks/madtp_speed.py", *sys.argv[1:]])
     budget = "" if args.budget == 0.3 else f"-{args.budget:g}"
     path = args.out / f"madtp_speed{'-quick' if args.quick else ''}{budget}"
-    path.with_suffix(".json").write_text(json.dumps({"command": command, "threads": args.threads,
-                                                     "results": results}, indent=2) + "\n")
-    path.with_suffix(".md").write_text(_markdown(results, command, args.threads))
+    payload = {"command": command, "threads": args.threads, "setup": args.setup, "results": results}
+    path.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    path.with_suffix(".md").write_text(_markdown(results, command, args))
     print(path.with_suffix(".md").read_text())
 
 
-def _markdown(results: list[dict], command: str, threads: int) -> str:
+def _markdown(results: list[dict], command: str, args: argparse.Namespace) -> str:
     lines = [
         "# MADTP's speed on BLIP-base-sized towers (random weights)",
         "",
-        f"Produced by `{command}` (fp32, {threads} threads, medians of interleaved rounds after warm-up). "
+        f"Produced by `{command}` (fp32, {args.threads} threads, medians of interleaved rounds after "
+        f"warm-up; {args.setup}). "
         f"ViT-B/16 vision tower at {IMAGE}×{IMAGE} and a 12-layer BERT-base text encoder with "
         f"cross-attention, texts of {TEXT_LENGTHS[0]}–{TEXT_LENGTHS[1]} tokens; MADTP on both towers with "
         "per-instance counts, T set on the timed batch to the budget. GMACs per sample, both towers, "
@@ -222,7 +225,8 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
     lines = [
         "# Where MADTP's pruned forward spends its time (BLIP-base-sized towers, random weights)",
         "",
-        f"Produced by `{command}` (fp32, {args.threads} threads; the towers and texts of madtp_speed.md, "
+        f"Produced by `{command}` (fp32, {args.threads} threads; {args.setup}; the towers and texts of "
+        "madtp_speed.md, "
         f"T set on the batch to {args.budget:g} of both towers' dense MACs). *Method share*: MADTP's own "
         "steps (alignment scores, importance, threshold, merge) over the pruned forward's time, median over "
         "rounds. *Tokens*: the mean tokens each layer's MLP ran, per sample, and the most any sample of "

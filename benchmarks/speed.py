@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import tokensieve as ts
+from tokensieve.bench import machine
 
 MODELS = {"DeiT-S": "deit_small_patch16_224", "ViT-B/16": "vit_base_patch16_224"}
 METHODS = [
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--prepack", action="store_true", help="the patched model inside ts.prepacked")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    setup = f"CPU: {machine()}"
     models = {"DeiT-S": MODELS["DeiT-S"]} if args.quick else MODELS
     batches = (args.batch,) if args.batch else (1,) if args.quick else tuple(REPEATS)
     runs = [(m, b, method) for m in models for b in batches for method in METHODS]
@@ -75,18 +76,18 @@ def main() -> None:
     suffix = (("-quick" if args.quick else "") + (f"-batch{args.batch}" if args.batch else "")
               + ("-prepacked" if args.prepack else ""))
     (args.out / f"speed{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    table = _markdown(rows, args.threads, " ".join(["python benchmarks/speed.py", *sys.argv[1:]]))
+    table = _markdown(rows, args.threads, " ".join(["python benchmarks/speed.py", *sys.argv[1:]]), setup)
     (args.out / f"speed{suffix}.md").write_text(table)
     print(table)
 
 
-def _markdown(rows: list[dict], threads: int, command: str) -> str:
+def _markdown(rows: list[dict], threads: int, command: str, setup: str) -> str:
     prepacked = rows[0]["prepacked"]
     lines = [
         "# Speed: pruned vs unpruned vs the host, same process",
         "",
-        f"Produced by `{command}`. CPU: {platform.processor() or platform.machine()}, "
-        f"{threads} threads, torch {torch.__version__}, timm {timm.__version__}; random weights, fp32, "
+        f"Produced by `{command}`. {setup}; {threads} threads, torch {torch.__version__}, "
+        f"timm {timm.__version__}; random weights, fp32, "
         "224x224. Three forwards of one batch interleaved after warm-up (every order in turn): timm's "
         "own (*host*), the patched model with pruning disabled (*unpruned*: the same executor, every "
         "token kept) and the patched model pruning (*pruned*)"

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import tokensieve as ts
+from tokensieve.bench import machine
 from tokensieve.patch import runner_of
 
 KEEP = 0.7
@@ -176,6 +176,7 @@ def main() -> None:
     if args.image_size % CELL:
         parser.error(f"--image-size must be a multiple of {CELL}")
     torch.set_num_threads(args.threads)
+    args.setup = f"CPU: {machine()}"
     timed = scenes(max(REPEATS), args.image_size, TIMED_SEED)  # batch 1 takes one of these
     calibrations, rows = [], []
     for setting in SETTINGS:
@@ -229,9 +230,8 @@ def _sam_size_note(size: int) -> str:
 
 def _markdown(rows: list[dict], calibrations: list[dict], args: argparse.Namespace, command: str) -> str:
     size, repeats = args.image_size, QUICK_REPEATS if args.quick else REPEATS
-    cpu = platform.processor() or platform.machine()
     setup = (
-        f"Produced by `{command}`. CPU: {cpu}, {args.threads} threads, torch {torch.__version__}, "
+        f"Produced by `{command}`. {args.setup}; {args.threads} threads, torch {torch.__version__}, "
         f"timm {timm.__version__}, transformers {transformers.__version__}; random weights, fp32, "
         f"{size}x{size} ({(size // CELL) ** 2} tokens). DeiT-S is timm's `deit_small_patch16_224` "
         f"built at img_size={size}; the SAM encoder is transformers' `SamVisionModel` at width 768, "

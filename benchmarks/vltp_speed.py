@@ -28,6 +28,7 @@ import torch
 import transformers
 
 import tokensieve as ts
+from tokensieve.bench import machine
 
 IMAGE = 1024
 STAGES = (2, 5, 8)
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    setup = f"CPU: {machine()}"
     model = build()
     pixels = torch.randn(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
     guidance = torch.randn(1, GUIDANCE_WIDTH, generator=torch.Generator().manual_seed(2))
@@ -92,7 +94,7 @@ def main() -> None:
     result = ts.benchmark(model, pixels=pixels, repeats=repeats, warmup=2, threads=args.threads,
                           inputs={"guidance": guidance})
     record = {
-        "command": " ".join(["python benchmarks/vltp_speed.py", *sys.argv[1:]]),
+        "command": " ".join(["python benchmarks/vltp_speed.py", *sys.argv[1:]]), "setup": setup,
         "keep": keep, "stages": STAGES, "width": args.width, "macs_share": report.macs / report.dense_macs,
         "decoder_macs_share": report.overhead_macs / report.macs,
         "efficiency": result.pruning_speedup / result.flops_ratio, **asdict(result),
@@ -112,7 +114,7 @@ def _markdown(r: dict) -> str:
         "# VLTP on a SAM ViT-B-sized encoder at 1024×1024",
         "",
         f"Produced by `{r['command']}` (random weights, batch 1, fp32, {r['threads']} threads, "
-        f"{r['repeats']} interleaved rounds, medians). VLTP(keep={r['keep']}) before blocks "
+        f"{r['repeats']} interleaved rounds, medians; {r['setup']}). VLTP(keep={r['keep']}) before blocks "
         f"{', '.join(map(str, r['stages']))}, one {r['width']}-wide decoder, guided by a random vector.",
         "",
         "| measure | value |",

@@ -75,3 +75,12 @@ def test_a_guided_method_is_timed_with_the_per_call_inputs_given():
     assert result.flops_ratio > 1.2 and result.pruned_ms > 0
     with pytest.raises(ValueError, match=r"needs the per-call input 'guidance'"):
         ts.benchmark(model, method, batch=2, repeats=1, warmup=0)
+
+
+def test_a_result_names_the_cpu_and_its_widest_vector_instructions(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f\n\n"
+                       "processor\t: 1\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert ts.bench.machine(str(cpuinfo)) == "Some CPU 9000 (AVX-512, AVX2)"
+    (tmp_path / "older").write_text("model name\t: Older CPU\nflags\t\t: fpu sse2\n")
+    assert ts.bench.machine(str(tmp_path / "older")) == "Older CPU"

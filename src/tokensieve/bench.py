@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -123,6 +124,23 @@ def benchmark(model: nn.Module, method: Method | None = None, batch: int = 1, im
         gmacs=report.macs / 1e9, dense_gmacs=dense_report.macs / 1e9,
         overhead_share=(method_seconds[0] / repeats) / statistics.median(timed),
     )
+
+
+def machine(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and its widest vector instructions (from Linux's cpuinfo), for a
+    result's set-up line: speed ratios differ from one CPU to another."""
+    name, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError), open(cpuinfo_path, encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    widest = [label for label, flag in (("AMX", "amx_tile"), ("AVX-512", "avx512f"), ("AVX2", "avx2"))
+              if flag in flags]
+    return f"{name} ({', '.join(widest)})" if widest else name
 
 
 def interleaved_times(runs: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
