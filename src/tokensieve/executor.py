@@ -355,9 +355,11 @@ class Runner:
     def _run_packed_placed(self, view: BlockView, state: TokenState, rows: Tensor) -> Tensor:
         """`_run_packed` for a view that places the tokens itself (windows, relative positions):
         it attends over the real tokens of the ragged batch, and the projection, the MLP and the
-        norms here run on its `rows` alone."""
-        heads_out, _, _ = view.attend(state.x, state, self.eager)  # [B, N, H*d], zeros on padding
-        return _on_rows(functools.partial(_block_rest, view), rows, state.x, heads_out)
+        norms here run on its `rows` alone, its attention output never placed in the padded batch."""
+        batch, tokens, _ = state.x.shape
+        x = _gather_rows(state.x, rows)  # [1, T, C]
+        heads_out = view.attend_rows(x[0], rows, state, self.eager)  # [T, H*d]
+        return _scatter_rows(_block_rest(view, x, heads_out[None])[0], rows, batch, tokens)
 
     def _cross_attend(self, view: BlockView, x: Tensor, call: BlockCall) -> Tensor:
         """The block's attention from its tokens to the call's memory (another modality's tokens)."""

@@ -80,6 +80,10 @@ class PositionalAttention(Protocol):
         and the queries and keys [B, H, N, d] of the active tokens, for methods that score from
         them. Ragged padding (`state.valid`) is no key; `state.keep` weighs keys (mask mode)."""
 
+    def attend_rows(self, real: Tensor, rows: Tensor, state: TokenState, eager: bool) -> Tensor:
+        """`attend` on a ragged batch's real tokens alone: their block input `real` [T, C], the
+        `rows` of the flattened batch they are -> their attention output [T, H*d]."""
+
     def attention_macs(self, index: Tensor, valid: Tensor | None, map_size: tuple[int, int] | None) -> Tensor:
         """[B] MACs of the attention products (scores, weighted values, positional bias) for the
         tokens at input positions `index` [B, N] (`valid`: which are real)."""

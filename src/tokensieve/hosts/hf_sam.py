@@ -76,18 +76,30 @@ class SamLayerView:
     def attend(self, x: Tensor, state: TokenState, eager: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Runs on the real tokens only: a ragged batch's padding rows get no queries, keys or
         values (they are no member of any window and no key), and read back as zeros."""
-        map_size = _require_map(state.map_size)
         batch, tokens, _ = x.shape
         heads, dim = self.num_heads, self.head_dim
         rows = None if state.valid is None else state.valid.flatten().nonzero()[:, 0]  # [T] of [B * N]
-        qkv = self._packed_qkv(x, rows)  # [T + 1, 3, H, d]
-        attend = self._window_attention if self.window else self._global_attention
-        out = attend(qkv, rows, state, map_size, eager)  # [T, H, d]
+        real = x.flatten(0, 1) if rows is None else x.flatten(0, 1).index_select(0, rows)
+        out, qkv = self._attend_real(real, rows, state, eager)  # [T, H, d], [T + 1, 3, H, d]
         q, k = qkv[:-1, 0], qkv[:-1, 1]
         if rows is not None:  # back to the padded batch, zeros on its padding rows
             out, q, k = (t.new_zeros(batch * tokens, heads, dim).index_copy_(0, rows, t) for t in (out, q, k))
         q, k = (t.view(batch, tokens, heads, dim).transpose(1, 2) for t in (q, k))
         return out.view(batch, tokens, heads * dim), q, k
+
+    def attend_rows(self, real: Tensor, rows: Tensor, state: TokenState, eager: bool) -> Tensor:
+        """`attend` for a caller that runs the rest of the block on a ragged batch's real tokens
+        alone: their block input `real` [T, C] (the `rows` of the flattened batch) -> their
+        attention output [T, H*d], without placing it, or the queries and keys, back in the batch."""
+        return self._attend_real(real, rows, state, eager)[0].flatten(1)
+
+    def _attend_real(self, real: Tensor, rows: Tensor | None, state: TokenState,
+                     eager: bool) -> tuple[Tensor, Tensor]:
+        """The real tokens' block input [T, C] -> their attention output [T, H, d], and the
+        queries, keys and values [T + 1, 3, H, d] it used (`_packed_qkv`)."""
+        qkv = self._packed_qkv(real)
+        attend = self._window_attention if self.window else self._global_attention
+        return attend(qkv, rows, state, _require_map(state.map_size), eager), qkv
 
     def attention_macs(self, index: Tensor, valid: Tensor | None, map_size: tuple[int, int] | None) -> Tensor:
         map_size = _require_map(map_size)
@@ -116,12 +128,11 @@ class SamLayerView:
         qkv = calls.linear(self.attn.qkv, self.layer.layer_norm1(x))
         return qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).unbind(2)
 
-    def _packed_qkv(self, x: Tensor, rows: Tensor | None) -> Tensor:
-        """Block input [B, N, C] -> queries, keys and values [T + 1, 3, H, d] of its real tokens
-        (`rows` of the flattened batch, or all of them) and, last, of a padding cell: the host
-        pads the normalised map with zeros, so one zero row gives every padding cell's."""
-        normed = x.flatten(0, 1) if rows is None else x.flatten(0, 1).index_select(0, rows)
-        normed = self.layer.layer_norm1(normed)
+    def _packed_qkv(self, real: Tensor) -> Tensor:
+        """The real tokens' block input [T, C] -> their queries, keys and values [T + 1, 3, H, d]
+        and, last, a padding cell's: the host pads the normalised map with zeros, so one zero row
+        gives every padding cell's."""
+        normed = self.layer.layer_norm1(real)
         normed = torch.cat([normed, normed.new_zeros(1, normed.shape[1])])
         return calls.linear(self.attn.qkv, normed).view(normed.shape[0], 3, self.num_heads, self.head_dim)
 
