@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# A map of this many floats or fewer is computed whole; a larger one a block of query rows at a time.
-# A whole [1, 12, 577, 577] map (16 MB) ran attention about half again slower than blocks of a few
-# MB, and a fresh buffer that size is faulted in again on every call (measured, fp32, 2 threads).
+# A map of this many floats or fewer is computed whole; a larger one a block of query rows at a time:
+# a whole [1, 12, 577, 577] map (16 MB) leaves the cache between its product, softmax and reductions,
+# and a fresh buffer that size is faulted in again on every call; blocks of a few MB stay cached.
 SUMMARY_BLOCK_FLOATS = 3_000_000
 
 
