@@ -485,3 +485,44 @@ def test_madtp_trains_both_towers_at_a_macs_budget_its_temperature_set_on_valida
     assert float(ts.sieve_of(text_encoder(loaded)).shared["bank"].temperature) == float(bank.temperature)
     batch = _batch(task, 3)
     torch.testing.assert_close(_outputs(task, loaded, batch), _outputs(task, model, batch), atol=1e-5, rtol=0)
+
+
+def test_madtp_trained_along_a_budget_ramp_prunes_more_as_it_falls_and_may_distil(tmp_path, monkeypatch):
+    from tokensieve.reference import calibration, train_method, training
+    from tokensieve.reference.compare import tower_macs
+
+    monkeypatch.setattr(recipe_phases, "VALIDATION_SAMPLES", 4)
+    monkeypatch.setattr(calibration, "DEFAULT_CALIBRATION_SAMPLES", 8)
+    monkeypatch.setattr(training, "RAMP_EVERY", 1)
+    monkeypatch.setattr(training, "RAMP_SAMPLES", 8)
+    model = load_reference("nlvr")
+    patch_reference(model, ts.MADTP(alignment_tokens=16))
+    bank = ts.sieve_of(model.vision_model).shared["bank"]
+    data = make_dataset("nlvr", "train", size=8, image_size=IMAGE_SIZES["nlvr"])  # the ramp's samples
+
+    def share() -> float:
+        return sum(tower_macs(model, "nlvr", data, 8).values())
+
+    temperature = float(bank.temperature)
+    bank.temperature.fill_(0.0)
+    dense = share()
+    bank.temperature.fill_(temperature)
+    ramp = training._BudgetRamp("nlvr", 0.4, end=4)  # aims at 0.85, 0.7, 0.55, 0.4 of dense
+    shares = []
+    for step in range(4):
+        ramp(model, step)
+        shares.append(share() / dense)
+    assert shares == sorted(shares, reverse=True) and shares[0] > shares[-1]
+    assert shares[-1] == pytest.approx(0.4, rel=0.05)
+    temperature = float(bank.temperature)
+    ramp(model, 4)  # past the ramp's end: T stays
+    assert float(bank.temperature) == temperature
+
+    trained = train_method("nlvr", ts.MADTP(alignment_tokens=16), tmp_path / "run", steps=2, batch_size=4,
+                           macs_budget=0.4, budget_ramp=1.0, distill=True, progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(line["loss_distill"] is not None for line in logs)
+    spent = calibration.calibrate_reference(trained, "nlvr", macs_budget=0.4)  # set on validation at the end
+    assert spent.macs == pytest.approx(0.4 * spent.dense_macs, rel=0.02)
+    with pytest.raises(ValueError, match="budget_ramp"):
+        train_method("nlvr", ts.EViT(keep=0.7), tmp_path / "evit", steps=1, budget_ramp=0.5, progress=False)

@@ -96,6 +96,16 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path):
         assert torch.equal(value, before[key])
 
 
+def test_after_step_runs_after_every_step_with_the_runs_count_across_a_resume(tmp_path):
+    data = random_dataset(16)
+    config = quiet_config(steps=5, checkpoint_dir=str(tmp_path))
+    model, seen = patched_model(), []
+    fit(model, data, cross_entropy, config, until=2, after_step=lambda m, step: seen.append((m, step)))
+    fit(model, data, cross_entropy, config, after_step=lambda m, step: seen.append((m, step)))
+    assert [step for _, step in seen] == [1, 2, 3, 4, 5]
+    assert all(m is model for m, _ in seen)
+
+
 def test_a_changed_config_on_resume_is_named_in_a_warning(tmp_path):
     data = random_dataset(16)
     fit(patched_model(), data, cross_entropy, quiet_config(steps=4, checkpoint_dir=str(tmp_path)), until=2)

@@ -37,7 +37,7 @@ class TemperatureCalibration:
 
 def calibrate_temperature(model: nn.Module, data: Tensor | Mapping[str, Tensor] | Iterable[Any], *,
                           macs_budget: float, batch_size: int = 16, tolerance: float = 0.02,
-                          max_rounds: int = 40) -> TemperatureCalibration:
+                          max_rounds: int = 40, nearest: bool = False) -> TemperatureCalibration:
     """Set T of the MADTP patched in `model` (one tower, or the towers patched together, within
     `model`) so that on `data` the patched towers together spend `macs_budget` of their dense MACs
     per sample, within `tolerance` (relative), or as close as `max_rounds` passes get.
@@ -46,6 +46,9 @@ def calibrate_temperature(model: nn.Module, data: Tensor | Mapping[str, Tensor] 
     a sample is a sentence). T doubles from 1 until the budget is met, then bisection narrows the
     bracket; the closest T tried is kept. `data` is as `tokensieve.calibrate` reads it: a tensor of
     inputs, a dict of keyword inputs, or a re-iterable of batches.
+
+    A budget no T reaches within `tolerance` is refused, T left as it was; with `nearest`, T is
+    set to the closest share it reached instead (a schedule of budgets, where near is enough).
     """
     if not 0.0 < macs_budget <= 1.0:
         raise ValueError(f"macs_budget={macs_budget}: give the share of the dense MACs to spend, in (0, 1]")
@@ -58,7 +61,7 @@ def calibrate_temperature(model: nn.Module, data: Tensor | Mapping[str, Tensor] 
     spend = _Spending(model, towers, data_batches(data, batch_size))
     try:
         with in_mode(model, training=False), torch.no_grad():
-            return _search(spend, buffer, macs_budget, tolerance, max_rounds)
+            return _search(spend, buffer, macs_budget, tolerance, max_rounds, nearest)
     except BaseException:  # a failed search leaves T as it was
         buffer.copy_(before)
         raise
@@ -95,7 +98,7 @@ class _Spending:
 
 
 def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
-            max_rounds: int) -> TemperatureCalibration:
+            max_rounds: int, nearest: bool) -> TemperatureCalibration:
     # The dense figure comes from a pass that prunes nothing (T = 0): a pruned pass counts a text
     # tower's cross-attention over the image tokens that survived, not over all of them.
     unpruned, dense = spend.at(buffer, 0.0)
@@ -120,10 +123,11 @@ def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
         flat = flat + 1 if share >= before else 0
         if flat == FLAT_DOUBLINGS:  # no longer falling: each threshold has reached its mean importance
             break
-    if share > budget * (1 + tolerance):
+    beyond = share > budget * (1 + tolerance)  # the most pruning T reaches is not enough
+    if beyond and not nearest:
         raise ValueError(f"macs_budget={budget}: at T={high:g} these towers still spend {share:.3f} of their "
                          "dense MACs on this data (more T prunes no more); give a larger budget")
-    while abs(share - budget) > tolerance * budget and len(tried) < max_rounds:
+    while not beyond and abs(share - budget) > tolerance * budget and len(tried) < max_rounds:
         middle = (low + high) / 2
         share = trial(middle)
         if share > budget:
@@ -131,7 +135,7 @@ def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
         else:
             high = middle
     temperature, macs = min(tried, key=lambda t: abs(t[1] / dense - budget))
-    if abs(macs / dense - budget) > tolerance * budget:
+    if abs(macs / dense - budget) > tolerance * budget and not nearest:
         # The share is a step function of T (a token more or less in a layer), and T > 0 prunes:
         # as T falls to 0 each threshold tends to the least importance an alignment token matches
         # best, which can already spend well under the dense MACs.

@@ -27,19 +27,25 @@ def calibrate_reference(model: nn.Module, task: str,
     `patch_reference`) on validation samples: to the method's keep schedule, or so that the
     patched encoder spends `macs_budget` of its dense MACs, gates and decoders included. MADTP's
     temperature is set so that its towers together spend `macs_budget` (which it needs)."""
-    size = IMAGE_SIZES[task]
     count = CALIBRATION_SAMPLES.get(task, DEFAULT_CALIBRATION_SAMPLES)
-    data = make_dataset(task, CALIBRATION_SPLIT, size=count, image_size=size)
-    collate = task_collate(task, size)
-    step = CALIBRATION_BATCHES.get(task, DEFAULT_CALIBRATION_BATCH)
-    # Built once and held: calibration passes over the data once per stage (more with a budget).
-    batches = []
-    for start in range(0, len(data), step):
-        inputs, _ = collate([data[i] for i in range(start, min(start + step, len(data)))])
-        inputs.pop("targets", None)  # det: detections in eval mode need no targets
-        batches.append(inputs)
+    batches = calibration_batches(task, CALIBRATION_SPLIT, count)
     if isinstance(patched_within(model)[1].method, MADTP):
         if macs_budget is None:
             raise ValueError("MADTP's temperature is set to a MACs budget: give macs_budget")
         return calibrate_temperature(model, batches, macs_budget=macs_budget)
     return calibrate(model, batches, macs_budget=macs_budget)
+
+
+def calibration_batches(task: str, split: str, count: int) -> list[dict]:
+    """The model inputs of the first `count` samples of `task`'s `split`, in calibration's batches.
+    Built once and held: calibration passes over the data once per stage (more with a budget)."""
+    size = IMAGE_SIZES[task]
+    data = make_dataset(task, split, size=count, image_size=size)
+    collate = task_collate(task, size)
+    step = CALIBRATION_BATCHES.get(task, DEFAULT_CALIBRATION_BATCH)
+    batches = []
+    for start in range(0, len(data), step):
+        inputs, _ = collate([data[i] for i in range(start, min(start + step, len(data)))])
+        inputs.pop("targets", None)  # det: detections in eval mode need no targets
+        batches.append(inputs)
+    return batches

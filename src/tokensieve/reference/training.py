@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tokensieve.methods import MADTP, VLTP, Method, SViT
 from tokensieve.methods.vltp import TARGET
 from tokensieve.patch import call_input_names, sieve_of
-from tokensieve.reference.calibration import calibrate_reference
+from tokensieve.reference.calibration import calibrate_reference, calibration_batches
 from tokensieve.reference.detection import build_detector
 from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import IMAGE_SIZES, build_classifier, build_segmenter
@@ -38,6 +38,7 @@ from tokensieve.reference.tos import TosModel, build_tos
 from tokensieve.reference.transfer import start_from_seg
 from tokensieve.reference.vl import build_nlvr, build_retrieval
 from tokensieve.tasks import make_dataset
+from tokensieve.temperature_calibration import calibrate_temperature
 from tokensieve.train import TrainConfig, fit, latest_checkpoint, load_trained
 from tokensieve.train.checkpoint import read_metadata
 from tokensieve.train.precision import Precision
@@ -147,7 +148,8 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
                  precision: Precision = "fp32", progress: bool = True,
                  out_dir: str | os.PathLike | None = None, macs_budget: float | None = None,
                  freeze_host: bool = False, freeze_encoder: bool | None = None,
-                 pruning_text: str | None = None) -> nn.Module:
+                 pruning_text: str | None = None, distill: bool | None = None,
+                 budget_ramp: float = 0.0) -> nn.Module:
     """Fine-tune `task`'s shipped reference model with `method` on, DynamicViT-style: the method's
     parameters at `lr`, the host at lr · model_lr_scale (a hundredth: the host is already
     trained, and the method's predictors start random), task + keep-ratio + self-distillation
@@ -177,6 +179,11 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     no distillation; with `macs_budget` (a share of both towers' dense MACs) its T is set on the
     validation split to the budget before training (the untrained bank's) and again after it.
 
+    `distill` overrides the recipe's self-distillation (None: the recipe's). With MADTP and a
+    `macs_budget`, `budget_ramp` (a share of the steps) lowers the budget trained at from dense to
+    `macs_budget` over that share of the run, T set again every RAMP_EVERY steps on RAMP_SAMPLES
+    training samples (0: trained at the budget from the start).
+
     With `method=None` the shipped model is fine-tuned alone, by the same recipe (the host at
     lr · model_lr_scale, the task loss alone): the dense control of a method's run, since part of
     what a method's fine-tuning gains is the host's own.
@@ -189,6 +196,8 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     if method is None and (out_dir is not None or freeze_host):
         raise ValueError("method=None fine-tunes the host alone: there is no method to store or to train "
                          "over a frozen host; give a method, or drop out_dir and freeze_host")
+    if budget_ramp and not sets_temperature:
+        raise ValueError("budget_ramp lowers MADTP's MACs budget over training: give MADTP and a macs_budget")
     if macs_budget is not None and not (calibrates or sets_temperature):
         raise ValueError(f"macs_budget sets a method's thresholds or temperature; {method} has none to set. "
                          "Drop the budget, or train SViT with per_image=False and keep < 1, VLTP with "
@@ -205,7 +214,7 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     batch_size = batch_size or METHOD_BATCH_SIZES.get(task, 32)
     # SViT's, VLTP's and MADTP's recipes have no self-distillation; the dense control would distil from itself
     distills = (task not in NO_DISTILLATION and method is not None
-                and not isinstance(method, (SViT, VLTP, MADTP)))
+                and not isinstance(method, (SViT, VLTP, MADTP))) if distill is None else distill
     collate = task_collate(task, size)
     trainable = {param: param.requires_grad for param in model.parameters()}
     encoder_frozen = isinstance(method, VLTP) if freeze_encoder is None else freeze_encoder
@@ -222,11 +231,16 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
         precision=precision, progress=progress,
     )
     data = make_dataset(task, "train", size=steps * batch_size, image_size=size)
-    if sets_temperature:  # train at the budget: T set on validation for the untrained bank first
+    ramp = None
+    if sets_temperature and budget_ramp:
+        ramp = _BudgetRamp(task, macs_budget, max(1, round(budget_ramp * steps)))
+        if _finished_steps(run_dir) == 0:
+            ramp(model, 0)
+    elif sets_temperature:  # train at the budget: T set on validation for the untrained bank first
         calibrate_reference(model, task, macs_budget)
     try:
         fit(model, data, task_loss(task), config, collate_fn=collate, evaluate=validation(task, size),
-            logits_of=task_logits(task))
+            logits_of=task_logits(task), after_step=ramp)
     finally:
         for param, flag in trainable.items():
             param.requires_grad_(flag)
@@ -236,6 +250,33 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     elif calibrates or sets_temperature:
         calibrate_reference(model, task, macs_budget)
     return model
+
+
+RAMP_EVERY = 25  # steps between two settings of T along a budget ramp
+RAMP_SAMPLES = 128  # training samples T is set on along the ramp (the validation split is for choices)
+RAMP_TOLERANCE = 0.05  # of each step's budget: the ramp's steps need not be exact
+
+
+class _BudgetRamp:
+    """`fit`'s after_step for MADTP trained toward `budget`: every RAMP_EVERY steps until `end`,
+    T is set on training samples so that the towers spend a budget falling linearly from dense (at
+    step 0) to `budget` (from step end − RAMP_EVERY on)."""
+
+    def __init__(self, task: str, budget: float, end: int) -> None:
+        self.budget, self.end = budget, end
+        self.batches = calibration_batches(task, "train", RAMP_SAMPLES)
+
+    def __call__(self, model: nn.Module, step: int) -> None:
+        if step % RAMP_EVERY or step >= self.end:
+            return
+        share = self.budget + (1.0 - self.budget) * max(0.0, 1.0 - (step + RAMP_EVERY) / self.end)
+        # a share in a jump of the curve, or past what T reaches: the nearest share T reached
+        calibrate_temperature(model, self.batches, macs_budget=share, tolerance=RAMP_TOLERANCE, nearest=True)
+
+
+def _finished_steps(run_dir: str | os.PathLike) -> int:
+    checkpoint = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    return 0 if checkpoint is None else int(read_metadata(checkpoint)["step"])
 
 
 def store_trained(model: nn.Module, task: str, out_dir: str | os.PathLike, macs_budget: float | None = None,

@@ -55,7 +55,8 @@ class FitResult:
 def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *,
         sieve: Sieve | None = None, evaluate: Evaluate | None = None, until: int | None = None,
         logits_of: Callable[[Any], Tensor] = logits_of,
-        collate_fn: Callable[[list], Any] | None = None) -> FitResult:
+        collate_fn: Callable[[list], Any] | None = None,
+        after_step: Callable[[nn.Module, int], None] | None = None) -> FitResult:
     """Train `model` (patched with a method) on `data` with pruning on; returns what was done.
 
     Each step runs the model in training mode (mask mode for learnable methods) and minimises
@@ -72,6 +73,9 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
     schedule still spans the whole run), to continue later. `sieve` picks the method when modules
     of `model` are patched by several calls. `evaluate(model)` runs
     in eval mode without gradient every `eval_every` steps and at the run's end (on every rank).
+    `after_step(model, step)` runs after each optimiser step (the run's count so far), before that
+    step's evaluation and checkpoint, e.g. to move a method's setting along a schedule; what it
+    changes in the method's buffers is checkpointed with them.
     After fit, `.grad` of the trained parameters holds the last step's averaged, clipped gradient.
     """
     if config.checkpoint_dir is not None:
@@ -119,6 +123,8 @@ def fit(model: nn.Module, data: Any, task_loss: TaskLoss, config: TrainConfig, *
                 if epoch_length is not None and position.batch_in_epoch == epoch_length:
                     position.epoch, position.batch_in_epoch = position.epoch + 1, 0
                 record.step, record.seconds = position.step, time.perf_counter() - start
+                if after_step is not None:
+                    after_step(model, position.step)
                 if evaluate is not None and _due(position.step, config.eval_every, total):
                     record.eval = _evaluate(model, evaluate)
                 result.history.append(record)
