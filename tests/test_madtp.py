@@ -361,3 +361,15 @@ def test_blips_own_forward_cross_attends_only_what_the_image_tower_patched_with_
         with torch.no_grad():
             alone = model(input_ids=ids[i : i + 1, :length], pixel_values=pixels[i : i + 1]).itm_score
         torch.testing.assert_close(batch[i], alone[0], atol=TOLERANCE, rtol=0)
+
+
+def test_a_view_of_attention_run_per_sample_refuses_what_it_did_not_keep():
+    from tokensieve.methods import AttentionView
+    from tokensieve.tokens import TokenState
+
+    state = TokenState.start(torch.randn(2, 5, 8), 1)
+    view = AttentionView(None, None, None, 0.5, state, heads_out=torch.randn(2, 5, 8), heads=2)
+    assert view.head_count == 2
+    for read in (view.class_attention, view.received_attention, view.key_metric):
+        with pytest.raises(ValueError, match="attended per sample"):
+            read()

@@ -287,6 +287,7 @@ class Runner:
         record.attention_tokens = state.token_counts()
         own_attention = runs_own_attention(view)
         summary = None  # what a method reads of the attention map, spelled out only for it
+        packed_out = heads = None  # [1, T, H*d] the heads' output on the real rows, when run on them alone
         # a ragged batch's token-wise steps (projections, MLP, norms) run on its real rows only
         rows = _real_rows(state, call.opening.block_call)
         if rows is not None and _packs_whole_block(state, method, call.opening.block_call):
@@ -301,6 +302,12 @@ class Runner:
             heads_out, q, k = view.attend(block_input, state, self.eager)  # [B, N, H*d]
             record.attention_index, record.attention_valid = state.index, state.valid
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
+        elif (rows is not None and method.reads_attention_summary(layer)
+              and _attends_by_key_mask(state, call.opening.block_call)):
+            # a ragged batch: each sample attends over its real rows alone, as its map is read
+            q = k = bias = None
+            packed_out, summary, heads = self._attend_rows_with_summary(view, block_input, rows, state)
+            heads_out = _scatter_rows(packed_out[0], rows, *block_input.shape[:2])
         else:
             q, k, v = _heads_on_rows(view.qkv, block_input, rows)
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
@@ -313,14 +320,18 @@ class Runner:
                 heads_out = ops.attention(q, k, v, bias, view.scale, view.attention_dropout(), self.eager)
             batch, heads, tokens, dim = heads_out.shape
             heads_out = heads_out.transpose(1, 2).reshape(batch, tokens, heads * dim)
-        x = _on_rows(functools.partial(_attention_rest, view), rows, block_input, heads_out)
+        if packed_out is not None:  # the heads' output is on the real rows already
+            x = _attention_rest(view, _gather_rows(block_input, rows), packed_out)[0]
+            x = _scatter_rows(x, rows, *block_input.shape[:2])
+        else:
+            x = _on_rows(functools.partial(_attention_rest, view), rows, block_input, heads_out)
         state = state.replace(x=x)
         attn = AttentionView(q, k, bias, view.scale, state, exact=not own_attention, heads_out=heads_out,
-                             summary=summary)
+                             summary=summary, heads=heads)
         state = self._step(scope, method.after_attention, layer, state, attn, run)
         # Free the attention's buffers before the MLP allocates its own, as the host's block does:
         # a larger live set makes the allocator return and re-fault pages on every call.
-        attn = q = k = v = heads_out = summary = x = None
+        attn = q = k = v = heads_out = packed_out = summary = x = None
         if state.keep is None:
             block_input = None
         record.mlp_tokens = state.token_counts()
@@ -360,6 +371,28 @@ class Runner:
         x = _gather_rows(state.x, rows)  # [1, T, C]
         heads_out = view.attend_rows(x[0], rows, state, self.eager)  # [T, H*d]
         return _scatter_rows(_block_rest(view, x, heads_out[None])[0], rows, batch, tokens)
+
+    def _attend_rows_with_summary(self, view: BlockView, x: Tensor, rows: Tensor,
+                                  state: TokenState) -> tuple[Tensor, ops.AttentionSummary, int]:
+        """Attention spelled out over each sample's real `rows` of `x` [B, N, C] alone, and the
+        summary of its maps: the heads' output packed [1, T, H*d], and the summary placed in the
+        padded batch (zeros on padding), as the padded batch's masked map would give them; and the
+        number of heads."""
+        batch, tokens, _ = x.shape
+        q, k, v = view.qkv(_gather_rows(x, rows))  # [1, H, T, d]
+        counts = state.valid.sum(dim=1).tolist()
+        queries = token_queries(state).flatten().index_select(0, rows).split(counts)
+        dropout = view.attention_dropout()
+        outputs, received, first_rows = [], [], []
+        for *qkv, sample_queries in zip(q.split(counts, 2), k.split(counts, 2), v.split(counts, 2), queries,
+                                        strict=True):
+            output, summary = ops.attention_and_summary(*qkv, None, view.scale, sample_queries[None], dropout)
+            outputs.append(output[0].transpose(0, 1).flatten(1))  # [n, H*d]
+            received.append(summary.received[0])
+            first_rows.append(summary.first_row[0].T)  # [n, H]
+        received = _scatter_rows(torch.cat(received), rows, batch, tokens)
+        first_row = _scatter_rows(torch.cat(first_rows), rows, batch, tokens).transpose(1, 2)
+        return torch.cat(outputs)[None], ops.AttentionSummary(received, first_row), q.shape[1]
 
     def _cross_attend(self, view: BlockView, x: Tensor, call: BlockCall) -> Tensor:
         """The block's attention from its tokens to the call's memory (another modality's tokens)."""
@@ -471,6 +504,12 @@ def _packs_whole_block(state: TokenState, method: Method, call: BlockCall) -> bo
     memory) and its method reads nothing of the block's attention."""
     return not (state.size is not None or call.causal or call.memory is not None
                 or type(method).after_attention is not Method.after_attention)
+
+
+def _attends_by_key_mask(state: TokenState, call: BlockCall) -> bool:
+    """Whether the block's self-attention masks nothing but padding keys (no causal order, no
+    merged sizes, no mask mode), so that each sample may attend over its real rows alone."""
+    return not (state.size is not None or call.causal or state.keep is not None)
 
 
 def _real_rows(state: TokenState, call: BlockCall) -> Tensor | None:

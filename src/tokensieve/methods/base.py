@@ -32,16 +32,24 @@ class AttentionView:
 
     `exact` is False where the block's attention is not `softmax(q k^T * scale + bias)` over these
     tokens (SAM's windows and relative positions): scores read from attention are refused there.
+    A ragged batch's block whose method reads the attention summary attends per sample over its
+    real tokens alone: q, k and bias are None there, and `summary` and `heads_out` hold what it read.
     """
 
-    q: Tensor  # [B, H, N, d]
-    k: Tensor  # [B, H, N, d]
+    q: Tensor | None  # [B, H, N, d]
+    k: Tensor | None  # [B, H, N, d]
     bias: Tensor | None  # mask or additive bias on keys, [B, 1, 1, N] ([B, 1, N, N] when causal)
     scale: float
     state: TokenState
     exact: bool = True
     heads_out: Tensor | None = None  # [B, N, H*d] each head's output, before the output projection
     summary: ops.AttentionSummary | None = None  # what the method reads of the map, when it reads it
+    heads: int | None = None  # attention heads, where q and k are None
+
+    @property
+    def head_count(self) -> int:
+        """The attention's heads (`heads_out` holds their outputs side by side)."""
+        return self.heads if self.k is None else self.k.shape[1]
 
     def class_attention(self) -> Tensor:
         """How much the class token attends to each non-prefix token, mean over heads: [B, N - prefix]."""
@@ -71,9 +79,17 @@ class AttentionView:
     def key_metric(self) -> Tensor:
         """Keys summed over heads: [B, N, d], the similarity metric of token merging (ToMe's mean
         over heads up to a constant factor, which cosine similarity ignores; the sum is one op less)."""
+        self._require_keys("the key metric")
         return self.k.sum(dim=1)
 
+    def _require_keys(self, what: str) -> None:
+        if self.q is None:
+            raise ValueError(f"this ragged batch's block attended per sample and kept its map's summary, not "
+                             f"its q and k, so {what} cannot be read here; read `summary` "
+                             "(Method.reads_attention_summary)")
+
     def _require_exact(self, what: str) -> None:
+        self._require_keys(what)
         if not self.exact:
             raise ValueError(f"this layer attends within windows or with relative positions, and {what} "
                              "read from its plain q and k would score an attention that never ran; score "

@@ -230,7 +230,7 @@ def layer_importance(attn: AttentionView, scores: Tensor, valid: Tensor | None,
         received, best = received * valid, best * valid
     received = received / (received.sum(dim=1, keepdim=True) + _EPSILON)
     best = best / (best.sum(dim=1, keepdim=True) + _EPSILON)
-    heads = attn.heads_out.float().unflatten(-1, (attn.k.shape[1], attn.k.shape[3])).norm(dim=-1)  # [B, N, H]
+    heads = attn.heads_out.float().unflatten(-1, (attn.head_count, -1)).norm(dim=-1)  # [B, N, H]
     shares = heads / (heads.sum(dim=-1, keepdim=True) + _EPSILON)
     class_row = summary.first_row.float()[:, :, prefix:]  # [B, H, N]
     by_class = (class_row * shares[:, prefix:].transpose(1, 2)).sum(dim=1)  # [B, N]

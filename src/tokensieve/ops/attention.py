@@ -67,6 +67,9 @@ def attention_and_summary(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, 
     if rows >= tokens:
         output, weights = attention_and_weights(q, k, v, bias, scale, dropout)
         return output, summarize_attention(weights, queries)
+    # Laid out once for the blocks' products: a view of a packed projection (heads split from
+    # tokens) would be copied into the layout a batched product needs at every block.
+    k, v = k.contiguous(), v.contiguous()
     outputs, received, first_row = [], None, None
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
