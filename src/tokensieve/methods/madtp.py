@@ -117,22 +117,24 @@ class MADTP(Method):
     def before_block(self, layer: int, state: TokenState, run: MethodRun) -> TokenState:
         if run.scratch[_TEMPERATURE] == 0.0 or layer not in self.pruning_layers(run.spec):
             return state
-        tokens = state.x[:, state.prefix :]
+        # The whole sequence is scored and the prefix's rows dropped after: the tokens' slice past the
+        # prefix is not one block of memory, and a product over it would copy it first.
         projections = getattr(run.shared, f"project{run.module}", None)  # only where widths differ
-        features = tokens if projections is None else projections[layer](tokens)
+        features = state.x if projections is None else projections[layer](state.x)
         bank = run.shared["bank"].tokens
-        scores = features @ bank.to(features.dtype).T  # [B, N, M]
+        scores = (features @ bank.to(features.dtype).T)[:, state.prefix :]  # [B, N, M]
         run.scratch[_SCORES] = scores
-        counts = state.patch_counts()
+        features = features[:, state.prefix :]
+        counts = state.token_counts()  # the prefix's rows are computed too
         macs = counts * bank.numel()
         if projections is not None:
-            macs = macs + counts * features.shape[-1] * tokens.shape[-1]
+            macs = macs + counts * features.shape[-1] * state.x.shape[-1]
         if run.training and self.aligned:  # pooled features per alignment token, for the alignment loss
             pooled = _softmax_over_tokens(scores / math.sqrt(bank.shape[1]), state.patch_valid())
             layer_pooled = pooled.transpose(1, 2) @ features  # [B, M, W]
             before = run.trace.reports.get(POOLED_REPORT)
             run.report(POOLED_REPORT, layer_pooled if before is None else before + layer_pooled)
-            macs = macs + counts * bank.numel()
+            macs = macs + state.patch_counts() * bank.numel()
         run.trace.add_overhead("alignment", macs)
         return state
 
