@@ -108,3 +108,34 @@ def test_real_rows_only_equals_running_the_padding_too(method, monkeypatch):
     padded = _outputs(model, x)
     for key in skipped:
         torch.testing.assert_close(skipped[key], padded[key], atol=TOLERANCE, rtol=0, msg=key)
+
+
+SUMMARY_READERS = [param for param in methods("ragged") if param.values[0].reads_attention_summary(0)]
+
+
+@pytest.mark.parametrize("method", SUMMARY_READERS)
+def test_attention_read_per_sample_equals_the_padded_map_and_each_image_alone(method, monkeypatch):
+    """A block whose method reads the attention summary attends each sample over its real rows
+    alone when the samples are long; the padded batch's masked map gives the same outputs."""
+    from tokensieve import executor
+
+    x = distinct_images()
+    model = _ragged_model("timm-vit", method, x)
+    per_sample = []
+    attend = executor.Runner._attend_rows_with_summary
+
+    def counted(*args):
+        per_sample.append(True)
+        return attend(*args)
+
+    monkeypatch.setattr(executor.Runner, "_attend_rows_with_summary", counted)
+    monkeypatch.setattr(executor, "PER_SAMPLE_MIN_TOKENS", 0)  # the tests' images have few tokens
+    _assert_ragged_batch_equals_each_image_alone(model, x)
+    assert per_sample, "no block attended per sample"
+    by_sample = _outputs(model, x)
+    monkeypatch.setattr(executor, "PER_SAMPLE_MIN_TOKENS", 10**6)
+    per_sample.clear()
+    padded = _outputs(model, x)
+    assert not per_sample
+    for key in padded:
+        torch.testing.assert_close(by_sample[key], padded[key], atol=TOLERANCE, rtol=0, msg=key)

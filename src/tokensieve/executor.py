@@ -303,7 +303,7 @@ class Runner:
             record.attention_index, record.attention_valid = state.index, state.valid
             bias = _attention_bias(state, q.dtype, call.opening.block_call.causal)
         elif (rows is not None and method.reads_attention_summary(layer)
-              and _attends_by_key_mask(state, call.opening.block_call)):
+              and _attends_per_sample(state, call.opening.block_call)):
             # a ragged batch: each sample attends over its real rows alone, as its map is read
             q = k = bias = None
             packed_out, summary, heads = self._attend_rows_with_summary(view, block_input, rows, state)
@@ -506,10 +506,16 @@ def _packs_whole_block(state: TokenState, method: Method, call: BlockCall) -> bo
                 or type(method).after_attention is not Method.after_attention)
 
 
-def _attends_by_key_mask(state: TokenState, call: BlockCall) -> bool:
-    """Whether the block's self-attention masks nothing but padding keys (no causal order, no
-    merged sizes, no mask mode), so that each sample may attend over its real rows alone."""
-    return not (state.size is not None or call.causal or state.keep is not None)
+# A ragged batch whose longest sample has fewer tokens attends padded: a text's few tens of tokens
+# cost less in one padded product than in a call per sample (madtp_speed.py's text tower).
+PER_SAMPLE_MIN_TOKENS = 64
+
+
+def _attends_per_sample(state: TokenState, call: BlockCall) -> bool:
+    """Whether a ragged block's self-attention runs per sample over its real rows: it masks nothing
+    but padding keys (no causal order, no merged sizes, no mask mode), and its samples are long."""
+    return not (state.size is not None or call.causal or state.keep is not None
+                or state.x.shape[1] < PER_SAMPLE_MIN_TOKENS)
 
 
 def _real_rows(state: TokenState, call: BlockCall) -> Tensor | None:
