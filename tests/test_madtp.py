@@ -81,16 +81,18 @@ def test_a_pruned_layer_is_the_plain_algorithm_and_each_image_keeps_its_own_coun
         torch.testing.assert_close(pruned[b : b + 1], expected, atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("bias", ["none", "padded keys", "causal"])
+@pytest.mark.parametrize("bias", ["none", "padded keys", "causal", "additive"])
 def test_the_attention_summary_in_blocks_of_query_rows_is_the_whole_maps(bias, monkeypatch):
     """A large map is summarised a block of query rows at a time: the same output, summary and
-    gradients as the whole map."""
+    gradients as the whole map; and without autograd, where the blocks share one buffer and are
+    normalised in place, the same output and summary."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 70, 8, requires_grad=True) for _ in range(3))
     queries = torch.ones(2, 70)
     queries[1, 60:] = 0.0
     masks = {"none": None, "padded keys": (torch.arange(70) < torch.tensor([[70], [60]]))[:, None, None],
-             "causal": torch.ones(70, 70, dtype=torch.bool).tril()[None, None].expand(2, 1, 70, 70)}
+             "causal": torch.ones(70, 70, dtype=torch.bool).tril()[None, None].expand(2, 1, 70, 70),
+             "additive": torch.randn(2, 1, 70, 70)}
     mask = masks[bias]
     weights = ops.attention_weights(q, k, mask, 0.35)
     whole = ops.summarize_attention(weights, queries)
@@ -104,6 +106,12 @@ def test_the_attention_summary_in_blocks_of_query_rows_is_the_whole_maps(bias, m
     wanted = torch.autograd.grad(sum(t.square().sum() for t in expected), (q, k, v))
     for got, want in zip(grads, wanted, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        for floats in (1, 10**9):  # in blocks (the last one shorter), and whole
+            monkeypatch.setattr(sys.modules["tokensieve.ops.attention"], "SUMMARY_BLOCK_FLOATS", floats)
+            output, summary = ops.attention_and_summary(q, k, v, mask, 0.35, queries)
+            for got, want in zip([output, summary.received, summary.first_row], expected, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_the_batch_count_keeps_the_batchs_largest_count_in_every_image_by_importance():

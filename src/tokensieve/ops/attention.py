@@ -50,7 +50,8 @@ class AttentionSummary:
 
 def summarize_attention(weights: Tensor, queries: Tensor) -> AttentionSummary:
     """The summary of a whole map `weights` [B, H, N, N], `queries` [B, N] weighting its rows."""
-    received = (weights.amax(dim=1).float() * queries[:, :, None].float()).sum(dim=1)  # summed in fp32
+    strongest = weights.amax(dim=1).float()  # [B, N, N]: each query's strongest head
+    received = torch.bmm(queries.float()[:, None, :], strongest)[:, 0]  # summed over queries in fp32
     return AttentionSummary(received, weights[:, :, 0])
 
 
@@ -64,8 +65,12 @@ def attention_and_summary(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, 
     """
     batch, heads, tokens, _ = q.shape
     rows = max(32, SUMMARY_BLOCK_FLOATS // (batch * heads * k.shape[2]))
+    # Without autograd every block's map is written into one buffer, its softmax in place: a fresh
+    # map-sized buffer is faulted in page by page at each allocation, which costs a pass of its own.
+    buffer = None if torch.is_grad_enabled() else q.new_empty(batch, heads, min(rows, tokens), k.shape[2])
     if rows >= tokens:
-        output, weights = attention_and_weights(q, k, v, bias, scale, dropout)
+        weights = attention_weights(q, k, bias, scale, out=buffer)
+        output = F.dropout(weights, p=dropout, training=dropout > 0) @ v
         return output, summarize_attention(weights, queries)
     # Laid out once for the blocks' products: a view of a packed projection (heads split from
     # tokens) would be copied into the layout a batched product needs at every block.
@@ -74,20 +79,32 @@ def attention_and_summary(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, 
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
         block_bias = bias if bias is None or bias.shape[-2] == 1 else bias[..., start:stop, :]
-        weights = attention_weights(q[:, :, start:stop], k, block_bias, scale)  # [B, H, rows, N]
+        out = buffer if stop - start == rows else None  # a last, shorter block gets its own
+        weights = attention_weights(q[:, :, start:stop], k, block_bias, scale, out=out)  # [B, H, rows, N]
         outputs.append(F.dropout(weights, p=dropout, training=dropout > 0) @ v)
         part = summarize_attention(weights, queries[:, start:stop])
         received = part.received if received is None else received + part.received
-        first_row = part.first_row if first_row is None else first_row
+        if first_row is None:  # the first block's, kept apart from the buffer the next block overwrites
+            first_row = part.first_row if out is None else part.first_row.clone()
     return torch.cat(outputs, dim=2), AttentionSummary(received, first_row)
 
 
-def attention_weights(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    """The softmax attention map [B, H, N, N] (`bias` as in `attention`)."""
-    logits = (q * scale) @ k.transpose(-2, -1)
+def attention_weights(q: Tensor, k: Tensor, bias: Tensor | None, scale: float,
+                      out: Tensor | None = None) -> Tensor:
+    """The softmax attention map [B, H, N, N] (`bias` as in `attention`); with `out` (no autograd),
+    written into that buffer, masked and normalised in place."""
+    if out is None:
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits.masked_fill(~bias, -torch.inf) if bias.dtype == torch.bool else logits + bias
+        return logits.softmax(dim=-1)
+    logits = torch.matmul(q * scale, k.transpose(-2, -1), out=out)
     if bias is not None:
-        logits = logits.masked_fill(~bias, -torch.inf) if bias.dtype == torch.bool else logits + bias
-    return logits.softmax(dim=-1)
+        if bias.dtype == torch.bool:
+            logits.masked_fill_(~bias, -torch.inf)
+        else:
+            logits.add_(bias)
+    return torch.softmax(logits, dim=-1, out=logits)
 
 
 def class_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
