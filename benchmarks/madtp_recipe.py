@@ -3,13 +3,13 @@ and whether the dense model's outputs teach the pruned one.
 
 Each row fine-tunes the task's shipped model with MADTP toward one MACs budget (both towers, default
 0.3: −70%) by `train_method`, for the same steps and learning rates as benchmarks/madtp_vl.py, and
-differs from the others in two switches:
+differs from the first, madtp_vl.py's recipe, in one of two switches:
 
 - *budget from the start*: T is set (on validation, for the untrained bank) to the budget before the
-  first step and stays there, or *ramp*: the budget trained at falls linearly from dense to the
+  first step and stays there; or *ramp*: the budget trained at falls linearly from dense to the
   target over the first half of the run, T set again every 25 steps on 128 training samples
   (`train_method(budget_ramp=0.5)`; the authors raise T between epochs toward their GFLOPs target);
-- *self-distillation*: the task loss alone (with the alignment loss), or also 0.5 × the KL
+- *self-distillation*: the task loss alone (with the alignment loss); or also 0.5 × the KL
   divergence to the same model run dense (`train_method(distill=True)`, what the vision-only
   baselines of madtp_vl.py train with).
 
@@ -18,7 +18,7 @@ whole validation split (never the test split: this is a choice). Runs live under
 runs/madtp-recipe-TASK/; a finished one is not trained again. Writes
 benchmarks/results/madtp_recipe_TASK-val.md and .json.
 
-    python benchmarks/madtp_recipe.py --task nlvr      # four runs of about 7 minutes each here
+    python benchmarks/madtp_recipe.py --task nlvr      # three runs of 7 to 14 minutes each here
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ class Recipe:
     distill: bool
 
 
-RECIPES = (Recipe("budget from the start", 0.0, False), Recipe("ramp", RAMP, False),
-           Recipe("budget from the start + self-distillation", 0.0, True),
-           Recipe("ramp + self-distillation", RAMP, True))
+RECIPES = (Recipe("budget from the start (madtp_vl.py's)", 0.0, False), Recipe("ramp", RAMP, False),
+           Recipe("budget from the start + self-distillation", 0.0, True))
 
 
 @dataclass
