@@ -49,7 +49,7 @@ from pathlib import Path
 
 import plotting
 import torch
-from svit_seg import _finished_steps, add_common_arguments
+from svit_seg import add_common_arguments
 from torch.utils.data import Dataset
 
 import tokensieve as ts
@@ -69,7 +69,7 @@ from tokensieve.reference.recipes.batches import task_collate
 from tokensieve.reference.vl import match_logits
 from tokensieve.tasks import make_dataset
 from tokensieve.tasks.nlvr import NLVR_FAMILIES
-from tokensieve.train import load_trained
+from tokensieve.train import finished_steps, load_trained
 
 DEFAULT_HOST_LR_SCALE = 0.1  # chosen on validation among 0.01, 0.1, 0.5 and 1 (docs/madtp.md)
 
@@ -201,7 +201,7 @@ class _Bench:
         the validation split after rounding, as `train_method(..., out_dir=...)` stores a run)."""
         budget = self.setup.shipped
         run = self._run_dir(ts.MADTP(), budget)
-        if _finished_steps(run) != self.args.steps:
+        if finished_steps(run) != self.args.steps:
             raise SystemExit(f"--ship: {run} is not finished; train it first")
         model = load_reference(self.task)
         patch_reference(model, ts.MADTP())
@@ -232,7 +232,7 @@ class _Bench:
         """The task's model fine-tuned with `method` (MADTP at `budget`) by the benchmark's recipe;
         MADTP's T set on the validation split to the budget."""
         run = self._run_dir(method, budget)
-        if _finished_steps(run) != self.args.steps:
+        if finished_steps(run) != self.args.steps:
             if self.args.trained_only:
                 raise _NotTrained
             start = time.perf_counter()

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from svit_seg import _finished_steps, add_common_arguments
+from svit_seg import add_common_arguments
 
 import tokensieve as ts
 from tokensieve.reference import (
@@ -45,7 +45,7 @@ from tokensieve.reference import (
 from tokensieve.reference.evaluation import evaluate
 from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.tasks import make_dataset
-from tokensieve.train import load_trained
+from tokensieve.train import finished_steps, load_trained
 
 TASK = "cls"
 KEEP = 0.7
@@ -117,7 +117,7 @@ def _trained(method: ts.Method | None, args: argparse.Namespace) -> torch.nn.Mod
     """The cls model fine-tuned with `method` (None: alone), trained now if its run is not done."""
     name = "dense" if method is None else "svit-keep" + f"{method.keep:g}"
     run = args.runs / f"{name}-steps{args.steps}-hostlr{args.model_lr_scale:g}"
-    if _finished_steps(run) != args.steps:
+    if finished_steps(run) != args.steps:
         start = time.perf_counter()
         train_method(TASK, method, run, steps=args.steps, precision="bf16",
                      model_lr_scale=args.model_lr_scale)

@@ -49,7 +49,6 @@ from svit_seg import (
     BASELINE_LAYERS,
     NOT_TRAINED,
     _filled_note,
-    _finished_steps,
     _slug,
     _trains,
     add_common_arguments,
@@ -67,7 +66,7 @@ from tokensieve.reference import (
 )
 from tokensieve.reference.evaluation import evaluate
 from tokensieve.tasks import make_dataset
-from tokensieve.train import load_trained
+from tokensieve.train import finished_steps, load_trained
 
 TASK = "det"
 SVIT_KEEP = 0.7
@@ -190,7 +189,7 @@ class _Bench:
 
     def _trained(self, method: ts.Method | None) -> torch.nn.Module:
         run = self._run_dir(method)
-        if _finished_steps(run) != self.args.steps:
+        if finished_steps(run) != self.args.steps:
             start = time.perf_counter()
             train_method(TASK, method, run, steps=self.args.steps, precision=self.args.precision,
                          model_lr_scale=self.args.model_lr_scale)
@@ -206,7 +205,7 @@ class _Bench:
     def _untrained_row(self, method: ts.Method | None) -> Row | None:
         """With --trained-only, a row that says `method`'s run (None: the dense control's) is not
         finished; None when it is, or when it will be trained."""
-        if not self.args.trained_only or _finished_steps(self._run_dir(method)) == self.args.steps:
+        if not self.args.trained_only or finished_steps(self._run_dir(method)) == self.args.steps:
             return None
         name = "dense fine-tuned" if method is None else str(method)
         return Row(name, *(NOT_RUN,) * 6, 0, note=NOT_TRAINED)

@@ -76,8 +76,7 @@ from tokensieve.reference import (
 from tokensieve.reference.evaluation import evaluate
 from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.tasks import make_dataset
-from tokensieve.train import latest_checkpoint, load_trained
-from tokensieve.train.checkpoint import read_metadata
+from tokensieve.train import finished_steps, load_trained
 
 TASK = "seg"
 BASELINE_LAYERS = (3, 6, 9)  # DynamicViT's and EViT's stages on 12 blocks
@@ -281,7 +280,7 @@ class _Bench:
         """With --trained-only, a row that says `method`'s run is not trained (None: it is, or
         it will be)."""
         run = self.run_dir(method, freeze_host)
-        if not self.args.trained_only or _finished_steps(run) == self.args.steps:
+        if not self.args.trained_only or finished_steps(run) == self.args.steps:
             return None
         return Row(group, str(method), NOT_RUN, NOT_RUN, NOT_RUN, 0, f"{note}{NOT_TRAINED}")
 
@@ -309,7 +308,7 @@ class _Bench:
         """The seg model fine-tuned with `method` (None: alone) for --steps, or only the method's
         parameters trained over the frozen shipped model; trained now if its run is not done."""
         run = self.run_dir(method, freeze_host)
-        if _finished_steps(run) != self.args.steps:
+        if finished_steps(run) != self.args.steps:
             start = time.perf_counter()
             train_method(TASK, method, run, steps=self.args.steps, precision=self.args.precision,
                          model_lr_scale=self.args.model_lr_scale, freeze_host=freeze_host)
@@ -403,11 +402,6 @@ def _slug(method: ts.Method) -> str:
     for old, new in (("(", "-"), (")", ""), ("=", ""), (", ", "-"), ("'", "")):
         text = text.replace(old, new)
     return text
-
-
-def _finished_steps(run: Path) -> int | None:
-    checkpoint = latest_checkpoint(run) if run.is_dir() else None
-    return None if checkpoint is None else int(read_metadata(checkpoint)["step"])
 
 
 TITLES = {"svit_seg": "SViT on the seg reference model, against the baselines at equal backbone MACs",

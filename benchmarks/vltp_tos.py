@@ -60,7 +60,7 @@ from pathlib import Path
 
 import plotting
 import torch
-from svit_seg import _finished_steps, _slug, add_common_arguments
+from svit_seg import _slug, add_common_arguments
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -76,7 +76,7 @@ from tokensieve.reference.compare import encoder_macs
 from tokensieve.reference.guidance import build_guidance
 from tokensieve.reference.models import IMAGE_SIZES
 from tokensieve.tasks import ciou, collate, giou, intersection_union, make_dataset
-from tokensieve.train import load_trained
+from tokensieve.train import finished_steps, load_trained
 
 TASK = "tos"
 DEFAULT_STEPS = 300
@@ -288,7 +288,7 @@ class _Bench:
         """The tos model trained with `method` by the benchmark's recipe (the host frozen), or with
         `mask_decoder` by the paper's (the mask decoder trained too; method None: alone)."""
         run = self._run_dir(method, pruning_text, mask_decoder)
-        if _finished_steps(run) != self.args.steps:
+        if finished_steps(run) != self.args.steps:
             start = time.perf_counter()
             train_method(TASK, method, run, steps=self.args.steps, precision=self.args.precision,
                          model_lr_scale=self.args.model_lr_scale, freeze_encoder=True,
@@ -314,7 +314,7 @@ class _Bench:
     def _missing(self, group: str, method: ts.Method | None, pruning_text: str | None = None,
                  mask_decoder: bool = False) -> Row | None:
         run = self._run_dir(method, pruning_text, mask_decoder)
-        if not self.args.trained_only or _finished_steps(run) == self.args.steps:
+        if not self.args.trained_only or finished_steps(run) == self.args.steps:
             return None
         name = "dense fine-tuned" if method is None else str(method)
         return Row(group, name, NOT_RUN, NOT_RUN, NOT_RUN, NOT_RUN, 0, NOT_TRAINED)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_train_support import DYNAMICVIT, patched_model, quiet_config, random_dataset, trained_state
 
-from tokensieve.train import cross_entropy, fit, read_log
+from tokensieve.train import cross_entropy, finished_steps, fit, read_log
 
 STEPS, STOP = 7, 3  # 5 steps per epoch: the resumed half starts mid-epoch and crosses into the next
 # Dropout, drop-path and Gumbel noise all draw random numbers: resume must restore the generators.
@@ -100,7 +100,9 @@ def test_after_step_runs_after_every_step_with_the_runs_count_across_a_resume(tm
     data = random_dataset(16)
     config = quiet_config(steps=5, checkpoint_dir=str(tmp_path))
     model, seen = patched_model(), []
+    assert finished_steps(tmp_path) == 0 and finished_steps(tmp_path / "absent") == 0
     fit(model, data, cross_entropy, config, until=2, after_step=lambda m, step: seen.append((m, step)))
+    assert finished_steps(tmp_path) == 2
     fit(model, data, cross_entropy, config, after_step=lambda m, step: seen.append((m, step)))
     assert [step for _, step in seen] == [1, 2, 3, 4, 5]
     assert all(m is model for m, _ in seen)

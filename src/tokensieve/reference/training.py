@@ -39,7 +39,7 @@ from tokensieve.reference.transfer import start_from_seg
 from tokensieve.reference.vl import build_nlvr, build_retrieval
 from tokensieve.tasks import make_dataset
 from tokensieve.temperature_calibration import calibrate_temperature
-from tokensieve.train import TrainConfig, fit, latest_checkpoint, load_trained
+from tokensieve.train import TrainConfig, finished_steps, fit, latest_checkpoint, load_trained
 from tokensieve.train.checkpoint import read_metadata
 from tokensieve.train.precision import Precision
 
@@ -234,7 +234,7 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
     ramp = None
     if sets_temperature and budget_ramp:
         ramp = _BudgetRamp(task, macs_budget, max(1, round(budget_ramp * steps)))
-        if _finished_steps(run_dir) == 0:
+        if finished_steps(run_dir) == 0:
             ramp(model, 0)
     elif sets_temperature:  # train at the budget: T set on validation for the untrained bank first
         calibrate_reference(model, task, macs_budget)
@@ -272,11 +272,6 @@ class _BudgetRamp:
         share = self.budget + (1.0 - self.budget) * max(0.0, 1.0 - (step + RAMP_EVERY) / self.end)
         # a share in a jump of the curve, or past what T reaches: the nearest share T reached
         calibrate_temperature(model, self.batches, macs_budget=share, tolerance=RAMP_TOLERANCE, nearest=True)
-
-
-def _finished_steps(run_dir: str | os.PathLike) -> int:
-    checkpoint = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
-    return 0 if checkpoint is None else int(read_metadata(checkpoint)["step"])
 
 
 def store_trained(model: nn.Module, task: str, out_dir: str | os.PathLike, macs_budget: float | None = None,

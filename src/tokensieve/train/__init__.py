@@ -7,7 +7,7 @@
 See docs/training.md.
 """
 
-from tokensieve.train.checkpoint import latest_checkpoint, load_trained, read_checkpoint
+from tokensieve.train.checkpoint import finished_steps, latest_checkpoint, load_trained, read_checkpoint
 from tokensieve.train.config import TrainConfig
 from tokensieve.train.log import LOG_FIELDS, StepLog, read_log
 from tokensieve.train.loop import FitResult, fit
@@ -32,6 +32,7 @@ __all__ = [
     "contrastive_loss",
     "cross_entropy",
     "distillation_loss",
+    "finished_steps",
     "fit",
     "keep_ratio_loss",
     "keep_ratio_stages",

@@ -149,6 +149,12 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return candidates[0] if candidates else None
 
 
+def finished_steps(directory: str | os.PathLike) -> int:
+    """The steps done by the run checkpointed in `directory`: its newest checkpoint's (0 if none)."""
+    checkpoint = latest_checkpoint(directory) if Path(directory).is_dir() else None
+    return 0 if checkpoint is None else int(read_metadata(checkpoint)["step"])
+
+
 def resume_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest checkpoint in `directory` that can be read, with a warning naming each newer one
     that cannot; None if the directory holds no checkpoint. Raises UnreadableCheckpointError when
