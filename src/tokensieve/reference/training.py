@@ -255,6 +255,7 @@ def train_method(task: str, method: Method | None, run_dir: str | os.PathLike, s
 RAMP_EVERY = 25  # steps between two settings of T along a budget ramp
 RAMP_SAMPLES = 128  # training samples T is set on along the ramp (the validation split is for choices)
 RAMP_TOLERANCE = 0.05  # of each step's budget: the ramp's steps need not be exact
+RAMP_ROUNDS = 12  # passes over the samples per setting: a budget in a jump of the curve is never met
 
 
 class _BudgetRamp:
@@ -271,7 +272,8 @@ class _BudgetRamp:
             return
         share = self.budget + (1.0 - self.budget) * max(0.0, 1.0 - (step + RAMP_EVERY) / self.end)
         # a share in a jump of the curve, or past what T reaches: the nearest share T reached
-        calibrate_temperature(model, self.batches, macs_budget=share, tolerance=RAMP_TOLERANCE, nearest=True)
+        calibrate_temperature(model, self.batches, macs_budget=share, tolerance=RAMP_TOLERANCE,
+                              max_rounds=RAMP_ROUNDS, nearest=True)
 
 
 def store_trained(model: nn.Module, task: str, out_dir: str | os.PathLike, macs_budget: float | None = None,
