@@ -19,6 +19,9 @@ runs/madtp-recipe-TASK/; a finished one is not trained again. Writes
 benchmarks/results/madtp_recipe_TASK-val.md and .json.
 
     python benchmarks/madtp_recipe.py --task nlvr      # three runs of 7 to 14 minutes each here
+    python benchmarks/madtp_recipe.py --task nlvr --steps 1200 --first-only   # twice the steps
+
+Other steps than madtp_vl.py's write files with a "-stepsN" suffix, `--first-only` with "-first".
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--task", choices=tuple(SETUPS), default="nlvr")
     parser.add_argument("--budget", type=float, default=0.3, help="share of both towers' dense MACs")
     parser.add_argument("--steps", type=int, default=None, help="of every run (default: madtp_vl.py's)")
+    parser.add_argument("--first-only", action="store_true",
+                        help="only the first recipe (madtp_vl.py's), e.g. to see what more steps give")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -77,7 +82,7 @@ def main() -> None:
     data = make_dataset(args.task, "val", image_size=IMAGE_SIZES[args.task])
     dense = sum(tower_macs(load_reference(args.task).eval(), args.task, data, MACS_SAMPLES, BATCH).values())
     rows = []
-    for recipe in RECIPES:
+    for recipe in RECIPES[:1] if args.first_only else RECIPES:
         run = runs / f"budget{args.budget:g}-ramp{recipe.ramp:g}-distill{int(recipe.distill)}-steps{steps}"
         model = train_method(args.task, ts.MADTP(), run, steps=steps, model_lr_scale=DEFAULT_HOST_LR_SCALE,
                              precision="fp32", macs_budget=args.budget, progress=False,
@@ -88,7 +93,8 @@ def main() -> None:
         rows.append(Row(recipe.name, score, share, temperature))
         print(rows[-1], flush=True)
     command = " ".join(["python benchmarks/madtp_recipe.py", *sys.argv[1:]])
-    path = args.out / f"madtp_recipe_{args.task}-val"
+    other = "" if steps == SETUPS[args.task].steps else f"-steps{steps}"
+    path = args.out / f"madtp_recipe_{args.task}{other}{'-first' if args.first_only else ''}-val"
     path.with_suffix(".json").write_text(json.dumps({"command": command, "rows": [asdict(r) for r in rows]},
                                                     indent=2) + "\n")
     path.with_suffix(".md").write_text(_markdown(rows, args, steps, command))
