@@ -355,13 +355,26 @@ class Runner:
         layers, norms, the MLP) on each sample's padding too, and attention on the longest count."""
         batch, tokens, _ = x.shape
         x = _gather_rows(x, rows)  # [1, T, C]
-        q, k, v = view.qkv(x)  # [1, H, T, d]
-        dropout = view.attention_dropout()
-        samples = zip(q.split(counts, 2), k.split(counts, 2), v.split(counts, 2), strict=True)
-        heads_out = [ops.attention(*qkv, None, view.scale, dropout, self.eager).transpose(1, 2)
-                     for qkv in samples]
-        heads_out = torch.cat(heads_out, dim=1).flatten(2)  # [1, T, H*d]
+        heads_out, _ = self._attend_packed(view, x, counts)
         return _scatter_rows(_block_rest(view, x, heads_out)[0], rows, batch, tokens)
+
+    def _attend_packed(self, view: BlockView, packed: Tensor, counts: list[int],
+                       queries: list[Tensor] | None = None) -> tuple[Tensor, list[ops.AttentionSummary]]:
+        """Attention over a ragged batch's real tokens `packed` [1, T, C], each sample (`counts`
+        tokens in turn) over its own: the heads' output [1, T, H*d]; with `queries` (each sample's
+        [n] query weights), the map spelled out and each sample's summary of it."""
+        q, k, v = view.qkv(packed)  # [1, H, T, d]
+        dropout = view.attention_dropout()
+        outputs, summaries = [], []
+        samples = zip(q.split(counts, 2), k.split(counts, 2), v.split(counts, 2), strict=True)
+        for i, qkv in enumerate(samples):
+            if queries is None:
+                output = ops.attention(*qkv, None, view.scale, dropout, self.eager)
+            else:
+                output, summary = ops.attention_and_summary(*qkv, None, view.scale, queries[i][None], dropout)
+                summaries.append(summary)
+            outputs.append(output[0].transpose(0, 1).flatten(1))  # [n, H*d]
+        return torch.cat(outputs)[None], summaries
 
     def _run_packed_placed(self, view: BlockView, state: TokenState, rows: Tensor) -> Tensor:
         """`_run_packed` for a view that places the tokens itself (windows, relative positions):
@@ -379,20 +392,13 @@ class Runner:
         padded batch (zeros on padding), as the padded batch's masked map would give them; and the
         number of heads."""
         batch, tokens, _ = x.shape
-        q, k, v = view.qkv(_gather_rows(x, rows))  # [1, H, T, d]
         counts = state.valid.sum(dim=1).tolist()
         queries = token_queries(state).flatten().index_select(0, rows).split(counts)
-        dropout = view.attention_dropout()
-        outputs, received, first_rows = [], [], []
-        for *qkv, sample_queries in zip(q.split(counts, 2), k.split(counts, 2), v.split(counts, 2), queries,
-                                        strict=True):
-            output, summary = ops.attention_and_summary(*qkv, None, view.scale, sample_queries[None], dropout)
-            outputs.append(output[0].transpose(0, 1).flatten(1))  # [n, H*d]
-            received.append(summary.received[0])
-            first_rows.append(summary.first_row[0].T)  # [n, H]
-        received = _scatter_rows(torch.cat(received), rows, batch, tokens)
-        first_row = _scatter_rows(torch.cat(first_rows), rows, batch, tokens).transpose(1, 2)
-        return torch.cat(outputs)[None], ops.AttentionSummary(received, first_row), q.shape[1]
+        heads_out, summaries = self._attend_packed(view, _gather_rows(x, rows), counts, list(queries))
+        received = _scatter_rows(torch.cat([part.received[0] for part in summaries]), rows, batch, tokens)
+        first_row = torch.cat([part.first_row[0].T for part in summaries])  # [T, H]
+        first_row = _scatter_rows(first_row, rows, batch, tokens).transpose(1, 2)
+        return heads_out, ops.AttentionSummary(received, first_row), first_row.shape[1]
 
     def _cross_attend(self, view: BlockView, x: Tensor, call: BlockCall) -> Tensor:
         """The block's attention from its tokens to the call's memory (another modality's tokens)."""
