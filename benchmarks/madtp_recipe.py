@@ -20,8 +20,13 @@ benchmarks/results/madtp_recipe_TASK-val.md and .json.
 
     python benchmarks/madtp_recipe.py --task nlvr      # three runs of 7 to 14 minutes each here
     python benchmarks/madtp_recipe.py --task nlvr --steps 1200 --first-only   # twice the steps
+    python benchmarks/madtp_recipe.py --task nlvr --first-only --start-layers 0 1   # block 0 unpruned too
 
-Other steps than madtp_vl.py's write files with a "-stepsN" suffix, `--first-only` with "-first".
+`--start-layers K ...` trains and scores each recipe with MADTP(start_layer=K) for each K: each
+tower prunes from its block K on (madtp_vl.py's prunes from block 0, as the paper does); a budget
+that no T reaches after training is reported as out of reach. Other steps than madtp_vl.py's write
+files with a "-stepsN" suffix, other budgets "-budgetB", other start layers "-fromK-…",
+`--first-only` "-first".
 """
 
 from __future__ import annotations
@@ -60,9 +65,11 @@ RECIPES = (Recipe("budget from the start (madtp_vl.py's)", 0.0, False), Recipe("
 @dataclass
 class Row:
     recipe: str
-    score: float
-    macs_share: float  # both towers, of dense, on the scored samples
-    temperature: float
+    score: float | None  # None: the budget is out of reach
+    macs_share: float | None  # both towers, of dense, on the scored samples
+    temperature: float | None
+    start_layer: int | None = 0  # None: the dense model
+    note: str = ""
 
 
 def main() -> None:
@@ -73,6 +80,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="of every run (default: madtp_vl.py's)")
     parser.add_argument("--first-only", action="store_true",
                         help="only the first recipe (madtp_vl.py's), e.g. to see what more steps give")
+    parser.add_argument("--start-layers", type=int, nargs="+", default=[0],
+                        help="the first block MADTP prunes in each tower: one set of runs for each")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -80,25 +89,39 @@ def main() -> None:
     steps = args.steps or SETUPS[args.task].steps
     runs = Path(f"runs/madtp-recipe-{args.task}")
     data = make_dataset(args.task, "val", image_size=IMAGE_SIZES[args.task])
-    dense = sum(tower_macs(load_reference(args.task).eval(), args.task, data, MACS_SAMPLES, BATCH).values())
-    rows = []
-    for recipe in RECIPES[:1] if args.first_only else RECIPES:
-        run = runs / f"budget{args.budget:g}-ramp{recipe.ramp:g}-distill{int(recipe.distill)}-steps{steps}"
-        model = train_method(args.task, ts.MADTP(), run, steps=steps, model_lr_scale=DEFAULT_HOST_LR_SCALE,
-                             precision="fp32", macs_budget=args.budget, progress=False,
-                             distill=recipe.distill, budget_ramp=recipe.ramp)
-        temperature = float(patched_within(model)[1].shared["bank"].temperature)  # set on validation
-        score = evaluate(model, args.task, data, batch_size=BATCH, progress=False)[METRICS[args.task]]
-        share = sum(tower_macs(model, args.task, data, MACS_SAMPLES, BATCH).values()) / dense
-        rows.append(Row(recipe.name, score, share, temperature))
-        print(rows[-1], flush=True)
+    reference = load_reference(args.task).eval()
+    dense = sum(tower_macs(reference, args.task, data, MACS_SAMPLES, BATCH).values())
+    dense_score = evaluate(reference, args.task, data, batch_size=BATCH, progress=False)[METRICS[args.task]]
+    rows = [Row("dense (the shipped model)", dense_score, 1.0, None, None)]
+    for start_layer in args.start_layers:
+        for recipe in RECIPES[:1] if args.first_only else RECIPES:
+            name = f"budget{args.budget:g}-ramp{recipe.ramp:g}-distill{int(recipe.distill)}-steps{steps}"
+            name += f"-from{start_layer}" if start_layer else ""
+            try:
+                model = train_method(args.task, ts.MADTP(start_layer=start_layer), runs / name, steps=steps,
+                                     model_lr_scale=DEFAULT_HOST_LR_SCALE, precision="fp32",
+                                     macs_budget=args.budget, progress=False, distill=recipe.distill,
+                                     budget_ramp=recipe.ramp)
+            except ValueError as error:  # T is set to the budget before training and after it
+                if "macs_budget" not in str(error):
+                    raise
+                rows.append(Row(recipe.name, None, None, None, start_layer, f"out of reach: {error}"))
+                print(rows[-1], flush=True)
+                continue
+            temperature = float(patched_within(model)[1].shared["bank"].temperature)  # set on validation
+            score = evaluate(model, args.task, data, batch_size=BATCH, progress=False)[METRICS[args.task]]
+            share = sum(tower_macs(model, args.task, data, MACS_SAMPLES, BATCH).values()) / dense
+            rows.append(Row(recipe.name, score, share, temperature, start_layer))
+            print(rows[-1], flush=True)
     command = " ".join(["python benchmarks/madtp_recipe.py", *sys.argv[1:]])
     other = "" if steps == SETUPS[args.task].steps else f"-steps{steps}"
-    path = args.out / f"madtp_recipe_{args.task}{other}{'-first' if args.first_only else ''}-val"
-    path.with_suffix(".json").write_text(json.dumps({"command": command, "rows": [asdict(r) for r in rows]},
-                                                    indent=2) + "\n")
-    path.with_suffix(".md").write_text(_markdown(rows, args, steps, command))
-    print(path.with_suffix(".md").read_text())
+    other += "" if args.budget == 0.3 else f"-budget{args.budget:g}"
+    other += "" if args.start_layers == [0] else "-from" + "-".join(map(str, args.start_layers))
+    stem = f"madtp_recipe_{args.task}{other}{'-first' if args.first_only else ''}-val"  # may hold a "."
+    payload = {"command": command, "rows": [asdict(r) for r in rows]}
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(_markdown(rows, args, steps, command))
+    print((args.out / f"{stem}.md").read_text())
 
 
 def _markdown(rows: list[Row], args: argparse.Namespace, steps: int, command: str) -> str:
@@ -110,9 +133,16 @@ def _markdown(rows: list[Row], args: argparse.Namespace, steps: int, command: st
              f"{1e-3 * DEFAULT_HOST_LR_SCALE:g}), then sets T on the validation split to the budget and "
              f"scores the whole validation split. MACs: both towers per sample, the mean over the first "
              f"{MACS_SAMPLES} samples.", "",
-             f"| recipe | {metric} | MACs vs dense | T |", "|---|---|---|---|"]
+             "*Pruned from block*: MADTP's `start_layer`, the first block each tower prunes in.", "",
+             f"| recipe | pruned from block | {metric} | MACs vs dense | T | note |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row.recipe} | {row.score:.4f} | {row.macs_share:.3f} | {row.temperature:.4g} |")
+        if row.score is None:
+            lines.append(f"| {row.recipe} | {row.start_layer} | — | — | — | {row.note} |")
+            continue
+        start = "" if row.start_layer is None else row.start_layer
+        temperature = "" if row.temperature is None else f"{row.temperature:.4g}"
+        lines.append(f"| {row.recipe} | {start} | {row.score:.4f} | {row.macs_share:.3f} | {temperature} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,7 @@ REFUSED = {
     "relevance_weight": [(True, TypeError), ("1", TypeError), (-1.0, ValueError), (float("inf"), ValueError)],
     "by_threshold": [(1, TypeError), ("True", TypeError), (None, TypeError)],
     "temperature": [(True, TypeError), ("1", TypeError), (-0.5, ValueError), (float("inf"), ValueError)],
+    "start_layer": [(-1, ValueError), (1.5, TypeError), ("1", TypeError), (True, TypeError)],
     "alignment_tokens": [(0, ValueError), (1.5, TypeError), ("100", TypeError), (True, TypeError)],
     "alignment_width": [(0, ValueError), (2.5, TypeError), ("768", TypeError)],
     "project": [(1, TypeError), ("True", TypeError), (None, TypeError)],

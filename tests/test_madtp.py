@@ -175,6 +175,20 @@ def _run_towers(model: nn.Module, pixels: Tensor, lengths: list[int]) -> list[ts
     return [*image, *text]
 
 
+def test_start_layer_prunes_every_block_from_it_on_in_towers_of_different_depths():
+    model = _towers(start_layer=1)[0]  # the vision tower has 2 blocks, the text tower 3
+    with torch.no_grad():
+        traces = _run_towers(model, distinct_images()[:, :, :32, :32], [5, 9, 12])
+    for trace in traces:
+        depth = len(trace.layers)
+        assert [stage.layer for stage in trace.reports[IMPORTANCE_REPORT]] == list(range(1, depth))
+        entering = trace.input_counts()
+        assert torch.equal(trace.kept_tokens()[0], entering)  # block 0 runs every token
+        assert bool((trace.kept_tokens()[-1] < entering).any())
+    with pytest.raises(ValueError, match="start_layer=3"):  # past the vision tower's 2 blocks
+        _towers(start_layer=3)
+
+
 def test_the_alignment_loss_pulls_each_alignment_tokens_pooled_features_together_across_towers():
     model, sieve = _towers()
     model.train()
@@ -227,6 +241,8 @@ def test_text_padding_is_never_a_candidate_or_merged():
     ({"temperature": -1.0}, "temperature"),
     ({"alignment_tokens": 0}, "alignment_tokens"),
     ({"layers": (7,)}, "MADTP"),
+    ({"start_layer": 12}, "start_layer"),
+    ({"layers": (1,), "start_layer": 1}, "either"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises((TypeError, ValueError), match=message):

@@ -31,7 +31,8 @@ class MADTP(Method):
     """A bank of `alignment_tokens` learnable alignment tokens (`alignment_width` wide; None: the
     widest patched tower's width), shared by every tower patched together (an image tower and a
     text tower: `tokensieve.patch([vision, text], MADTP())`) and by all their layers, guides the
-    pruning of each tower at each of `layers` (None: every block).
+    pruning of each tower at each of `layers` (None: every block from `start_layer` on, in each
+    tower: towers of different depths share the rule).
 
     At each such block, the non-prefix tokens entering it are scored against the bank,
     S[n, m] = x_n · E_m (through a per-layer linear map where the tower's width differs from the
@@ -65,6 +66,7 @@ class MADTP(Method):
 
     temperature: float = 1.0
     layers: tuple[int, ...] | None = None
+    start_layer: int = 0
     alignment_tokens: int = 100
     alignment_width: int | None = None
     project: bool = False
@@ -76,9 +78,13 @@ class MADTP(Method):
     inference_fields: ClassVar[frozenset[str]] = frozenset({"temperature", "batch_max"})
 
     def __post_init__(self) -> None:
-        settle(self, temperature=real_within(0.0), layers=optional(layer_indices),
+        settle(self, temperature=real_within(0.0), layers=optional(layer_indices), start_layer=whole_from(0),
                alignment_tokens=whole_from(1), alignment_width=optional(whole_from(1)), project=flag,
                alignment_weight=real_within(0.0), batch_max=flag, aligned=flag)
+        if self.layers is not None and self.start_layer:
+            raise ValueError(f"MADTP(layers={self.layers}, start_layer={self.start_layer}): give the "
+                             "blocks that prune either as `layers` or as every block from `start_layer` "
+                             "on, not both")
 
     @property
     def ragged(self) -> bool:
@@ -89,12 +95,16 @@ class MADTP(Method):
         return True  # kept tokens continue their positions; the merged one, appended, has none (as EViT's)
 
     def pruning_layers(self, spec: ModelSpec) -> tuple[int, ...]:
-        layers = tuple(range(spec.depth)) if self.layers is None else self.layers
-        check_layers(layers, spec.depth, "MADTP")
-        return layers
+        if self.layers is not None:
+            return check_layers(self.layers, spec.depth, "MADTP")
+        if self.start_layer >= spec.depth:
+            raise ValueError(f"MADTP(start_layer={self.start_layer}) would prune no block of a tower of "
+                             f"{spec.depth} blocks; use 0..{spec.depth - 1}")
+        return tuple(range(self.start_layer, spec.depth))
 
     def reads_attention_summary(self, layer: int) -> bool:
-        return self.temperature > 0.0 and (self.layers is None or layer in self.layers)
+        blocks = layer >= self.start_layer if self.layers is None else layer in self.layers
+        return self.temperature > 0.0 and blocks
 
     def bind(self, spec: ModelSpec) -> None:
         needs_class_token(spec, "MADTP")
