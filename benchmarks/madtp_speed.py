@@ -22,7 +22,8 @@ Writes benchmarks/results/madtp_speed.md and .json ("-quick" with fewer rounds).
     python benchmarks/madtp_speed.py --breakdown   # where the pruned forward's time goes (3 minutes)
 
 `--breakdown` writes madtp_speed_breakdown.md: per batch, the share of the pruned forward spent in
-MADTP's own steps (scores, importance, threshold, merge: `ts.method_timing`), the tokens each
+MADTP's own steps (scores, importance, threshold, merge: `ts.method_timing`), each tower's time
+and MACs unpruned and pruned (which tower falls short of its MACs ratio), the tokens each
 layer of both towers runs, and what one of the towers' linear layers (768 → 3072) does per
 second at those token counts against the dense count: at batch 1 a pruned layer runs tens of
 tokens, where a matrix product reads its weights for little work.
@@ -37,7 +38,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -53,6 +54,7 @@ IMAGE = 384
 WIDTH = 768
 TEXT_LENGTHS = (20, 35)  # tokens per text, inclusive
 TARGET_EFFICIENCY = {1: 0.9, 8: 0.85}
+STATES = ("unpruned", "pruned")
 
 
 def build() -> torch.nn.Module:
@@ -113,14 +115,20 @@ def measure(batch: int, budget: float, rounds: int, warmup: int, prepack: bool) 
 
 
 def breakdown(batch: int, budget: float, rounds: int) -> dict:
-    """The method's own share of the pruned forward, the mean tokens per layer of each tower, and a
-    768 → 3072 linear layer's throughput at the vision tower's pruned token counts."""
+    """The method's own share of the pruned forward, each tower's time and MACs unpruned and pruned,
+    the mean tokens per layer of each tower, and a 768 → 3072 linear layer's throughput at the
+    vision tower's pruned token counts."""
     host = build()
     pruned = copy.deepcopy(host)
     ts.patch(towers(pruned), ts.MADTP())
     given = inputs(batch)
     ts.calibrate_temperature(pruned, [given], macs_budget=budget)
+    names = ("vision", "text")
+    with ts.pruning_disabled(pruned.vision_model), ts.pruning_disabled(pruned.text_encoder):
+        unpruned_macs = [report.macs for report in ts.tower_flops(pruned, towers(pruned), given)]
+    pruned_macs = [report.macs for report in ts.tower_flops(pruned, towers(pruned), given)]
     shares = []
+    spent: dict[str, list[float]] = {f"{state} {name}": [] for state in STATES for name in names}
     with torch.inference_mode():
         pruned(**given)
         for _ in range(rounds):
@@ -129,8 +137,21 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
                 pruned(**given)
                 total = time.perf_counter() - start
             shares.append((vision[0] + text[0]) / total)
+            for state in STATES:
+                with contextlib.ExitStack() as stack:
+                    if state == "unpruned":
+                        for tower in towers(pruned):
+                            stack.enter_context(ts.pruning_disabled(tower))
+                    times = stack.enter_context(_tower_times(dict(zip(names, towers(pruned), strict=True))))
+                    pruned(**given)
+                for name in names:
+                    spent[f"{state} {name}"].append(times[name])
         with ts.trace(pruned.vision_model) as seen, ts.trace(pruned.text_encoder) as read:
             pruned(**given)
+    per_tower = {name: {"unpruned_ms": statistics.median(spent[f"unpruned {name}"]) * 1e3,
+                        "pruned_ms": statistics.median(spent[f"pruned {name}"]) * 1e3,
+                        "unpruned_gmacs": unpruned_macs[i] / 1e9, "pruned_gmacs": pruned_macs[i] / 1e9}
+                 for i, name in enumerate(names)}
     per_layer = {name: [torch.as_tensor(record.mlp_tokens).float() for record in traces[0].layers]
                  for name, traces in (("vision", seen), ("text", read))}
     counts = {name: [float(c.mean()) for c in layers] for name, layers in per_layer.items()}
@@ -145,11 +166,30 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
             throughput[tokens] = macs / median_seconds(linear, x, rounds=9) / 1e9
             packed = median_seconds(partial(calls.linear, linear), x, rounds=9)
             packed_throughput[tokens] = macs / packed / 1e9
-    result = {"batch": batch, "budget": budget, "method_share": statistics.median(shares), "tokens": counts,
+    result = {"batch": batch, "budget": budget, "method_share": statistics.median(shares),
+              "towers": per_tower, "tokens": counts,
               "longest": longest, "linear_gmacs_per_s": throughput,
               "prepacked_linear_gmacs_per_s": packed_throughput}
     print(result, flush=True)
     return result
+
+
+@contextlib.contextmanager
+def _tower_times(modules: dict[str, torch.nn.Module]) -> Iterator[dict[str, float]]:
+    """Seconds each module's forward took in the forward run inside the block (by name)."""
+    times: dict[str, float] = {}
+    starts: dict[str, float] = {}
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(
+            lambda *_, name=name: starts.__setitem__(name, time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda *_, name=name: times.__setitem__(name, time.perf_counter() - starts[name])))
+    try:
+        yield times
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def median_seconds(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rounds: int) -> float:
@@ -229,7 +269,10 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
         "madtp_speed.md, "
         f"T set on the batch to {args.budget:g} of both towers' dense MACs). *Method share*: MADTP's own "
         "steps (alignment scores, importance, threshold, merge) over the pruned forward's time, median over "
-        "rounds. *Tokens*: the mean tokens each layer's MLP ran, per sample, and the most any sample of "
+        "rounds. *Towers*: each tower's own forward timed inside the whole model's, unpruned (pruning "
+        "disabled) and pruned, medians over rounds, beside its MACs per sample (MADTP's own work "
+        "included); a tower's efficiency is its speedup over its MACs ratio. "
+        "*Tokens*: the mean tokens each layer's MLP ran, per sample, and the most any sample of "
         "the batch ran (the ragged batch's padded length). *Linear*: a 768 → 3072 "
         "layer (one of the towers' MLP products) timed alone on batch × tokens rows: GMAC/s at each "
         "vision layer's pruned count against the dense 577, plain and on its prepacked weight "
@@ -242,6 +285,11 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
             f"## Batch {r['batch']}",
             "",
             f"Method share of the pruned forward: {r['method_share']:.1%}.",
+            "",
+            "| tower | unpruned ms | pruned ms | speedup | unpruned GMACs | pruned GMACs | MACs ratio | "
+            "efficiency |",
+            "|---|---|---|---|---|---|---|---|",
+            *(_tower_row(name, t) for name, t in r["towers"].items()),
             "",
             "| tower | tokens per layer: mean | longest sample |",
             "|---|---|---|",
@@ -258,6 +306,13 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
     path = args.out / f"madtp_speed_breakdown{'-quick' if args.quick else ''}.md"
     path.write_text("\n".join(lines))
     print(path.read_text())
+
+
+def _tower_row(name: str, t: dict) -> str:
+    speedup = t["unpruned_ms"] / t["pruned_ms"]
+    ratio = t["unpruned_gmacs"] / t["pruned_gmacs"]
+    return (f"| {name} | {t['unpruned_ms']:.0f} | {t['pruned_ms']:.0f} | {speedup:.2f}× | "
+            f"{t['unpruned_gmacs']:.2f} | {t['pruned_gmacs']:.2f} | {ratio:.2f}× | {speedup / ratio:.2f} |")
 
 
 if __name__ == "__main__":
