@@ -148,6 +148,7 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
                     spent[f"{state} {name}"].append(times[name])
         with ts.trace(pruned.vision_model) as seen, ts.trace(pruned.text_encoder) as read:
             pruned(**given)
+        host_text_ms = _host_text_ms(host, pruned, given, rounds)
     per_tower = {name: {"unpruned_ms": statistics.median(spent[f"unpruned {name}"]) * 1e3,
                         "pruned_ms": statistics.median(spent[f"pruned {name}"]) * 1e3,
                         "unpruned_gmacs": unpruned_macs[i] / 1e9, "pruned_gmacs": pruned_macs[i] / 1e9}
@@ -163,15 +164,28 @@ def breakdown(batch: int, budget: float, rounds: int) -> dict:
         for tokens in sizes:
             x = torch.randn(batch * tokens, WIDTH)
             macs = batch * tokens * WIDTH * 4 * WIDTH
-            throughput[tokens] = macs / median_seconds(linear, x, rounds=9) / 1e9
-            packed = median_seconds(partial(calls.linear, linear), x, rounds=9)
+            throughput[tokens] = macs / median_seconds(partial(linear, x), rounds=9) / 1e9
+            packed = median_seconds(partial(calls.linear, linear, x), rounds=9)
             packed_throughput[tokens] = macs / packed / 1e9
+    text_weights = sum(m.weight.numel() * m.weight.element_size() for m in host.text_encoder.modules()
+                       if isinstance(m, torch.nn.Linear))
     result = {"batch": batch, "budget": budget, "method_share": statistics.median(shares),
-              "towers": per_tower, "tokens": counts,
+              "towers": per_tower, "host_text_ms": host_text_ms, "text_weight_mb": text_weights / 2**20,
+              "tokens": counts,
               "longest": longest, "linear_gmacs_per_s": throughput,
               "prepacked_linear_gmacs_per_s": packed_throughput}
     print(result, flush=True)
     return result
+
+
+def _host_text_ms(host: torch.nn.Module, pruned: torch.nn.Module, given: dict, rounds: int) -> float:
+    """Median ms of the host's own (unpatched) text encoder on the image tokens the pruned vision
+    tower returns: what the text encoder costs at those shapes, without MADTP."""
+    with ts.trace(pruned.vision_model) as traces:
+        image = pruned.vision_model(pixel_values=given["pixel_values"]).last_hidden_state
+    text = partial(host.text_encoder, input_ids=given["input_ids"], attention_mask=given["attention_mask"],
+                   encoder_hidden_states=image, encoder_attention_mask=traces[-1].output_mask())
+    return median_seconds(text, rounds) * 1e3
 
 
 @contextlib.contextmanager
@@ -192,13 +206,13 @@ def _tower_times(modules: dict[str, torch.nn.Module]) -> Iterator[dict[str, floa
             handle.remove()
 
 
-def median_seconds(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rounds: int) -> float:
-    """Median seconds of `linear(x)` after a warm-up call."""
-    linear(x)
+def median_seconds(run: Callable[[], object], rounds: int) -> float:
+    """Median seconds of `run()` after a warm-up call."""
+    run()
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        linear(x)
+        run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -290,6 +304,10 @@ def _write_breakdown(results: list[dict], args: argparse.Namespace) -> None:
             "efficiency |",
             "|---|---|---|---|---|---|---|---|",
             *(_tower_row(name, t) for name, t in r["towers"].items()),
+            "",
+            f"The host's own text encoder (unpatched) on the image tokens the pruned vision tower returns: "
+            f"{r['host_text_ms']:.0f} ms. Its linear layers' weights: {r['text_weight_mb']:.0f} MB, read "
+            "once per forward whatever the tokens.",
             "",
             "| tower | tokens per layer: mean | longest sample |",
             "|---|---|---|",
