@@ -21,6 +21,7 @@ benchmarks/results/madtp_recipe_TASK-val.md and .json.
     python benchmarks/madtp_recipe.py --task nlvr      # three runs of 7 to 14 minutes each here
     python benchmarks/madtp_recipe.py --task nlvr --steps 1200 --first-only   # twice the steps
     python benchmarks/madtp_recipe.py --task nlvr --first-only --start-layers 0 1   # block 0 unpruned too
+    python benchmarks/madtp_recipe.py --task retrieval --first-only --budget 0.5 --steps 600
 
 `--start-layers K ...` trains and scores each recipe with MADTP(start_layer=K) for each K: each
 tower prunes from its block K on (madtp_vl.py's prunes from block 0, as the paper does); a budget
