@@ -26,7 +26,8 @@ benchmarks/results/madtp_recipe_TASK-val.md and .json.
 `--start-layers K ...` trains and scores each recipe with MADTP(start_layer=K) for each K: each
 tower prunes from its block K on (madtp_vl.py's prunes from block 0, as the paper does); a budget
 that no T reaches after training is reported as out of reach. Other steps than madtp_vl.py's write
-files with a "-stepsN" suffix, other budgets "-budgetB", other start layers "-fromK-…",
+files with a "-stepsN" suffix, other budgets "-budgetB", other start layers "-fromK-…", another
+host learning rate (`--model-lr-scale`) "-hostlrS",
 `--first-only` "-first".
 """
 
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="of every run (default: madtp_vl.py's)")
     parser.add_argument("--first-only", action="store_true",
                         help="only the first recipe (madtp_vl.py's), e.g. to see what more steps give")
+    parser.add_argument("--model-lr-scale", type=float, default=DEFAULT_HOST_LR_SCALE,
+                        help="the host's learning rate over the method's (1e-3)")
     parser.add_argument("--start-layers", type=int, nargs="+", default=[0],
                         help="the first block MADTP prunes in each tower: one set of runs for each")
     parser.add_argument("--threads", type=int, default=2)
@@ -98,9 +101,10 @@ def main() -> None:
         for recipe in RECIPES[:1] if args.first_only else RECIPES:
             name = f"budget{args.budget:g}-ramp{recipe.ramp:g}-distill{int(recipe.distill)}-steps{steps}"
             name += f"-from{start_layer}" if start_layer else ""
+            name += "" if args.model_lr_scale == DEFAULT_HOST_LR_SCALE else f"-hostlr{args.model_lr_scale:g}"
             try:
                 model = train_method(args.task, ts.MADTP(start_layer=start_layer), runs / name, steps=steps,
-                                     model_lr_scale=DEFAULT_HOST_LR_SCALE, precision="fp32",
+                                     model_lr_scale=args.model_lr_scale, precision="fp32",
                                      macs_budget=args.budget, progress=False, distill=recipe.distill,
                                      budget_ramp=recipe.ramp)
             except ValueError as error:  # T is set to the budget before training and after it
@@ -118,6 +122,7 @@ def main() -> None:
     other = "" if steps == SETUPS[args.task].steps else f"-steps{steps}"
     other += "" if args.budget == 0.3 else f"-budget{args.budget:g}"
     other += "" if args.start_layers == [0] else "-from" + "-".join(map(str, args.start_layers))
+    other += "" if args.model_lr_scale == DEFAULT_HOST_LR_SCALE else f"-hostlr{args.model_lr_scale:g}"
     stem = f"madtp_recipe_{args.task}{other}{'-first' if args.first_only else ''}-val"  # may hold a "."
     payload = {"command": command, "rows": [asdict(r) for r in rows]}
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -131,7 +136,7 @@ def _markdown(rows: list[Row], args: argparse.Namespace, steps: int, command: st
              "(validation split)", "",
              f"Produced by `{command}`: each row fine-tunes the shipped model with MADTP for "
              f"{steps} steps of 32 samples in fp32 (the method at 1e-3, the host at "
-             f"{1e-3 * DEFAULT_HOST_LR_SCALE:g}), then sets T on the validation split to the budget and "
+             f"{1e-3 * args.model_lr_scale:g}), then sets T on the validation split to the budget and "
              f"scores the whole validation split. MACs: both towers per sample, the mean over the first "
              f"{MACS_SAMPLES} samples.", "",
              "*Pruned from block*: MADTP's `start_layer`, the first block each tower prunes in.", "",
