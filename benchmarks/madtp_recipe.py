@@ -27,8 +27,7 @@ benchmarks/results/madtp_recipe_TASK-val.md and .json.
 tower prunes from its block K on (madtp_vl.py's prunes from block 0, as the paper does); a budget
 that no T reaches after training is reported as out of reach. Other steps than madtp_vl.py's write
 files with a "-stepsN" suffix, other budgets "-budgetB", other start layers "-fromK-…", another
-host learning rate (`--model-lr-scale`) "-hostlrS",
-`--first-only` "-first".
+host learning rate (`--model-lr-scale`) "-hostlrS", `--first-only` "-first".
 """
 
 from __future__ import annotations
@@ -107,9 +106,7 @@ def main() -> None:
                                      model_lr_scale=args.model_lr_scale, precision="fp32",
                                      macs_budget=args.budget, progress=False, distill=recipe.distill,
                                      budget_ramp=recipe.ramp)
-            except ValueError as error:  # T is set to the budget before training and after it
-                if "macs_budget" not in str(error):
-                    raise
+            except ts.BudgetOutOfReach as error:  # T is set to the budget before training and after it
                 rows.append(Row(recipe.name, None, None, None, start_layer, f"out of reach: {error}"))
                 print(rows[-1], flush=True)
                 continue

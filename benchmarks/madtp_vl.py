@@ -239,9 +239,7 @@ class _Bench:
             try:
                 train_method(self.task, method, run, steps=self.args.steps, precision=self.args.precision,
                              model_lr_scale=self.args.model_lr_scale, macs_budget=budget, progress=False)
-            except ValueError as error:
-                if "macs_budget" not in str(error):
-                    raise
+            except ts.BudgetOutOfReach as error:
                 raise _OutOfReach(str(error)) from error
             print(f"trained {method} in {(time.perf_counter() - start) / 60:.1f} minutes", flush=True)
         model = load_reference(self.task)
@@ -252,7 +250,7 @@ class _Bench:
         if budget is not None:
             try:
                 print(calibrate_reference(model, self.task, budget), flush=True)
-            except ValueError as error:
+            except ts.BudgetOutOfReach as error:
                 raise _OutOfReach(str(error)) from error
         return model
 

@@ -280,10 +280,11 @@ def test_temperature_is_set_to_a_macs_budget_of_both_towers_together_and_stored_
 
 def test_a_budget_out_of_reach_or_without_madtp_is_refused_and_leaves_t_as_it_was():
     model, sieve = _towers(alignment_tokens=8)
-    with pytest.raises(ValueError, match="give a larger budget"):
+    with pytest.raises(ts.BudgetOutOfReach, match="give a larger budget"):
         ts.calibrate_temperature(model, _pairs(), macs_budget=0.01)
     assert float(sieve.shared["bank"].temperature) == 16.0
-    with pytest.raises(ValueError, match="the share jumps across it"):  # T > 0 already prunes this much
+    # T > 0 already prunes this much
+    with pytest.raises(ts.BudgetOutOfReach, match="the share jumps across it"):
         ts.calibrate_temperature(model, _pairs(), macs_budget=0.9)
     assert float(sieve.shared["bank"].temperature) == 16.0
     assert ts.calibrate_temperature(model, _pairs(), macs_budget=1.0).temperature == 0.0  # prunes nothing

@@ -18,7 +18,7 @@ from tokensieve.methods import (
     TopK,
 )
 from tokensieve.patch import Sieve, inputs, is_patched, patch, pruning_disabled, sieve_of, trace, unpatch
-from tokensieve.temperature_calibration import TemperatureCalibration, calibrate_temperature
+from tokensieve.temperature_calibration import BudgetOutOfReach, TemperatureCalibration, calibrate_temperature
 from tokensieve.tokens import TokenState, Trace
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "MADTP",
     "VLTP",
     "BenchResult",
+    "BudgetOutOfReach",
     "Calibration",
     "CallInput",
     "DynamicViT",

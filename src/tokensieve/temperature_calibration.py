@@ -25,6 +25,11 @@ MAX_DOUBLINGS = 24  # T up to 2^24: a budget below what that spends is out of re
 FLAT_DOUBLINGS = 3  # doublings in a row that spend no less: the budget is out of reach
 
 
+class BudgetOutOfReach(ValueError):
+    """No T makes the towers spend the MACs budget on the data (within the tolerance): a property of
+    the trained towers and the data, not a wrong argument."""
+
+
 @dataclass(frozen=True)
 class TemperatureCalibration:
     """What `calibrate_temperature` set, and what the towers spend with it on the data."""
@@ -47,8 +52,9 @@ def calibrate_temperature(model: nn.Module, data: Tensor | Mapping[str, Tensor] 
     bracket; the closest T tried is kept. `data` is as `tokensieve.calibrate` reads it: a tensor of
     inputs, a dict of keyword inputs, or a re-iterable of batches.
 
-    A budget no T reaches within `tolerance` is refused, T left as it was; with `nearest`, T is
-    set to the closest share it reached instead (a schedule of budgets, where near is enough).
+    A budget no T reaches within `tolerance` is refused (`BudgetOutOfReach`), T left as it was;
+    with `nearest`, T is set to the closest share it reached instead (a schedule of budgets, where
+    near is enough).
     """
     if not 0.0 < macs_budget <= 1.0:
         raise ValueError(f"macs_budget={macs_budget}: give the share of the dense MACs to spend, in (0, 1]")
@@ -125,8 +131,8 @@ def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
             break
     beyond = share > budget * (1 + tolerance)  # the most pruning T reaches is not enough
     if beyond and not nearest:
-        raise ValueError(f"macs_budget={budget}: at T={high:g} these towers still spend {share:.3f} of their "
-                         "dense MACs on this data (more T prunes no more); give a larger budget")
+        raise BudgetOutOfReach(f"macs_budget={budget}: at T={high:g} these towers still spend {share:.3f} of "
+                               "their dense MACs on this data (more T prunes no more); give a larger budget")
     while not beyond and abs(share - budget) > tolerance * budget and len(tried) < max_rounds:
         middle = (low + high) / 2
         share = trial(middle)
@@ -143,8 +149,8 @@ def _search(spend: _Spending, buffer: Tensor, budget: float, tolerance: float,
         below = max(((m, t) for t, m in tried if m / dense < budget), default=None)
         reached = f"T={above[1]:.4g} spends {above[0] / dense:.3f}" + (
             "" if below is None else f", T={below[1]:.4g} spends {below[0] / dense:.3f}")
-        raise ValueError(f"macs_budget={budget}: no T spends it within {tolerance:.0%} on this data, the "
-                         f"share jumps across it ({reached}); give a budget the towers reach")
+        raise BudgetOutOfReach(f"macs_budget={budget}: no T spends it within {tolerance:.0%} on this data, "
+                               f"the share jumps across it ({reached}); give a budget the towers reach")
     buffer.fill_(temperature)
     return TemperatureCalibration(temperature, macs, dense, len(tried))
 
